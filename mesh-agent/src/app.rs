@@ -1,0 +1,71 @@
+//! Composition root: wires the datapath, the pods and the proxy for `mesh-agent run`.
+use std::{collections::HashMap, io::Write as _, path::PathBuf};
+
+use anyhow::Context as _;
+
+use crate::{cgroup, config::Config, ebpf::Datapath, netns, proxy};
+
+/// The cgroup the agent runs in. Its own sockets must never be captured, and the programs that
+/// act on the proxy's sockets attach there, so it is never the v2 root.
+pub fn agent_cgroup(cfg: &Config, mount: &std::path::Path) -> anyhow::Result<PathBuf> {
+    if let Some(path) = &cfg.cgroup {
+        return Ok(path.clone());
+    }
+    let current = cgroup::current(mount)?;
+    if cgroup::check_attachable(mount, &current).is_ok() {
+        Ok(current)
+    } else {
+        Ok(mount.join(format!("mesh-agent-{}", cfg.datapath.instance)))
+    }
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub fn run(cfg: Config) -> anyhow::Result<()> {
+    tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "starting");
+    let mount = cgroup::v2_mount()?;
+    let own = agent_cgroup(&cfg, &mount)?;
+    cgroup::move_self(&mount, &own)?;
+    tracing::info!(cgroup = %own.display(), "agent cgroup");
+
+    let mut datapath = Datapath::load(cfg.datapath.clone()).context("load the datapath")?;
+    datapath
+        .attach_agent(&own)
+        .context("attach the agent-scope programs")?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the runtime")?;
+    rt.block_on(async {
+        let mut proxies = HashMap::new();
+        for pod in &cfg.pods {
+            let sockets = datapath
+                .enroll(pod)
+                .with_context(|| format!("enroll {}", pod.name))?;
+            let ns = netns::open(&pod.netns)?;
+            let worker = netns::Worker::spawn(&ns, &pod.netns)?;
+            let p = proxy::start(pod.name.clone(), worker, sockets.outbound, sockets.inbound)?;
+            proxies.insert(pod.name.clone(), p);
+            tracing::info!(pod = %pod.name, ip = %pod.ip, "enrolled");
+        }
+        println!("READY");
+        let _ = std::io::stdout().flush();
+
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("install SIGTERM handler")?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        drop(proxies);
+        if cfg.unenroll_on_exit {
+            for pod in &cfg.pods {
+                if let Err(e) = datapath.unenroll(pod) {
+                    tracing::warn!(pod = %pod.name, error = %e, "unenroll failed");
+                }
+            }
+        }
+        Ok(())
+    })
+}

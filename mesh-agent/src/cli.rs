@@ -1,0 +1,244 @@
+//! The `mesh-agent` command line: `run` and the node debugging commands.
+use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use mesh_common::FlowVerdict;
+
+use crate::{
+    config::{BPFFS_ROOT, Cidr, Config, DatapathConfig, PodSpec},
+    ebpf, features,
+};
+
+/// Exit status for bad configuration or arguments (EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+
+#[derive(Parser, Debug)]
+#[command(name = "mesh-agent", version, about = "Node agent of the mesh")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(clap::Args, Debug)]
+struct InstanceArgs {
+    /// Name of the agent instance (its pinned state is /sys/fs/bpf/mesh/<instance>).
+    #[arg(long, default_value = "node")]
+    instance: String,
+    /// Root of the pinned state.
+    #[arg(long, default_value = BPFFS_ROOT)]
+    bpffs_root: PathBuf,
+}
+
+impl InstanceArgs {
+    fn datapath(&self) -> Result<DatapathConfig, crate::config::ConfigError> {
+        let mut d = DatapathConfig::new(&self.instance)?;
+        d.bpffs_root = self.bpffs_root.clone();
+        Ok(d)
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Load the datapath, enroll pods and run the proxy until SIGTERM.
+    Run {
+        #[command(flatten)]
+        instance: InstanceArgs,
+        /// A pod to enroll: name=NS/POD,cgroup=PATH,netns=PATH,ip=A.B.C.D[,iface=eth0]
+        /// [,inbound=PORT+PORT][,mode=strict|permissive]. Repeatable.
+        #[arg(long = "pod")]
+        pods: Vec<PodSpec>,
+        /// Destination prefix the mesh captures (pod CIDRs, service VIPs). Repeatable.
+        #[arg(long = "capture")]
+        capture: Vec<Cidr>,
+        /// Destination port never captured (15008 never is). Repeatable.
+        #[arg(long = "exclude-port")]
+        excluded_ports: Vec<u16>,
+        /// Turn off sk_msg acceleration of the app <-> proxy hop.
+        #[arg(long)]
+        no_skmsg: bool,
+        /// cgroup v2 directory the agent moves itself into.
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        /// Unenroll every pod on SIGTERM (by default capture survives agent restarts).
+        #[arg(long)]
+        unenroll_on_exit: bool,
+    },
+    /// Check the kernel for everything the datapath needs.
+    Doctor {
+        /// Skip loading the programs into the kernel.
+        #[arg(long)]
+        no_load: bool,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Datapath counters by reason.
+    Counters {
+        #[command(flatten)]
+        instance: InstanceArgs,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Drain and print the kernel's flow events.
+    Flows {
+        #[command(flatten)]
+        instance: InstanceArgs,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Unenroll a pod using the pinned state only.
+    Unenroll {
+        #[command(flatten)]
+        instance: InstanceArgs,
+        /// NS/POD as enrolled.
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        ip: Ipv4Addr,
+    },
+    /// Remove everything an instance pinned (detaching its programs).
+    Clean {
+        #[command(flatten)]
+        instance: InstanceArgs,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match dispatch(cli.command) {
+        Ok(code) => code,
+        Err(Failure::Usage(msg)) => {
+            eprintln!("mesh-agent: {msg}");
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(Failure::Runtime(e)) => {
+            eprintln!("mesh-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+enum Failure {
+    Usage(String),
+    Runtime(anyhow::Error),
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Failure {
+        Failure::Runtime(e.into())
+    }
+}
+
+fn usage(e: impl std::fmt::Display) -> Failure {
+    Failure::Usage(e.to_string())
+}
+
+fn dispatch(command: Command) -> Result<ExitCode, Failure> {
+    match command {
+        Command::Run {
+            instance,
+            pods,
+            capture,
+            excluded_ports,
+            no_skmsg,
+            cgroup,
+            unenroll_on_exit,
+        } => {
+            let mut datapath = instance.datapath().map_err(usage)?;
+            datapath.capture = capture;
+            datapath.excluded_ports = excluded_ports;
+            datapath.skmsg = !no_skmsg;
+            let cfg = Config {
+                datapath,
+                cgroup,
+                pods,
+                unenroll_on_exit,
+            };
+            cfg.validate().map_err(usage)?;
+            crate::app::run(cfg)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Doctor { no_load, output } => {
+            let checks = features::check(!no_load);
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&checks)?);
+            } else {
+                for c in &checks {
+                    let mark = if c.ok { "ok  " } else { "FAIL" };
+                    println!("{mark} {:<34} {}", c.name, c.detail);
+                }
+            }
+            Ok(if checks.iter().all(|c| c.ok) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Counters { instance, output } => {
+            let maps = ebpf::Maps::open(&instance.datapath().map_err(usage)?.pin_dir())?;
+            let counters = maps.counters()?;
+            if output == Output::Json {
+                let obj: serde_json::Map<String, serde_json::Value> = counters
+                    .iter()
+                    .map(|(c, v)| (c.name().to_string(), (*v).into()))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&obj)?);
+            } else {
+                for (c, v) in counters {
+                    println!("{:<28} {v}", c.name());
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Flows { instance, output } => {
+            let events = ebpf::drain_flows(&instance.datapath().map_err(usage)?.pin_dir())?;
+            for e in events {
+                let verdict = FlowVerdict::from_u32(e.verdict).map_or("unknown", |v| v.name());
+                let src = ebpf::ip_from_key(e.src_ip);
+                let dst = ebpf::ip_from_key(e.dst_ip);
+                if output == Output::Json {
+                    let v = serde_json::json!({
+                        "ktime_ns": e.ktime_ns,
+                        "src": format!("{src}:{}", e.src_port),
+                        "dst": format!("{dst}:{}", e.dst_port),
+                        "verdict": verdict,
+                    });
+                    println!("{v}");
+                } else {
+                    println!("{src}:{} -> {dst}:{} {verdict}", e.src_port, e.dst_port);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Unenroll { instance, name, ip } => {
+            ebpf::unenroll_pinned(&instance.datapath().map_err(usage)?.pin_dir(), &name, ip)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Clean { instance } => {
+            ebpf::remove_instance(&instance.datapath().map_err(usage)?.pin_dir())?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

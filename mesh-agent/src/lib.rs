@@ -1,0 +1,13 @@
+//! The node agent: loads and attaches the datapath, enrolls pods, runs the node proxy, and
+//! carries the node debugging commands.
+pub mod app;
+pub mod cgroup;
+pub mod cli;
+pub mod config;
+pub mod ebpf;
+pub mod features;
+pub mod netns;
+pub mod proxy;
+
+/// The kernel programs, built by build.rs from `mesh-ebpf`.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));

@@ -1,0 +1,59 @@
+//! A test client: connects, sends N deterministic bytes, half-closes, and prints its local
+//! address, what it sent (length and FNV-1a) and the server's one-line reply.
+//!
+//! `mesh-probe ADDR BYTES`
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{Shutdown, TcpStream},
+    process::ExitCode,
+    time::Duration,
+};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    let (Some(addr), Some(n)) = (args.get(1), args.get(2).and_then(|n| n.parse::<u64>().ok()))
+    else {
+        eprintln!("usage: mesh-probe ADDR BYTES");
+        return ExitCode::from(64);
+    };
+    match run(addr, n) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mesh-probe: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(addr: &str, n: u64) -> std::io::Result<()> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let local = s.local_addr()?;
+    let mut fnv = mesh_tests::Fnv::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut sent = 0u64;
+    while sent < n {
+        let len = ((n - sent) as usize).min(buf.len());
+        mesh_tests::fill(&mut buf[..len], sent);
+        fnv.update(&buf[..len]);
+        s.write_all(&buf[..len])?;
+        sent += len as u64;
+    }
+    s.shutdown(Shutdown::Write)?;
+    let mut line = String::new();
+    // A socket in a sockmap may report EAGAIN when FIN arrives on an empty queue: retry.
+    let mut reader = BufReader::new(s);
+    loop {
+        match reader.read_line(&mut line) {
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    println!(
+        "local={local} sent={sent} fnv={:016x} reply={}",
+        fnv.finish(),
+        line.trim()
+    );
+    Ok(())
+}

@@ -1,0 +1,282 @@
+//! Developer and CI tasks that cargo alone cannot do.
+//!
+//! - `cargo xtask prereqs`: install what the build needs, only what is missing.
+//! - `cargo xtask test`: the project's test command (format, lints, every test tier).
+//! - `cargo xtask demo`: build and check this machine's kernel with the agent.
+//! - `cargo xtask clean`: remove what an interrupted test run left behind.
+use std::{
+    fs,
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, ExitCode, Stdio},
+    time::Instant,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+mod prereqs;
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install missing prerequisites (apt packages, nightly rust-src, bpf-linker).
+    Prereqs,
+    /// Run formatting and lint checks and all tests; prints "N passed, N failed, N skipped".
+    Test {
+        /// Skip `cargo fmt --check` and clippy.
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments for `cargo test` (after `--`: a test name filter, ...).
+        #[arg(last = true)]
+        rest: Vec<String>,
+    },
+    /// Install prerequisites, build the agent, and check this machine's kernel with it.
+    Demo,
+    /// Remove leftovers of interrupted test runs (namespaces, cgroups, pinned objects).
+    Clean,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Task::Prereqs => prereqs::ensure(),
+        Task::Test { no_lint, rest } => test(no_lint, &rest),
+        Task::Demo => demo(),
+        Task::Clean => clean().map(|n| println!("removed {n} leftover objects")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn step(name: &str) {
+    println!("\n==> {name}");
+}
+
+fn run(cmd: &mut Command, what: &str) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("start {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Totals of `cargo test` result lines.
+#[derive(Default, Debug, PartialEq, Eq)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Totals {
+    /// Adds a line like `test result: ok. 7 passed; 0 failed; 0 ignored; ...`.
+    fn add_line(&mut self, line: &str) -> bool {
+        let Some(rest) = line.trim().strip_prefix("test result: ") else {
+            return false;
+        };
+        for part in rest.split(';') {
+            let words: Vec<&str> = part.split_whitespace().collect();
+            let n = words.iter().find_map(|w| w.parse::<u64>().ok());
+            match (n, words.last()) {
+                (Some(n), Some(&"passed")) => self.passed += n,
+                (Some(n), Some(&"failed")) => self.failed += n,
+                (Some(n), Some(&"ignored")) => self.ignored += n,
+                _ => {}
+            }
+        }
+        true
+    }
+}
+
+fn test(no_lint: bool, rest: &[String]) -> Result<()> {
+    let started = Instant::now();
+    prereqs::ensure()?;
+    if !no_lint {
+        step("cargo fmt --check");
+        run(
+            cargo().args(["fmt", "--all", "--", "--check"]),
+            "cargo fmt --check",
+        )?;
+        step("cargo clippy --all-targets -- -D warnings");
+        run(
+            cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]),
+            "cargo clippy",
+        )?;
+    }
+
+    step("cargo test (unit, in-process and privileged tiers)");
+    let target = root().join("target");
+    fs::create_dir_all(&target).context("create target/")?;
+    let skip_log = target.join("mesh-test-skips.log");
+    let _ = fs::remove_file(&skip_log);
+    let mut child = cargo()
+        .arg("test")
+        .args(rest)
+        .env("MESH_TEST_SKIP_LOG", &skip_log)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("start cargo test")?;
+    let mut totals = Totals::default();
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("read cargo test output")?;
+        println!("{line}");
+        totals.add_line(&line);
+    }
+    let status = child.wait().context("wait for cargo test")?;
+
+    let skipped: Vec<String> = fs::read_to_string(&skip_log)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    if !skipped.is_empty() {
+        println!("\nSkipped (they passed without checking anything):");
+        for s in &skipped {
+            println!("  {s}");
+        }
+    }
+    let leftovers = leftovers();
+    if !leftovers.is_empty() {
+        println!("\nLeft behind by the tests (a cleanup bug):");
+        for l in &leftovers {
+            println!("  {}", l.display());
+        }
+    }
+    let skipped_n = skipped.len() as u64;
+    let failed = totals.failed
+        + u64::from(!leftovers.is_empty() || (!status.success() && totals.failed == 0));
+    println!(
+        "\ntest command finished in {:.0}s",
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "{} passed, {} failed, {} skipped",
+        totals.passed.saturating_sub(skipped_n),
+        failed,
+        skipped_n + totals.ignored
+    );
+    if !status.success() || failed > 0 {
+        bail!("tests failed");
+    }
+    Ok(())
+}
+
+fn demo() -> Result<()> {
+    prereqs::ensure()?;
+    step("build the agent (kernel programs included)");
+    run(
+        cargo().args(["build", "--package", "mesh-agent"]),
+        "cargo build",
+    )?;
+    step("mesh-agent doctor: this kernel against what the datapath needs");
+    run(
+        Command::new(root().join("target/debug/mesh-agent")).arg("doctor"),
+        "mesh-agent doctor",
+    )?;
+    println!(
+        "\nThe datapath loads on this machine. The privileged tests show it steering real \
+         traffic:\n  sudo cargo xtask test -- --test datapath"
+    );
+    Ok(())
+}
+
+/// What test runs create: `mt<pid>*` namespaces, `mesh-test-*` cgroups, `mt<pid>-*` pins.
+fn leftovers() -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let is_test_name = |n: &str| {
+        n.strip_prefix("mt")
+            .is_some_and(|r| r.chars().next().is_some_and(|c| c.is_ascii_digit()))
+    };
+    for dir in ["/run/netns", "/sys/fs/bpf/mesh"] {
+        if let Ok(entries) = fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if is_test_name(&e.file_name().to_string_lossy()) {
+                    found.push(e.path());
+                }
+            }
+        }
+    }
+    for mount in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
+        if let Ok(entries) = fs::read_dir(mount) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with("mesh-test-") {
+                    found.push(e.path());
+                }
+            }
+        }
+    }
+    found
+}
+
+fn clean() -> Result<usize> {
+    let found = leftovers();
+    for path in &found {
+        let s = path.to_string_lossy();
+        if s.starts_with("/run/netns/") {
+            let name = path.file_name().map(|n| n.to_string_lossy().to_string());
+            if let Some(name) = name {
+                let _ = Command::new("ip").args(["netns", "del", &name]).status();
+            }
+        } else if s.starts_with("/sys/fs/bpf/") {
+            fs::remove_dir_all(path).with_context(|| format!("remove {s}"))?;
+        } else {
+            if let Ok(procs) = fs::read_to_string(path.join("cgroup.procs")) {
+                for pid in procs.lines() {
+                    let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            fs::remove_dir(path).with_context(|| format!("remove cgroup {s}"))?;
+        }
+    }
+    Ok(found.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_cargo_test_result_lines() {
+        let mut t = Totals::default();
+        assert!(t.add_line(
+            "test result: ok. 7 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 1.5s"
+        ));
+        assert!(t.add_line("test result: FAILED. 2 passed; 3 failed; 0 ignored; 0 measured"));
+        assert!(!t.add_line("running 7 tests"));
+        assert_eq!(
+            t,
+            Totals {
+                passed: 9,
+                failed: 3,
+                ignored: 1
+            }
+        );
+    }
+}

@@ -1,0 +1,184 @@
+//! Prerequisites, installed idempotently: each is checked first and installed only if missing.
+//!
+//! - the nightly toolchain with `rust-src` (the kernel programs are built with
+//!   `-Z build-std=core` for `bpfel-unknown-none`);
+//! - `bpf-linker`, built against the LLVM whose major version matches the nightly rustc's
+//!   (Debian's `llvm-N-dev`), since a mismatch fails at link time;
+//! - iproute2 for the privileged tests.
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+
+fn ok(cmd: &mut Command) -> bool {
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.stderr(Stdio::null()).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_some_and(|s| s.trim() == "0")
+}
+
+fn say(msg: &str) {
+    println!("prereqs: {msg}");
+}
+
+pub fn ensure() -> Result<()> {
+    nightly_rust_src()?;
+    let llvm = nightly_llvm_major()?;
+    let mut apt = Vec::new();
+    if !ok(Command::new("ip").arg("-V")) {
+        apt.push("iproute2".to_string());
+    }
+    let linker = bpf_linker_present();
+    if !linker {
+        for p in [
+            format!("llvm-{llvm}-dev"),
+            "libzstd-dev".into(),
+            format!("libpolly-{llvm}-dev"),
+        ] {
+            if !dpkg_installed(&p) {
+                apt.push(p);
+            }
+        }
+    }
+    if !apt.is_empty() {
+        apt_install(&apt)?;
+    }
+    if !linker {
+        install_bpf_linker(llvm)?;
+    }
+    say("all present");
+    Ok(())
+}
+
+fn nightly_rust_src() -> Result<()> {
+    let installed = output(Command::new("rustup").args(["toolchain", "list"]))
+        .context("rustup is needed (https://rustup.rs) to build the kernel programs")?;
+    if !installed.lines().any(|l| l.starts_with("nightly")) {
+        say("installing the nightly toolchain (minimal profile)");
+        let st = Command::new("rustup")
+            .args(["toolchain", "install", "nightly", "--profile", "minimal"])
+            .status()
+            .context("run rustup")?;
+        if !st.success() {
+            bail!("rustup toolchain install nightly failed");
+        }
+    }
+    let components = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .unwrap_or_default();
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        say("adding rust-src to the nightly toolchain");
+        let st = Command::new("rustup")
+            .args(["component", "add", "rust-src", "--toolchain", "nightly"])
+            .status()
+            .context("run rustup")?;
+        if !st.success() {
+            bail!("rustup component add rust-src --toolchain nightly failed");
+        }
+    }
+    Ok(())
+}
+
+/// The LLVM major version of the nightly rustc (bpf-linker must be built against the same).
+fn nightly_llvm_major() -> Result<u32> {
+    let vv = output(Command::new("rustup").args(["run", "nightly", "rustc", "-vV"]))
+        .context("run the nightly rustc")?;
+    parse_llvm_major(&vv).context("no 'LLVM version' in `rustc +nightly -vV`")
+}
+
+fn parse_llvm_major(vv: &str) -> Option<u32> {
+    vv.lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .and_then(|m| m.trim().parse().ok())
+}
+
+fn bpf_linker_present() -> bool {
+    ok(Command::new("bpf-linker").arg("--version"))
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
+        .is_some_and(|s| s.contains("install ok installed"))
+}
+
+fn apt_install(pkgs: &[String]) -> Result<()> {
+    if !is_root() {
+        bail!(
+            "missing Debian packages: {} (run as root, or: sudo apt-get install -y {})",
+            pkgs.join(" "),
+            pkgs.join(" ")
+        );
+    }
+    say(&format!("apt-get install {}", pkgs.join(" ")));
+    let st = Command::new("apt-get")
+        .args(["update", "-q"])
+        .status()
+        .context("run apt-get update")?;
+    if !st.success() {
+        bail!("apt-get update failed");
+    }
+    let st = Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(pkgs)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("run apt-get install")?;
+    if !st.success() {
+        bail!("apt-get install {} failed", pkgs.join(" "));
+    }
+    Ok(())
+}
+
+fn install_bpf_linker(llvm: u32) -> Result<()> {
+    say(&format!(
+        "building bpf-linker against LLVM {llvm} (about 2 minutes)"
+    ));
+    let prefix = format!("/usr/lib/llvm-{llvm}");
+    let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "install",
+            "bpf-linker",
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{llvm}"),
+        ])
+        .env("LLVM_PREFIX", &prefix)
+        .status()
+        .context("run cargo install bpf-linker")?;
+    if !st.success() {
+        bail!("cargo install bpf-linker (LLVM_PREFIX={prefix}) failed");
+    }
+    if !bpf_linker_present() {
+        bail!("bpf-linker was installed but is not on PATH (add ~/.cargo/bin to PATH)");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_llvm_major_from_rustc_vv() {
+        let vv = "rustc 1.97.0-nightly (abc 2026-10-01)\nbinary: rustc\nhost: x86_64-unknown-linux-gnu\n\
+                  release: 1.97.0-nightly\nLLVM version: 22.1.8\n";
+        assert_eq!(parse_llvm_major(vv), Some(22));
+        assert_eq!(parse_llvm_major("rustc 1.0\n"), None);
+    }
+}
