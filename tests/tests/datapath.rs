@@ -240,6 +240,24 @@ fn restart_after_sigkill_adopts_pins_and_keeps_capturing() {
     };
     let before = map_id(&agent);
 
+    // A captured connection stays open across the kill.
+    let mut held = mesh_tests::command_in(Path::new(PROBE), &w.pod_cg, &w.pod)
+        .args([&sink.addr.to_string(), "hold"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn holding probe");
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(held.stdout.take().expect("stdout")),
+        &mut first,
+    )
+    .expect("holding probe connected");
+    assert!(
+        first.starts_with("local=127.0.0.1:"),
+        "hold was not captured: {first}"
+    );
+
     let agent = agent.kill_and_restart(&args);
     assert_eq!(map_id(&agent), before, "pinned maps were not reused");
     let r = probe(
@@ -253,7 +271,9 @@ fn restart_after_sigkill_adopts_pins_and_keeps_capturing() {
     assert_ne!(r.server_saw(), r.local, "not captured after restart");
     // Counters survive (pinned), and a second connect4 on the cgroup would have counted the
     // already-rewritten loopback destination as not captured.
-    assert_eq!(counter(&agent, Counter::Connect4Redirected), 2);
+    drop(held.stdin.take());
+    let _ = held.wait();
+    assert_eq!(counter(&agent, Counter::Connect4Redirected), 3);
     assert_eq!(
         counter(&agent, Counter::Connect4NotCaptured),
         0,

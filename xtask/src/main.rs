@@ -41,6 +41,15 @@ enum Task {
     Demo,
     /// Remove leftovers of interrupted test runs (namespaces, cgroups, pinned objects).
     Clean,
+    /// Measure the app <-> proxy hop: direct, iptables REDIRECT, eBPF, eBPF + sk_msg (root).
+    Bench {
+        /// Fewer repetitions and smaller transfers (about a minute).
+        #[arg(long)]
+        quick: bool,
+        /// Also write the results as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -50,6 +59,7 @@ fn main() -> ExitCode {
         Task::Test { no_lint, rest } => test(no_lint, &rest),
         Task::Demo => demo(),
         Task::Clean => clean().map(|n| println!("removed {n} leftover objects")),
+        Task::Bench { quick, json } => bench(quick, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -185,6 +195,24 @@ fn test(no_lint: bool, rest: &[String]) -> Result<()> {
         bail!("tests failed");
     }
     Ok(())
+}
+
+fn bench(quick: bool, json: Option<PathBuf>) -> Result<()> {
+    prereqs::ensure()?;
+    step("build the benchmark and the agent (release)");
+    run(
+        cargo().args(["build", "--release", "--package", "mesh-tests", "--bins"]),
+        "cargo build --release",
+    )?;
+    step("mesh-hopbench");
+    let mut cmd = Command::new(root().join("target/release/mesh-hopbench"));
+    if quick {
+        cmd.arg("--quick");
+    }
+    if let Some(j) = json {
+        cmd.arg("--json").arg(j);
+    }
+    run(&mut cmd, "mesh-hopbench")
 }
 
 fn demo() -> Result<()> {

@@ -1,7 +1,8 @@
 //! A test client: connects, sends N deterministic bytes, half-closes, and prints its local
 //! address, what it sent (length and FNV-1a) and the server's one-line reply.
 //!
-//! `mesh-probe ADDR BYTES`
+//! `mesh-probe ADDR BYTES`, or `mesh-probe ADDR hold`: connect, print `local=<addr>`, and keep
+//! the connection open until standard input closes.
 use std::{
     io::{BufRead, BufReader, Write},
     net::{Shutdown, TcpStream},
@@ -11,6 +12,15 @@ use std::{
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
+    if let (Some(addr), Some("hold")) = (args.get(1), args.get(2).map(String::as_str)) {
+        return match hold(addr) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mesh-probe: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let (Some(addr), Some(n)) = (args.get(1), args.get(2).and_then(|n| n.parse::<u64>().ok()))
     else {
         eprintln!("usage: mesh-probe ADDR BYTES");
@@ -23,6 +33,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn hold(addr: &str) -> std::io::Result<()> {
+    let s = TcpStream::connect(addr)?;
+    println!("local={}", s.local_addr()?);
+    std::io::stdout().flush()?;
+    let mut sink = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink)?;
+    drop(s);
+    Ok(())
 }
 
 fn run(addr: &str, n: u64) -> std::io::Result<()> {
@@ -43,10 +63,14 @@ fn run(addr: &str, n: u64) -> std::io::Result<()> {
     let mut line = String::new();
     // A socket in a sockmap may report EAGAIN when FIN arrives on an empty queue: retry.
     let mut reader = BufReader::new(s);
+    let mut retries = 0;
     loop {
         match reader.read_line(&mut line) {
             Ok(_) => break,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && retries < 100 => {
+                retries += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
             Err(e) => return Err(e),
         }
     }
