@@ -22,6 +22,17 @@ pub fn agent_cgroup(cfg: &Config, mount: &std::path::Path) -> anyhow::Result<Pat
 /// Runs the agent until SIGINT or SIGTERM.
 pub fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "starting");
+    let missing: Vec<String> = crate::features::check(false)
+        .into_iter()
+        .filter(|c| !c.ok)
+        .map(|c| format!("{}: {}", c.name, c.detail))
+        .collect();
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "this node lacks what the datapath needs (see `mesh-agent doctor`):\n  {}",
+            missing.join("\n  ")
+        );
+    }
     let mount = cgroup::v2_mount()?;
     let own = agent_cgroup(&cfg, &mount)?;
     cgroup::move_self(&mount, &own)?;

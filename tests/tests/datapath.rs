@@ -54,6 +54,23 @@ fn counter(agent: &Agent, c: Counter) -> u64 {
         .expect("read counter")
 }
 
+/// Number of entries in a pinned map of the agent.
+fn entries(agent: &Agent, name: &str) -> usize {
+    let data =
+        aya::maps::MapData::from_pin(agent.pin_dir().join("maps").join(name)).expect("pinned map");
+    let map = aya::maps::Map::from_map_data(data).expect("map");
+    match name {
+        mesh_common::SOCKS_MAP => aya::maps::SockHash::<_, mesh_common::SockKey>::try_from(map)
+            .expect("sockhash")
+            .keys()
+            .count(),
+        _ => aya::maps::HashMap::<_, mesh_common::PeerKey, mesh_common::OrigDst>::try_from(map)
+            .expect("hash map")
+            .keys()
+            .count(),
+    }
+}
+
 /// Outbound capture end to end: the pod's connection to a remote IP lands on the proxy in the
 /// pod's netns, SO_ORIGINAL_DST names the remote, and 100 MB arrive intact.
 fn outbound_capture(skmsg: bool) {
@@ -87,6 +104,22 @@ fn outbound_capture(skmsg: bool) {
     assert_eq!(counter(&agent, Counter::Connect4Redirected), 1);
     assert_eq!(counter(&agent, Counter::GetsockoptAnswered), 1);
     let redirected = counter(&agent, Counter::SkmsgRedirectedBytes);
+    // Per-connection state goes away with the sockets.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let (socks, peers) = (
+            entries(&agent, mesh_common::SOCKS_MAP),
+            entries(&agent, mesh_common::ORIG_PEER_MAP),
+        );
+        if socks == 0 && peers == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{socks} sockhash and {peers} original-destination entries outlived their sockets"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     if skmsg {
         assert!(
             redirected >= 100 * MB,
