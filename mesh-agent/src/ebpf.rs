@@ -216,18 +216,12 @@ impl Maps {
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
         Counter::ALL
             .iter()
-            .map(|c| {
-                let v: PerCpuValues<u64> = self
-                    .counters
-                    .get(&(*c as u32), 0)
-                    .map_err(map_err(COUNTERS_MAP))?;
-                Ok((*c, v.iter().sum()))
-            })
+            .map(|c| Ok((*c, self.counter(*c)?)))
             .collect()
     }
 
     pub fn counter(&self, c: Counter) -> Result<u64> {
-        let v = self
+        let v: PerCpuValues<u64> = self
             .counters
             .get(&(c as u32), 0)
             .map_err(map_err(COUNTERS_MAP))?;

@@ -167,46 +167,9 @@ fn run_mode(mode: &str, plan: &Plan) -> ModeResult {
             let rel = agent.cgroup.path.strip_prefix(&mount).expect("under mount");
             let ns = pod.name.as_str();
             let cg = format!("{}", rel.display());
-            sh(&[
-                "ip",
-                "netns",
-                "exec",
-                ns,
-                "iptables",
-                "-t",
-                "nat",
-                "-A",
-                "OUTPUT",
-                "-p",
-                "tcp",
-                "-d",
-                "10.77.0.0/24",
-                "-m",
-                "cgroup",
-                "--path",
-                &cg,
-                "-j",
-                "RETURN",
-            ]);
-            sh(&[
-                "ip",
-                "netns",
-                "exec",
-                ns,
-                "iptables",
-                "-t",
-                "nat",
-                "-A",
-                "OUTPUT",
-                "-p",
-                "tcp",
-                "-d",
-                "10.77.0.0/24",
-                "-j",
-                "REDIRECT",
-                "--to-ports",
-                "15001",
-            ]);
+            // The proxy's own upstream connections (agent cgroup) must not be redirected.
+            nat_output(ns, &["-m", "cgroup", "--path", &cg, "-j", "RETURN"]);
+            nat_output(ns, &["-j", "REDIRECT", "--to-ports", "15001"]);
             Some(agent)
         }
         _ => {
@@ -238,6 +201,27 @@ fn run_mode(mode: &str, plan: &Plan) -> ModeResult {
         r.mbps.push(out.trim().parse().expect("MB/s"));
     }
     r
+}
+
+/// Appends a rule for TCP to the mesh subnet to the nat OUTPUT chain of a namespace.
+fn nat_output(ns: &str, rule: &[&str]) {
+    let mut args = vec![
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        "10.77.0.0/24",
+    ];
+    args.extend_from_slice(rule);
+    sh(&args);
 }
 
 fn client_run(cg: &Cgroup, ns: &Netns, args: &[&str]) -> String {
