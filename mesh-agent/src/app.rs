@@ -48,6 +48,13 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         .build()
         .context("start the runtime")?;
     rt.block_on(async {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let _control = cfg
+            .controller
+            .as_ref()
+            .map(|c| crate::control::start(c, &mut registry))
+            .transpose()
+            .context("start the controller connection")?;
         let mut proxies = HashMap::new();
         for pod in &cfg.pods {
             let sockets = datapath

@@ -5,7 +5,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use mesh_common::FlowVerdict;
 
 use crate::{
-    config::{BPFFS_ROOT, Cidr, Config, DatapathConfig, PodSpec},
+    config::{
+        BPFFS_ROOT, Cidr, Config, ControllerSettings, CredentialSource, DatapathConfig, PodSpec,
+    },
     ebpf, features,
 };
 
@@ -43,6 +45,57 @@ impl InstanceArgs {
     }
 }
 
+#[derive(clap::Args, Debug)]
+struct ControllerArgs {
+    /// The controller, `https://host:port`. Without it the agent runs the datapath and a
+    /// transparent proxy only.
+    #[arg(long, requires_all = ["node", "controller_ca"])]
+    controller: Option<String>,
+    /// PEM file of the roots that verify the controller.
+    #[arg(long)]
+    controller_ca: Option<PathBuf>,
+    /// The name in the controller's certificate.
+    #[arg(long, default_value = "mesh-controller.mesh-system.svc")]
+    controller_name: String,
+    /// This node's name.
+    #[arg(long)]
+    node: Option<String>,
+    /// SPIFFE trust domain.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Local mode: file holding the bootstrap token.
+    #[arg(long, conflicts_with = "service_account_token_file")]
+    bootstrap_token_file: Option<PathBuf>,
+    /// Cluster mode: the projected ServiceAccount token.
+    #[arg(long)]
+    service_account_token_file: Option<PathBuf>,
+}
+
+impl ControllerArgs {
+    fn settings(&self) -> Result<Option<ControllerSettings>, Failure> {
+        let Some(address) = &self.controller else {
+            return Ok(None);
+        };
+        let credential = match (&self.bootstrap_token_file, &self.service_account_token_file) {
+            (Some(f), None) => CredentialSource::BootstrapTokenFile(f.clone()),
+            (None, Some(f)) => CredentialSource::ServiceAccountTokenFile(f.clone()),
+            _ => {
+                return Err(usage(
+                    "--controller needs --bootstrap-token-file or --service-account-token-file",
+                ));
+            }
+        };
+        Ok(Some(ControllerSettings {
+            address: address.clone(),
+            server_name: self.controller_name.clone(),
+            ca_file: self.controller_ca.clone().unwrap_or_default(),
+            node: self.node.clone().unwrap_or_default(),
+            trust_domain: self.trust_domain.clone(),
+            credential,
+        }))
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Load the datapath, enroll pods and run the proxy until SIGTERM.
@@ -68,6 +121,8 @@ enum Command {
         /// Unenroll every pod on SIGTERM (by default capture survives agent restarts).
         #[arg(long)]
         unenroll_on_exit: bool,
+        #[command(flatten)]
+        controller: Box<ControllerArgs>,
     },
     /// Check the kernel for everything the datapath needs.
     Doctor {
@@ -165,6 +220,7 @@ fn dispatch(command: Command) -> Result<ExitCode, Failure> {
             no_skmsg,
             cgroup,
             unenroll_on_exit,
+            controller,
         } => {
             let mut datapath = instance.datapath().map_err(usage)?;
             datapath.capture = capture;
@@ -172,6 +228,7 @@ fn dispatch(command: Command) -> Result<ExitCode, Failure> {
             datapath.skmsg = !no_skmsg;
             let cfg = Config {
                 datapath,
+                controller: controller.settings()?,
                 cgroup,
                 pods,
                 unenroll_on_exit,

@@ -18,6 +18,8 @@ pub enum ConfigError {
     DuplicateIp(Ipv4Addr),
     #[error("two pods share the name {0}")]
     DuplicateName(String),
+    #[error("{0}")]
+    Controller(String),
 }
 
 impl ConfigError {
@@ -28,6 +30,7 @@ impl ConfigError {
             ConfigError::Cidr(_) => "cidr",
             ConfigError::DuplicateIp(_) => "duplicate_ip",
             ConfigError::DuplicateName(_) => "duplicate_name",
+            ConfigError::Controller(_) => "controller",
         }
     }
 }
@@ -263,6 +266,9 @@ pub fn validate_pods(pods: &[PodSpec]) -> Result<(), ConfigError> {
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
     pub datapath: DatapathConfig,
+    /// The controller connection; without it the agent runs the datapath and a transparent
+    /// proxy only.
+    pub controller: Option<ControllerSettings>,
     /// The cgroup the agent moves itself into (its sockets are never captured); default
     /// `<cgroup v2 mount>/mesh-agent-<instance>` when the agent starts in the root cgroup.
     pub cgroup: Option<PathBuf>,
@@ -271,9 +277,52 @@ pub struct Config {
     pub unenroll_on_exit: bool,
 }
 
+/// How the agent proves its node to the controller at bootstrap.
+#[derive(Debug, Clone, Serialize)]
+pub enum CredentialSource {
+    /// Local mode: a file holding a bootstrap token.
+    BootstrapTokenFile(PathBuf),
+    /// Cluster mode: the projected ServiceAccount token file.
+    ServiceAccountTokenFile(PathBuf),
+}
+
+/// Where the controller is and how to trust and authenticate to it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ControllerSettings {
+    /// `https://host:port`.
+    pub address: String,
+    /// Name in the controller's certificate.
+    pub server_name: String,
+    /// PEM roots that verify the controller.
+    pub ca_file: PathBuf,
+    pub node: String,
+    pub trust_domain: String,
+    pub credential: CredentialSource,
+}
+
+impl ControllerSettings {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.address.starts_with("https://") {
+            return Err(ConfigError::Controller(format!(
+                "--controller {:?} must be an https:// URL",
+                self.address
+            )));
+        }
+        mesh_core::identity::dns_subdomain(&self.node).map_err(|why| {
+            ConfigError::Controller(format!("--node {:?} is not a node name: {why}", self.node))
+        })?;
+        mesh_core::identity::TrustDomain::new(&self.trust_domain)
+            .map_err(|e| ConfigError::Controller(format!("--trust-domain: {e}")))?;
+        Ok(())
+    }
+}
+
 impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_instance(&self.datapath.instance)?;
+        if let Some(c) = &self.controller {
+            c.validate()?;
+        }
         validate_pods(&self.pods)
     }
 }

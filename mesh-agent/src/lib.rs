@@ -4,10 +4,14 @@ pub mod app;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod ebpf;
 pub mod features;
+pub mod identity;
 pub mod netns;
 pub mod proxy;
+pub mod state;
+pub mod tls;
 
 /// The kernel programs, built by build.rs from `mesh-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));

@@ -1,11 +1,6 @@
-//! `mesh-controller`: the cluster controller.
-//!
-//! It is the mesh's certificate authority (SPIFFE workload certificates, node-bound signing),
-//! compiles SMI and Gateway API resources into per-node configuration, and streams it to the
-//! node agents over gRPC (port 15012). Sources of truth are the Kubernetes API or a local
-//! directory of the same YAML. Those parts land with the identity and control-plane work; today
-//! the binary only identifies itself.
+//! `mesh-controller`: the cluster controller. See the library's modules for the parts.
 use clap::Parser;
+use mesh_controller::{app, config};
 
 #[derive(Parser)]
 #[command(
@@ -13,10 +8,61 @@ use clap::Parser;
     version,
     about = "Cluster controller of the mesh"
 )]
-struct Cli {}
+struct Cli {
+    #[command(flatten)]
+    args: config::Args,
+}
 
-fn main() {
-    let _ = Cli::parse();
-    eprintln!("mesh-controller: the CA and configuration server are not built yet");
-    std::process::exit(69);
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let config = match config::Config::from_args(&cli.args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mesh-controller: {e}");
+            return std::process::ExitCode::from(64);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mesh-controller: start the runtime: {e}");
+            return std::process::ExitCode::from(70);
+        }
+    };
+    runtime.block_on(async {
+        let controller = match app::start(config).await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("mesh-controller: {e}");
+                return std::process::ExitCode::from(1);
+            }
+        };
+        println!(
+            "READY grpc={} admin={}",
+            controller.grpc_addr, controller.admin_addr
+        );
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("mesh-controller: signal handler: {e}");
+                    return std::process::ExitCode::from(70);
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        controller.shutdown().await;
+        std::process::ExitCode::SUCCESS
+    })
 }

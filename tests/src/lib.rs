@@ -503,3 +503,5 @@ pub fn fill(buf: &mut [u8], offset: u64) {
         *b = (x ^ (x >> 8) ^ (x >> 16)) as u8;
     }
 }
+
+pub mod inprocess;

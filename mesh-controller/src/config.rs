@@ -1,0 +1,274 @@
+//! The controller's configuration: flags -> [`Args`] -> [`Config::from_args`] (pure, validated).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use mesh_core::identity::TrustDomain;
+use mesh_core::policy::TrafficPolicyMode;
+use serde::Serialize;
+
+use crate::compile::CompileOptions;
+use crate::server::ServerSettings;
+
+/// A configuration the controller refuses to start with.
+#[derive(Debug, thiserror::Error)]
+#[error("{flag}: {reason}")]
+pub struct ConfigError {
+    pub flag: &'static str,
+    pub reason: String,
+}
+
+fn bad(flag: &'static str, reason: impl std::fmt::Display) -> ConfigError {
+    ConfigError {
+        flag,
+        reason: reason.to_string(),
+    }
+}
+
+/// Command-line flags of `mesh-controller run`.
+#[derive(Debug, Clone, Parser)]
+pub struct Args {
+    /// Read cluster state from this directory of Kubernetes/SMI YAML (local mode).
+    #[arg(long, conflicts_with = "kubernetes")]
+    pub local_dir: Option<PathBuf>,
+    /// Read cluster state from the Kubernetes API (cluster mode).
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// SPIFFE trust domain.
+    #[arg(long, default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// gRPC listen address (agents connect here).
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    pub listen: SocketAddr,
+    /// Admin listen address (localhost only: index, nodes, rejected resources, metrics).
+    #[arg(long, default_value = "127.0.0.1:15014")]
+    pub admin: SocketAddr,
+    /// Local mode: directory holding the CA (created on first start).
+    #[arg(long)]
+    pub ca_dir: Option<PathBuf>,
+    /// Cluster mode: `namespace/name` of the Secret holding the CA.
+    #[arg(long, default_value = "mesh-system/mesh-ca")]
+    pub ca_secret: String,
+    /// Use an existing CA (for example an intermediate) instead: certificate PEM ...
+    #[arg(long, requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// ... its private key PEM ...
+    #[arg(long, requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+    /// ... and the roots to distribute (default: the CA certificate itself).
+    #[arg(long, requires = "ca_cert")]
+    pub ca_roots: Option<PathBuf>,
+    /// Local mode: bootstrap token file (`<token> <node|*> <RFC 3339 expiry>` per line).
+    #[arg(long)]
+    pub bootstrap_tokens: Option<PathBuf>,
+    /// Cluster mode: `namespace/name` of the agents' ServiceAccount.
+    #[arg(long, default_value = "mesh-system/mesh-agent")]
+    pub agent_service_account: String,
+    /// Lifetime of workload certificates (e.g. 24h, 30m, 4s).
+    #[arg(long, default_value = "24h")]
+    pub workload_cert_ttl: String,
+    /// Lifetime of node certificates.
+    #[arg(long, default_value = "24h")]
+    pub node_cert_ttl: String,
+    /// SMI traffic policy: default-deny (a TrafficTarget is needed) or permissive.
+    #[arg(long, default_value = "default-deny")]
+    pub traffic_policy: String,
+    /// Names and addresses in the controller's serving certificate, comma-separated.
+    #[arg(
+        long,
+        default_value = "mesh-controller.mesh-system.svc,mesh-controller,localhost,127.0.0.1",
+        value_delimiter = ','
+    )]
+    pub server_names: Vec<String>,
+}
+
+/// Where cluster state comes from.
+#[derive(Debug, Clone, Serialize)]
+pub enum Source {
+    Local(PathBuf),
+    Kubernetes,
+}
+
+/// Where the CA lives.
+#[derive(Debug, Clone, Serialize)]
+pub enum CaSource {
+    Dir(PathBuf),
+    Secret {
+        namespace: String,
+        name: String,
+    },
+    Files {
+        cert: PathBuf,
+        key: PathBuf,
+        roots: Option<PathBuf>,
+    },
+}
+
+/// How agents bootstrap.
+#[derive(Debug, Clone, Serialize)]
+pub enum Bootstrap {
+    TokenFile(PathBuf),
+    TokenReview {
+        namespace: String,
+        service_account: String,
+    },
+}
+
+/// The validated configuration, logged at start and served by the admin endpoint.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    pub source: Source,
+    pub trust_domain: TrustDomain,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub ca: CaSource,
+    pub bootstrap: Bootstrap,
+    pub traffic_policy: TrafficPolicyMode,
+    pub server: ServerSettings,
+    pub server_names: Vec<String>,
+}
+
+fn duration(flag: &'static str, s: &str) -> Result<Duration, ConfigError> {
+    let d = humantime::parse_duration(s).map_err(|e| bad(flag, format!("{s:?}: {e}")))?;
+    if d < Duration::from_secs(2) {
+        return Err(bad(flag, "must be at least 2s"));
+    }
+    Ok(d)
+}
+
+fn namespaced(flag: &'static str, s: &str) -> Result<(String, String), ConfigError> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() => {
+            Ok((ns.to_string(), name.to_string()))
+        }
+        _ => Err(bad(flag, format!("{s:?} is not namespace/name"))),
+    }
+}
+
+// === impl Config ===
+
+impl Config {
+    pub fn from_args(args: &Args) -> Result<Config, ConfigError> {
+        let trust_domain =
+            TrustDomain::new(&args.trust_domain).map_err(|e| bad("--trust-domain", e))?;
+        let source = match (&args.local_dir, args.kubernetes) {
+            (Some(dir), false) => Source::Local(dir.clone()),
+            (None, true) => Source::Kubernetes,
+            _ => return Err(bad("--local-dir/--kubernetes", "choose exactly one source")),
+        };
+        let ca = match (&args.ca_cert, &args.ca_key, &source) {
+            (Some(cert), Some(key), _) => CaSource::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+                roots: args.ca_roots.clone(),
+            },
+            (_, _, Source::Local(dir)) => {
+                CaSource::Dir(args.ca_dir.clone().unwrap_or_else(|| dir.join(".mesh-ca")))
+            }
+            (_, _, Source::Kubernetes) => {
+                let (namespace, name) = namespaced("--ca-secret", &args.ca_secret)?;
+                CaSource::Secret { namespace, name }
+            }
+        };
+        let bootstrap = match (&source, &args.bootstrap_tokens) {
+            (_, Some(file)) => Bootstrap::TokenFile(file.clone()),
+            (Source::Local(_), None) => {
+                return Err(bad(
+                    "--bootstrap-tokens",
+                    "local mode needs a bootstrap token file",
+                ));
+            }
+            (Source::Kubernetes, None) => {
+                let (namespace, service_account) =
+                    namespaced("--agent-service-account", &args.agent_service_account)?;
+                Bootstrap::TokenReview {
+                    namespace,
+                    service_account,
+                }
+            }
+        };
+        let traffic_policy = match args.traffic_policy.as_str() {
+            "default-deny" => TrafficPolicyMode::DefaultDeny,
+            "permissive" => TrafficPolicyMode::Permissive,
+            other => {
+                return Err(bad(
+                    "--traffic-policy",
+                    format!("{other:?} is not default-deny or permissive"),
+                ));
+            }
+        };
+        if args.server_names.iter().all(|n| n.trim().is_empty()) {
+            return Err(bad("--server-names", "at least one name is needed"));
+        }
+        Ok(Config {
+            source,
+            trust_domain,
+            listen: args.listen,
+            admin: args.admin,
+            ca,
+            bootstrap,
+            traffic_policy,
+            server: ServerSettings {
+                workload_validity: duration("--workload-cert-ttl", &args.workload_cert_ttl)?,
+                node_validity: duration("--node-cert-ttl", &args.node_cert_ttl)?,
+            },
+            server_names: args.server_names.clone(),
+        })
+    }
+
+    pub fn compile_options(&self) -> CompileOptions {
+        CompileOptions {
+            trust_domain: self.trust_domain.clone(),
+            traffic_policy: self.traffic_policy,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["mesh-controller"];
+        argv.extend_from_slice(extra);
+        Config::from_args(&Args::try_parse_from(argv).expect("flags parse"))
+    }
+
+    #[test]
+    fn local_mode_defaults() {
+        let c = args(&["--local-dir", "/cfg", "--bootstrap-tokens", "/t"]).expect("valid");
+        assert!(matches!(c.ca, CaSource::Dir(ref d) if d == &PathBuf::from("/cfg/.mesh-ca")));
+        assert_eq!(c.server.workload_validity, Duration::from_secs(86400));
+        assert_eq!(c.traffic_policy, TrafficPolicyMode::DefaultDeny);
+    }
+
+    #[test]
+    fn bad_flags_name_the_flag() {
+        for (argv, flag) in [
+            (vec!["--local-dir", "/c"], "--bootstrap-tokens"),
+            (vec![], "--local-dir/--kubernetes"),
+            (vec!["--kubernetes", "--ca-secret", "nope"], "--ca-secret"),
+            (
+                vec!["--kubernetes", "--trust-domain", "Bad"],
+                "--trust-domain",
+            ),
+            (
+                vec!["--kubernetes", "--workload-cert-ttl", "soon"],
+                "--workload-cert-ttl",
+            ),
+            (
+                vec!["--kubernetes", "--node-cert-ttl", "1s"],
+                "--node-cert-ttl",
+            ),
+            (
+                vec!["--kubernetes", "--traffic-policy", "allow"],
+                "--traffic-policy",
+            ),
+        ] {
+            let e = args(&argv).expect_err(&format!("{argv:?}"));
+            assert_eq!(e.flag, flag, "{e}");
+        }
+    }
+}

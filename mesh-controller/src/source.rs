@@ -1,0 +1,3 @@
+//! Sources of truth.
+pub mod kube;
+pub mod local;

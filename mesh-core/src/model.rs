@@ -1,0 +1,193 @@
+//! What the mesh routes between: workloads (meshed pods), services and their endpoints, and
+//! the per-node configuration snapshot the controller compiles for an agent.
+//!
+//! These are domain types: valid by construction where it matters (identities, regexes), free
+//! of Kubernetes and protobuf types, and `Serialize` so the admin endpoints can show them.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::SpiffeId;
+use crate::policy::InboundPolicy;
+
+/// `namespace/name`, the key of every namespaced object in the model.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct NamespacedName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl NamespacedName {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        NamespacedName {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for NamespacedName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Whether a meshed pod also accepts plaintext from outside the mesh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TlsMode {
+    /// Only mTLS (HBONE on 15008) is accepted; plaintext to captured ports is refused.
+    #[default]
+    Strict,
+    /// Plaintext is also accepted, and policy sees the caller as unauthenticated.
+    Permissive,
+}
+
+/// The application protocol of a service port, which decides L4 or L7 handling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Http,
+    Http2,
+    Grpc,
+}
+
+impl Protocol {
+    /// The protocol of a Kubernetes service port: `appProtocol` first (`http`, `http2`,
+    /// `grpc`, `h2c`, `kubernetes.io/h2c`, `tcp`), else the port name prefix (`http-`,
+    /// `http2-`, `grpc-`, or the whole name), else TCP. Unknown values are TCP: a port the
+    /// mesh does not understand is carried as bytes, never broken.
+    pub fn from_service_port(app_protocol: Option<&str>, port_name: Option<&str>) -> Protocol {
+        if let Some(p) = app_protocol {
+            match p.to_ascii_lowercase().as_str() {
+                "http" | "http1" | "http/1.1" => return Protocol::Http,
+                "http2" | "h2c" | "kubernetes.io/h2c" => return Protocol::Http2,
+                "grpc" => return Protocol::Grpc,
+                "tcp" => return Protocol::Tcp,
+                _ => {}
+            }
+        }
+        let Some(name) = port_name else {
+            return Protocol::Tcp;
+        };
+        let prefix = name.split('-').next().unwrap_or(name);
+        match prefix {
+            "http" => Protocol::Http,
+            "http2" | "h2c" => Protocol::Http2,
+            "grpc" => Protocol::Grpc,
+            _ => Protocol::Tcp,
+        }
+    }
+}
+
+/// A meshed pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Workload {
+    /// The pod's namespace and name.
+    pub name: NamespacedName,
+    pub uid: String,
+    pub service_account: String,
+    pub identity: SpiffeId,
+    /// The node the pod is scheduled on.
+    pub node: String,
+    pub ips: Vec<Ipv4Addr>,
+    pub mode: TlsMode,
+    pub labels: BTreeMap<String, String>,
+    /// Where the agent finds the pod on its node. In cluster mode the agent resolves these
+    /// from the pod UID; in local mode the description names them.
+    pub cgroup: Option<String>,
+    pub netns: Option<String>,
+}
+
+/// A port of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ServicePort {
+    pub name: String,
+    pub port: u16,
+    /// The port on the endpoints (a named target port is resolved per endpoint by the
+    /// compiler; this is the numeric value, or `port` when unset).
+    pub target_port: u16,
+    pub protocol: Protocol,
+}
+
+/// One backend address of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub ip: Ipv4Addr,
+    /// The pod behind the address, when it is meshed.
+    pub workload: Option<NamespacedName>,
+    /// Its identity, when meshed: what the client must verify.
+    pub identity: Option<SpiffeId>,
+    /// Its node, when known: HBONE connections are pooled per destination node.
+    pub node: Option<String>,
+    pub ready: bool,
+}
+
+/// A Kubernetes service as the mesh sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    pub name: NamespacedName,
+    /// The cluster IP; `None` for headless services.
+    pub vip: Option<Ipv4Addr>,
+    pub ports: Vec<ServicePort>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// A weighted backend of a traffic split.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitBackend {
+    pub service: NamespacedName,
+    pub weight: u32,
+}
+
+/// A compiled TrafficSplit: traffic addressed to `root` goes to the backends by weight.
+/// `matches` (v1alpha4) restricts the split to HTTP requests matching any of them; an empty
+/// list applies to all traffic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrafficSplit {
+    pub name: NamespacedName,
+    pub root: NamespacedName,
+    pub backends: Vec<SplitBackend>,
+    pub matches: Vec<crate::policy::HttpMatch>,
+}
+
+/// Everything one node's agent needs: its workloads, the services they may call, the compiled
+/// inbound policy of each of its workloads, the splits, and the trust bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct NodeSnapshot {
+    pub node: String,
+    /// Keyed by pod namespace/name.
+    pub workloads: BTreeMap<NamespacedName, Workload>,
+    /// Keyed by service namespace/name.
+    pub services: BTreeMap<NamespacedName, Service>,
+    /// Keyed by the destination pod's namespace/name; one per workload on the node.
+    pub policies: BTreeMap<NamespacedName, InboundPolicy>,
+    /// Keyed by TrafficSplit namespace/name.
+    pub splits: BTreeMap<NamespacedName, TrafficSplit>,
+    /// PEM certificates of the trust roots.
+    pub trust_bundle: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocol_from_app_protocol_then_port_name() {
+        let p = Protocol::from_service_port;
+        assert_eq!(p(Some("grpc"), Some("http-x")), Protocol::Grpc);
+        assert_eq!(p(Some("kubernetes.io/h2c"), None), Protocol::Http2);
+        assert_eq!(p(Some("HTTP"), None), Protocol::Http);
+        assert_eq!(p(Some("tcp"), Some("http")), Protocol::Tcp);
+        assert_eq!(p(Some("mysql"), Some("http-web")), Protocol::Http);
+        assert_eq!(p(None, Some("http2-api")), Protocol::Http2);
+        assert_eq!(p(None, Some("grpc")), Protocol::Grpc);
+        assert_eq!(p(None, Some("https")), Protocol::Tcp);
+        assert_eq!(p(None, Some("redis")), Protocol::Tcp);
+        assert_eq!(p(None, None), Protocol::Tcp);
+    }
+}
