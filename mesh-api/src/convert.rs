@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use mesh_core::SpiffeId;
 use mesh_core::model::{
@@ -420,6 +421,9 @@ pub fn diff(
         upserts: &mut Vec<v1::Resource>,
         removals: &mut Vec<v1::ResourceKey>,
     ) {
+        if std::ptr::eq(old, new) {
+            return;
+        }
         for (k, v) in new {
             if old.get(k) != Some(v) {
                 upserts.push(v1::Resource {
@@ -495,9 +499,9 @@ pub fn apply(
         let name = NamespacedName::new(&k.namespace, &k.name);
         let removed = match v1::Kind::try_from(k.kind) {
             Ok(v1::Kind::Workload) => next.workloads.remove(&name).is_some(),
-            Ok(v1::Kind::Service) => next.services.remove(&name).is_some(),
+            Ok(v1::Kind::Service) => Arc::make_mut(&mut next.services).remove(&name).is_some(),
             Ok(v1::Kind::Policy) => next.policies.remove(&name).is_some(),
-            Ok(v1::Kind::Split) => next.splits.remove(&name).is_some(),
+            Ok(v1::Kind::Split) => Arc::make_mut(&mut next.splits).remove(&name).is_some(),
             Ok(v1::Kind::TrustBundle) => {
                 return Err(err("removals", "the trust bundle cannot be removed"));
             }
@@ -520,7 +524,7 @@ pub fn apply(
             }
             Some(R::Service(s)) => {
                 let s = Service::try_from(s)?;
-                next.services.insert(s.name.clone(), s);
+                Arc::make_mut(&mut next.services).insert(s.name.clone(), s);
             }
             Some(R::Policy(p)) => {
                 let p = InboundPolicy::try_from(p)?;
@@ -528,7 +532,7 @@ pub fn apply(
             }
             Some(R::Split(s)) => {
                 let s = TrafficSplit::try_from(s)?;
-                next.splits.insert(s.name.clone(), s);
+                Arc::make_mut(&mut next.splits).insert(s.name.clone(), s);
             }
             Some(R::TrustBundle(b)) => {
                 if b.roots_pem.is_empty() {
@@ -630,9 +634,9 @@ mod tests {
         NodeSnapshot {
             node: "n1".into(),
             workloads: [(wl.name.clone(), wl.clone())].into(),
-            services: [(svc.name.clone(), svc)].into(),
+            services: Arc::new([(svc.name.clone(), svc)].into()),
             policies: [(wl.name.clone(), policy)].into(),
-            splits: [(split.name.clone(), split)].into(),
+            splits: Arc::new([(split.name.clone(), split)].into()),
             trust_bundle: vec!["-----BEGIN CERTIFICATE-----\n...".into()],
         }
     }
@@ -657,7 +661,7 @@ mod tests {
         let mut new = old.clone();
         let name = NamespacedName::new("shop", "api-0");
         new.workloads.get_mut(&name).expect("workload").ips = vec![Ipv4Addr::new(10, 1, 0, 6)];
-        new.splits.clear();
+        Arc::make_mut(&mut new.splits).clear();
         let (upserts, removals) = diff(Some(&old), &new);
         assert_eq!(upserts.len(), 1);
         assert_eq!(removals.len(), 1);

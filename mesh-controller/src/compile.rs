@@ -77,8 +77,8 @@ pub(crate) struct Cache {
 
 #[derive(Debug)]
 struct Shared {
-    services: BTreeMap<NamespacedName, Service>,
-    splits: BTreeMap<NamespacedName, TrafficSplit>,
+    services: Arc<BTreeMap<NamespacedName, Service>>,
+    splits: Arc<BTreeMap<NamespacedName, TrafficSplit>>,
 }
 
 fn shared(index: &Index, td: &TrustDomain) -> Arc<Shared> {
@@ -93,20 +93,24 @@ fn shared(index: &Index, td: &TrustDomain) -> Arc<Shared> {
         return c.shared.clone();
     }
     let shared = Arc::new(Shared {
-        services: index
-            .services()
-            .filter_map(|(name, svc)| {
-                compile_service(index, td, name, svc).map(|s| (name.clone(), s))
-            })
-            .collect(),
-        splits: index
-            .traffic_splits()
-            .filter_map(|(name, split)| {
-                resolve_traffic_split(index, split)
-                    .ok()
-                    .map(|s| (name.clone(), s))
-            })
-            .collect(),
+        services: Arc::new(
+            index
+                .services()
+                .filter_map(|(name, svc)| {
+                    compile_service(index, td, name, svc).map(|s| (name.clone(), s))
+                })
+                .collect(),
+        ),
+        splits: Arc::new(
+            index
+                .traffic_splits()
+                .filter_map(|(name, split)| {
+                    resolve_traffic_split(index, split)
+                        .ok()
+                        .map(|s| (name.clone(), s))
+                })
+                .collect(),
+        ),
     });
     *cache = Some(Cache {
         revision: index.revision(),

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -157,17 +158,20 @@ pub struct TrafficSplit {
 
 /// Everything one node's agent needs: its workloads, the services they may call, the compiled
 /// inbound policy of each of its workloads, the splits, and the trust bundle.
+///
+/// Services and splits are the same for every node, so the controller shares one copy among
+/// all snapshots (`Arc`): cloning a snapshot or comparing two that share it costs nothing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct NodeSnapshot {
     pub node: String,
     /// Keyed by pod namespace/name.
     pub workloads: BTreeMap<NamespacedName, Workload>,
     /// Keyed by service namespace/name.
-    pub services: BTreeMap<NamespacedName, Service>,
+    pub services: Arc<BTreeMap<NamespacedName, Service>>,
     /// Keyed by the destination pod's namespace/name; one per workload on the node.
     pub policies: BTreeMap<NamespacedName, InboundPolicy>,
     /// Keyed by TrafficSplit namespace/name.
-    pub splits: BTreeMap<NamespacedName, TrafficSplit>,
+    pub splits: Arc<BTreeMap<NamespacedName, TrafficSplit>>,
     /// PEM certificates of the trust roots.
     pub trust_bundle: Vec<String>,
 }
