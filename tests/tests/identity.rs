@@ -412,3 +412,63 @@ async fn a_restarted_controller_keeps_the_trust_root() {
     roundtrip(&mut c, b"same root").await;
     controller.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_holds_certificates_for_the_workloads_of_its_node() {
+    use mesh_agent::config::{ControllerSettings, CredentialSource};
+    let dir = cluster();
+    let controller = dir.start("127.0.0.1:0".parse().expect("addr"), &[]).await;
+    let files = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        files.path().join("token"),
+        format!("{}\n", mesh_tests::inprocess::TOKEN),
+    )
+    .expect("token file");
+    std::fs::write(files.path().join("ca.crt"), &controller.roots_pem).expect("ca file");
+    let settings = ControllerSettings {
+        address: format!("https://{}", controller.grpc_addr),
+        server_name: "mesh-controller.mesh-system.svc".into(),
+        ca_file: files.path().join("ca.crt"),
+        node: "node-a".into(),
+        trust_domain: "cluster.local".into(),
+        credential: CredentialSource::BootstrapTokenFile(files.path().join("token")),
+    };
+    let mut registry = Registry::default();
+    let plane = mesh_agent::control::start(&settings, &mut registry).expect("control plane");
+
+    // web-0 runs on node-a: its identity's certificate is fetched without anyone asking.
+    eventually(Duration::from_secs(10), "web's certificate", || {
+        plane.certs.current(&web()).map(|_| ())
+    })
+    .await;
+    assert!(
+        plane.certs.current(&api()).is_none(),
+        "api-0 runs on node-b"
+    );
+    assert!(
+        !plane.certs.trust_bundle().is_empty(),
+        "trust bundle from the configuration"
+    );
+    assert!(plane.client.status().connected);
+
+    // A second pod with another identity lands on node-a: its certificate follows; when it
+    // goes, the identity is forgotten.
+    dir.write(
+        "admin.yaml",
+        &pod(
+            "shop", "admin-0", "node-a", "10.1.0.9", "admin", "admin", "",
+        ),
+    );
+    let admin = SpiffeId::workload(&td(), "shop", "admin").expect("id");
+    eventually(Duration::from_secs(10), "admin's certificate", || {
+        plane.certs.current(&admin).map(|_| ())
+    })
+    .await;
+    std::fs::remove_file(dir.resources().join("admin.yaml")).expect("remove pod");
+    eventually(Duration::from_secs(10), "admin forgotten", || {
+        (!plane.certs.certs().iter().any(|c| c.identity == admin)).then_some(())
+    })
+    .await;
+    drop(plane);
+    controller.shutdown().await;
+}
