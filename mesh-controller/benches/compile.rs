@@ -101,7 +101,31 @@ fn main() {
         black_box(compile_node(&index.read(), &opts, &node_of(4_243)));
         second_node.push(start.elapsed());
     }
-    drop(all);
+
+    // What the server does after a change: every node's stream recompiles its snapshot and
+    // diffs it against the version its agent holds; only changed nodes get an update.
+    let mut held = all;
+    let mut p = moved.clone();
+    p.metadata
+        .labels
+        .get_or_insert_default()
+        .insert("app".into(), "svc-8".into());
+    index.update(|ix| ix.apply("bench", Resource::Pod(p)));
+    let start = Instant::now();
+    let mut updated = 0;
+    let mut resources_sent = 0;
+    for (node, old) in held.iter_mut() {
+        let new = compile_node(&index.read(), &opts, node);
+        let (upserts, removals) = mesh_api::convert::diff(Some(old), &new);
+        if !upserts.is_empty() || !removals.is_empty() {
+            updated += 1;
+            resources_sent += upserts.len() + removals.len();
+        }
+        *old = new;
+    }
+    let push_all = start.elapsed();
+    black_box(&held);
+    drop(held);
 
     println!(
         "synthetic cluster: {PODS} pods, {SERVICES} services, {NODES} nodes, {TRAFFIC_TARGETS} TrafficTargets, {SPLITS} TrafficSplits ({count} resources)"
@@ -123,6 +147,10 @@ fn main() {
     println!(
         "  compile one more node (cached) {:>10}  (median of 10)",
         ms(median(second_node))
+    );
+    println!(
+        "  push one pod change to all     {:>10}  ({updated} of {nodes} nodes changed, {resources_sent} resources sent)",
+        ms(push_all)
     );
     println!("  peak RSS (VmHWM)               {:>10}", peak_rss());
 }
