@@ -8,6 +8,7 @@
 pub mod identity;
 pub mod model;
 pub mod policy;
+pub mod resolve;
 pub mod smi;
 
 pub use identity::SpiffeId;
