@@ -448,7 +448,7 @@ pub fn diff(
         &old.services,
         &new.services,
         v1::Kind::Service,
-        |s| R::Service(s.into()),
+        |s| R::Service(s.as_ref().into()),
         &mut upserts,
         &mut removals,
     );
@@ -524,7 +524,7 @@ pub fn apply(
             }
             Some(R::Service(s)) => {
                 let s = Service::try_from(s)?;
-                Arc::make_mut(&mut next.services).insert(s.name.clone(), s);
+                Arc::make_mut(&mut next.services).insert(s.name.clone(), Arc::new(s));
             }
             Some(R::Policy(p)) => {
                 let p = InboundPolicy::try_from(p)?;
@@ -634,7 +634,7 @@ mod tests {
         NodeSnapshot {
             node: "n1".into(),
             workloads: [(wl.name.clone(), wl.clone())].into(),
-            services: Arc::new([(svc.name.clone(), svc)].into()),
+            services: Arc::new([(svc.name.clone(), Arc::new(svc))].into()),
             policies: [(wl.name.clone(), policy)].into(),
             splits: Arc::new([(split.name.clone(), split)].into()),
             trust_bundle: vec!["-----BEGIN CERTIFICATE-----\n...".into()],

@@ -77,7 +77,7 @@ pub(crate) struct Cache {
 
 #[derive(Debug)]
 struct Shared {
-    services: Arc<BTreeMap<NamespacedName, Service>>,
+    services: Arc<BTreeMap<NamespacedName, Arc<Service>>>,
     splits: Arc<BTreeMap<NamespacedName, TrafficSplit>>,
 }
 
@@ -92,12 +92,24 @@ fn shared(index: &Index, td: &TrustDomain) -> Arc<Shared> {
     {
         return c.shared.clone();
     }
+    // Unchanged services keep the previous revision's `Arc`, so that the per-node diffs the
+    // server computes after a change compare pointers, not services.
+    let previous = cache
+        .as_ref()
+        .filter(|c| c.trust_domain == *td)
+        .map(|c| c.shared.services.clone());
     let shared = Arc::new(Shared {
         services: Arc::new(
             index
                 .services()
                 .filter_map(|(name, svc)| {
-                    compile_service(index, td, name, svc).map(|s| (name.clone(), s))
+                    let compiled = compile_service(index, td, name, svc)?;
+                    let kept = previous
+                        .as_ref()
+                        .and_then(|p| p.get(name))
+                        .filter(|old| ***old == compiled)
+                        .cloned();
+                    Some((name.clone(), kept.unwrap_or_else(|| Arc::new(compiled))))
                 })
                 .collect(),
         ),

@@ -161,13 +161,15 @@ pub struct TrafficSplit {
 ///
 /// Services and splits are the same for every node, so the controller shares one copy among
 /// all snapshots (`Arc`): cloning a snapshot or comparing two that share it costs nothing.
+/// Each service is an `Arc` too, kept across recompiles while it is unchanged, so comparing
+/// two versions of the service table costs a pointer comparison per unchanged service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct NodeSnapshot {
     pub node: String,
     /// Keyed by pod namespace/name.
     pub workloads: BTreeMap<NamespacedName, Workload>,
     /// Keyed by service namespace/name.
-    pub services: Arc<BTreeMap<NamespacedName, Service>>,
+    pub services: Arc<BTreeMap<NamespacedName, Arc<Service>>>,
     /// Keyed by the destination pod's namespace/name; one per workload on the node.
     pub policies: BTreeMap<NamespacedName, InboundPolicy>,
     /// Keyed by TrafficSplit namespace/name.

@@ -93,7 +93,12 @@ fn split(name: &str, root: &str, backends: &[(&str, u32)]) -> TrafficSplit {
 fn snapshot(services: Vec<Service>, splits: Vec<TrafficSplit>) -> NodeSnapshot {
     NodeSnapshot {
         node: "n1".to_string(),
-        services: Arc::new(services.into_iter().map(|s| (s.name.clone(), s)).collect()),
+        services: Arc::new(
+            services
+                .into_iter()
+                .map(|s| (s.name.clone(), Arc::new(s)))
+                .collect(),
+        ),
         splits: Arc::new(splits.into_iter().map(|s| (s.name.clone(), s)).collect()),
         ..NodeSnapshot::default()
     }
