@@ -33,7 +33,6 @@ use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError,
     ServerConfig, SignatureScheme,
 };
-use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use crate::identity::{CertManager, TrustBundle};
 
@@ -126,25 +125,13 @@ impl std::error::Error for Refused {
 /// Other SAN types are ignored, as the X.509-SVID specification allows. It does not verify
 /// the chain: call it on certificates a handshake has verified.
 pub fn peer_identity(certs: &[CertificateDer<'_>]) -> Result<SpiffeId, TlsError> {
+    use mesh_core::identity::{CertIdError, from_certificate};
     let leaf = certs.first().ok_or(TlsError::NoCertificate)?;
-    let (_, cert) =
-        X509Certificate::from_der(leaf).map_err(|e| TlsError::BadCertificate(e.to_string()))?;
-    let names = cert
-        .subject_alternative_name()
-        .map_err(|e| TlsError::BadCertificate(format!("SAN extension: {e}")))?
-        .map(|ext| ext.value.general_names.as_slice())
-        .unwrap_or_default();
-    let uris: Vec<&str> = names
-        .iter()
-        .filter_map(|n| match n {
-            GeneralName::URI(u) => Some(*u),
-            _ => None,
-        })
-        .collect();
-    match uris.as_slice() {
-        [uri] => Ok(uri.parse()?),
-        _ => Err(TlsError::UriSanCount(uris.len())),
-    }
+    from_certificate(leaf).map_err(|e| match e {
+        CertIdError::Parse(why) => TlsError::BadCertificate(why),
+        CertIdError::UriSanCount(n) => TlsError::UriSanCount(n),
+        CertIdError::Id(id) => TlsError::BadId(id),
+    })
 }
 
 /// The server side of HBONE for `local`: presents `local`'s current certificate, requires a

@@ -179,7 +179,8 @@ impl Server {
         let leaf = certs
             .first()
             .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-        let id = spiffe_id_of(leaf).map_err(Status::unauthenticated)?;
+        let id = mesh_core::identity::from_certificate(leaf)
+            .map_err(|e| Status::unauthenticated(e.to_string()))?;
         if id.trust_domain() != self.ca.trust_domain() {
             return Err(Status::unauthenticated(format!(
                 "{id} is not in trust domain {}",
@@ -189,33 +190,6 @@ impl Server {
         id.node_name()
             .map(str::to_string)
             .ok_or_else(|| Status::permission_denied(format!("{id} is not a node identity")))
-    }
-}
-
-/// The SPIFFE ID in a certificate's single URI SAN.
-pub fn spiffe_id_of(der: &[u8]) -> Result<SpiffeId, String> {
-    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
-    let (_, cert) =
-        X509Certificate::from_der(der).map_err(|e| format!("certificate does not parse: {e}"))?;
-    let sans = cert
-        .subject_alternative_name()
-        .map_err(|e| format!("bad subject alternative names: {e}"))?
-        .ok_or("the certificate has no subject alternative name")?;
-    let uris: Vec<&str> = sans
-        .value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            GeneralName::URI(u) => Some(*u),
-            _ => None,
-        })
-        .collect();
-    match uris.as_slice() {
-        [uri] => uri.parse().map_err(|e| format!("{e}")),
-        _ => Err(format!(
-            "the certificate must have exactly one URI SAN, it has {}",
-            uris.len()
-        )),
     }
 }
 

@@ -277,6 +277,44 @@ impl<'de> Deserialize<'de> for SpiffeId {
     }
 }
 
+// === Certificates ===
+
+/// Why a certificate does not name exactly one mesh identity.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CertIdError {
+    #[error("the certificate does not parse: {0}")]
+    Parse(String),
+    #[error("the certificate must carry exactly one URI SAN, it has {0}")]
+    UriSanCount(usize),
+    #[error(transparent)]
+    Id(#[from] IdError),
+}
+
+/// The SPIFFE ID a certificate (DER) names: its single URI SAN. Other SAN types are ignored,
+/// as the X.509-SVID specification allows. The chain is not verified here: call it on a
+/// certificate a handshake (or the CA) has verified.
+pub fn from_certificate(der: &[u8]) -> Result<SpiffeId, CertIdError> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| CertIdError::Parse(e.to_string()))?;
+    let names = cert
+        .subject_alternative_name()
+        .map_err(|e| CertIdError::Parse(format!("SAN extension: {e}")))?
+        .map(|ext| ext.value.general_names.as_slice())
+        .unwrap_or_default();
+    let uris: Vec<&str> = names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(u) => Some(*u),
+            _ => None,
+        })
+        .collect();
+    match uris.as_slice() {
+        [uri] => Ok(uri.parse()?),
+        _ => Err(CertIdError::UriSanCount(uris.len())),
+    }
+}
+
 // === Kubernetes naming rules ===
 
 /// RFC 1123 label as Kubernetes uses it: at most 63 lowercase alphanumerics or '-', starting
