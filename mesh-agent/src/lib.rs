@@ -7,6 +7,7 @@ pub mod config;
 pub mod control;
 pub mod ebpf;
 pub mod features;
+pub mod hbone;
 pub mod identity;
 pub mod netns;
 pub mod proxy;
