@@ -9,6 +9,7 @@ pub mod ebpf;
 pub mod features;
 pub mod hbone;
 pub mod identity;
+pub mod inbound;
 pub mod netns;
 pub mod proxy;
 pub mod state;

@@ -1,0 +1,194 @@
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use mesh_api::{convert, v1};
+use mesh_core::model::{TlsMode, Workload};
+use mesh_core::policy::{InboundPolicy, RouteMatch, Rule, TrafficPolicyMode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use super::*;
+use crate::hbone::{HboneError, HbonePool, HboneServer, PoolConfig, ServerConfig};
+use crate::identity::testing::{TestCa, TestSigner, id, manager};
+use crate::tls;
+
+const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
+const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+const ADMIN: &str = "spiffe://cluster.local/ns/shop/sa/admin";
+const POD_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
+
+fn pod() -> NamespacedName {
+    NamespacedName::new("shop", "api-0")
+}
+
+/// node-b's configuration: api-0 allows web on 8080 only.
+fn config(tls_mode: TlsMode, traffic: TrafficPolicyMode) -> NodeSnapshot {
+    let workload = Workload {
+        name: pod(),
+        uid: "u".into(),
+        service_account: "api".into(),
+        identity: id(API),
+        node: "node-b".into(),
+        ips: vec![POD_IP],
+        mode: tls_mode,
+        labels: BTreeMap::new(),
+        cgroup: None,
+        netns: None,
+    };
+    let policy = InboundPolicy {
+        workload: pod(),
+        identity: id(API),
+        mode: traffic,
+        tls_mode,
+        rules: vec![Rule {
+            traffic_target: NamespacedName::new("shop", "web-to-api"),
+            sources: vec![id(WEB)],
+            ports: vec![8080],
+            route: RouteMatch::Tcp,
+        }],
+    };
+    NodeSnapshot {
+        node: "node-b".into(),
+        workloads: [(pod(), workload)].into(),
+        policies: [(pod(), policy)].into(),
+        trust_bundle: vec!["root".into()],
+        ..NodeSnapshot::default()
+    }
+}
+
+fn at(port: u16) -> SocketAddr {
+    SocketAddr::from((POD_IP, port))
+}
+
+#[test]
+fn hbone_admission_follows_the_traffic_target() {
+    let c = config(TlsMode::Strict, TrafficPolicyMode::DefaultDeny);
+    assert_eq!(
+        admit_hbone(&c, &pod(), &id(WEB), at(8080)).expect("web may call api on 8080"),
+        SocketAddrV4::new(POD_IP, 8080)
+    );
+    let r = admit_hbone(&c, &pod(), &id(ADMIN), at(8080)).expect_err("admin has no target");
+    assert_eq!(r.status, DENIED);
+    assert!(r.reason.contains("no TrafficTarget"), "{}", r.reason);
+    let r = admit_hbone(&c, &pod(), &id(WEB), at(9090)).expect_err("port not covered");
+    assert_eq!(r.status, DENIED);
+    assert!(r.reason.contains("9090"), "{}", r.reason);
+    let r = admit_hbone(&c, &pod(), &id(WEB), "10.9.9.9:8080".parse().expect("addr"))
+        .expect_err("another pod's address");
+    assert_eq!(r.status, MISDIRECTED);
+    let r = admit_hbone(&c, &NamespacedName::new("shop", "gone"), &id(WEB), at(8080))
+        .expect_err("unknown pod");
+    assert_eq!(r.status, UNAVAILABLE);
+
+    let open = config(TlsMode::Strict, TrafficPolicyMode::Permissive);
+    admit_hbone(&open, &pod(), &id(ADMIN), at(9090)).expect("permissive traffic policy");
+}
+
+#[test]
+fn plaintext_follows_the_tls_mode() {
+    let strict = config(TlsMode::Strict, TrafficPolicyMode::Permissive);
+    let r = admit_plaintext(&strict, &pod(), SocketAddrV4::new(POD_IP, 8080))
+        .expect_err("STRICT refuses plaintext");
+    assert!(r.reason.contains("STRICT"), "{}", r.reason);
+
+    let permissive = config(TlsMode::Permissive, TrafficPolicyMode::Permissive);
+    admit_plaintext(&permissive, &pod(), SocketAddrV4::new(POD_IP, 8080))
+        .expect("PERMISSIVE pod, permissive traffic policy");
+
+    let deny = config(TlsMode::Permissive, TrafficPolicyMode::DefaultDeny);
+    let r = admit_plaintext(&deny, &pod(), SocketAddrV4::new(POD_IP, 8080))
+        .expect_err("default deny names identities; plaintext has none");
+    assert!(r.reason.contains("unauthenticated"), "{}", r.reason);
+}
+
+/// A store holding `config` as an applied version.
+fn store(config: &NodeSnapshot) -> Arc<StateStore> {
+    let store = Arc::new(StateStore::new("node-b"));
+    let (upserts, removals) = convert::diff(None, config);
+    store
+        .apply(&v1::ConfigUpdate {
+            version: Some(v1::Version { epoch: 1, seq: 1 }),
+            full: true,
+            base: None,
+            upserts,
+            removals,
+        })
+        .expect("applies");
+    store
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_are_admitted_by_the_identity_the_certificate_proves() {
+    let ca = TestCa::new("inbound-test-ca");
+    let hour = Duration::from_secs(3600);
+    let (api_mgr, _) = manager(&TestSigner::new(ca.clone(), hour));
+    let (web_mgr, _) = manager(&TestSigner::new(ca.clone(), hour));
+    let (admin_mgr, _) = manager(&TestSigner::new(ca, hour));
+    api_mgr.fetch(&id(API)).await.expect("api certificate");
+    web_mgr.fetch(&id(WEB)).await.expect("web certificate");
+    admin_mgr
+        .fetch(&id(ADMIN))
+        .await
+        .expect("admin certificate");
+
+    // The application: answers with what it got, upper-cased.
+    let app = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+    let app_addr = match app.local_addr().expect("app address") {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(_) => unreachable!("bound to IPv4"),
+    };
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = app.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                if s.read_to_end(&mut buf).await.is_ok() {
+                    let _ = s.write_all(&buf.to_ascii_uppercase()).await;
+                }
+            });
+        }
+    });
+
+    let mut cfg = config(TlsMode::Strict, TrafficPolicyMode::DefaultDeny);
+    cfg.policies.get_mut(&pod()).expect("policy").rules[0].ports = vec![app_addr.port()];
+    let handler = PodInbound {
+        pod: pod(),
+        store: store(&cfg),
+        dial: Arc::new(|addr| Box::pin(TcpStream::connect(addr))),
+    };
+    let tls = tls::server_config(api_mgr, id(API)).expect("server TLS");
+    let server = Arc::new(HboneServer::new(tls, handler, ServerConfig::default()).expect("server"));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 15008");
+    let hbone_addr = listener.local_addr().expect("address");
+    tokio::spawn(server.clone().serve(listener));
+
+    // web is allowed: bytes flow both ways, with half-close.
+    let web = HbonePool::new(web_mgr, PoolConfig::default()).expect("pool");
+    let mut t = web
+        .connect(&id(WEB), hbone_addr, &id(API), SocketAddr::V4(app_addr))
+        .await
+        .expect("web -> api admitted");
+    t.write_all(b"hello api").await.expect("write");
+    t.shutdown().await.expect("half-close");
+    let mut answer = Vec::new();
+    t.read_to_end(&mut answer).await.expect("read");
+    assert_eq!(answer, b"HELLO API");
+
+    // admin holds a valid certificate of the same CA, but no TrafficTarget allows it: it
+    // cannot pass as web, and it is refused promptly.
+    let admin = HbonePool::new(admin_mgr, PoolConfig::default()).expect("pool");
+    let refused = tokio::time::timeout(
+        Duration::from_secs(10),
+        admin.connect(&id(ADMIN), hbone_addr, &id(API), SocketAddr::V4(app_addr)),
+    )
+    .await
+    .expect("a prompt answer");
+    match refused {
+        Err(HboneError::Refused { status, reason }) => {
+            assert_eq!(status, DENIED);
+            assert!(reason.contains(ADMIN), "{reason}");
+        }
+        Err(e) => panic!("expected a 403 refusal, got {e}"),
+        Ok(_) => panic!("admin must not reach api"),
+    }
+}
