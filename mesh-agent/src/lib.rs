@@ -11,6 +11,7 @@ pub mod hbone;
 pub mod identity;
 pub mod inbound;
 pub mod netns;
+pub mod outbound;
 pub mod proxy;
 pub mod state;
 pub mod tls;
