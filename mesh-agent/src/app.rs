@@ -49,12 +49,17 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         .context("start the runtime")?;
     rt.block_on(async {
         let mut registry = prometheus_client::registry::Registry::default();
-        let _control = cfg
+        let control = cfg
             .controller
             .as_ref()
             .map(|c| crate::control::start(c, &mut registry))
             .transpose()
             .context("start the controller connection")?;
+        let mesh = control.as_ref().map(|c| proxy::Mesh {
+            store: c.store.clone(),
+            certs: c.certs.clone(),
+            egress: crate::outbound::Egress::Allow,
+        });
         let mut proxies = HashMap::new();
         for pod in &cfg.pods {
             let sockets = datapath
@@ -62,7 +67,14 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 .with_context(|| format!("enroll {}", pod.name))?;
             let ns = netns::open(&pod.netns)?;
             let worker = netns::Worker::spawn(&ns, &pod.netns)?;
-            let p = proxy::start(pod.name.clone(), worker, sockets.outbound, sockets.inbound)?;
+            let p = proxy::start(
+                pod.name.clone(),
+                pod.ip,
+                worker,
+                sockets.outbound,
+                sockets.inbound,
+                mesh.clone(),
+            )?;
             proxies.insert(pod.name.clone(), p);
             tracing::info!(pod = %pod.name, ip = %pod.ip, "enrolled");
         }

@@ -505,3 +505,4 @@ pub fn fill(buf: &mut [u8], offset: u64) {
 }
 
 pub mod inprocess;
+pub mod sniff;
