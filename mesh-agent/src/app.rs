@@ -55,11 +55,14 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             .map(|c| crate::control::start(c, &mut registry))
             .transpose()
             .context("start the controller connection")?;
-        let mesh = control.as_ref().map(|c| proxy::Mesh {
-            store: c.store.clone(),
-            certs: c.certs.clone(),
-            egress: crate::outbound::Egress::Allow,
-        });
+        let mesh = control
+            .as_ref()
+            .zip(cfg.controller.as_ref())
+            .map(|(c, settings)| proxy::Mesh {
+                store: c.store.clone(),
+                certs: c.certs.clone(),
+                egress: settings.egress,
+            });
         let mut proxies = HashMap::new();
         for pod in &cfg.pods {
             let sockets = datapath

@@ -69,6 +69,9 @@ struct ControllerArgs {
     /// Cluster mode: the projected ServiceAccount token.
     #[arg(long)]
     service_account_token_file: Option<PathBuf>,
+    /// Whether meshed pods may reach destinations outside the mesh (allow or deny).
+    #[arg(long, value_enum, default_value = "allow")]
+    egress: crate::outbound::Egress,
 }
 
 impl ControllerArgs {
@@ -92,6 +95,7 @@ impl ControllerArgs {
             node: self.node.clone().unwrap_or_default(),
             trust_domain: self.trust_domain.clone(),
             credential,
+            egress: self.egress,
         }))
     }
 }

@@ -298,6 +298,8 @@ pub struct ControllerSettings {
     pub node: String,
     pub trust_domain: String,
     pub credential: CredentialSource,
+    /// Whether meshed pods may reach destinations outside the mesh.
+    pub egress: crate::outbound::Egress,
 }
 
 impl ControllerSettings {

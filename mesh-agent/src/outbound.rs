@@ -23,9 +23,11 @@ use crate::state::{StateStore, Version};
 
 /// Per-direction copy buffer.
 const COPY_BUF: usize = 256 * 1024;
+/// Default cap on a pod's concurrent outbound connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
 
 /// What to do with destinations outside the mesh.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Egress {
     Allow,
@@ -53,6 +55,8 @@ pub enum OutboundError {
     },
     #[error("copy: {0}")]
     Copy(std::io::Error),
+    #[error("{pod} already has {limit} outbound connections open (the cap); connection refused")]
+    ConnectionCap { pod: NamespacedName, limit: usize },
 }
 
 impl OutboundError {
@@ -64,6 +68,7 @@ impl OutboundError {
             OutboundError::Tunnel { .. } => "tunnel",
             OutboundError::Direct { .. } => "direct",
             OutboundError::Copy(_) => "copy",
+            OutboundError::ConnectionCap { .. } => "connection_cap",
         }
     }
 }
@@ -93,6 +98,8 @@ pub struct PodOutbound {
     pub dial: AppDialer,
     pub egress: Egress,
     resolver: Mutex<Option<(Option<Version>, Arc<Resolver>)>>,
+    slots: Arc<tokio::sync::Semaphore>,
+    limit: usize,
 }
 
 impl PodOutbound {
@@ -102,6 +109,7 @@ impl PodOutbound {
         pool: HbonePool,
         dial: AppDialer,
         egress: Egress,
+        max_connections: usize,
     ) -> PodOutbound {
         PodOutbound {
             pod,
@@ -110,6 +118,8 @@ impl PodOutbound {
             dial,
             egress,
             resolver: Mutex::new(None),
+            slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
+            limit: max_connections,
         }
     }
 
@@ -142,6 +152,14 @@ impl PodOutbound {
         mut conn: TcpStream,
         dst: SocketAddrV4,
     ) -> Result<Carried, OutboundError> {
+        let _slot =
+            self.slots
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| OutboundError::ConnectionCap {
+                    pod: self.pod.clone(),
+                    limit: self.limit,
+                })?;
         let (resolver, applied) = self.resolver();
         let src: SpiffeId = applied
             .snapshot

@@ -115,6 +115,7 @@ pub fn start(
         pool,
         dial.clone(),
         mesh.egress,
+        crate::outbound::DEFAULT_MAX_CONNECTIONS,
     ));
     let tasks = vec![
         tokio::spawn(mesh_outbound(out, outbound)),

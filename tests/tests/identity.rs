@@ -432,6 +432,7 @@ async fn an_agent_holds_certificates_for_the_workloads_of_its_node() {
         node: "node-a".into(),
         trust_domain: "cluster.local".into(),
         credential: CredentialSource::BootstrapTokenFile(files.path().join("token")),
+        egress: mesh_agent::outbound::Egress::Allow,
     };
     let mut registry = Registry::default();
     let plane = mesh_agent::control::start(&settings, &mut registry).expect("control plane");

@@ -64,6 +64,10 @@ struct TwoNodes {
 /// Sets up web-0 on node-a and api-0 on node-b; `allowed` is the identity api-0's
 /// TrafficTarget lets in.
 async fn two_nodes(allowed: &str, egress: Egress) -> TwoNodes {
+    two_nodes_capped(allowed, egress, DEFAULT_MAX_CONNECTIONS).await
+}
+
+async fn two_nodes_capped(allowed: &str, egress: Egress, cap: usize) -> TwoNodes {
     let ca = TestCa::new("outbound-test-ca");
     let hour = Duration::from_secs(3600);
     let (a_mgr, _) = manager(&TestSigner::new(ca.clone(), hour));
@@ -161,6 +165,7 @@ async fn two_nodes(allowed: &str, egress: Egress) -> TwoNodes {
         pool,
         Arc::new(|addr| Box::pin(TcpStream::connect(addr))),
         egress,
+        cap,
     ));
 
     let capture = TcpListener::bind("127.0.0.1:0").await.expect("bind 15001");
@@ -291,4 +296,27 @@ async fn loopback_pair() -> (TcpStream, TcpStream) {
     let addr = l.local_addr().expect("addr");
     let (c, s) = tokio::join!(TcpStream::connect(addr), l.accept());
     (c.expect("connect"), s.expect("accept").0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_cap_refuses_with_a_clear_error() {
+    let mut nodes = two_nodes_capped(WEB, Egress::Deny, 1).await;
+    // The first connection stays open (the app echoes until we half-close).
+    let mut first = TcpStream::connect(nodes.capture).await.expect("connect");
+    first.write_all(b"ping").await.expect("write");
+    let mut buf = [0u8; 4];
+    tokio::time::timeout(WAIT, first.read_exact(&mut buf))
+        .await
+        .expect("echo in time")
+        .expect("echo");
+    // The second is refused while the first is open.
+    let _second = TcpStream::connect(nodes.capture).await.expect("connect");
+    let e = tokio::time::timeout(WAIT, nodes.results.recv())
+        .await
+        .expect("a result in time")
+        .expect("result")
+        .expect_err("over the cap");
+    assert_eq!(e.kind(), "connection_cap");
+    assert!(e.to_string().contains("(the cap)"), "{e}");
+    drop(first);
 }
