@@ -326,16 +326,7 @@ async fn accept_loop(pod: String, worker: Arc<Worker>, listener: TcpListener, di
 const COPY_BUF: usize = 256 * 1024;
 
 async fn forward(worker: &Worker, mut conn: TcpStream, dst: SocketAddrV4) -> std::io::Result<()> {
-    let fd: OwnedFd = worker
-        .run(|| {
-            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-            s.set_nonblocking(true)?;
-            Ok::<_, std::io::Error>(OwnedFd::from(s))
-        })
-        .await
-        .map_err(std::io::Error::other)??;
-    let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
-    let mut upstream = socket.connect(SocketAddr::V4(dst)).await?;
+    let mut upstream = connect_in(worker, SocketAddr::V4(dst)).await?;
     let _ = conn.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     // Large buffers: with the default 8 KiB a bulk stream costs a syscall pair per 8 KiB.

@@ -181,6 +181,22 @@ impl StateStore {
     }
 }
 
+/// A store that already holds `snapshot` as version (1, 1), for tests of its readers.
+#[cfg(test)]
+pub(crate) fn holding(snapshot: &NodeSnapshot) -> Arc<StateStore> {
+    let store = Arc::new(StateStore::new(&snapshot.node));
+    let (upserts, removals) = convert::diff(None, snapshot);
+    let applied = store.apply(&v1::ConfigUpdate {
+        version: Some(v1::Version { epoch: 1, seq: 1 }),
+        full: true,
+        base: None,
+        upserts,
+        removals,
+    });
+    assert!(applied.is_ok(), "test snapshot refused: {applied:?}");
+    store
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,7 +2,6 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use mesh_api::{convert, v1};
 use mesh_core::model::{TlsMode, Workload};
 use mesh_core::policy::{InboundPolicy, RouteMatch, Rule, TrafficPolicyMode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -102,22 +101,6 @@ fn plaintext_follows_the_tls_mode() {
     assert!(r.reason.contains("unauthenticated"), "{}", r.reason);
 }
 
-/// A store holding `config` as an applied version.
-fn store(config: &NodeSnapshot) -> Arc<StateStore> {
-    let store = Arc::new(StateStore::new("node-b"));
-    let (upserts, removals) = convert::diff(None, config);
-    store
-        .apply(&v1::ConfigUpdate {
-            version: Some(v1::Version { epoch: 1, seq: 1 }),
-            full: true,
-            base: None,
-            upserts,
-            removals,
-        })
-        .expect("applies");
-    store
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tunnels_are_admitted_by_the_identity_the_certificate_proves() {
     let ca = TestCa::new("inbound-test-ca");
@@ -153,7 +136,7 @@ async fn tunnels_are_admitted_by_the_identity_the_certificate_proves() {
     cfg.policies.get_mut(&pod()).expect("policy").rules[0].ports = vec![app_addr.port()];
     let handler = PodInbound {
         pod: pod(),
-        store: store(&cfg),
+        store: crate::state::holding(&cfg),
         dial: Arc::new(|addr| Box::pin(TcpStream::connect(addr))),
     };
     let tls = tls::server_config(api_mgr, id(API)).expect("server TLS");

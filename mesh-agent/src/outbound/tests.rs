@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use mesh_api::{convert, v1};
 use mesh_core::model::{Endpoint, NodeSnapshot, Protocol, Service, ServicePort, TlsMode, Workload};
 use mesh_core::policy::{InboundPolicy, RouteMatch, Rule, TrafficPolicyMode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -36,21 +35,6 @@ fn workload(name: &str, sa: &str, ip: Ipv4Addr, node: &str) -> Workload {
         cgroup: None,
         netns: None,
     }
-}
-
-fn store(node: &str, snapshot: NodeSnapshot) -> Arc<StateStore> {
-    let store = Arc::new(StateStore::new(node));
-    let (upserts, removals) = convert::diff(None, &snapshot);
-    store
-        .apply(&v1::ConfigUpdate {
-            version: Some(v1::Version { epoch: 1, seq: 1 }),
-            full: true,
-            base: None,
-            upserts,
-            removals,
-        })
-        .expect("applies");
-    store
 }
 
 struct TwoNodes {
@@ -140,7 +124,7 @@ async fn two_nodes_capped(allowed: &str, egress: Egress, cap: usize) -> TwoNodes
     // node-b's 15008.
     let inbound = PodInbound {
         pod: api0.name.clone(),
-        store: store("node-b", node_b),
+        store: crate::state::holding(&node_b),
         dial: Arc::new(|addr| Box::pin(TcpStream::connect(addr))),
     };
     let tls = tls::server_config(b_mgr, id(API)).expect("server TLS");
@@ -161,7 +145,7 @@ async fn two_nodes_capped(allowed: &str, egress: Egress, cap: usize) -> TwoNodes
     let pool = HbonePool::with_dialer(a_mgr, PoolConfig::default(), dialer).expect("pool");
     let outbound = Arc::new(PodOutbound::new(
         web0.name.clone(),
-        store("node-a", node_a),
+        crate::state::holding(&node_a),
         pool,
         Arc::new(|addr| Box::pin(TcpStream::connect(addr))),
         egress,
