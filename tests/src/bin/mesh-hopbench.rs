@@ -4,7 +4,10 @@
 //! - `direct`: no mesh (the limit of this topology);
 //! - `iptables`: the agent's proxy behind an iptables REDIRECT rule in the pod's netns;
 //! - `ebpf`: the same proxy with connect4 capture, sk_msg off;
-//! - `ebpf+skmsg`: connect4 capture with the sockmap shortcut on the app <-> proxy hop.
+//! - `ebpf+skmsg`: connect4 capture with the sockmap shortcut on the app <-> proxy hop;
+//! - `mesh`: both namespaces are meshed pods of one agent with a controller: the client's
+//!   connection crosses the veth in an HBONE tunnel (HTTP/2 CONNECT over mTLS) and the
+//!   server pod's proxy admits it by policy (two proxy hops plus TLS).
 //!
 //! Each mode runs `--reps` times in the same process; the report gives the median and the
 //! spread (min..max) of the repetitions, and ratios to `direct`.
@@ -52,7 +55,7 @@ fn main() -> ExitCode {
             bulk: 1 << 30,
         }
     };
-    let results: Vec<ModeResult> = ["direct", "iptables", "ebpf", "ebpf+skmsg"]
+    let results: Vec<ModeResult> = ["direct", "iptables", "ebpf", "ebpf+skmsg", "mesh"]
         .iter()
         .map(|m| run_mode(m, &plan))
         .collect();
@@ -159,8 +162,27 @@ fn run_mode(mode: &str, plan: &Plan) -> ModeResult {
         pod.path.display()
     );
     let tag = mode.replace('+', "-");
+    // The mesh mode's controller and its files live until the mode is measured.
+    let mut mesh_parts = None;
     let _agent = match mode {
         "direct" => None,
+        "mesh" => {
+            let remote_cg = Cgroup::new("srv");
+            let (agent, parts) = start_mesh(&pod_arg, &remote, &remote_cg);
+            mesh_parts = Some((parts, remote_cg));
+            // Wait until the tunnel works (configuration and certificates).
+            let deadline = Instant::now() + std::time::Duration::from_secs(30);
+            while command_in(&self_exe(), &pod_cg, &pod)
+                .args(["client", "rr", &echo, "10"])
+                .output()
+                .map(|o| !o.status.success())
+                .unwrap_or(true)
+            {
+                assert!(Instant::now() < deadline, "the mesh did not come up");
+                thread::sleep(std::time::Duration::from_millis(200));
+            }
+            Some(agent)
+        }
         "iptables" => {
             let agent = Agent::start(&agent_bin(), &instance(&format!("hb{tag}")), &[pod_arg]);
             let mount = mesh_agent::cgroup::v2_mount().expect("cgroup v2");
@@ -200,7 +222,79 @@ fn run_mode(mode: &str, plan: &Plan) -> ModeResult {
         let out = client_run(&pod_cg, &pod, &["bulk", &sink, &plan.bulk.to_string()]);
         r.mbps.push(out.trim().parse().expect("MB/s"));
     }
+    drop(mesh_parts);
     r
+}
+
+/// What the mesh mode keeps alive: the controller (and its runtime) and its directory.
+struct MeshParts {
+    _controller: mesh_controller::app::Controller,
+    _dir: mesh_tests::inprocess::ClusterDir,
+    _files: tempfile::TempDir,
+    _rt: tokio::runtime::Runtime,
+}
+
+/// A controller on a directory describing both pods (client -> server allowed on the echo and
+/// sink ports) and the agent meshing both.
+fn start_mesh(client_arg: &str, remote: &Netns, remote_cg: &Cgroup) -> (Agent, MeshParts) {
+    use mesh_tests::inprocess::{ClusterDir, TOKEN, namespace, pod};
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let dir = ClusterDir::new();
+    dir.write("ns.yaml", &namespace("bench"));
+    dir.write(
+        "pods.yaml",
+        &format!(
+            "{}---\n{}",
+            pod("bench", "client", "node-1", POD_IP, "client", "client", ""),
+            pod(
+                "bench", "server", "node-1", REMOTE_IP, "server", "server", ""
+            )
+        ),
+    );
+    dir.write(
+        "policy.yaml",
+        "apiVersion: access.smi-spec.io/v1alpha3
+kind: TrafficTarget
+metadata: {name: client-to-server, namespace: bench}
+spec:
+  destination: {kind: ServiceAccount, name: server, namespace: bench}
+  rules: [{kind: TCPRoute, name: bench}]
+  sources: [{kind: ServiceAccount, name: client, namespace: bench}]
+---
+apiVersion: specs.smi-spec.io/v1alpha4
+kind: TCPRoute
+metadata: {name: bench, namespace: bench}
+spec: {matches: {ports: [9000, 9001]}}
+",
+    );
+    let controller = rt.block_on(dir.start("127.0.0.1:0".parse().expect("address"), &[]));
+    let files = tempfile::tempdir().expect("tempdir");
+    let (token, ca) = (files.path().join("token"), files.path().join("ca.crt"));
+    std::fs::write(&token, TOKEN).expect("token file");
+    std::fs::write(&ca, &controller.roots_pem).expect("ca file");
+    let args = vec![
+        "--capture=10.77.0.0/24".to_string(),
+        client_arg.to_string(),
+        format!(
+            "--pod=name=bench/server,cgroup={},netns={},ip={REMOTE_IP}",
+            remote_cg.path.display(),
+            remote.path.display()
+        ),
+        format!("--controller=https://{}", controller.grpc_addr),
+        format!("--controller-ca={}", ca.display()),
+        "--node=node-1".into(),
+        format!("--bootstrap-token-file={}", token.display()),
+    ];
+    let agent = Agent::start(&agent_bin(), &instance("hbmesh"), &args);
+    (
+        agent,
+        MeshParts {
+            _controller: controller,
+            _dir: dir,
+            _files: files,
+            _rt: rt,
+        },
+    )
 }
 
 /// Appends a rule for TCP to the mesh subnet to the nat OUTPUT chain of a namespace.
