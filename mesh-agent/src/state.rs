@@ -13,30 +13,7 @@ use mesh_core::model::NodeSnapshot;
 use serde::Serialize;
 use tokio::sync::watch;
 
-/// A configuration version (controller epoch, per-node sequence).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Version {
-    pub epoch: u64,
-    pub seq: u64,
-}
-
-impl From<v1::Version> for Version {
-    fn from(v: v1::Version) -> Self {
-        Version {
-            epoch: v.epoch,
-            seq: v.seq,
-        }
-    }
-}
-
-impl From<Version> for v1::Version {
-    fn from(v: Version) -> Self {
-        v1::Version {
-            epoch: v.epoch,
-            seq: v.seq,
-        }
-    }
-}
+pub use mesh_api::Version;
 
 /// The configuration in force.
 #[derive(Debug, Clone, Serialize)]

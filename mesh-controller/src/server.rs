@@ -54,21 +54,7 @@ impl Default for ServerSettings {
     }
 }
 
-/// A configuration version as the admin endpoint shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Version {
-    pub epoch: u64,
-    pub seq: u64,
-}
-
-impl From<Version> for v1::Version {
-    fn from(v: Version) -> Self {
-        v1::Version {
-            epoch: v.epoch,
-            seq: v.seq,
-        }
-    }
-}
+pub use mesh_api::Version;
 
 /// What the controller knows about one node's configuration.
 #[derive(Debug, Clone, Serialize, Default)]
@@ -321,10 +307,7 @@ impl v1::config_server::Config for ConfigService {
         }
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
-            let resume = sub.last_applied.map(|v| Version {
-                epoch: v.epoch,
-                seq: v.seq,
-            });
+            let resume = sub.last_applied.map(Version::from);
             server.with_node(&node, |s| s.connected = true);
             info!(%node, ?resume, "agent subscribed");
             if let Err(e) = serve_node(&server, &node, resume, &mut inbound, &tx).await {
@@ -363,9 +346,14 @@ async fn serve_node(
     let mut pending: Option<(Version, Arc<NodeSnapshot>)> = None;
     // The last snapshot the agent refused: not sent again until the configuration changes.
     let mut refused: Option<Arc<NodeSnapshot>> = None;
+    // The index generation last compiled: an ACK or NACK alone changes nothing to compile.
+    let mut compiled: Option<u64> = None;
     loop {
-        // Nothing in flight: send what changed since the version the agent holds.
-        if pending.is_none() {
+        // Nothing in flight and the index moved: send what changed since the version the
+        // agent holds.
+        let generation = *changes.borrow_and_update();
+        if pending.is_none() && compiled != Some(generation) {
+            compiled = Some(generation);
             let snap = Arc::new(server.snapshot(node));
             let unchanged = base.as_ref().is_some_and(|(_, b)| **b == *snap)
                 || refused.as_ref().is_some_and(|r| **r == *snap);
@@ -414,7 +402,7 @@ async fn serve_node(
                 let Some((version, snap)) = pending.take() else {
                     return Err(Status::invalid_argument("ACK or NACK with no version in flight"));
                 };
-                let answered = answered.map(|v| Version { epoch: v.epoch, seq: v.seq });
+                let answered = answered.map(Version::from);
                 if answered != Some(version) {
                     return Err(Status::invalid_argument(format!(
                         "answer for {answered:?}, but {version:?} is in flight"
