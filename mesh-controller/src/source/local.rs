@@ -155,7 +155,7 @@ async fn step(
 fn watch(dir: &Path, tx: mpsc::UnboundedSender<()>) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher;
     let handler = move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        if event.is_ok_and(|e| is_change(&e.kind)) {
             let _ = tx.send(());
         }
     };
@@ -171,6 +171,17 @@ fn watch(dir: &Path, tx: mpsc::UnboundedSender<()>) -> Option<notify::Recommende
         return None;
     }
     Some(watcher)
+}
+
+/// Whether an event can change what the directory defines. Opening and reading a file (the
+/// scan itself does) is not a change: reacting to it would rescan forever.
+fn is_change(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    match kind {
+        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) | EventKind::Any => true,
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) | EventKind::Other => false,
+    }
 }
 
 // === Loader ===

@@ -12,7 +12,7 @@
 //! Each mode runs `--reps` times in the same process; the report gives the median and the
 //! spread (min..max) of the repetitions, and ratios to `direct`.
 //!
-//! `mesh-hopbench [--quick] [--json FILE]` (root), run by `cargo xtask bench`.
+//! `mesh-hopbench [--quick] [--modes direct,mesh,...] [--json FILE]` (root), run by `cargo xtask bench`.
 use std::{
     io::{Read, Write},
     net::{Shutdown, TcpListener, TcpStream},
@@ -26,6 +26,7 @@ use mesh_tests::{Agent, Cgroup, Netns, command_in, instance, link, sh};
 
 const POD_IP: &str = "10.77.0.2";
 const REMOTE_IP: &str = "10.77.0.1";
+const MODES: [&str; 5] = ["direct", "iptables", "ebpf", "ebpf+skmsg", "mesh"];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
@@ -55,10 +56,24 @@ fn main() -> ExitCode {
             bulk: 1 << 30,
         }
     };
-    let results: Vec<ModeResult> = ["direct", "iptables", "ebpf", "ebpf+skmsg", "mesh"]
-        .iter()
-        .map(|m| run_mode(m, &plan))
-        .collect();
+    let modes: Vec<&str> = match args.iter().position(|a| a == "--modes") {
+        Some(i) => match args.get(i + 1) {
+            Some(list) => list.split(',').collect(),
+            None => {
+                eprintln!("mesh-hopbench: --modes needs a comma-separated list");
+                return ExitCode::from(64);
+            }
+        },
+        None => MODES.to_vec(),
+    };
+    if let Some(bad) = modes.iter().find(|m| !MODES.contains(m)) {
+        eprintln!(
+            "mesh-hopbench: unknown mode {bad:?} (modes: {})",
+            MODES.join(", ")
+        );
+        return ExitCode::from(64);
+    }
+    let results: Vec<ModeResult> = modes.iter().map(|m| run_mode(m, &plan)).collect();
     print_report(&results, &plan);
     if let Some(path) = json {
         let v: Vec<serde_json::Value> = results.iter().map(ModeResult::json).collect();

@@ -241,3 +241,27 @@ fn polling_alone_sees_a_change() {
     loader.step(&index, false).expect("scan");
     assert_eq!(names(&index), ["two-two"]);
 }
+
+#[tokio::test]
+async fn reading_the_files_is_not_a_change_but_writing_is() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(dir.path(), "ns.yaml", &ns_doc("a"));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let _watcher = watch(dir.path(), tx).expect("inotify watch");
+    // What a scan does: list, stat and read every file. Reacting to that would rescan forever.
+    for _ in 0..3 {
+        let _ = std::fs::read_dir(dir.path()).expect("list").count();
+        let _ = std::fs::read_to_string(dir.path().join("ns.yaml")).expect("read");
+    }
+    let quiet = tokio::time::timeout(std::time::Duration::from_millis(300), rx.recv()).await;
+    assert!(
+        quiet.is_err(),
+        "reading the directory raised a change event"
+    );
+
+    write(dir.path(), "ns.yaml", &ns_doc("b"));
+    tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+        .await
+        .expect("a write raises a change event")
+        .expect("the watcher is alive");
+}
