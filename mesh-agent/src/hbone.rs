@@ -48,6 +48,18 @@ pub const DEFAULT_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 /// Default HTTP/2 receive window of a whole connection.
 pub const DEFAULT_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 
+/// Default largest DATA frame a peer may send (SETTINGS_MAX_FRAME_SIZE). HTTP/2's 16 KiB
+/// default costs a TLS write per 16 KiB; a bulk stream moves in frames as large as one copy
+/// chunk instead (the TLS layer still cuts 16 KiB records, written out together).
+pub const DEFAULT_MAX_FRAME_SIZE: u32 = 256 * 1024;
+
+/// Bytes h2 may hold queued for one stream before the writer waits.
+pub const DEFAULT_MAX_SEND_BUFFER: usize = 1024 * 1024;
+
+/// Read buffer under TLS: rustls reads at most 4 KiB per call, so without it a bulk stream
+/// costs a read syscall per 4 KiB.
+pub(crate) const TLS_READ_BUFFER: usize = 64 * 1024;
+
 /// Default limit of the header list a peer may send.
 pub const DEFAULT_MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 

@@ -28,6 +28,7 @@ use mesh_core::SpiffeId;
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 use serde::Serialize;
+use tokio::io::BufReader;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
@@ -35,8 +36,9 @@ use tokio_rustls::client::TlsStream;
 use tracing::{debug, warn};
 
 use super::{
-    DEFAULT_CONNECTION_WINDOW, DEFAULT_MAX_HEADER_LIST_SIZE, DEFAULT_STREAM_WINDOW, DialError,
-    HboneError, HboneStream, REASON_HEADER, Stats,
+    DEFAULT_CONNECTION_WINDOW, DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_HEADER_LIST_SIZE,
+    DEFAULT_MAX_SEND_BUFFER, DEFAULT_STREAM_WINDOW, DialError, HboneError, HboneStream,
+    REASON_HEADER, Stats, TLS_READ_BUFFER,
 };
 use crate::identity::CertManager;
 use crate::tls::{self, ALPN_H2};
@@ -72,7 +74,8 @@ impl Default for PoolConfig {
     fn default() -> Self {
         PoolConfig {
             max_streams_per_connection: 100,
-            max_connections_per_key: 8,
+            // Enough streams for a pod's whole outbound connection cap to one destination.
+            max_connections_per_key: crate::outbound::DEFAULT_MAX_CONNECTIONS.div_ceil(100),
             stream_window: DEFAULT_STREAM_WINDOW,
             connection_window: DEFAULT_CONNECTION_WINDOW,
             max_header_list_size: DEFAULT_MAX_HEADER_LIST_SIZE,
@@ -462,7 +465,7 @@ async fn establish(
     }
 }
 
-type H2Connection = Connection<TlsStream<TcpStream>, Bytes>;
+type H2Connection = Connection<TlsStream<BufReader<TcpStream>>, Bytes>;
 
 async fn dial(
     inner: &Inner,
@@ -480,7 +483,7 @@ async fn dial(
     // SPIFFE certificates carry no DNS name and SNI is off: the name is not used.
     let name = ServerName::from(key.addr.ip());
     let tls = TlsConnector::from(tls)
-        .connect(name, tcp)
+        .connect(name, BufReader::with_capacity(TLS_READ_BUFFER, tcp))
         .await
         .map_err(DialError::Tls)?;
     if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
@@ -491,6 +494,8 @@ async fn dial(
         .initial_window_size(config.stream_window)
         .initial_connection_window_size(config.connection_window)
         .max_header_list_size(config.max_header_list_size)
+        .max_frame_size(DEFAULT_MAX_FRAME_SIZE)
+        .max_send_buffer_size(DEFAULT_MAX_SEND_BUFFER)
         .enable_push(false)
         .handshake(tls)
         .await

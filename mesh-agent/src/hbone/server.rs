@@ -16,7 +16,7 @@ use h2::server::SendResponse;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use mesh_core::SpiffeId;
 use serde::Serialize;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -28,8 +28,9 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::pool::MAX_WINDOW;
 use super::stream::{RecvHalf, SendHalf, splice};
 use super::{
-    DEFAULT_CONNECTION_WINDOW, DEFAULT_MAX_HEADER_LIST_SIZE, DEFAULT_STREAM_WINDOW, HboneError,
-    REASON_HEADER, Stats, parse_authority,
+    DEFAULT_CONNECTION_WINDOW, DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_HEADER_LIST_SIZE,
+    DEFAULT_MAX_SEND_BUFFER, DEFAULT_STREAM_WINDOW, HboneError, REASON_HEADER, Stats,
+    TLS_READ_BUFFER, parse_authority,
 };
 use crate::tls;
 
@@ -224,10 +225,14 @@ impl<H: ConnectHandler> HboneServer<H> {
         async {
             let _ = tcp.set_nodelay(true);
             let deadline = Instant::now() + self.config.handshake_timeout;
-            let tls = tokio::time::timeout_at(deadline, self.acceptor.accept(tcp))
-                .await
-                .map_err(|_| self.timed_out("TLS handshake"))
-                .and_then(|r| r.map_err(HboneError::Accept));
+            let tls = tokio::time::timeout_at(
+                deadline,
+                self.acceptor
+                    .accept(BufReader::with_capacity(TLS_READ_BUFFER, tcp)),
+            )
+            .await
+            .map_err(|_| self.timed_out("TLS handshake"))
+            .and_then(|r| r.map_err(HboneError::Accept));
             let result = match tls {
                 Ok(tls) => self.serve_until(tls, deadline).await,
                 Err(e) => {
@@ -278,6 +283,8 @@ impl<H: ConnectHandler> HboneServer<H> {
             .initial_connection_window_size(config.connection_window)
             .max_concurrent_streams(config.max_concurrent_streams)
             .max_header_list_size(config.max_header_list_size)
+            .max_frame_size(DEFAULT_MAX_FRAME_SIZE)
+            .max_send_buffer_size(DEFAULT_MAX_SEND_BUFFER)
             .handshake::<_, Bytes>(tls);
         let mut h2 = match tokio::time::timeout_at(deadline, handshake).await {
             Ok(Ok(h2)) => h2,

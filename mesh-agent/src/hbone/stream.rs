@@ -22,7 +22,7 @@ use super::pool::Lease;
 
 /// Most bytes written into the tunnel by one `poll_write`, or read from the application in
 /// one go by the server's copy.
-const CHUNK: usize = 64 * 1024;
+const CHUNK: usize = 256 * 1024;
 
 /// An HTTP/2 error as an I/O error: resets read as a reset connection.
 pub(super) fn h2_to_io(e: h2::Error) -> io::Error {

@@ -14,6 +14,7 @@
 //!
 //! `mesh-hopbench [--quick] [--modes direct,mesh,...] [--json FILE]` (root), run by `cargo xtask bench`.
 use std::{
+    collections::BTreeMap,
     io::{Read, Write},
     net::{Shutdown, TcpListener, TcpStream},
     path::PathBuf,
@@ -22,6 +23,7 @@ use std::{
     time::Instant,
 };
 
+use hdrhistogram::Histogram;
 use mesh_tests::{Agent, Cgroup, Netns, command_in, instance, link, sh};
 
 const POD_IP: &str = "10.77.0.2";
@@ -48,12 +50,18 @@ fn main() -> ExitCode {
             reps: 3,
             rr: 5_000,
             bulk: 256 << 20,
+            fixed_secs: 3,
+            fixed_rate: 1_000,
+            held: 1_000,
         }
     } else {
         Plan {
             reps: 7,
             rr: 20_000,
             bulk: 1 << 30,
+            fixed_secs: 10,
+            fixed_rate: 1_000,
+            held: 1_000,
         }
     };
     let modes: Vec<&str> = match args.iter().position(|a| a == "--modes") {
@@ -81,6 +89,8 @@ fn main() -> ExitCode {
             "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
             "reps": plan.reps, "rr_round_trips": plan.rr, "bulk_bytes": plan.bulk,
+            "fixed_rate_per_s": plan.fixed_rate, "fixed_secs": plan.fixed_secs,
+            "connections_held": plan.held,
             "modes": v,
         });
         if let Err(e) = std::fs::write(
@@ -96,24 +106,49 @@ fn main() -> ExitCode {
 
 struct Plan {
     reps: usize,
+    /// Round trips per closed-loop run.
     rr: usize,
     bulk: u64,
+    /// Seconds of the fixed-rate run.
+    fixed_secs: u64,
+    /// Requests per second of the fixed-rate run.
+    fixed_rate: u64,
+    /// Connections held open while the agent's memory is read.
+    held: usize,
 }
 
+/// One mode's figures: every measurement's value per repetition (once for memory).
 struct ModeResult {
     mode: String,
-    /// Per repetition: median and p99 round trip (µs), throughput (MB/s).
-    p50_us: Vec<f64>,
-    p99_us: Vec<f64>,
-    mbps: Vec<f64>,
+    values: BTreeMap<&'static str, Vec<f64>>,
 }
 
+/// Measurements, in report order: key, heading, decimals.
+const COLUMNS: [(&str, &str, usize); 10] = [
+    ("rr1_p50_us", "1 B RR p50 µs", 1),
+    ("rr1_p99_us", "1 B RR p99 µs", 1),
+    ("rr1k_per_s", "1 KB RR max req/s", 0),
+    ("rr1k_mean_us", "1 KB RR mean µs", 1),
+    ("fixed_p50_us", "1 KB @rate p50 µs", 1),
+    ("fixed_p99_us", "1 KB @rate p99 µs", 1),
+    ("fixed_p999_us", "1 KB @rate p99.9 µs", 1),
+    ("bulk_mb_per_s", "bulk MB/s", 0),
+    ("rss_idle_mib", "agent RSS idle MiB", 1),
+    ("rss_held_mib", "agent RSS held MiB", 1),
+];
+
 impl ModeResult {
+    fn push(&mut self, key: &'static str, v: f64) {
+        self.values.entry(key).or_default().push(v);
+    }
+
     fn json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "mode": self.mode, "rr_p50_us": self.p50_us, "rr_p99_us": self.p99_us,
-            "bulk_mb_per_s": self.mbps,
-        })
+        let mut m = serde_json::Map::new();
+        m.insert("mode".into(), self.mode.clone().into());
+        for (k, v) in &self.values {
+            m.insert((*k).into(), v.clone().into());
+        }
+        m.into()
     }
 }
 
@@ -129,30 +164,52 @@ fn spread(v: &[f64]) -> (f64, f64) {
     (min, max)
 }
 
+/// One table per measurement: each mode's median (min..max) and its ratio to the first mode.
 fn print_report(results: &[ModeResult], plan: &Plan) {
-    let base_p50 = median(&results[0].p50_us);
-    let base_mbps = median(&results[0].mbps);
-    println!(
-        "\n| mode | RR p50 µs (min..max) | RR p99 µs | p50 vs direct | bulk MB/s (min..max) | bulk vs direct |"
-    );
-    println!("|---|---|---|---|---|---|");
-    for r in results {
-        let (p50, (p50lo, p50hi)) = (median(&r.p50_us), spread(&r.p50_us));
-        let (mbps, (mlo, mhi)) = (median(&r.mbps), spread(&r.mbps));
-        println!(
-            "| {} | {p50:.1} ({p50lo:.1}..{p50hi:.1}) | {:.1} | {:.2}x | {mbps:.0} ({mlo:.0}..{mhi:.0}) | {:.2}x |",
-            r.mode,
-            median(&r.p99_us),
-            p50 / base_p50,
-            mbps / base_mbps
-        );
+    for (key, heading, decimals) in COLUMNS {
+        let base = results[0].values.get(key).map(|v| median(v));
+        println!("\n| mode | {heading} (min..max) | vs {} |", results[0].mode);
+        println!("|---|---|---|");
+        for r in results {
+            let Some(v) = r.values.get(key) else {
+                println!("| {} | - | - |", r.mode);
+                continue;
+            };
+            let (m, (lo, hi)) = (median(v), spread(v));
+            let ratio = match base {
+                Some(b) if b > 0.0 => format!("{:.2}x", m / b),
+                _ => "-".into(),
+            };
+            println!(
+                "| {} | {m:.decimals$} ({lo:.decimals$}..{hi:.decimals$}) | {ratio} |",
+                r.mode
+            );
+        }
     }
     println!(
-        "\n{} repetitions; {} 1-byte round trips each; {} MiB bulk each; median (min..max).",
+        "\n{} repetitions; {} round trips per closed-loop run; 1 KB at {}/s for {} s \
+         (latency from the intended send time); {} MiB bulk; memory with {} connections held.",
         plan.reps,
         plan.rr,
-        plan.bulk >> 20
+        plan.fixed_rate,
+        plan.fixed_secs,
+        plan.bulk >> 20,
+        plan.held
     );
+}
+
+/// Resident memory of a process, MiB.
+fn rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
 }
 
 fn self_exe() -> PathBuf {
@@ -188,7 +245,7 @@ fn run_mode(mode: &str, plan: &Plan) -> ModeResult {
             // Wait until the tunnel works (configuration and certificates).
             let deadline = Instant::now() + std::time::Duration::from_secs(30);
             while command_in(&self_exe(), &pod_cg, &pod)
-                .args(["client", "rr", &echo, "10"])
+                .args(["client", "rr", &echo, "1", "10"])
                 .output()
                 .map(|o| !o.status.success())
                 .unwrap_or(true)
@@ -223,19 +280,39 @@ fn run_mode(mode: &str, plan: &Plan) -> ModeResult {
     };
     let mut r = ModeResult {
         mode: mode.into(),
-        p50_us: vec![],
-        p99_us: vec![],
-        mbps: vec![],
+        values: BTreeMap::new(),
     };
+    let agent_pid = _agent
+        .as_ref()
+        .and_then(|a| a.child.as_ref())
+        .map(|c| c.id());
+    if let Some(mib) = agent_pid.and_then(rss_mib) {
+        r.push("rss_idle_mib", mib);
+    }
+    let (rr, bulk) = (plan.rr.to_string(), plan.bulk.to_string());
+    let (rate, secs) = (plan.fixed_rate.to_string(), plan.fixed_secs.to_string());
     for _ in 0..plan.reps {
-        let out = client_run(&pod_cg, &pod, &["rr", &echo, &plan.rr.to_string()]);
-        let mut it = out
-            .split_whitespace()
-            .map(|x| x.parse::<f64>().expect("number"));
-        r.p50_us.push(it.next().expect("p50"));
-        r.p99_us.push(it.next().expect("p99"));
-        let out = client_run(&pod_cg, &pod, &["bulk", &sink, &plan.bulk.to_string()]);
-        r.mbps.push(out.trim().parse().expect("MB/s"));
+        let out = client_run(&pod_cg, &pod, &["rr", &echo, "1", &rr]);
+        let v = numbers(&out);
+        r.push("rr1_p50_us", v[0]);
+        r.push("rr1_p99_us", v[1]);
+        let out = client_run(&pod_cg, &pod, &["rr", &echo, "1024", &rr]);
+        let v = numbers(&out);
+        r.push("rr1k_per_s", v[3]);
+        r.push("rr1k_mean_us", v[2]);
+        let out = client_run(&pod_cg, &pod, &["fixed", &echo, "1024", &rate, &secs]);
+        let v = numbers(&out);
+        r.push("fixed_p50_us", v[0]);
+        r.push("fixed_p99_us", v[1]);
+        r.push("fixed_p999_us", v[2]);
+        let out = client_run(&pod_cg, &pod, &["bulk", &sink, &bulk]);
+        r.push("bulk_mb_per_s", numbers(&out)[0]);
+    }
+    if let Some(pid) = agent_pid {
+        let mib = while_held(&pod_cg, &pod, &echo, plan.held, || rss_mib(pid));
+        if let Some(mib) = mib {
+            r.push("rss_held_mib", mib);
+        }
     }
     drop(mesh_parts);
     r
@@ -377,20 +454,54 @@ fn serve(ns: &Netns, addr: &str, echo: bool) -> String {
     a
 }
 
-/// The client side, inside the pod: prints "p50_us p99_us" or "MB/s".
+fn numbers(out: &str) -> Vec<f64> {
+    out.split_whitespace()
+        .map(|x| x.parse::<f64>().expect("number"))
+        .collect()
+}
+
+/// Runs `measure` while a client in the pod holds `n` connections to `addr` open (each has
+/// carried one round trip).
+fn while_held<T>(cg: &Cgroup, ns: &Netns, addr: &str, n: usize, measure: impl FnOnce() -> T) -> T {
+    let mut child = command_in(&self_exe(), cg, ns)
+        .args(["client", "hold", addr, &n.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run bench client");
+    let mut line = String::new();
+    // Kept open until the client exits: it prints a last line.
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    std::io::BufRead::read_line(&mut out, &mut line).expect("read the client");
+    assert_eq!(
+        line.trim(),
+        "held",
+        "the client could not hold {n} connections"
+    );
+    let v = measure();
+    drop(child.stdin.take());
+    let status = child.wait().expect("wait for the client");
+    assert!(status.success(), "hold client failed");
+    v
+}
+
+/// The client side, inside the pod. `rr ADDR SIZE N`: closed-loop round trips of SIZE bytes,
+/// prints "p50_us p99_us mean_us per_s"; `fixed ADDR SIZE RATE SECS`: round trips started at
+/// a fixed rate, latency from the intended send time (so a stall counts for every request it
+/// delayed), prints "p50_us p99_us p999_us"; `bulk ADDR BYTES`: prints MB/s; `hold ADDR N`:
+/// opens N connections, prints "held", keeps them until stdin closes.
 fn client(args: &[String]) -> ExitCode {
-    let (Some(kind), Some(addr), Some(n)) = (
-        args.first().map(String::as_str),
-        args.get(1),
-        args.get(2).and_then(|n| n.parse::<u64>().ok()),
-    ) else {
-        eprintln!("usage: mesh-hopbench client rr|bulk ADDR N");
+    let arg = |i: usize| args.get(i).and_then(|n| n.parse::<u64>().ok());
+    let (Some(kind), Some(addr)) = (args.first().map(String::as_str), args.get(1)) else {
+        eprintln!("usage: mesh-hopbench client rr|fixed|bulk|hold ADDR ...");
         return ExitCode::from(64);
     };
-    let result = match kind {
-        "rr" => rr(addr, n as usize),
-        "bulk" => bulk(addr, n),
-        _ => Err(std::io::Error::other("unknown client mode")),
+    let result = match (kind, arg(2), arg(3), arg(4)) {
+        ("rr", Some(size), Some(n), _) => rr(addr, size as usize, n as usize),
+        ("fixed", Some(size), Some(rate), Some(secs)) => fixed(addr, size as usize, rate, secs),
+        ("bulk", Some(n), _, _) => bulk(addr, n),
+        ("hold", Some(n), _, _) => hold(addr, n as usize),
+        _ => Err(std::io::Error::other("bad client arguments")),
     };
     match result {
         Ok(line) => {
@@ -418,24 +529,64 @@ fn read_exact_retry(s: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-fn rr(addr: &str, n: usize) -> std::io::Result<String> {
+fn histogram() -> std::io::Result<Histogram<u64>> {
+    // 1 µs to 60 s, 3 significant digits.
+    Histogram::new_with_bounds(1, 60_000_000, 3).map_err(std::io::Error::other)
+}
+
+fn round_trip(s: &mut TcpStream, req: &[u8], resp: &mut [u8]) -> std::io::Result<()> {
+    s.write_all(req)?;
+    read_exact_retry(s, resp)
+}
+
+fn rr(addr: &str, size: usize, n: usize) -> std::io::Result<String> {
     let mut s = TcpStream::connect(addr)?;
     s.set_nodelay(true)?;
-    let mut b = [1u8; 1];
+    let (req, mut resp) = (vec![1u8; size], vec![0u8; size]);
     for _ in 0..n / 10 {
-        s.write_all(&b)?;
-        read_exact_retry(&mut s, &mut b)?;
+        round_trip(&mut s, &req, &mut resp)?;
     }
-    let mut lat = Vec::with_capacity(n);
+    let mut h = histogram()?;
+    let start = Instant::now();
     for _ in 0..n {
         let t = Instant::now();
-        s.write_all(&b)?;
-        read_exact_retry(&mut s, &mut b)?;
-        lat.push(t.elapsed().as_nanos() as f64 / 1000.0);
+        round_trip(&mut s, &req, &mut resp)?;
+        h.saturating_record(t.elapsed().as_micros() as u64);
     }
-    lat.sort_by(f64::total_cmp);
-    let p = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)];
-    Ok(format!("{:.2} {:.2}", p(0.5), p(0.99)))
+    let secs = start.elapsed().as_secs_f64();
+    Ok(format!(
+        "{} {} {:.2} {:.1}",
+        h.value_at_quantile(0.5),
+        h.value_at_quantile(0.99),
+        secs * 1e6 / n as f64,
+        n as f64 / secs
+    ))
+}
+
+fn fixed(addr: &str, size: usize, rate: u64, secs: u64) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    let (req, mut resp) = (vec![1u8; size], vec![0u8; size]);
+    for _ in 0..rate.min(1000) {
+        round_trip(&mut s, &req, &mut resp)?;
+    }
+    let mut h = histogram()?;
+    let interval = std::time::Duration::from_nanos(1_000_000_000 / rate.max(1));
+    let start = Instant::now();
+    for i in 0..rate * secs {
+        let intended = start + interval * i as u32;
+        if let Some(wait) = intended.checked_duration_since(Instant::now()) {
+            thread::sleep(wait);
+        }
+        round_trip(&mut s, &req, &mut resp)?;
+        h.saturating_record(intended.elapsed().as_micros() as u64);
+    }
+    Ok(format!(
+        "{} {} {}",
+        h.value_at_quantile(0.5),
+        h.value_at_quantile(0.99),
+        h.value_at_quantile(0.999)
+    ))
 }
 
 fn bulk(addr: &str, n: u64) -> std::io::Result<String> {
@@ -453,4 +604,21 @@ fn bulk(addr: &str, n: u64) -> std::io::Result<String> {
     read_exact_retry(&mut s, &mut k)?;
     let secs = t.elapsed().as_secs_f64();
     Ok(format!("{:.1}", n as f64 / secs / 1e6))
+}
+
+fn hold(addr: &str, n: usize) -> std::io::Result<String> {
+    let mut held = Vec::with_capacity(n);
+    let mut b = [1u8; 1];
+    for _ in 0..n {
+        let mut s = TcpStream::connect(addr)?;
+        s.write_all(&b)?;
+        read_exact_retry(&mut s, &mut b)?;
+        held.push(s);
+    }
+    println!("held");
+    std::io::stdout().flush()?;
+    // Until the parent closes stdin.
+    let _ = std::io::stdin().read(&mut [0u8; 1])?;
+    drop(held);
+    Ok(String::new())
 }
