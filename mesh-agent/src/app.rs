@@ -1,9 +1,16 @@
 //! Composition root: wires the datapath, the pods and the proxy for `mesh-agent run`.
-use std::{collections::HashMap, io::Write as _, path::PathBuf};
+use std::{collections::HashMap, io::Write as _, path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
 
-use crate::{cgroup, config::Config, ebpf::Datapath, netns, proxy};
+use crate::{
+    admin::{self, AdminState},
+    cgroup,
+    config::Config,
+    ebpf::Datapath,
+    netns, proxy,
+    telemetry::Telemetry,
+};
 
 /// The cgroup the agent runs in. Its own sockets must never be captured, and the programs that
 /// act on the proxy's sockets attach there, so it is never the v2 root.
@@ -19,7 +26,8 @@ pub fn agent_cgroup(cfg: &Config, mount: &std::path::Path) -> anyhow::Result<Pat
     }
 }
 
-/// Runs the agent until SIGINT or SIGTERM.
+/// Runs the agent until SIGINT or SIGTERM, then drains: the proxy takes no new connection
+/// and open ones get the grace period to finish.
 pub fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "starting");
     let missing: Vec<String> = crate::features::check(false)
@@ -49,6 +57,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         .context("start the runtime")?;
     rt.block_on(async {
         let mut registry = prometheus_client::registry::Registry::default();
+        let telemetry = Telemetry::new(&mut registry);
         let control = cfg
             .controller
             .as_ref()
@@ -63,6 +72,14 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 certs: c.certs.clone(),
                 egress: settings.egress,
             });
+        let admin = Arc::new(AdminState::new(
+            cfg.clone(),
+            control.as_ref().map(|c| c.store.clone()),
+            control.as_ref().map(|c| c.certs.clone()),
+            telemetry.clone(),
+            registry,
+        ));
+        let endpoints = admin::start(&cfg.admin, &admin).await?;
         let mut proxies = HashMap::new();
         for pod in &cfg.pods {
             let sockets = datapath
@@ -71,12 +88,13 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             let ns = netns::open(&pod.netns)?;
             let worker = netns::Worker::spawn(&ns, &pod.netns)?;
             let p = proxy::start(
-                pod.name.clone(),
+                &pod.name,
                 pod.ip,
-                worker,
-                sockets.outbound,
-                sockets.inbound,
+                proxy::PodNet::in_netns(worker),
+                sockets,
                 mesh.clone(),
+                telemetry.clone(),
+                &cfg.proxy,
             )?;
             proxies.insert(pod.name.clone(), p);
             tracing::info!(pod = %pod.name, ip = %pod.ip, "enrolled");
@@ -91,7 +109,18 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             _ = term.recv() => {}
         }
         tracing::info!("shutting down");
+        admin.set_draining();
+        let drained = proxy::drain(proxies.values(), &telemetry, cfg.proxy.drain_grace).await;
+        tracing::info!(
+            open = drained.open,
+            cut = drained.cut,
+            elapsed = ?drained.elapsed,
+            "drained"
+        );
         drop(proxies);
+        for task in endpoints {
+            task.abort();
+        }
         if cfg.unenroll_on_exit {
             for pod in &cfg.pods {
                 if let Err(e) = datapath.unenroll(pod) {

@@ -1,12 +1,18 @@
 //! The `mesh-agent` command line: `run` and the node debugging commands.
-use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use mesh_common::FlowVerdict;
 
 use crate::{
     config::{
-        BPFFS_ROOT, Cidr, Config, ControllerSettings, CredentialSource, DatapathConfig, PodSpec,
+        AdminConfig, BPFFS_ROOT, Cidr, Config, ConfigError, ControllerSettings, CredentialSource,
+        DEFAULT_ADMIN, DEFAULT_METRICS, DatapathConfig, Listen, PodSpec, ProxyConfig,
     },
     ebpf, features,
 };
@@ -100,34 +106,114 @@ impl ControllerArgs {
     }
 }
 
+/// `--metrics`: an address or `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct MetricsListen(Option<SocketAddr>);
+
+fn metrics_listen(s: &str) -> Result<MetricsListen, ConfigError> {
+    crate::config::parse_optional_listen(s).map(MetricsListen)
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// Admin endpoint: /healthz, /metrics, /debug/conns, /debug/config, /debug/certs. Keep it
+    /// on localhost. [default: 127.0.0.1:15000]
+    #[arg(long, value_name = "IP:PORT")]
+    admin: Option<SocketAddr>,
+    /// Prometheus endpoint (/metrics only), or `off`. [default: 0.0.0.0:15020]
+    #[arg(long, value_name = "IP:PORT|off", value_parser = metrics_listen)]
+    metrics: Option<MetricsListen>,
+    /// Close a proxied connection that carried no byte either way for this long.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = crate::config::parse_duration)]
+    idle_timeout: Duration,
+    /// On SIGTERM, how long open connections get to finish before they are cut.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = crate::config::parse_duration)]
+    drain_grace: Duration,
+}
+
+impl ServeArgs {
+    fn admin(&self) -> AdminConfig {
+        let listen = |given: Option<SocketAddr>, default| match given {
+            Some(addr) => Listen {
+                addr,
+                explicit: true,
+            },
+            None => Listen {
+                addr: default,
+                explicit: false,
+            },
+        };
+        AdminConfig {
+            admin: listen(self.admin, DEFAULT_ADMIN),
+            metrics: match self.metrics {
+                None => Some(listen(None, DEFAULT_METRICS)),
+                Some(MetricsListen(given)) => given.map(|a| listen(Some(a), DEFAULT_METRICS)),
+            },
+        }
+    }
+
+    fn proxy(&self) -> ProxyConfig {
+        ProxyConfig {
+            idle_timeout: self.idle_timeout,
+            drain_grace: self.drain_grace,
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    instance: InstanceArgs,
+    /// A pod to enroll: name=NS/POD,cgroup=PATH,netns=PATH,ip=A.B.C.D[,iface=eth0]
+    /// [,inbound=PORT+PORT][,mode=strict|permissive]. Repeatable.
+    #[arg(long = "pod")]
+    pods: Vec<PodSpec>,
+    /// Destination prefix the mesh captures (pod CIDRs, service VIPs). Repeatable.
+    #[arg(long = "capture")]
+    capture: Vec<Cidr>,
+    /// Destination port never captured (15008 never is). Repeatable.
+    #[arg(long = "exclude-port")]
+    excluded_ports: Vec<u16>,
+    /// Turn off sk_msg acceleration of the app <-> proxy hop.
+    #[arg(long)]
+    no_skmsg: bool,
+    /// cgroup v2 directory the agent moves itself into.
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// Unenroll every pod on SIGTERM (by default capture survives agent restarts).
+    #[arg(long)]
+    unenroll_on_exit: bool,
+    #[command(flatten)]
+    serve: ServeArgs,
+    #[command(flatten)]
+    controller: ControllerArgs,
+}
+
+impl RunArgs {
+    /// Constructs and validates the configuration.
+    fn config(self) -> Result<Config, Failure> {
+        let mut datapath = self.instance.datapath().map_err(usage)?;
+        datapath.capture = self.capture;
+        datapath.excluded_ports = self.excluded_ports;
+        datapath.skmsg = !self.no_skmsg;
+        let cfg = Config {
+            datapath,
+            controller: self.controller.settings()?,
+            cgroup: self.cgroup,
+            pods: self.pods,
+            unenroll_on_exit: self.unenroll_on_exit,
+            proxy: self.serve.proxy(),
+            admin: self.serve.admin(),
+        };
+        cfg.validate().map_err(usage)?;
+        Ok(cfg)
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Load the datapath, enroll pods and run the proxy until SIGTERM.
-    Run {
-        #[command(flatten)]
-        instance: InstanceArgs,
-        /// A pod to enroll: name=NS/POD,cgroup=PATH,netns=PATH,ip=A.B.C.D[,iface=eth0]
-        /// [,inbound=PORT+PORT][,mode=strict|permissive]. Repeatable.
-        #[arg(long = "pod")]
-        pods: Vec<PodSpec>,
-        /// Destination prefix the mesh captures (pod CIDRs, service VIPs). Repeatable.
-        #[arg(long = "capture")]
-        capture: Vec<Cidr>,
-        /// Destination port never captured (15008 never is). Repeatable.
-        #[arg(long = "exclude-port")]
-        excluded_ports: Vec<u16>,
-        /// Turn off sk_msg acceleration of the app <-> proxy hop.
-        #[arg(long)]
-        no_skmsg: bool,
-        /// cgroup v2 directory the agent moves itself into.
-        #[arg(long)]
-        cgroup: Option<PathBuf>,
-        /// Unenroll every pod on SIGTERM (by default capture survives agent restarts).
-        #[arg(long)]
-        unenroll_on_exit: bool,
-        #[command(flatten)]
-        controller: Box<ControllerArgs>,
-    },
+    Run(Box<RunArgs>),
     /// Check the kernel for everything the datapath needs.
     Doctor {
         /// Skip loading the programs into the kernel.
@@ -216,29 +302,8 @@ fn usage(e: impl std::fmt::Display) -> Failure {
 
 fn dispatch(command: Command) -> Result<ExitCode, Failure> {
     match command {
-        Command::Run {
-            instance,
-            pods,
-            capture,
-            excluded_ports,
-            no_skmsg,
-            cgroup,
-            unenroll_on_exit,
-            controller,
-        } => {
-            let mut datapath = instance.datapath().map_err(usage)?;
-            datapath.capture = capture;
-            datapath.excluded_ports = excluded_ports;
-            datapath.skmsg = !no_skmsg;
-            let cfg = Config {
-                datapath,
-                controller: controller.settings()?,
-                cgroup,
-                pods,
-                unenroll_on_exit,
-            };
-            cfg.validate().map_err(usage)?;
-            crate::app::run(cfg)?;
+        Command::Run(args) => {
+            crate::app::run(args.config()?)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Doctor { no_load, output } => {
@@ -300,6 +365,68 @@ fn dispatch(command: Command) -> Result<ExitCode, Failure> {
         Command::Clean { instance } => {
             ebpf::remove_instance(&instance.datapath().map_err(usage)?.pin_dir())?;
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> Result<Config, String> {
+        let argv = ["mesh-agent", "run"].iter().chain(args);
+        let cli = Cli::try_parse_from(argv).map_err(|e| {
+            assert!(e.use_stderr(), "a usage error, exit status 64: {e}");
+            e.to_string()
+        })?;
+        let Command::Run(args) = cli.command else {
+            unreachable!("parsed `run`")
+        };
+        args.config().map_err(|f| match f {
+            Failure::Usage(msg) => msg,
+            Failure::Runtime(e) => panic!("not a usage error: {e}"),
+        })
+    }
+
+    #[test]
+    fn serving_flags_have_defaults_that_may_be_taken_elsewhere() {
+        let cfg = run(&[]).expect("defaults");
+        assert_eq!(cfg.admin, AdminConfig::default());
+        assert!(
+            !cfg.admin.admin.explicit,
+            "a busy default port is not fatal"
+        );
+        assert_eq!(cfg.proxy, ProxyConfig::default());
+
+        let cfg = run(&[
+            "--admin=127.0.0.1:9901",
+            "--metrics=off",
+            "--idle-timeout=90s",
+            "--drain-grace=0s",
+        ])
+        .expect("flags");
+        assert_eq!(
+            cfg.admin.admin,
+            Listen {
+                addr: "127.0.0.1:9901".parse().expect("addr"),
+                explicit: true
+            }
+        );
+        assert_eq!(cfg.admin.metrics, None);
+        assert_eq!(cfg.proxy.idle_timeout, Duration::from_secs(90));
+        assert_eq!(cfg.proxy.drain_grace, Duration::ZERO);
+    }
+
+    #[test]
+    fn bad_serving_flags_are_usage_errors() {
+        for (flag, want) in [
+            ("--admin=localhost", "--admin"),
+            ("--metrics=15020", "IP:PORT"),
+            ("--idle-timeout=soon", "30s"),
+            ("--idle-timeout=0s", "longer than 0s"),
+        ] {
+            let e = run(&[flag]).expect_err(flag);
+            assert!(e.contains(want), "{flag}: {e}");
         }
     }
 }

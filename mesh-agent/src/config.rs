@@ -1,5 +1,11 @@
 //! The agent's configuration: read from flags, constructed as plain values, validated.
-use std::{fmt, net::Ipv4Addr, path::PathBuf, str::FromStr};
+use std::{
+    fmt,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::PathBuf,
+    str::FromStr,
+    time::Duration,
+};
 
 use serde::Serialize;
 
@@ -20,6 +26,12 @@ pub enum ConfigError {
     DuplicateName(String),
     #[error("{0}")]
     Controller(String),
+    #[error("duration {value:?}: {reason} (write it like 30s, 5m or 1h)")]
+    Duration { value: String, reason: String },
+    #[error("listen address {0:?}: expected IP:PORT (like 127.0.0.1:15000) or off")]
+    Listen(String),
+    #[error("{flag}: {reason}")]
+    Flag { flag: &'static str, reason: String },
 }
 
 impl ConfigError {
@@ -31,6 +43,9 @@ impl ConfigError {
             ConfigError::DuplicateIp(_) => "duplicate_ip",
             ConfigError::DuplicateName(_) => "duplicate_name",
             ConfigError::Controller(_) => "controller",
+            ConfigError::Duration { .. } => "duration",
+            ConfigError::Listen(_) => "listen",
+            ConfigError::Flag { .. } => "flag",
         }
     }
 }
@@ -262,6 +277,103 @@ pub fn validate_pods(pods: &[PodSpec]) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Default admin endpoint: localhost only.
+pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15000));
+/// Default Prometheus endpoint.
+pub const DEFAULT_METRICS: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 15020));
+/// Default time a connection may carry nothing before the proxy closes it.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Default time open connections get to finish on shutdown.
+pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(30);
+
+/// A duration as on the command line: `30s`, `5m`, `1h`, `1h 30m`, `200ms`.
+pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(s).map_err(|e| ConfigError::Duration {
+        value: s.into(),
+        reason: e.to_string(),
+    })
+}
+
+/// `IP:PORT`, or `off` for no listener.
+pub fn parse_optional_listen(s: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|_| ConfigError::Listen(s.into()))
+}
+
+fn as_text<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_duration(*d))
+}
+
+/// An address the agent serves on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Listen {
+    pub addr: SocketAddr,
+    /// Given on the command line: failing to bind it stops the agent. A default that cannot
+    /// be bound (another agent on the node holds it) is logged and skipped.
+    pub explicit: bool,
+}
+
+/// The agent's own HTTP endpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AdminConfig {
+    /// Health, metrics and the debug pages (`/debug/conns`, `/debug/config`, `/debug/certs`).
+    pub admin: Listen,
+    /// `/metrics` only, for Prometheus; `None` when off.
+    pub metrics: Option<Listen>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            admin: Listen {
+                addr: DEFAULT_ADMIN,
+                explicit: false,
+            },
+            metrics: Some(Listen {
+                addr: DEFAULT_METRICS,
+                explicit: false,
+            }),
+        }
+    }
+}
+
+/// The proxy's connection handling.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProxyConfig {
+    /// A connection that carries no byte either way for this long is closed.
+    #[serde(serialize_with = "as_text")]
+    pub idle_timeout: Duration,
+    /// On SIGTERM, how long open connections get to finish before they are cut.
+    #[serde(serialize_with = "as_text")]
+    pub drain_grace: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            drain_grace: DEFAULT_DRAIN_GRACE,
+        }
+    }
+}
+
+impl ProxyConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.idle_timeout.is_zero() {
+            return Err(ConfigError::Flag {
+                flag: "--idle-timeout",
+                reason: "must be longer than 0s".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// The whole agent configuration for `mesh-agent run`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
@@ -275,6 +387,8 @@ pub struct Config {
     pub pods: Vec<PodSpec>,
     /// Unenroll every pod on a clean shutdown (otherwise capture survives restarts).
     pub unenroll_on_exit: bool,
+    pub proxy: ProxyConfig,
+    pub admin: AdminConfig,
 }
 
 /// How the agent proves its node to the controller at bootstrap.
@@ -325,6 +439,7 @@ impl Config {
         if let Some(c) = &self.controller {
             c.validate()?;
         }
+        self.proxy.validate()?;
         validate_pods(&self.pods)
     }
 }
@@ -401,6 +516,34 @@ mod tests {
         for bad in ["", "Node", "a/b", "a.b", &"x".repeat(33)] {
             assert!(validate_instance(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn durations_and_listen_addresses_parse_like_the_flags_say() {
+        assert_eq!(parse_duration("1h").expect("1h"), Duration::from_secs(3600));
+        assert_eq!(
+            parse_duration("200ms").expect("200ms"),
+            Duration::from_millis(200)
+        );
+        let e = parse_duration("soon").expect_err("not a duration");
+        assert_eq!(e.kind(), "duration");
+        assert!(e.to_string().contains("30s"), "{e}");
+
+        assert_eq!(parse_optional_listen("off").expect("off"), None);
+        assert_eq!(
+            parse_optional_listen("127.0.0.1:9").expect("addr"),
+            Some(SocketAddr::from(([127, 0, 0, 1], 9)))
+        );
+        let e = parse_optional_listen("localhost").expect_err("no port");
+        assert_eq!(e.kind(), "listen");
+
+        let zero = ProxyConfig {
+            idle_timeout: Duration::ZERO,
+            ..ProxyConfig::default()
+        };
+        assert!(zero.validate().is_err(), "a zero idle timeout is refused");
+        let text = serde_json::to_string(&ProxyConfig::default()).expect("json");
+        assert!(text.contains(r#""idle_timeout":"1h""#), "{text}");
     }
 
     #[test]

@@ -6,18 +6,25 @@
 //! configuration in force; this module adds what only the node knows: the CONNECT target must
 //! be one of this pod's own addresses, and a pod the configuration does not (yet) know is
 //! refused rather than let through.
+//!
+//! Both count their connections in [`Telemetry`] as `reporter="destination"`; refusals count
+//! as denied with the [`Rejection`]'s kind.
 
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
+use std::time::Duration;
 
 use mesh_core::SpiffeId;
 use mesh_core::model::{NamespacedName, NodeSnapshot};
 use mesh_core::policy::{Conn, authorize};
 use tokio::net::TcpStream;
-use tracing::info;
 
 use crate::hbone::{ConnectHandler, Refusal};
+use crate::proxy::{RelayError, relay};
 use crate::state::StateStore;
+use crate::telemetry::{
+    ConnMeta, MeshPath, Metered, Peer, Reporter, ResponseFlag, Side, Telemetry,
+};
 
 /// HTTP status for a policy refusal.
 pub const DENIED: u16 = 403;
@@ -26,6 +33,35 @@ pub const UNAVAILABLE: u16 = 503;
 /// HTTP status for a CONNECT to an address that is not this pod's.
 pub const MISDIRECTED: u16 = 421;
 
+/// Why an inbound connection is refused: the HTTP status an HBONE caller gets, a stable
+/// `kind` for metrics, and the reason in words.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct Rejection {
+    pub status: u16,
+    /// `not_ipv4`, `unknown_pod`, `misdirected`, `no_policy`, or the policy's own kind
+    /// (`plaintext_strict`, `unauthenticated`, `no_traffic_target`, `port_not_covered`,
+    /// `no_http_match`).
+    pub kind: &'static str,
+    pub reason: String,
+}
+
+impl Rejection {
+    fn new(status: u16, kind: &'static str, reason: impl Into<String>) -> Rejection {
+        Rejection {
+            status,
+            kind,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<Rejection> for Refusal {
+    fn from(r: Rejection) -> Refusal {
+        Refusal::new(r.status, r.reason)
+    }
+}
+
 /// Decides an HBONE CONNECT from `peer` to `authority` for `pod`. On success, the address of
 /// the application to connect to.
 pub fn admit_hbone(
@@ -33,26 +69,31 @@ pub fn admit_hbone(
     pod: &NamespacedName,
     peer: &SpiffeId,
     authority: SocketAddr,
-) -> Result<SocketAddrV4, Refusal> {
+) -> Result<SocketAddrV4, Rejection> {
     let SocketAddr::V4(target) = authority else {
-        return Err(Refusal::new(MISDIRECTED, "IPv4 destinations only"));
+        return Err(Rejection::new(
+            MISDIRECTED,
+            "not_ipv4",
+            "IPv4 destinations only",
+        ));
     };
     let workload = config.workloads.get(pod).ok_or_else(|| {
-        Refusal::new(
+        Rejection::new(
             UNAVAILABLE,
+            "unknown_pod",
             format!("{pod} is not a meshed pod on this node"),
         )
     })?;
     if !workload.ips.contains(target.ip()) {
-        return Err(Refusal::new(
+        return Err(Rejection::new(
             MISDIRECTED,
+            "misdirected",
             format!("{} is not an address of {pod}", target.ip()),
         ));
     }
-    let policy = config
-        .policies
-        .get(pod)
-        .ok_or_else(|| Refusal::new(UNAVAILABLE, format!("no policy for {pod} yet")))?;
+    let policy = config.policies.get(pod).ok_or_else(|| {
+        Rejection::new(UNAVAILABLE, "no_policy", format!("no policy for {pod} yet"))
+    })?;
     let conn = Conn {
         source: Some(peer),
         port: target.port(),
@@ -60,7 +101,7 @@ pub fn admit_hbone(
     };
     authorize(policy, &conn)
         .map(|_| target)
-        .map_err(|denied| Refusal::new(DENIED, denied.to_string()))
+        .map_err(|denied| Rejection::new(DENIED, denied.kind(), denied.to_string()))
 }
 
 /// Decides a plaintext connection (steered to 15006) to `dst` of `pod`: STRICT pods refuse
@@ -69,11 +110,10 @@ pub fn admit_plaintext(
     config: &NodeSnapshot,
     pod: &NamespacedName,
     dst: SocketAddrV4,
-) -> Result<(), Refusal> {
-    let policy = config
-        .policies
-        .get(pod)
-        .ok_or_else(|| Refusal::new(UNAVAILABLE, format!("no policy for {pod} yet")))?;
+) -> Result<(), Rejection> {
+    let policy = config.policies.get(pod).ok_or_else(|| {
+        Rejection::new(UNAVAILABLE, "no_policy", format!("no policy for {pod} yet"))
+    })?;
     let conn = Conn {
         source: None,
         port: dst.port(),
@@ -81,7 +121,7 @@ pub fn admit_plaintext(
     };
     authorize(policy, &conn)
         .map(|_| ())
-        .map_err(|denied| Refusal::new(DENIED, denied.to_string()))
+        .map_err(|denied| Rejection::new(DENIED, denied.kind(), denied.to_string()))
 }
 
 /// How the inbound handler reaches the application (in production: a socket made in the
@@ -92,31 +132,130 @@ pub type AppDialer = Arc<
         + Sync,
 >;
 
+/// The pod itself as the destination of an inbound connection.
+fn local_peer(config: &NodeSnapshot, pod: &NamespacedName) -> Peer {
+    config
+        .workloads
+        .get(pod)
+        .map_or_else(|| Peer::of_pod(pod), Peer::of_workload)
+}
+
+// === HBONE ===
+
 /// The HBONE handler of one pod's 15008 listener.
 pub struct PodInbound {
     pub pod: NamespacedName,
     pub store: Arc<StateStore>,
     pub dial: AppDialer,
+    pub telemetry: Telemetry,
 }
 
 impl ConnectHandler for PodInbound {
-    type Io = TcpStream;
+    type Io = Metered<TcpStream>;
 
-    async fn connect(&self, peer: SpiffeId, authority: SocketAddr) -> Result<TcpStream, Refusal> {
+    async fn connect(&self, peer: SpiffeId, authority: SocketAddr) -> Result<Self::Io, Refusal> {
         let config = self.store.current();
+        let mut meta = ConnMeta::new(
+            self.pod.clone(),
+            Reporter::Destination,
+            MeshPath::Hbone,
+            authority,
+        );
+        meta.src = Peer::of_identity(&peer);
+        meta.dst = local_peer(&config.snapshot, &self.pod);
         let target = match admit_hbone(&config.snapshot, &self.pod, &peer, authority) {
             Ok(t) => t,
-            Err(refusal) => {
-                info!(pod = %self.pod, src.id = %peer, dst = %authority, reason = %refusal.reason, "connection refused");
-                return Err(refusal);
+            Err(rejection) => {
+                self.telemetry
+                    .denied(meta, rejection.kind, &rejection.reason);
+                return Err(rejection.into());
             }
         };
-        (self.dial)(target).await.map_err(|e| {
-            Refusal::new(
-                UNAVAILABLE,
-                format!("the application at {target} is not reachable: {e}"),
-            )
-        })
+        let mut guard = self.telemetry.open(meta);
+        match (self.dial)(target).await {
+            Ok(app) => Ok(Metered::new(app, guard, Side::Destination)),
+            Err(e) => {
+                let reason = format!("the application at {target} is not reachable: {e}");
+                guard.fail(ResponseFlag::ConnectFailed, "app_unreachable", &reason);
+                Err(Refusal::new(UNAVAILABLE, reason))
+            }
+        }
+    }
+}
+
+// === Plaintext ===
+
+/// Why a plaintext inbound connection was not carried to its end.
+#[derive(Debug, thiserror::Error)]
+pub enum PlaintextError {
+    #[error("the connection has no IPv4 local address")]
+    NotIpv4,
+    #[error("refused: {0}")]
+    Refused(Rejection),
+    #[error("connect to the application at {dst}: {source}")]
+    Unreachable {
+        dst: SocketAddrV4,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Relay(#[from] RelayError),
+}
+
+impl PlaintextError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PlaintextError::NotIpv4 => "not_ipv4",
+            PlaintextError::Refused(r) => r.kind,
+            PlaintextError::Unreachable { .. } => "app_unreachable",
+            PlaintextError::Relay(e) => e.kind(),
+        }
+    }
+}
+
+/// Plaintext connections to one pod (steered to its 15006): admitted by the pod's TLS mode
+/// and policy, then carried to the application, or closed at once.
+pub struct PlaintextInbound {
+    pub pod: NamespacedName,
+    pub store: Arc<StateStore>,
+    pub dial: AppDialer,
+    pub telemetry: Telemetry,
+    pub idle_timeout: Duration,
+}
+
+impl PlaintextInbound {
+    /// Carries one accepted connection. Returns the bytes carried (to the application, back
+    /// from it).
+    pub async fn handle(&self, conn: TcpStream) -> Result<(u64, u64), PlaintextError> {
+        let Ok(SocketAddr::V4(dst)) = conn.local_addr() else {
+            return Err(PlaintextError::NotIpv4);
+        };
+        let config = self.store.current();
+        let mut meta = ConnMeta::new(
+            self.pod.clone(),
+            Reporter::Destination,
+            MeshPath::Plaintext,
+            SocketAddr::V4(dst),
+        );
+        meta.src_addr = conn.peer_addr().ok();
+        meta.dst = local_peer(&config.snapshot, &self.pod);
+        if let Err(rejection) = admit_plaintext(&config.snapshot, &self.pod, dst) {
+            self.telemetry
+                .denied(meta, rejection.kind, &rejection.reason);
+            return Err(PlaintextError::Refused(rejection));
+        }
+        let mut conn = Metered::new(conn, self.telemetry.open(meta), Side::Source);
+        let mut app = match (self.dial)(dst).await {
+            Ok(app) => app,
+            Err(source) => {
+                let e = PlaintextError::Unreachable { dst, source };
+                conn.guard_mut()
+                    .fail(ResponseFlag::ConnectFailed, e.kind(), &e);
+                return Err(e);
+            }
+        };
+        relay(&mut conn, &mut app, self.idle_timeout)
+            .await
+            .map_err(PlaintextError::from)
     }
 }
 

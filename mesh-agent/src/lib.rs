@@ -1,5 +1,6 @@
 //! The node agent: loads and attaches the datapath, enrolls pods, runs the node proxy, and
 //! carries the node debugging commands.
+pub mod admin;
 pub mod app;
 pub mod cgroup;
 pub mod cli;
@@ -14,6 +15,7 @@ pub mod netns;
 pub mod outbound;
 pub mod proxy;
 pub mod state;
+pub mod telemetry;
 pub mod tls;
 
 /// The kernel programs, built by build.rs from `mesh-ebpf`.

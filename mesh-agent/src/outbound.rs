@@ -2,27 +2,32 @@
 //! configuration in force, then carry the bytes in an HBONE tunnel to a meshed destination or
 //! directly to one outside the mesh.
 //!
-//! The copy loop is `tokio::io::copy_bidirectional_with_sizes`: each direction is shut down
-//! on its own when its reader ends (half-close both ways), with two buffers per connection
-//! sized for bulk transfers and reused for its whole life.
+//! The copy loop is [`crate::proxy::relay`]: each direction is shut down on its own when its
+//! reader ends (half-close both ways), with two buffers per connection sized for bulk
+//! transfers, and the connection is closed once it carried nothing either way for the idle
+//! timeout. Every connection is counted in the telemetry as `reporter="source"`.
 
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use mesh_core::SpiffeId;
 use mesh_core::model::NamespacedName;
 use mesh_core::resolve::{FastPicker, Resolver, Target};
 use serde::Serialize;
-use tokio::io::copy_bidirectional_with_sizes;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::hbone::{HBONE_PORT, HboneError, HbonePool};
 use crate::inbound::AppDialer;
+use crate::proxy::{RelayError, relay};
 use crate::state::{StateStore, Version};
+use crate::telemetry::{
+    ConnMeta, MeshPath, Metered, Peer, Reporter, ResponseFlag, Side, Telemetry, endpoint_pod,
+    service_host,
+};
 
-/// Per-direction copy buffer.
-const COPY_BUF: usize = 256 * 1024;
 /// Default cap on a pod's concurrent outbound connections.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
 
@@ -53,8 +58,8 @@ pub enum OutboundError {
         dst: SocketAddrV4,
         source: std::io::Error,
     },
-    #[error("copy: {0}")]
-    Copy(std::io::Error),
+    #[error("{0}")]
+    Relay(#[from] RelayError),
     #[error("{pod} already has {limit} outbound connections open (the cap); connection refused")]
     ConnectionCap { pod: NamespacedName, limit: usize },
 }
@@ -65,11 +70,39 @@ impl OutboundError {
             OutboundError::UnknownPod { .. } => "unknown_pod",
             OutboundError::Unresolved(u) => u.kind(),
             OutboundError::EgressDenied { .. } => "egress_denied",
+            OutboundError::Tunnel { .. } if self.destination_denied() => "destination_denied",
             OutboundError::Tunnel { .. } => "tunnel",
             OutboundError::Direct { .. } => "direct",
-            OutboundError::Copy(_) => "copy",
+            OutboundError::Relay(e) => e.kind(),
             OutboundError::ConnectionCap { .. } => "connection_cap",
         }
+    }
+
+    /// How the connection ends in the metrics' `response_flags`.
+    pub fn flag(&self) -> ResponseFlag {
+        match self {
+            OutboundError::UnknownPod { .. } | OutboundError::Unresolved(_) => {
+                ResponseFlag::NoRoute
+            }
+            OutboundError::EgressDenied { .. } => ResponseFlag::Denied,
+            OutboundError::Tunnel { .. } if self.destination_denied() => ResponseFlag::Denied,
+            OutboundError::Tunnel { .. } | OutboundError::Direct { .. } => {
+                ResponseFlag::ConnectFailed
+            }
+            OutboundError::Relay(e) => e.flag(),
+            OutboundError::ConnectionCap { .. } => ResponseFlag::Overflow,
+        }
+    }
+
+    /// The destination's proxy refused the tunnel by policy (403).
+    fn destination_denied(&self) -> bool {
+        matches!(
+            self,
+            OutboundError::Tunnel {
+                source: HboneError::Refused { status, .. },
+                ..
+            } if *status == crate::inbound::DENIED
+        )
     }
 }
 
@@ -89,6 +122,26 @@ pub enum Path {
     Direct,
 }
 
+/// Settings of a pod's outbound side.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OutboundConfig {
+    pub egress: Egress,
+    /// Cap on the pod's concurrent outbound connections.
+    pub max_connections: usize,
+    /// A connection that carries no byte either way for this long is closed.
+    pub idle_timeout: Duration,
+}
+
+impl Default for OutboundConfig {
+    fn default() -> Self {
+        OutboundConfig {
+            egress: Egress::Allow,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            idle_timeout: crate::config::DEFAULT_IDLE_TIMEOUT,
+        }
+    }
+}
+
 /// The outbound side of one pod.
 pub struct PodOutbound {
     pub pod: NamespacedName,
@@ -97,6 +150,8 @@ pub struct PodOutbound {
     /// Opens sockets to destinations outside the mesh (in production: from the pod's netns).
     pub dial: AppDialer,
     pub egress: Egress,
+    idle_timeout: Duration,
+    telemetry: Telemetry,
     resolver: Mutex<Option<(Option<Version>, Arc<Resolver>)>>,
     slots: Arc<tokio::sync::Semaphore>,
     limit: usize,
@@ -108,18 +163,20 @@ impl PodOutbound {
         store: Arc<StateStore>,
         pool: HbonePool,
         dial: AppDialer,
-        egress: Egress,
-        max_connections: usize,
+        config: OutboundConfig,
+        telemetry: Telemetry,
     ) -> PodOutbound {
         PodOutbound {
             pod,
             store,
             pool,
             dial,
-            egress,
+            egress: config.egress,
+            idle_timeout: config.idle_timeout,
+            telemetry,
             resolver: Mutex::new(None),
-            slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
-            limit: max_connections,
+            slots: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
+            limit: config.max_connections,
         }
     }
 
@@ -146,74 +203,147 @@ impl PodOutbound {
         (resolver, applied)
     }
 
-    /// Carries one accepted application connection addressed to `dst`.
+    /// Carries one accepted application connection addressed to `dst`. Every outcome is
+    /// recorded in the telemetry (`reporter="source"`).
     pub async fn handle(
         &self,
-        mut conn: TcpStream,
+        conn: TcpStream,
         dst: SocketAddrV4,
     ) -> Result<Carried, OutboundError> {
-        let _slot =
-            self.slots
-                .clone()
-                .try_acquire_owned()
-                .map_err(|_| OutboundError::ConnectionCap {
-                    pod: self.pod.clone(),
-                    limit: self.limit,
-                })?;
         let (resolver, applied) = self.resolver();
-        let src: SpiffeId = applied
-            .snapshot
-            .workloads
-            .get(&self.pod)
-            .map(|w| w.identity.clone())
-            .ok_or_else(|| OutboundError::UnknownPod {
+        let snapshot = &applied.snapshot;
+        let source = snapshot.workloads.get(&self.pod);
+        let mut meta = ConnMeta::new(
+            self.pod.clone(),
+            Reporter::Source,
+            MeshPath::Direct,
+            SocketAddr::V4(dst),
+        );
+        meta.src = source.map_or_else(|| Peer::of_pod(&self.pod), Peer::of_workload);
+        meta.src_addr = conn.peer_addr().ok();
+        let refuse = |meta: ConnMeta, e: OutboundError| {
+            self.telemetry.failed(meta, e.flag(), e.kind(), &e);
+            e
+        };
+        let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
+            let e = OutboundError::ConnectionCap {
                 pod: self.pod.clone(),
-            })?;
-        let resolution = resolver.resolve(&src, dst, &mut FastPicker::new())?;
+                limit: self.limit,
+            };
+            return Err(refuse(meta, e));
+        };
+        let Some(src) = source.map(|w| w.identity.clone()) else {
+            let e = OutboundError::UnknownPod {
+                pod: self.pod.clone(),
+            };
+            return Err(refuse(meta, e));
+        };
+        let resolution = match resolver.resolve(&src, dst, &mut FastPicker::new()) {
+            Ok(r) => r,
+            Err(e) => return Err(refuse(meta, e.into())),
+        };
         let _lease = resolution.lease;
         let _ = conn.set_nodelay(true);
         match resolution.target {
-            Target::Mesh { addr, identity, .. } => {
-                let hbone = SocketAddr::from((*addr.ip(), HBONE_PORT));
-                let mut tunnel = self
-                    .pool
-                    .connect(&src, hbone, &identity, SocketAddr::V4(addr))
-                    .await
-                    .map_err(|source| OutboundError::Tunnel { dst: addr, source })?;
-                debug!(pod = %self.pod, %dst, endpoint = %addr, dst.id = %identity, "tunnel open");
-                let (sent, received) =
-                    copy_bidirectional_with_sizes(&mut conn, &mut tunnel, COPY_BUF, COPY_BUF)
-                        .await
-                        .map_err(OutboundError::Copy)?;
-                Ok(Carried {
-                    path: Path::Hbone,
-                    sent,
-                    received,
-                })
+            Target::Mesh {
+                addr,
+                identity,
+                service,
+                backend,
+                ..
+            } => {
+                meta.path = MeshPath::Hbone;
+                meta.dst_addr = SocketAddr::V4(addr);
+                meta.dst = Peer::of_identity(&identity);
+                if let Some(pod) = endpoint_pod(snapshot, backend.as_ref(), *addr.ip()) {
+                    meta.dst = Peer {
+                        identity: Some(identity.clone()),
+                        ..Peer::of_pod(&pod)
+                    };
+                }
+                meta.service = service.as_ref().map(service_host);
+                let conn = Metered::new(conn, self.telemetry.open(meta), Side::Source);
+                self.tunnel(conn, &src, addr, &identity).await
             }
-            Target::Plain { addr, .. } => self.direct(conn, addr).await,
+            Target::Plain { addr, service } => {
+                meta.dst_addr = SocketAddr::V4(addr);
+                if let Some(pod) = endpoint_pod(snapshot, service.as_ref(), *addr.ip()) {
+                    meta.dst = Peer::of_pod(&pod);
+                }
+                meta.service = service.as_ref().map(service_host);
+                self.direct(conn, meta, addr).await
+            }
             Target::Passthrough { addr } => match self.egress {
-                Egress::Allow => self.direct(conn, addr).await,
-                Egress::Deny => Err(OutboundError::EgressDenied { dst: addr }),
+                Egress::Allow => self.direct(conn, meta, addr).await,
+                Egress::Deny => {
+                    let e = OutboundError::EgressDenied { dst: addr };
+                    self.telemetry.denied(meta, e.kind(), &e);
+                    Err(e)
+                }
             },
         }
     }
 
+    async fn tunnel(
+        &self,
+        mut conn: Metered<TcpStream>,
+        src: &SpiffeId,
+        addr: SocketAddrV4,
+        identity: &SpiffeId,
+    ) -> Result<Carried, OutboundError> {
+        let hbone = SocketAddr::from((*addr.ip(), HBONE_PORT));
+        let mut tunnel = match self
+            .pool
+            .connect(src, hbone, identity, SocketAddr::V4(addr))
+            .await
+        {
+            Ok(t) => t,
+            Err(source) => {
+                let e = OutboundError::Tunnel { dst: addr, source };
+                let guard = conn.guard_mut();
+                if e.destination_denied() {
+                    guard.deny(e.kind(), &e);
+                } else {
+                    guard.fail(e.flag(), e.kind(), &e);
+                }
+                return Err(e);
+            }
+        };
+        debug!(pod = %self.pod, endpoint = %addr, dst.id = %identity, "tunnel open");
+        self.carry(&mut conn, &mut tunnel, Path::Hbone).await
+    }
+
     async fn direct(
         &self,
-        mut conn: TcpStream,
+        conn: TcpStream,
+        meta: ConnMeta,
         addr: SocketAddrV4,
     ) -> Result<Carried, OutboundError> {
-        let mut upstream = (self.dial)(addr)
-            .await
-            .map_err(|source| OutboundError::Direct { dst: addr, source })?;
+        let mut conn = Metered::new(conn, self.telemetry.open(meta), Side::Source);
+        let mut upstream = match (self.dial)(addr).await {
+            Ok(u) => u,
+            Err(source) => {
+                let e = OutboundError::Direct { dst: addr, source };
+                conn.guard_mut().fail(e.flag(), e.kind(), &e);
+                return Err(e);
+            }
+        };
         let _ = upstream.set_nodelay(true);
-        let (sent, received) =
-            copy_bidirectional_with_sizes(&mut conn, &mut upstream, COPY_BUF, COPY_BUF)
-                .await
-                .map_err(OutboundError::Copy)?;
+        self.carry(&mut conn, &mut upstream, Path::Direct).await
+    }
+
+    async fn carry<U>(
+        &self,
+        conn: &mut Metered<TcpStream>,
+        upstream: &mut U,
+        path: Path,
+    ) -> Result<Carried, OutboundError>
+    where
+        U: AsyncRead + AsyncWrite + Unpin,
+    {
+        let (sent, received) = relay(conn, upstream, self.idle_timeout).await?;
         Ok(Carried {
-            path: Path::Direct,
+            path,
             sent,
             received,
         })

@@ -11,26 +11,48 @@
 //! tunnels ([`crate::outbound`]), the pod serves HBONE on its IP's port 15008 once its
 //! identity is known ([`crate::inbound`]), and plaintext inbound connections (steered to
 //! 15006) are admitted by the pod's TLS mode and policy, or closed at once.
+//!
+//! Every connection is counted in the [`Telemetry`] and closed once it carried nothing either
+//! way for the idle timeout. On shutdown [`drain`] stops the listeners and lets open
+//! connections finish for a grace period; connection tasks are never aborted before that.
 use std::{
+    future::Future,
     net::{SocketAddr, SocketAddrV4, TcpListener as StdListener},
     os::fd::OwnedFd,
-    sync::Arc,
+    sync::{Arc, OnceLock},
+    time::Duration,
 };
 
+use futures::future::BoxFuture;
 use tokio::{
-    io::copy_bidirectional_with_sizes,
+    io::{AsyncRead, AsyncWrite, copy_bidirectional_with_sizes},
     net::{TcpListener, TcpSocket, TcpStream},
+    sync::watch,
     task::JoinHandle,
+    time::Instant,
 };
+use tracing::{debug, info, warn};
 
 use mesh_core::model::NamespacedName;
 
-use crate::hbone::{HBONE_PORT, HbonePool, HboneServer, PoolConfig, ServerConfig};
+use crate::config::ProxyConfig;
+use crate::ebpf::{self, PodSockets};
+use crate::hbone::{Dialer, HBONE_PORT, HbonePool, HboneServer, PoolConfig, ServerConfig};
 use crate::identity::CertManager;
-use crate::inbound::{AppDialer, PodInbound, admit_plaintext};
-use crate::outbound::{Egress, PodOutbound};
+use crate::inbound::{AppDialer, PlaintextInbound, PodInbound};
+use crate::netns::Worker;
+use crate::outbound::{Egress, OutboundConfig, PodOutbound};
 use crate::state::StateStore;
-use crate::{ebpf, netns::Worker};
+use crate::telemetry::{
+    ConnMeta, Ended, MeshPath, Metered, Peer, Reporter, ResponseFlag, Side, Telemetry,
+};
+
+/// Per-direction copy buffer. With the default 8 KiB a bulk stream costs a syscall pair per
+/// 8 KiB.
+const COPY_BUF: usize = 256 * 1024;
+
+/// After the grace period, how long cut connections get to record their end.
+const CUT_SETTLE: Duration = Duration::from_secs(1);
 
 /// What the proxy needs to mesh a pod: the configuration in force and the certificates.
 #[derive(Clone)]
@@ -60,74 +82,103 @@ impl ProxyError {
     }
 }
 
-/// The running listeners of one pod; dropping it stops them.
-pub struct PodProxy {
-    tasks: Vec<JoinHandle<()>>,
+// === Copy loop ===
+
+/// Why [`relay`] ended before both directions did.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("copy: {0}")]
+    Io(#[source] std::io::Error),
+    #[error("no byte either way for {0:?}: closed")]
+    Idle(Duration),
+    #[error("cut at the end of the shutdown grace period")]
+    Drained,
 }
 
-impl Drop for PodProxy {
-    fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
+impl RelayError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RelayError::Io(_) => "copy",
+            RelayError::Idle(_) => "idle_timeout",
+            RelayError::Drained => "drained",
+        }
+    }
+
+    pub fn flag(&self) -> ResponseFlag {
+        match self {
+            RelayError::Io(_) => ResponseFlag::Io,
+            RelayError::Idle(_) => ResponseFlag::IdleTimeout,
+            RelayError::Drained => ResponseFlag::Drained,
         }
     }
 }
 
-/// Starts the pod's outbound and inbound listeners; with `mesh`, also its HBONE side.
-pub fn start(
-    pod: String,
-    ip: std::net::Ipv4Addr,
-    worker: Worker,
-    outbound: StdListener,
-    inbound: StdListener,
-    mesh: Option<Mesh>,
-) -> Result<PodProxy, ProxyError> {
-    let worker = Arc::new(worker);
-    let outbound = TcpListener::from_std(outbound).map_err(ProxyError::Listener)?;
-    let inbound = TcpListener::from_std(inbound).map_err(ProxyError::Listener)?;
-    let Some(mesh) = mesh else {
-        let out_task = tokio::spawn(accept_loop(
-            pod.clone(),
-            worker.clone(),
-            outbound,
-            Direction::Outbound,
-        ));
-        let in_task = tokio::spawn(accept_loop(pod, worker, inbound, Direction::Inbound));
-        return Ok(PodProxy {
-            tasks: vec![out_task, in_task],
-        });
+/// Copies both ways between `app` and `upstream` until both directions ended (each is shut
+/// down on its own when its reader ends), the connection carried nothing for `idle`, or the
+/// drain cut it. Returns the bytes copied from `app` and to it; an early end is recorded on
+/// the connection's guard.
+pub async fn relay<S, U>(
+    app: &mut Metered<S>,
+    upstream: &mut U,
+    idle: Duration,
+) -> Result<(u64, u64), RelayError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let activity = app.guard().activity();
+    let result = tokio::select! {
+        copied = copy_bidirectional_with_sizes(app, upstream, COPY_BUF, COPY_BUF) => {
+            copied.map_err(RelayError::Io)
+        }
+        ended = activity.watchdog(idle) => Err(match ended {
+            Ended::Idle(after) => RelayError::Idle(after),
+            Ended::Cut => RelayError::Drained,
+        }),
     };
-    let name = match pod.split_once('/') {
-        Some((ns, n)) if !ns.is_empty() && !n.is_empty() => NamespacedName::new(ns, n),
-        _ => return Err(ProxyError::PodName(pod)),
-    };
-    let pool = HbonePool::with_dialer(mesh.certs.clone(), PoolConfig::default(), {
-        let worker = worker.clone();
-        Arc::new(move |addr| {
+    if let Err(e) = &result {
+        app.guard_mut().fail(e.flag(), e.kind(), e);
+    }
+    result
+}
+
+// === Reaching into the pod ===
+
+/// Listens on an address in the pod's network namespace.
+pub type Binder =
+    Arc<dyn Fn(SocketAddr) -> BoxFuture<'static, std::io::Result<TcpListener>> + Send + Sync>;
+
+/// How the proxy opens sockets for a pod.
+#[derive(Clone)]
+pub struct PodNet {
+    /// Connects from a socket made in the pod's network namespace.
+    pub connect: Dialer,
+    /// Listens in the pod's network namespace.
+    pub listen: Binder,
+}
+
+impl PodNet {
+    /// Sockets made by a worker thread inside the pod's network namespace.
+    pub fn in_netns(worker: Worker) -> PodNet {
+        let worker = Arc::new(worker);
+        let connect: Dialer = {
             let worker = worker.clone();
-            Box::pin(async move { connect_in(&worker, addr).await })
-        })
-    })?;
-    let dial = app_dialer(&worker);
-    let out = Arc::new(PodOutbound::new(
-        name.clone(),
-        mesh.store.clone(),
-        pool,
-        dial.clone(),
-        mesh.egress,
-        crate::outbound::DEFAULT_MAX_CONNECTIONS,
-    ));
-    let tasks = vec![
-        tokio::spawn(mesh_outbound(out, outbound)),
-        tokio::spawn(mesh_plaintext(
-            name.clone(),
-            mesh.store.clone(),
-            dial.clone(),
-            inbound,
-        )),
-        tokio::spawn(serve_hbone(name, ip, worker, mesh, dial)),
-    ];
-    Ok(PodProxy { tasks })
+            Arc::new(move |addr| {
+                let worker = worker.clone();
+                Box::pin(async move { connect_in(&worker, addr).await })
+            })
+        };
+        let listen: Binder = Arc::new(move |addr| {
+            let worker = worker.clone();
+            Box::pin(async move { listen_in(&worker, addr).await })
+        });
+        PodNet { connect, listen }
+    }
+
+    fn app_dialer(&self) -> AppDialer {
+        let connect = self.connect.clone();
+        Arc::new(move |addr| connect(SocketAddr::V4(addr)))
+    }
 }
 
 /// Connects to `addr` from a socket made in the worker's network namespace.
@@ -145,191 +196,429 @@ async fn connect_in(worker: &Worker, addr: SocketAddr) -> std::io::Result<TcpStr
         .await
 }
 
-fn app_dialer(worker: &Arc<Worker>) -> AppDialer {
-    let worker = worker.clone();
-    Arc::new(move |addr| {
-        let worker = worker.clone();
-        Box::pin(async move { connect_in(&worker, SocketAddr::V4(addr)).await })
-    })
-}
-
-async fn mesh_outbound(out: Arc<PodOutbound>, listener: TcpListener) {
-    loop {
-        let (conn, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(pod = %out.pod, error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let out = out.clone();
-        tokio::spawn(async move {
-            let dst = match ebpf::original_dst(&conn) {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::warn!(pod = %out.pod, %peer, error = %e, "no original destination");
-                    return;
-                }
-            };
-            match out.handle(conn, dst).await {
-                Ok(c) => {
-                    tracing::debug!(pod = %out.pod, %dst, path = ?c.path, sent = c.sent, received = c.received, "connection done")
-                }
-                Err(e) => {
-                    tracing::info!(pod = %out.pod, %dst, reason = e.kind(), error = %e, "connection refused or failed")
-                }
-            }
-        });
-    }
-}
-
-async fn mesh_plaintext(
-    pod: NamespacedName,
-    store: Arc<StateStore>,
-    dial: AppDialer,
-    listener: TcpListener,
-) {
-    loop {
-        let (mut conn, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(%pod, error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let (pod, store, dial) = (pod.clone(), store.clone(), dial.clone());
-        tokio::spawn(async move {
-            let dst = match conn.local_addr() {
-                Ok(SocketAddr::V4(a)) => a,
-                _ => return,
-            };
-            if let Err(refusal) = admit_plaintext(&store.current().snapshot, &pod, dst) {
-                tracing::info!(%pod, %peer, %dst, reason = %refusal.reason, "plaintext connection refused");
-                return;
-            }
-            let Ok(mut upstream) = dial(dst).await else {
-                return;
-            };
-            let _ =
-                copy_bidirectional_with_sizes(&mut conn, &mut upstream, COPY_BUF, COPY_BUF).await;
-        });
-    }
-}
-
-/// Serves HBONE on the pod's `ip:15008` once the configuration names the pod's identity.
-async fn serve_hbone(
-    pod: NamespacedName,
-    ip: std::net::Ipv4Addr,
-    worker: Arc<Worker>,
-    mesh: Mesh,
-    dial: AppDialer,
-) {
-    let mut changes = mesh.store.subscribe();
-    let identity = loop {
-        let known = changes
-            .borrow_and_update()
-            .snapshot
-            .workloads
-            .get(&pod)
-            .map(|w| w.identity.clone());
-        if let Some(id) = known {
-            break id;
-        }
-        if changes.changed().await.is_err() {
-            return;
-        }
-    };
+async fn listen_in(worker: &Worker, addr: SocketAddr) -> std::io::Result<TcpListener> {
     let listener = worker
         .run(move || -> std::io::Result<StdListener> {
             let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
             s.set_reuse_address(true)?;
-            s.bind(&SocketAddr::from((ip, HBONE_PORT)).into())?;
+            s.bind(&addr.into())?;
             s.listen(1024)?;
             s.set_nonblocking(true)?;
             Ok(s.into())
         })
         .await
-        .map_err(std::io::Error::other)
-        .and_then(|r| r)
-        .and_then(TcpListener::from_std);
-    let listener = match listener {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(%pod, %ip, error = %e, "cannot listen on the pod's HBONE port");
-            return;
+        .map_err(std::io::Error::other)??;
+    TcpListener::from_std(listener)
+}
+
+// === impl PodProxy ===
+
+/// The running listeners of one pod; dropping it stops them. Connections already accepted
+/// run on their own tasks and are not stopped with it.
+pub struct PodProxy {
+    pod: NamespacedName,
+    /// The outbound and HBONE listeners, closed when the proxy stops accepting.
+    accepting: Vec<JoinHandle<()>>,
+    /// The inbound listener. While draining it stays open and resets what it accepts: closed,
+    /// the datapath would let plaintext through to the application directly.
+    inbound: JoinHandle<()>,
+    refusing: watch::Sender<bool>,
+    hbone: Arc<OnceLock<Arc<HboneServer<PodInbound>>>>,
+}
+
+impl PodProxy {
+    /// Takes no new connection: closes the outbound and HBONE listeners, resets new inbound
+    /// connections, and sends GOAWAY on the HBONE connections (their open tunnels go on).
+    pub fn stop_accepting(&self) {
+        for task in &self.accepting {
+            task.abort();
         }
-    };
-    let tls = match crate::tls::server_config(mesh.certs.clone(), identity.clone()) {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::error!(%pod, error = %e, "HBONE TLS configuration");
-            return;
+        self.refusing.send_replace(true);
+        if let Some(server) = self.hbone.get() {
+            server.drain_connections();
         }
-    };
-    let handler = PodInbound {
-        pod: pod.clone(),
-        store: mesh.store.clone(),
-        dial,
-    };
-    match HboneServer::new(tls, handler, ServerConfig::default()) {
-        Ok(server) => {
-            tracing::info!(%pod, %identity, addr = %SocketAddr::from((ip, HBONE_PORT)), "serving HBONE");
-            Arc::new(server).serve(listener).await;
-        }
-        Err(e) => tracing::error!(%pod, error = %e, "HBONE server"),
+        debug!(pod = %self.pod, "stopped accepting");
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Direction {
-    Outbound,
-    Inbound,
+impl Drop for PodProxy {
+    fn drop(&mut self) {
+        for task in &self.accepting {
+            task.abort();
+        }
+        self.inbound.abort();
+    }
 }
 
-async fn accept_loop(pod: String, worker: Arc<Worker>, listener: TcpListener, dir: Direction) {
+/// Starts the pod's outbound and inbound listeners; with `mesh`, also its HBONE side.
+pub fn start(
+    pod: &str,
+    ip: std::net::Ipv4Addr,
+    net: PodNet,
+    sockets: PodSockets,
+    mesh: Option<Mesh>,
+    telemetry: Telemetry,
+    config: &ProxyConfig,
+) -> Result<PodProxy, ProxyError> {
+    let name = match pod.split_once('/') {
+        Some((ns, n)) if !ns.is_empty() && !n.is_empty() => NamespacedName::new(ns, n),
+        _ => return Err(ProxyError::PodName(pod.into())),
+    };
+    let outbound = TcpListener::from_std(sockets.outbound).map_err(ProxyError::Listener)?;
+    let inbound = TcpListener::from_std(sockets.inbound).map_err(ProxyError::Listener)?;
+    let (refusing, refusing_rx) = watch::channel(false);
+    let idle = config.idle_timeout;
+    let hbone = Arc::new(OnceLock::new());
+    let Some(mesh) = mesh else {
+        let forward = Forward {
+            pod: name.clone(),
+            net,
+            telemetry: telemetry.clone(),
+            idle,
+        };
+        let out = forward.clone();
+        let out_task = tokio::spawn(accept_loop(
+            name.clone(),
+            outbound,
+            telemetry.clone(),
+            None,
+            move |conn| {
+                let out = out.clone();
+                async move { out.outbound(conn).await }
+            },
+        ));
+        let in_task = tokio::spawn(accept_loop(
+            name.clone(),
+            inbound,
+            telemetry,
+            Some(refusing_rx),
+            move |conn| {
+                let forward = forward.clone();
+                async move { forward.inbound(conn).await }
+            },
+        ));
+        return Ok(PodProxy {
+            pod: name,
+            accepting: vec![out_task],
+            inbound: in_task,
+            refusing,
+            hbone,
+        });
+    };
+    let pool = HbonePool::with_dialer(
+        mesh.certs.clone(),
+        PoolConfig::default(),
+        net.connect.clone(),
+    )?;
+    let dial = net.app_dialer();
+    let out = Arc::new(PodOutbound::new(
+        name.clone(),
+        mesh.store.clone(),
+        pool,
+        dial.clone(),
+        OutboundConfig {
+            egress: mesh.egress,
+            idle_timeout: idle,
+            ..OutboundConfig::default()
+        },
+        telemetry.clone(),
+    ));
+    let plaintext = Arc::new(PlaintextInbound {
+        pod: name.clone(),
+        store: mesh.store.clone(),
+        dial: dial.clone(),
+        telemetry: telemetry.clone(),
+        idle_timeout: idle,
+    });
+    let hbone_side = HboneSide {
+        pod: name.clone(),
+        ip,
+        net,
+        mesh,
+        dial,
+        telemetry: telemetry.clone(),
+        idle,
+        server: hbone.clone(),
+    };
+    let accepting = vec![
+        tokio::spawn(accept_loop(
+            name.clone(),
+            outbound,
+            telemetry.clone(),
+            None,
+            move |conn| {
+                let out = out.clone();
+                async move { mesh_outbound(&out, conn).await }
+            },
+        )),
+        tokio::spawn(hbone_side.run()),
+    ];
+    let inbound = tokio::spawn(accept_loop(
+        name.clone(),
+        inbound,
+        telemetry,
+        Some(refusing_rx),
+        move |conn| {
+            let plaintext = plaintext.clone();
+            async move {
+                if let Err(e) = plaintext.handle(conn).await {
+                    debug!(pod = %plaintext.pod, reason = e.kind(), error = %e, "plaintext connection ended early");
+                }
+            }
+        },
+    ));
+    Ok(PodProxy {
+        pod: name,
+        accepting,
+        inbound,
+        refusing,
+        hbone,
+    })
+}
+
+/// Accepts connections and serves each on its own task, which runs to its end even if this
+/// loop is stopped. With `refusing`, once it turns true, connections are reset at once.
+async fn accept_loop<F, Fut>(
+    pod: NamespacedName,
+    listener: TcpListener,
+    telemetry: Telemetry,
+    refusing: Option<watch::Receiver<bool>>,
+    serve: F,
+) where
+    F: Fn(TcpStream) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     loop {
-        let (conn, peer) = match listener.accept().await {
-            Ok(c) => c,
+        let conn = match listener.accept().await {
+            Ok((conn, _)) => conn,
             Err(e) => {
-                tracing::warn!(pod = %pod, error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                warn!(%pod, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let worker = worker.clone();
-        let pod = pod.clone();
+        if refusing.as_ref().is_some_and(|r| *r.borrow()) {
+            // RST rather than FIN: the caller sees a refusal, not an empty answer.
+            let _ = socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO));
+            debug!(%pod, peer = ?conn.peer_addr().ok(), "draining: connection reset");
+            continue;
+        }
+        let pending = telemetry.pending();
+        let served = serve(conn);
         tokio::spawn(async move {
-            let dst = match dir {
-                Direction::Outbound => ebpf::original_dst(&conn),
-                Direction::Inbound => match conn.local_addr() {
-                    Ok(SocketAddr::V4(a)) => Ok(a),
-                    Ok(a) => Err(std::io::Error::other(format!("not IPv4: {a}"))),
-                    Err(e) => Err(e),
-                },
-            };
-            let dst = match dst {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::warn!(pod = %pod, peer = %peer, error = %e, ?dir, "no original destination");
-                    return;
-                }
-            };
-            if let Err(e) = forward(&worker, conn, dst).await {
-                tracing::debug!(pod = %pod, dst = %dst, error = %e, ?dir, "connection ended with error");
-            }
+            served.await;
+            drop(pending);
         });
     }
 }
 
-const COPY_BUF: usize = 256 * 1024;
-
-async fn forward(worker: &Worker, mut conn: TcpStream, dst: SocketAddrV4) -> std::io::Result<()> {
-    let mut upstream = connect_in(worker, SocketAddr::V4(dst)).await?;
-    let _ = conn.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
-    // Large buffers: with the default 8 KiB a bulk stream costs a syscall pair per 8 KiB.
-    copy_bidirectional_with_sizes(&mut conn, &mut upstream, COPY_BUF, COPY_BUF).await?;
-    Ok(())
+async fn mesh_outbound(out: &PodOutbound, conn: TcpStream) {
+    let dst = match ebpf::original_dst(&conn) {
+        Ok(d) => d,
+        Err(e) => {
+            warn!(pod = %out.pod, peer = ?conn.peer_addr().ok(), error = %e, "no original destination");
+            return;
+        }
+    };
+    match out.handle(conn, dst).await {
+        Ok(c) => {
+            debug!(pod = %out.pod, %dst, path = ?c.path, sent = c.sent, received = c.received, "connection done")
+        }
+        Err(e) => {
+            debug!(pod = %out.pod, %dst, reason = e.kind(), error = %e, "connection refused or failed")
+        }
+    }
 }
+
+/// The HBONE side of a meshed pod.
+struct HboneSide {
+    pod: NamespacedName,
+    ip: std::net::Ipv4Addr,
+    net: PodNet,
+    mesh: Mesh,
+    dial: AppDialer,
+    telemetry: Telemetry,
+    idle: Duration,
+    /// Set once serving, for [`PodProxy::stop_accepting`].
+    server: Arc<OnceLock<Arc<HboneServer<PodInbound>>>>,
+}
+
+impl HboneSide {
+    /// Serves HBONE on the pod's `ip:15008` once the configuration names the pod's identity.
+    /// Each connection runs on its own task: stopping this loop closes the listener only.
+    async fn run(self) {
+        let pod = &self.pod;
+        let mut changes = self.mesh.store.subscribe();
+        let identity = loop {
+            let known = changes
+                .borrow_and_update()
+                .snapshot
+                .workloads
+                .get(pod)
+                .map(|w| w.identity.clone());
+            if let Some(id) = known {
+                break id;
+            }
+            if changes.changed().await.is_err() {
+                return;
+            }
+        };
+        let addr = SocketAddr::from((self.ip, HBONE_PORT));
+        let listener = match (self.net.listen)(addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(%pod, %addr, error = %e, "cannot listen on the pod's HBONE port");
+                return;
+            }
+        };
+        let tls = match crate::tls::server_config(self.mesh.certs.clone(), identity.clone()) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(%pod, error = %e, "HBONE TLS configuration");
+                return;
+            }
+        };
+        let handler = PodInbound {
+            pod: pod.clone(),
+            store: self.mesh.store.clone(),
+            dial: self.dial.clone(),
+            telemetry: self.telemetry.clone(),
+        };
+        let config = ServerConfig {
+            idle_timeout: self.idle,
+            ..ServerConfig::default()
+        };
+        let server = match HboneServer::new(tls, handler, config) {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                tracing::error!(%pod, error = %e, "HBONE server");
+                return;
+            }
+        };
+        let _ = self.server.set(server.clone());
+        info!(%pod, %identity, %addr, "serving HBONE");
+        loop {
+            match listener.accept().await {
+                Ok((tcp, _)) => {
+                    let server = server.clone();
+                    // The outcome is logged by serve_tcp.
+                    tokio::spawn(async move {
+                        let _ = server.serve_tcp(tcp).await;
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors, most likely: let some close.
+                    warn!(%pod, error = %e, "accept an HBONE connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+// === Transparent forwarding ===
+
+/// The proxy of a pod without a controller: every connection goes where it was addressed.
+#[derive(Clone)]
+struct Forward {
+    pod: NamespacedName,
+    net: PodNet,
+    telemetry: Telemetry,
+    idle: Duration,
+}
+
+impl Forward {
+    async fn outbound(&self, conn: TcpStream) {
+        match ebpf::original_dst(&conn) {
+            Ok(dst) => {
+                let mut meta = self.meta(Reporter::Source, MeshPath::Direct, dst);
+                meta.src = Peer::of_pod(&self.pod);
+                meta.src_addr = conn.peer_addr().ok();
+                self.forward(conn, meta, dst).await;
+            }
+            Err(e) => {
+                warn!(pod = %self.pod, peer = ?conn.peer_addr().ok(), error = %e, "no original destination")
+            }
+        }
+    }
+
+    async fn inbound(&self, conn: TcpStream) {
+        match conn.local_addr() {
+            Ok(SocketAddr::V4(dst)) => {
+                let mut meta = self.meta(Reporter::Destination, MeshPath::Plaintext, dst);
+                meta.dst = Peer::of_pod(&self.pod);
+                meta.src_addr = conn.peer_addr().ok();
+                self.forward(conn, meta, dst).await;
+            }
+            other => {
+                warn!(pod = %self.pod, local = ?other, "inbound connection without an IPv4 address")
+            }
+        }
+    }
+
+    fn meta(&self, reporter: Reporter, path: MeshPath, dst: SocketAddrV4) -> ConnMeta {
+        ConnMeta::new(self.pod.clone(), reporter, path, SocketAddr::V4(dst))
+    }
+
+    async fn forward(&self, conn: TcpStream, meta: ConnMeta, dst: SocketAddrV4) {
+        let mut conn = Metered::new(conn, self.telemetry.open(meta), Side::Source);
+        let mut upstream = match (self.net.connect)(SocketAddr::V4(dst)).await {
+            Ok(u) => u,
+            Err(e) => {
+                conn.guard_mut()
+                    .fail(ResponseFlag::ConnectFailed, "connect", &e);
+                return;
+            }
+        };
+        let _ = conn.get_ref().set_nodelay(true);
+        let _ = upstream.set_nodelay(true);
+        if let Err(e) = relay(&mut conn, &mut upstream, self.idle).await {
+            debug!(pod = %self.pod, %dst, reason = e.kind(), error = %e, "connection ended early");
+        }
+    }
+}
+
+// === Drain ===
+
+/// How a drain went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Connections open when the drain started.
+    pub open: usize,
+    /// Connections still open when the grace period ended, and cut.
+    pub cut: usize,
+    pub elapsed: Duration,
+}
+
+/// Stops every proxy from accepting, then waits until no connection is open or `grace`
+/// passed, and cuts what is left.
+pub async fn drain<'a>(
+    proxies: impl IntoIterator<Item = &'a PodProxy>,
+    telemetry: &Telemetry,
+    grace: Duration,
+) -> Drained {
+    let started = Instant::now();
+    for proxy in proxies {
+        proxy.stop_accepting();
+    }
+    let open = telemetry.live();
+    info!(open, grace = ?grace, "draining: no new connections, waiting for the open ones");
+    if tokio::time::timeout(grace, telemetry.idle()).await.is_ok() {
+        return Drained {
+            open,
+            cut: 0,
+            elapsed: started.elapsed(),
+        };
+    }
+    let cut = telemetry.cut_all();
+    warn!(cut, grace = ?grace, "drain grace period over: cutting the connections still open");
+    let _ = tokio::time::timeout(CUT_SETTLE, telemetry.idle()).await;
+    Drained {
+        open,
+        cut,
+        elapsed: started.elapsed(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -5,10 +5,12 @@
 //! Topology: pod `default/client` (netns + cgroup, 10.78.0.2) and pod `default/server`
 //! (10.78.0.1, application on :8080), one veth between them, one agent for both.
 
+use std::io::{Read, Write};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use mesh_tests::inprocess::{ClusterDir, TOKEN, namespace, pod};
+use mesh_tests::inprocess::{ClusterDir, TOKEN, free_port, namespace, pod};
 use mesh_tests::sniff::Sniffer;
 use mesh_tests::{Agent, Cgroup, Netns, Sink, command_in, instance, link, privileged};
 
@@ -83,7 +85,13 @@ fn world() -> World {
     }
 }
 
-fn agent_args(w: &World, controller: &mesh_controller::app::Controller) -> Vec<String> {
+/// The agent's arguments; its admin endpoint on `admin`, no metrics listener (tests run
+/// agents side by side).
+fn agent_args(
+    w: &World,
+    controller: &mesh_controller::app::Controller,
+    admin: SocketAddr,
+) -> Vec<String> {
     let token = w.files.path().join("token");
     let ca = w.files.path().join("ca.crt");
     std::fs::write(&token, TOKEN).expect("token file");
@@ -104,7 +112,36 @@ fn agent_args(w: &World, controller: &mesh_controller::app::Controller) -> Vec<S
         format!("--controller-ca={}", ca.display()),
         "--node=node-1".into(),
         format!("--bootstrap-token-file={}", token.display()),
+        format!("--admin={admin}"),
+        "--metrics=off".into(),
     ]
+}
+
+/// The agent's metrics, from its admin endpoint.
+fn scrape(admin: SocketAddr) -> String {
+    let mut s = std::net::TcpStream::connect(admin).expect("connect to the agent's admin port");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: agent\r\nconnection: close\r\n\r\n")
+        .expect("send the request");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("read the metrics");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    answer
+}
+
+/// The sum of the samples named `name` that carry every `key="value"` of `labels`.
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
 }
 
 /// Runs the probe from the client pod until it succeeds (the agent needs its configuration
@@ -137,10 +174,11 @@ fn a_pod_to_pod_connection_crosses_the_wire_in_mutual_tls() {
     w.dir.write("policy.yaml", TARGET);
     let controller = rt.block_on(w.dir.start("127.0.0.1:0".parse().expect("addr"), &[]));
     let app = Sink::start(&w.server, &format!("{SERVER_IP}:8080"));
-    let _agent = Agent::start(
+    let admin = free_port();
+    let mut agent = Agent::start(
         Path::new(AGENT),
         &instance("mesh"),
-        &agent_args(&w, &controller),
+        &agent_args(&w, &controller, admin),
     );
 
     let wire = Sniffer::start(&w.server, "eth0");
@@ -188,6 +226,68 @@ fn a_pod_to_pod_connection_crosses_the_wire_in_mutual_tls() {
         !hbone.windows(marker.len()).any(|w| w == marker),
         "payload bytes crossed the wire in clear"
     );
+
+    // The agent's metrics count the call on both sides, as Istio names them: the request
+    // direction (client to server) is `received`, whichever side reports.
+    let text = scrape(admin);
+    let call = [
+        ("source_workload", "client"),
+        (
+            "source_principal",
+            "spiffe://cluster.local/ns/default/sa/client",
+        ),
+        ("destination_workload", "server"),
+        (
+            "destination_principal",
+            "spiffe://cluster.local/ns/default/sa/server",
+        ),
+        ("connection_security_policy", "mutual_tls"),
+        ("mesh_path", "hbone"),
+    ];
+    let source: Vec<_> = call
+        .iter()
+        .copied()
+        .chain([("reporter", "source")])
+        .collect();
+    let received = metric(&text, "istio_tcp_received_bytes_total", &source);
+    assert!(
+        received >= BYTES,
+        "{received} request bytes reported by the source:\n{text}"
+    );
+    assert!(
+        metric(&text, "istio_tcp_sent_bytes_total", &source) > 0,
+        "the server's reply line is counted:\n{text}"
+    );
+    let destination = [
+        ("reporter", "destination"),
+        (
+            "source_principal",
+            "spiffe://cluster.local/ns/default/sa/client",
+        ),
+        ("destination_workload", "server"),
+    ];
+    assert!(
+        metric(&text, "istio_tcp_connections_opened_total", &destination) >= 1,
+        "{text}"
+    );
+
+    // SIGTERM with nothing open: the agent drains at once and exits cleanly, well within its
+    // 30 s grace period.
+    let child = agent.child.as_mut().expect("the agent runs");
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the agent") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "the agent exited with {status}");
     drop(controller);
 }
 
@@ -201,10 +301,11 @@ fn a_pod_without_a_traffic_target_is_refused_and_plaintext_to_a_strict_pod_too()
     // No TrafficTarget: default deny.
     let controller = rt.block_on(w.dir.start("127.0.0.1:0".parse().expect("addr"), &[]));
     let app = Sink::start(&w.server, &format!("{SERVER_IP}:8080"));
+    let admin = free_port();
     let _agent = Agent::start(
         Path::new(AGENT),
         &instance("deny"),
-        &agent_args(&w, &controller),
+        &agent_args(&w, &controller, admin),
     );
 
     // Give the agent time to get its configuration and certificates, then call: the
@@ -241,5 +342,19 @@ fn a_pod_without_a_traffic_target_is_refused_and_plaintext_to_a_strict_pod_too()
         app.peers.lock().expect("peers").is_empty(),
         "the app saw a connection"
     );
+
+    // Both refusals are counted with their reason, and the tunnel's on the caller's side too.
+    let text = scrape(admin);
+    let denied = |reporter, reason| {
+        let labels = [
+            ("reporter", reporter),
+            ("destination_workload", "server"),
+            ("reason", reason),
+        ];
+        metric(&text, "mesh_tcp_connections_denied_total", &labels)
+    };
+    assert!(denied("destination", "no_traffic_target") >= 1, "{text}");
+    assert!(denied("source", "destination_denied") >= 1, "{text}");
+    assert!(denied("destination", "plaintext_strict") >= 1, "{text}");
     drop(controller);
 }

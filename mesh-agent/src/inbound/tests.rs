@@ -4,12 +4,14 @@ use std::time::Duration;
 
 use mesh_core::model::{TlsMode, Workload};
 use mesh_core::policy::{InboundPolicy, RouteMatch, Rule, TrafficPolicyMode};
+use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use super::*;
 use crate::hbone::{HboneError, HbonePool, HboneServer, PoolConfig, ServerConfig};
 use crate::identity::testing::{TestCa, TestSigner, id, manager};
+use crate::telemetry::testing::{encode, sample};
 use crate::tls;
 
 const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
@@ -69,16 +71,18 @@ fn hbone_admission_follows_the_traffic_target() {
     );
     let r = admit_hbone(&c, &pod(), &id(ADMIN), at(8080)).expect_err("admin has no target");
     assert_eq!(r.status, DENIED);
+    assert_eq!(r.kind, "no_traffic_target");
     assert!(r.reason.contains("no TrafficTarget"), "{}", r.reason);
     let r = admit_hbone(&c, &pod(), &id(WEB), at(9090)).expect_err("port not covered");
     assert_eq!(r.status, DENIED);
+    assert_eq!(r.kind, "port_not_covered");
     assert!(r.reason.contains("9090"), "{}", r.reason);
     let r = admit_hbone(&c, &pod(), &id(WEB), "10.9.9.9:8080".parse().expect("addr"))
         .expect_err("another pod's address");
-    assert_eq!(r.status, MISDIRECTED);
+    assert_eq!((r.status, r.kind), (MISDIRECTED, "misdirected"));
     let r = admit_hbone(&c, &NamespacedName::new("shop", "gone"), &id(WEB), at(8080))
         .expect_err("unknown pod");
-    assert_eq!(r.status, UNAVAILABLE);
+    assert_eq!((r.status, r.kind), (UNAVAILABLE, "unknown_pod"));
 
     let open = config(TlsMode::Strict, TrafficPolicyMode::Permissive);
     admit_hbone(&open, &pod(), &id(ADMIN), at(9090)).expect("permissive traffic policy");
@@ -89,6 +93,7 @@ fn plaintext_follows_the_tls_mode() {
     let strict = config(TlsMode::Strict, TrafficPolicyMode::Permissive);
     let r = admit_plaintext(&strict, &pod(), SocketAddrV4::new(POD_IP, 8080))
         .expect_err("STRICT refuses plaintext");
+    assert_eq!(r.kind, "plaintext_strict");
     assert!(r.reason.contains("STRICT"), "{}", r.reason);
 
     let permissive = config(TlsMode::Permissive, TrafficPolicyMode::Permissive);
@@ -134,10 +139,13 @@ async fn tunnels_are_admitted_by_the_identity_the_certificate_proves() {
 
     let mut cfg = config(TlsMode::Strict, TrafficPolicyMode::DefaultDeny);
     cfg.policies.get_mut(&pod()).expect("policy").rules[0].ports = vec![app_addr.port()];
+    let mut registry = Registry::default();
+    let telemetry = Telemetry::new(&mut registry);
     let handler = PodInbound {
         pod: pod(),
         store: crate::state::holding(&cfg),
         dial: Arc::new(|addr| Box::pin(TcpStream::connect(addr))),
+        telemetry: telemetry.clone(),
     };
     let tls = tls::server_config(api_mgr, id(API)).expect("server TLS");
     let server = Arc::new(HboneServer::new(tls, handler, ServerConfig::default()).expect("server"));
@@ -174,4 +182,143 @@ async fn tunnels_are_admitted_by_the_identity_the_certificate_proves() {
         Err(e) => panic!("expected a 403 refusal, got {e}"),
         Ok(_) => panic!("admin must not reach api"),
     }
+
+    // The destination's metrics: web's tunnel as mutual TLS with the bytes each way (the
+    // request is "hello api", the response its upper case), admin's refusal as denied.
+    let web = [
+        ("reporter", "destination"),
+        ("source_principal", WEB),
+        ("source_workload_namespace", "shop"),
+        ("destination_workload", "api-0"),
+        ("destination_principal", API),
+        ("mesh_path", "hbone"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    let text = eventually_closed(&registry, &telemetry).await;
+    assert_eq!(
+        sample(&text, "istio_tcp_connections_closed_total", &web),
+        1,
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "istio_tcp_received_bytes_total", &web),
+        9,
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "istio_tcp_sent_bytes_total", &web),
+        9,
+        "{text}"
+    );
+    let denied = [
+        ("reporter", "destination"),
+        ("source_principal", ADMIN),
+        ("destination_workload", "api-0"),
+        ("reason", "no_traffic_target"),
+    ];
+    assert_eq!(
+        sample(&text, "mesh_tcp_connections_denied_total", &denied),
+        1,
+        "{text}"
+    );
+    let closed = [("source_principal", ADMIN), ("response_flags", "DENY")];
+    assert_eq!(
+        sample(&text, "istio_tcp_connections_closed_total", &closed),
+        1,
+        "{text}"
+    );
+}
+
+/// The metrics once no connection is open any more.
+async fn eventually_closed(registry: &Registry, telemetry: &Telemetry) -> String {
+    tokio::time::timeout(Duration::from_secs(10), telemetry.idle())
+        .await
+        .expect("every connection closes");
+    encode(registry)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_is_carried_and_counted_or_refused_by_the_tls_mode() {
+    // The application: answers with what it got, upper-cased.
+    let app = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+    let app_addr = app.local_addr().expect("app address");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = app.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                if s.read_to_end(&mut buf).await.is_ok() {
+                    let _ = s.write_all(&buf.to_ascii_uppercase()).await;
+                }
+            });
+        }
+    });
+    let mut registry = Registry::default();
+    let telemetry = Telemetry::new(&mut registry);
+    // "15006": every connection it accepts is handled by the pod's plaintext side.
+    let serve = |mode: TlsMode| {
+        let handler = Arc::new(PlaintextInbound {
+            pod: pod(),
+            store: crate::state::holding(&config(mode, TrafficPolicyMode::Permissive)),
+            dial: Arc::new(move |_| Box::pin(TcpStream::connect(app_addr))),
+            telemetry: telemetry.clone(),
+            idle_timeout: Duration::from_secs(60),
+        });
+        async move {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 15006");
+            let addr = listener.local_addr().expect("address");
+            tokio::spawn(async move {
+                while let Ok((conn, _)) = listener.accept().await {
+                    let handler = handler.clone();
+                    tokio::spawn(async move { handler.handle(conn).await });
+                }
+            });
+            addr
+        }
+    };
+    let call = |addr: SocketAddr| async move {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        let _ = s.write_all(b"hello").await;
+        let _ = s.shutdown().await;
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+            .await
+            .expect("an answer or a close in time");
+        answer
+    };
+
+    let permissive = serve(TlsMode::Permissive).await;
+    assert_eq!(call(permissive).await, b"HELLO");
+    let strict = serve(TlsMode::Strict).await;
+    assert_eq!(call(strict).await, b"", "STRICT closes plaintext at once");
+
+    let text = eventually_closed(&registry, &telemetry).await;
+    let carried = [
+        ("reporter", "destination"),
+        ("source_principal", "unknown"),
+        ("destination_workload", "api-0"),
+        ("mesh_path", "plaintext"),
+        ("connection_security_policy", "none"),
+        ("response_flags", "-"),
+    ];
+    assert_eq!(
+        sample(&text, "istio_tcp_connections_closed_total", &carried),
+        1,
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "istio_tcp_received_bytes_total", &carried),
+        5,
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "istio_tcp_sent_bytes_total", &carried),
+        5,
+        "{text}"
+    );
+    let denied = [("reporter", "destination"), ("reason", "plaintext_strict")];
+    assert_eq!(
+        sample(&text, "mesh_tcp_connections_denied_total", &denied),
+        1,
+        "{text}"
+    );
 }

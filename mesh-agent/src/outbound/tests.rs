@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use mesh_core::model::{Endpoint, NodeSnapshot, Protocol, Service, ServicePort, TlsMode, Workload};
 use mesh_core::policy::{InboundPolicy, RouteMatch, Rule, TrafficPolicyMode};
+use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -14,6 +15,7 @@ use super::*;
 use crate::hbone::{Dialer, HboneServer, PoolConfig, ServerConfig};
 use crate::identity::testing::{TestCa, TestSigner, id, manager};
 use crate::inbound::PodInbound;
+use crate::telemetry::testing::{encode, sample};
 use crate::tls;
 
 const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
@@ -43,15 +45,41 @@ struct TwoNodes {
     capture: SocketAddr,
     app_connections: Arc<std::sync::atomic::AtomicUsize>,
     results: tokio::sync::mpsc::UnboundedReceiver<Result<Carried, OutboundError>>,
+    /// node-a's connection telemetry (web-0 is the source) and its registry.
+    source: Telemetry,
+    source_metrics: Registry,
+    /// node-b's (api-0 is the destination).
+    destination_metrics: Registry,
+}
+
+/// The labels every web-0 -> api service call carries, whichever side reports it.
+const CALL: [(&str, &str); 6] = [
+    ("source_workload_namespace", "shop"),
+    ("source_principal", WEB),
+    ("destination_workload", "api-0"),
+    ("destination_principal", API),
+    ("mesh_path", "hbone"),
+    ("connection_security_policy", "mutual_tls"),
+];
+
+fn with<'a>(base: &[(&'a str, &'a str)], more: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    base.iter().chain(more).copied().collect()
 }
 
 /// Sets up web-0 on node-a and api-0 on node-b; `allowed` is the identity api-0's
 /// TrafficTarget lets in.
 async fn two_nodes(allowed: &str, egress: Egress) -> TwoNodes {
-    two_nodes_capped(allowed, egress, DEFAULT_MAX_CONNECTIONS).await
+    two_nodes_with(
+        allowed,
+        OutboundConfig {
+            egress,
+            ..OutboundConfig::default()
+        },
+    )
+    .await
 }
 
-async fn two_nodes_capped(allowed: &str, egress: Egress, cap: usize) -> TwoNodes {
+async fn two_nodes_with(allowed: &str, config: OutboundConfig) -> TwoNodes {
     let ca = TestCa::new("outbound-test-ca");
     let hour = Duration::from_secs(3600);
     let (a_mgr, _) = manager(&TestSigner::new(ca.clone(), hour));
@@ -122,10 +150,12 @@ async fn two_nodes_capped(allowed: &str, egress: Egress, cap: usize) -> TwoNodes
     };
 
     // node-b's 15008.
+    let mut destination_metrics = Registry::default();
     let inbound = PodInbound {
         pod: api0.name.clone(),
         store: crate::state::holding(&node_b),
         dial: Arc::new(|addr| Box::pin(TcpStream::connect(addr))),
+        telemetry: Telemetry::new(&mut destination_metrics),
     };
     let tls = tls::server_config(b_mgr, id(API)).expect("server TLS");
     let server = Arc::new(HboneServer::new(tls, inbound, ServerConfig::default()).expect("server"));
@@ -143,13 +173,15 @@ async fn two_nodes_capped(allowed: &str, egress: Egress, cap: usize) -> TwoNodes
         Box::pin(TcpStream::connect(hbone_addr))
     });
     let pool = HbonePool::with_dialer(a_mgr, PoolConfig::default(), dialer).expect("pool");
+    let mut source_metrics = Registry::default();
+    let source = Telemetry::new(&mut source_metrics);
     let outbound = Arc::new(PodOutbound::new(
         web0.name.clone(),
         crate::state::holding(&node_a),
         pool,
         Arc::new(|addr| Box::pin(TcpStream::connect(addr))),
-        egress,
-        cap,
+        config,
+        source.clone(),
     ));
 
     let capture = TcpListener::bind("127.0.0.1:0").await.expect("bind 15001");
@@ -169,7 +201,31 @@ async fn two_nodes_capped(allowed: &str, egress: Egress, cap: usize) -> TwoNodes
         capture: capture_addr,
         app_connections,
         results,
+        source,
+        source_metrics,
+        destination_metrics,
     }
+}
+
+/// Waits until `f` holds on node-b's metrics (its side ends a moment after node-a's).
+async fn destination_eventually(nodes: &TwoNodes, what: &str, f: impl Fn(&str) -> bool) {
+    let text = tokio::time::timeout(WAIT, async {
+        loop {
+            let text = encode(&nodes.destination_metrics);
+            if f(&text) {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "node-b's metrics never showed {what}:\n{}",
+            encode(&nodes.destination_metrics)
+        )
+    });
+    assert!(f(&text));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -198,6 +254,154 @@ async fn a_service_call_crosses_nodes_in_an_hbone_tunnel() {
     assert_eq!(carried.path, Path::Hbone);
     assert_eq!((carried.sent, carried.received), (1_000_000, 1_000_000));
     assert_eq!(nodes.outbound.pool.stats().snapshot().streams_opened, 1);
+
+    // node-a reports the call as its source, node-b as its destination, with the same
+    // Istio labels; requests count as received, responses as sent, whoever reports.
+    let text = encode(&nodes.source_metrics);
+    let source = with(
+        &CALL,
+        &[
+            ("reporter", "source"),
+            ("source_workload", "web-0"),
+            ("destination_service", "api.shop.svc.cluster.local"),
+            ("destination_workload_namespace", "shop"),
+        ],
+    );
+    let m = |name: &str, extra: &[(&str, &str)]| sample(&text, name, &with(&source, extra));
+    assert_eq!(
+        m(
+            "istio_tcp_connections_opened_total",
+            &[("response_flags", "-")]
+        ),
+        1,
+        "{text}"
+    );
+    assert_eq!(
+        m(
+            "istio_tcp_connections_closed_total",
+            &[("response_flags", "-")]
+        ),
+        1,
+        "{text}"
+    );
+    assert_eq!(
+        m("istio_tcp_received_bytes_total", &[]),
+        1_000_000,
+        "{text}"
+    );
+    assert_eq!(m("istio_tcp_sent_bytes_total", &[]), 1_000_000, "{text}");
+    assert!(
+        nodes.source.connections().is_empty(),
+        "the table is empty again"
+    );
+
+    // The destination knows the caller by its certificate only.
+    let destination = with(
+        &CALL,
+        &[("reporter", "destination"), ("source_workload", "unknown")],
+    );
+    destination_eventually(&nodes, "the closed tunnel", |text| {
+        let m = |name: &str| sample(text, name, &destination);
+        m("istio_tcp_connections_closed_total") == 1
+            && m("istio_tcp_received_bytes_total") == 1_000_000
+            && m("istio_tcp_sent_bytes_total") == 1_000_000
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_count_while_the_connection_is_open() {
+    let nodes = two_nodes(WEB, Egress::Deny).await;
+    let mut app = TcpStream::connect(nodes.capture).await.expect("connect");
+    app.write_all(&[7u8; 1000]).await.expect("write");
+    let mut echo = [0u8; 1000];
+    tokio::time::timeout(WAIT, app.read_exact(&mut echo))
+        .await
+        .expect("echo in time")
+        .expect("echo");
+
+    // Still open: the table and the byte counters already show both directions.
+    let conns = nodes.source.connections();
+    assert_eq!(conns.len(), 1, "{conns:?}");
+    let c = &conns[0];
+    assert_eq!((c.bytes_to_dst, c.bytes_to_src), (1000, 1000));
+    assert_eq!(c.direction, "outbound");
+    assert_eq!(c.dst.identity, Some(id(API)));
+    let text = encode(&nodes.source_metrics);
+    assert_eq!(
+        sample(&text, "istio_tcp_received_bytes_total", &CALL),
+        1000,
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "istio_tcp_sent_bytes_total", &CALL),
+        1000,
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "istio_tcp_connections_closed_total", &CALL),
+        0,
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_idle_for_the_timeout_is_closed_and_a_busy_one_is_not() {
+    let idle = Duration::from_millis(200);
+    let mut nodes = two_nodes_with(
+        WEB,
+        OutboundConfig {
+            egress: Egress::Deny,
+            idle_timeout: idle,
+            ..OutboundConfig::default()
+        },
+    )
+    .await;
+    let ping = |mut s: TcpStream| async move {
+        s.write_all(b"ping").await.expect("write");
+        let mut buf = [0u8; 4];
+        tokio::time::timeout(WAIT, s.read_exact(&mut buf))
+            .await
+            .expect("echo in time")
+            .expect("echo");
+        s
+    };
+    let quiet = ping(TcpStream::connect(nodes.capture).await.expect("connect")).await;
+    let last_byte = std::time::Instant::now();
+    let mut busy = ping(TcpStream::connect(nodes.capture).await.expect("connect")).await;
+
+    // The busy connection carries a byte every 50 ms, well within the timeout, for three
+    // timeouts' worth; the quiet one carries nothing.
+    let quiet = tokio::spawn(async move {
+        let mut quiet = quiet;
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(WAIT, quiet.read_to_end(&mut rest)).await;
+        (read, rest, last_byte.elapsed())
+    });
+    for _ in 0..12 {
+        busy = ping(busy).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (read, rest, after) = quiet.await.expect("task");
+    assert!(read.is_ok(), "the quiet connection was closed");
+    assert!(rest.is_empty(), "{rest:?}");
+    assert!(after >= idle, "closed after {after:?}, before the timeout");
+    let e = nodes
+        .results
+        .recv()
+        .await
+        .expect("result")
+        .expect_err("idle");
+    assert_eq!(e.kind(), "idle_timeout");
+    let text = encode(&nodes.source_metrics);
+    let idle_closed = with(&CALL, &[("response_flags", "IDLE")]);
+    assert_eq!(
+        sample(&text, "istio_tcp_connections_closed_total", &idle_closed),
+        1,
+        "{text}"
+    );
+    let busy = ping(busy).await;
+    drop(busy);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -236,6 +440,39 @@ async fn a_denied_call_is_closed_promptly_and_never_reaches_the_app() {
         0,
         "the application never saw a connection"
     );
+
+    // Both sides count the denial: node-b with its policy's reason, node-a with the answer.
+    let denied = [
+        ("source_principal", WEB),
+        ("destination_workload", "api-0"),
+        ("destination_workload_namespace", "shop"),
+    ];
+    let text = encode(&nodes.source_metrics);
+    let source = with(
+        &denied,
+        &[("reporter", "source"), ("reason", "destination_denied")],
+    );
+    assert_eq!(
+        sample(&text, "mesh_tcp_connections_denied_total", &source),
+        1,
+        "{text}"
+    );
+    let closed = with(&CALL, &[("reporter", "source"), ("response_flags", "DENY")]);
+    assert_eq!(
+        sample(&text, "istio_tcp_connections_closed_total", &closed),
+        1,
+        "{text}"
+    );
+    let text = encode(&nodes.destination_metrics);
+    let destination = with(
+        &denied,
+        &[("reporter", "destination"), ("reason", "no_traffic_target")],
+    );
+    assert_eq!(
+        sample(&text, "mesh_tcp_connections_denied_total", &destination),
+        1,
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,6 +488,13 @@ async fn destinations_outside_the_mesh_follow_the_egress_setting() {
         .expect_err("egress denied");
     assert_eq!(e.kind(), "egress_denied");
     drop(client);
+    let text = encode(&nodes.source_metrics);
+    let denied = [("reporter", "source"), ("reason", "egress_denied")];
+    assert_eq!(
+        sample(&text, "mesh_tcp_connections_denied_total", &denied),
+        1,
+        "{text}"
+    );
 
     let nodes = two_nodes(WEB, Egress::Allow).await;
     let sink = TcpListener::bind("127.0.0.3:0").await.expect("bind");
@@ -273,6 +517,24 @@ async fn destinations_outside_the_mesh_follow_the_egress_setting() {
     drop(client);
     let carried = handled.await.expect("task").expect("carried");
     assert_eq!(carried.path, Path::Direct);
+    let text = encode(&nodes.source_metrics);
+    let direct = [
+        ("reporter", "source"),
+        ("mesh_path", "direct"),
+        ("connection_security_policy", "none"),
+        ("destination_principal", "unknown"),
+        ("response_flags", "-"),
+    ];
+    assert_eq!(
+        sample(&text, "istio_tcp_connections_closed_total", &direct),
+        1,
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "istio_tcp_sent_bytes_total", &direct[..4]),
+        7,
+        "{text}"
+    );
 }
 
 async fn loopback_pair() -> (TcpStream, TcpStream) {
@@ -284,7 +546,15 @@ async fn loopback_pair() -> (TcpStream, TcpStream) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connection_cap_refuses_with_a_clear_error() {
-    let mut nodes = two_nodes_capped(WEB, Egress::Deny, 1).await;
+    let mut nodes = two_nodes_with(
+        WEB,
+        OutboundConfig {
+            egress: Egress::Deny,
+            max_connections: 1,
+            ..OutboundConfig::default()
+        },
+    )
+    .await;
     // The first connection stays open (the app echoes until we half-close).
     let mut first = TcpStream::connect(nodes.capture).await.expect("connect");
     first.write_all(b"ping").await.expect("write");
@@ -302,5 +572,12 @@ async fn the_connection_cap_refuses_with_a_clear_error() {
         .expect_err("over the cap");
     assert_eq!(e.kind(), "connection_cap");
     assert!(e.to_string().contains("(the cap)"), "{e}");
+    let text = encode(&nodes.source_metrics);
+    let overflow = [("reporter", "source"), ("response_flags", "UO")];
+    assert_eq!(
+        sample(&text, "istio_tcp_connections_closed_total", &overflow),
+        1,
+        "{text}"
+    );
     drop(first);
 }
