@@ -6,6 +6,7 @@ pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod ca;
+pub mod cli;
 pub mod compile;
 pub mod config;
 pub mod index;

@@ -504,5 +504,6 @@ pub fn fill(buf: &mut [u8], offset: u64) {
     }
 }
 
+pub mod cluster;
 pub mod inprocess;
 pub mod sniff;

@@ -24,8 +24,14 @@ pub struct Sniffer {
 impl Sniffer {
     /// Captures every IPv4 TCP segment on `iface` of `netns`.
     pub fn start(netns: &Netns, iface: &str) -> Sniffer {
+        Sniffer::start_in(netns.file(), iface)
+    }
+
+    /// Captures every IPv4 TCP segment on `iface` of the namespace `ns` (an open
+    /// `/run/netns/<name>`).
+    pub fn start_in(ns: std::fs::File, iface: &str) -> Sniffer {
         let stop = Arc::new(AtomicBool::new(false));
-        let (ns, iface, flag) = (netns.file(), iface.to_string(), stop.clone());
+        let (iface, flag) = (iface.to_string(), stop.clone());
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
             nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");

@@ -2,7 +2,7 @@
 //!
 //! - `cargo xtask prereqs`: install what the build needs, only what is missing.
 //! - `cargo xtask test`: the project's test command (format, lints, every test tier).
-//! - `cargo xtask demo`: build and check this machine's kernel with the agent.
+//! - `cargo xtask demo`: the single-machine mesh: a simulated cluster and the demo scenario.
 //! - `cargo xtask clean`: remove what an interrupted test run left behind.
 use std::{
     fs,
@@ -37,8 +37,16 @@ enum Task {
         #[arg(last = true)]
         rest: Vec<String>,
     },
-    /// Install prerequisites, build the agent, and check this machine's kernel with it.
-    Demo,
+    /// The mesh on this machine (root): a simulated two-node cluster runs a scenario that shows
+    /// mTLS between pods, policy, a traffic split and the kernel counters, then tears down.
+    Demo {
+        /// Keep the cluster up afterwards and print how to reach it.
+        #[arg(long)]
+        keep: bool,
+        /// Remove a cluster kept with --keep (or left by a killed run) and stop.
+        #[arg(long, conflicts_with = "keep")]
+        down: bool,
+    },
     /// Remove leftovers of interrupted test runs (namespaces, cgroups, pinned objects).
     Clean,
     /// Measure the app <-> proxy hop: direct, iptables REDIRECT, eBPF, eBPF + sk_msg (root).
@@ -57,7 +65,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Task::Prereqs => prereqs::ensure(),
         Task::Test { no_lint, rest } => test(no_lint, &rest),
-        Task::Demo => demo(),
+        Task::Demo { keep, down } => demo(keep, down),
         Task::Clean => clean().map(|n| println!("removed {n} leftover objects")),
         Task::Bench { quick, json } => bench(quick, json),
     };
@@ -215,11 +223,21 @@ fn bench(quick: bool, json: Option<PathBuf>) -> Result<()> {
     run(&mut cmd, "mesh-hopbench")
 }
 
-fn demo() -> Result<()> {
+fn demo(keep: bool, down: bool) -> Result<()> {
+    if !is_root() {
+        bail!(
+            "the demo needs root: it creates network namespaces and cgroups and loads eBPF \
+             programs. Run: sudo -E cargo xtask demo"
+        );
+    }
+    let sim = root().join("target/debug/mesh-sim");
+    if down {
+        return run(Command::new(&sim).arg("down"), "mesh-sim down");
+    }
     prereqs::ensure()?;
-    step("build the agent (kernel programs included)");
+    step("build the agent, the controller and the demo applications");
     run(
-        cargo().args(["build", "--package", "mesh-agent"]),
+        cargo().args(["build", "--package", "mesh-tests", "--bins"]),
         "cargo build",
     )?;
     step("mesh-agent doctor: this kernel against what the datapath needs");
@@ -227,11 +245,18 @@ fn demo() -> Result<()> {
         Command::new(root().join("target/debug/mesh-agent")).arg("doctor"),
         "mesh-agent doctor",
     )?;
-    println!(
-        "\nThe datapath loads on this machine. The privileged tests show it steering real \
-         traffic:\n  sudo cargo xtask test -- --test datapath"
-    );
-    Ok(())
+    step("the mesh on this machine");
+    let mut cmd = Command::new(&sim);
+    cmd.current_dir(root()).arg("demo");
+    if keep {
+        cmd.arg("--keep");
+    }
+    run(&mut cmd, "mesh-sim demo")
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }
 
 /// What test runs create: `mt<pid>*` namespaces, `mesh-test-*` cgroups, `mt<pid>-*` pins.
@@ -253,7 +278,9 @@ fn leftovers() -> Vec<PathBuf> {
     for mount in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
         if let Ok(entries) = fs::read_dir(mount) {
             for e in entries.flatten() {
-                if e.file_name().to_string_lossy().starts_with("mesh-test-") {
+                let name = e.file_name().to_string_lossy().to_string();
+                let sim_test = name.strip_prefix("mesh-sim-").is_some_and(&is_test_name);
+                if name.starts_with("mesh-test-") || sim_test {
                     found.push(e.path());
                 }
             }
@@ -274,16 +301,27 @@ fn clean() -> Result<usize> {
         } else if s.starts_with("/sys/fs/bpf/") {
             fs::remove_dir_all(path).with_context(|| format!("remove {s}"))?;
         } else {
-            if let Ok(procs) = fs::read_to_string(path.join("cgroup.procs")) {
-                for pid in procs.lines() {
-                    let _ = Command::new("kill").args(["-9", pid.trim()]).status();
-                }
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-            fs::remove_dir(path).with_context(|| format!("remove cgroup {s}"))?;
+            remove_cgroup_tree(path).with_context(|| format!("remove cgroup {s}"))?;
         }
     }
     Ok(found.len())
+}
+
+/// Kills the processes of a cgroup and its children, then removes them, deepest first.
+fn remove_cgroup_tree(path: &Path) -> Result<()> {
+    for child in fs::read_dir(path)?.flatten() {
+        if child.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_cgroup_tree(&child.path())?;
+        }
+    }
+    if let Ok(procs) = fs::read_to_string(path.join("cgroup.procs")) {
+        for pid in procs.lines() {
+            let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    fs::remove_dir(path)?;
+    Ok(())
 }
 
 #[cfg(test)]

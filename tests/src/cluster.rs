@@ -1,0 +1,1003 @@
+//! A simulated cluster on one Linux machine: every node and every pod is a network namespace,
+//! every pod has its own cgroup v2, the controller runs on a directory of Kubernetes YAML, and
+//! one agent per node runs inside that node's namespace.
+//!
+//! Topology (all addresses are private to the namespaces this module creates):
+//!
+//! ```text
+//!   <p>-fabric: bridge br0 10.90.0.1/24, the controller on 10.90.0.1:15012
+//!      |  veth per node
+//!   <p>-<node>: eth0 10.90.0.(10+i)/24, bridge cni0 10.244.(i+1).1/24, forwarding on,
+//!      |        a route to every other node's pod CIDR via that node's eth0, the agent
+//!      |  veth per pod
+//!   <p>-<node>-<pod>: eth0 10.244.(i+1).(10+j)/24, default via 10.244.(i+1).1, the app
+//! ```
+//!
+//! Services get VIPs from 10.96.0.0/16 in their YAML; nothing routes them, only the mesh
+//! resolves them. Everything carries the prefix `<p>` (namespaces, the cgroup subtree
+//! `mesh-sim-<p>`, the agents' pinned state `<p>-<node>`, the state directory), so
+//! [`cleanup`] removes what a killed run left behind.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    fs,
+    io::{BufRead, BufReader, Read},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use nix::sched::{CloneFlags, setns};
+use serde::Deserialize;
+
+/// The fabric's address: the bridge joining the nodes, and the controller.
+pub const CONTROLLER_IP: Ipv4Addr = Ipv4Addr::new(10, 90, 0, 1);
+/// The controller's gRPC port.
+pub const CONTROLLER_PORT: u16 = 15012;
+/// Where the agents' admin endpoint listens inside each node's namespace.
+pub const AGENT_ADMIN: &str = "127.0.0.1:15000";
+/// What the agents capture: pod CIDRs and service VIPs.
+pub const CAPTURE: [&str; 2] = ["10.244.0.0/16", "10.96.0.0/16"];
+/// The bootstrap token of every simulated node.
+const TOKEN: &str = "mesh-sim-bootstrap-token-0123456789";
+const MAX_NODES: usize = 200;
+const MAX_PODS_PER_NODE: usize = 240;
+
+// === The description ===
+
+/// `cluster.yaml`: the nodes and their pods.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSpec {
+    pub nodes: Vec<NodeSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSpec {
+    pub name: String,
+    #[serde(default)]
+    pub pods: Vec<PodSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PodSpec {
+    pub namespace: String,
+    pub name: String,
+    /// Defaults to `default`.
+    #[serde(default)]
+    pub service_account: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// `strict` (default) or `permissive`: the pod's `mesh.io/tls-mode`.
+    #[serde(default)]
+    pub tls_mode: Option<String>,
+    /// The ports the pod's application listens on (the containers' ports): inbound TCP to them
+    /// is steered to the node proxy, which applies the pod's TLS mode and policy.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    /// The command the pod runs (program and arguments). `{pod}` and `{ip}` are replaced by
+    /// the pod's name and address. Empty: the pod runs nothing (a client shell).
+    #[serde(default)]
+    pub run: Vec<String>,
+}
+
+impl ClusterSpec {
+    pub fn parse(yaml: &str) -> Result<ClusterSpec> {
+        let spec: ClusterSpec =
+            serde_yaml_ng::from_str(yaml).context("cluster description is not valid")?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    fn validate(&self) -> Result<()> {
+        ensure!(!self.nodes.is_empty(), "nodes: at least one node is needed");
+        ensure!(
+            self.nodes.len() <= MAX_NODES,
+            "nodes: at most {MAX_NODES} nodes"
+        );
+        let mut nodes = BTreeSet::new();
+        let mut pods = BTreeSet::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            dns_label(&node.name).with_context(|| format!("nodes[{i}].name"))?;
+            ensure!(
+                node.name.len() <= 20,
+                "nodes[{i}].name: {:?} is longer than 20 characters",
+                node.name
+            );
+            ensure!(
+                nodes.insert(node.name.as_str()),
+                "nodes[{i}].name: {:?} appears twice",
+                node.name
+            );
+            ensure!(
+                node.pods.len() <= MAX_PODS_PER_NODE,
+                "nodes[{i}].pods: at most {MAX_PODS_PER_NODE} pods per node"
+            );
+            for (j, pod) in node.pods.iter().enumerate() {
+                let at = format!("nodes[{i}].pods[{j}]");
+                dns_label(&pod.namespace).with_context(|| format!("{at}.namespace"))?;
+                dns_label(&pod.name).with_context(|| format!("{at}.name"))?;
+                if let Some(sa) = &pod.service_account {
+                    dns_label(sa).with_context(|| format!("{at}.serviceAccount"))?;
+                }
+                for port in &pod.ports {
+                    ensure!(
+                        *port != 0 && ![15001, 15006, 15008, 15000, 15020].contains(port),
+                        "{at}.ports: {port} is 0 or a port the mesh uses"
+                    );
+                }
+                if let Some(mode) = &pod.tls_mode {
+                    ensure!(
+                        mode == "strict" || mode == "permissive",
+                        "{at}.tlsMode: {mode:?} is not strict or permissive"
+                    );
+                }
+                ensure!(
+                    pods.insert((pod.namespace.as_str(), pod.name.as_str())),
+                    "{at}: pod {}/{} appears twice",
+                    pod.namespace,
+                    pod.name
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+fn dns_label(s: &str) -> Result<()> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    ensure!(
+        ok,
+        "{s:?} is not a DNS label (lowercase letters, digits, '-', at most 63)"
+    );
+    Ok(())
+}
+
+// === Names ===
+
+/// The names of everything one cluster creates.
+#[derive(Debug, Clone)]
+pub struct Names {
+    pub prefix: String,
+}
+
+impl Names {
+    pub fn fabric(&self) -> String {
+        format!("{}-fabric", self.prefix)
+    }
+    pub fn node(&self, node: &str) -> String {
+        format!("{}-{node}", self.prefix)
+    }
+    pub fn pod(&self, node: &str, ns: &str, pod: &str) -> String {
+        format!("{}-{node}-{ns}-{pod}", self.prefix)
+    }
+    pub fn instance(&self, node: &str) -> String {
+        format!("{}-{node}", self.prefix)
+    }
+    pub fn cgroup_root(&self, mount: &Path) -> PathBuf {
+        mount.join(format!("mesh-sim-{}", self.prefix))
+    }
+    pub fn state_dir(&self) -> PathBuf {
+        std::env::temp_dir().join(format!("mesh-sim-{}", self.prefix))
+    }
+}
+
+// === Commands ===
+
+fn run(args: &[&str]) -> Result<()> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("run {}", args[0]))?;
+    ensure!(
+        out.status.success(),
+        "`{}` failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+fn ip(ns: &str, args: &[&str]) -> Result<()> {
+    let mut all = vec!["ip", "-n", ns];
+    all.extend_from_slice(args);
+    run(&all)
+}
+
+fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "sysctl",
+        "-qw",
+        &format!("{key}={value}"),
+    ])
+}
+
+/// A command that runs inside `cgroup` (joined first) and the network namespace at `netns`.
+pub fn command_in(program: &Path, cgroup: &Path, netns: &Path) -> Result<Command> {
+    let procs = fs::OpenOptions::new()
+        .write(true)
+        .open(cgroup.join("cgroup.procs"))
+        .with_context(|| format!("open {}/cgroup.procs", cgroup.display()))?;
+    let ns = fs::File::open(netns).with_context(|| format!("open {}", netns.display()))?;
+    let mut cmd = Command::new(program);
+    // SAFETY: between fork and exec only write(2) and setns(2), both async-signal-safe, on
+    // descriptors opened before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            use std::io::Write as _;
+            use std::os::fd::AsFd as _;
+            let mut f = &procs;
+            f.write_all(b"0")?;
+            setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+    Ok(cmd)
+}
+
+/// A process of the cluster with its output going to a log file.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The last `n` lines of its log.
+    pub fn tail(&self, n: usize) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+/// Starts `cmd` with stderr to `log`, and waits for a stdout line starting with `ready`.
+fn spawn_ready(mut cmd: Command, log: &Path, ready: &str, limit: Duration) -> Result<Proc> {
+    let err = fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(err)
+        .stdin(Stdio::null())
+        .spawn()
+        .context("spawn")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let log_path = log.to_path_buf();
+    thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let first = lines.next();
+        let _ = tx.send(first.and_then(Result::ok));
+        // Keep draining stdout into the log so the process never blocks on a full pipe.
+        let mut rest = String::new();
+        for line in lines.map_while(Result::ok) {
+            rest.push_str(&line);
+            rest.push('\n');
+            if let Ok(mut f) = fs::OpenOptions::new().append(true).open(&log_path) {
+                use std::io::Write as _;
+                let _ = f.write_all(rest.as_bytes());
+                rest.clear();
+            }
+        }
+    });
+    let mut proc = Proc {
+        child,
+        log: log.to_path_buf(),
+    };
+    match rx.recv_timeout(limit) {
+        Ok(Some(line)) if line.starts_with(ready) => Ok(proc),
+        other => {
+            proc.kill();
+            bail!(
+                "did not report {ready:?} (got {other:?}); last lines of {}:\n{}",
+                log.display(),
+                proc.tail(30)
+            )
+        }
+    }
+}
+
+// === The cluster ===
+
+/// Where the binaries are.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub agent: PathBuf,
+    pub controller: PathBuf,
+    /// Directory prepended to the pods' PATH (demo applications).
+    pub apps: PathBuf,
+}
+
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    pub node: String,
+    pub ip: Ipv4Addr,
+    pub netns: String,
+    pub cgroup: PathBuf,
+    pub spec: PodSpec,
+    pub app: Option<Proc>,
+}
+
+impl Pod {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    pub fn netns_path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.netns)
+    }
+
+    /// The agent's `--pod` argument for this pod.
+    fn agent_arg(&self) -> String {
+        format!(
+            "--pod=name={}/{},cgroup={},netns={},ip={},iface=eth0{}{}",
+            self.namespace,
+            self.name,
+            self.cgroup.display(),
+            self.netns_path().display(),
+            self.ip,
+            if self.spec.ports.is_empty() {
+                String::new()
+            } else {
+                let ports: Vec<String> = self.spec.ports.iter().map(u16::to_string).collect();
+                format!(",inbound={}", ports.join("+"))
+            },
+            match self.spec.tls_mode.as_deref() {
+                Some("permissive") => ",mode=permissive",
+                _ => "",
+            }
+        )
+    }
+}
+
+pub struct Node {
+    pub name: String,
+    pub index: usize,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub agent: Option<Proc>,
+    pub agent_cgroup: PathBuf,
+}
+
+pub struct Cluster {
+    pub names: Names,
+    pub bins: Binaries,
+    pub nodes: Vec<Node>,
+    pub pods: Vec<Pod>,
+    pub controller: Option<Proc>,
+    pub state: PathBuf,
+    cgroup_root: PathBuf,
+    /// Extra arguments for every agent, and for the controller.
+    agent_args: Vec<String>,
+    controller_args: Vec<String>,
+    torn_down: bool,
+}
+
+impl Cluster {
+    /// Brings the cluster up: removes leftovers of the same prefix, builds the network, writes
+    /// the controller's directory (the user's `resources` plus a Pod and a Namespace object per
+    /// simulated pod), starts the controller, the agents and the pods' applications.
+    /// `progress` is told each step.
+    pub fn up(
+        prefix: &str,
+        spec: &ClusterSpec,
+        resources: &Path,
+        bins: Binaries,
+        agent_args: &[String],
+        controller_args: &[String],
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Cluster> {
+        let names = Names {
+            prefix: prefix.into(),
+        };
+        let removed = cleanup(prefix)?;
+        if removed > 0 {
+            progress(&format!(
+                "removed {removed} leftovers of an earlier run ({prefix})"
+            ));
+        }
+        let mount = mesh_agent::cgroup::v2_mount().context("cgroup v2")?;
+        let cgroup_root = names.cgroup_root(&mount);
+        fs::create_dir(&cgroup_root)
+            .with_context(|| format!("create {}", cgroup_root.display()))?;
+        let state = names.state_dir();
+        fs::create_dir_all(state.join("resources"))?;
+        fs::create_dir_all(state.join("logs"))?;
+        let mut cluster = Cluster {
+            names,
+            bins,
+            nodes: vec![],
+            pods: vec![],
+            controller: None,
+            state,
+            cgroup_root,
+            agent_args: agent_args.to_vec(),
+            controller_args: controller_args.to_vec(),
+            torn_down: false,
+        };
+        progress(&format!(
+            "network: fabric + {} nodes + {} pods",
+            spec.nodes.len(),
+            spec.nodes.iter().map(|n| n.pods.len()).sum::<usize>()
+        ));
+        cluster.build_network(spec)?;
+        cluster.write_resources(resources)?;
+        progress("controller (local directory source)");
+        cluster.start_controller()?;
+        for i in 0..cluster.nodes.len() {
+            progress(&format!("agent on {}", cluster.nodes[i].name));
+            cluster.start_agent(i)?;
+        }
+        progress("applications");
+        for j in 0..cluster.pods.len() {
+            cluster.start_app(j)?;
+        }
+        Ok(cluster)
+    }
+
+    fn build_network(&mut self, spec: &ClusterSpec) -> Result<()> {
+        let fabric = self.names.fabric();
+        netns_add(&fabric)?;
+        ip(&fabric, &["link", "add", "br0", "type", "bridge"])?;
+        ip(
+            &fabric,
+            &["addr", "add", &format!("{CONTROLLER_IP}/24"), "dev", "br0"],
+        )?;
+        ip(&fabric, &["link", "set", "br0", "up"])?;
+        for (i, n) in spec.nodes.iter().enumerate() {
+            let ns = self.names.node(&n.name);
+            netns_add(&ns)?;
+            let node_ip = Ipv4Addr::new(10, 90, 0, 10 + i as u8);
+            let port = format!("n{i}");
+            ip(
+                &ns,
+                &[
+                    "link", "add", "eth0", "type", "veth", "peer", "name", &port, "netns", &fabric,
+                ],
+            )?;
+            ip(&fabric, &["link", "set", &port, "master", "br0", "up"])?;
+            ip(
+                &ns,
+                &["addr", "add", &format!("{node_ip}/24"), "dev", "eth0"],
+            )?;
+            ip(&ns, &["link", "set", "eth0", "up"])?;
+            ip(&ns, &["link", "add", "cni0", "type", "bridge"])?;
+            ip(
+                &ns,
+                &[
+                    "addr",
+                    "add",
+                    &format!("10.244.{}.1/24", i + 1),
+                    "dev",
+                    "cni0",
+                ],
+            )?;
+            ip(&ns, &["link", "set", "cni0", "up"])?;
+            sysctl(&ns, "net.ipv4.ip_forward", "1")?;
+            for (k, _) in spec.nodes.iter().enumerate().filter(|(k, _)| *k != i) {
+                ip(
+                    &ns,
+                    &[
+                        "route",
+                        "add",
+                        &format!("10.244.{}.0/24", k + 1),
+                        "via",
+                        &format!("10.90.0.{}", 10 + k),
+                    ],
+                )?;
+            }
+            let agent_cgroup = self.cgroup_root.join(format!("agent-{}", n.name));
+            fs::create_dir(&agent_cgroup)?;
+            self.nodes.push(Node {
+                name: n.name.clone(),
+                index: i,
+                netns: ns,
+                ip: node_ip,
+                agent: None,
+                agent_cgroup,
+            });
+            for (j, p) in n.pods.iter().enumerate() {
+                self.add_pod_network(i, j, p)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn add_pod_network(&mut self, i: usize, j: usize, p: &PodSpec) -> Result<()> {
+        let node = &self.nodes[i];
+        let ns = self.names.pod(&node.name, &p.namespace, &p.name);
+        netns_add(&ns)?;
+        let pod_ip = Ipv4Addr::new(10, 244, i as u8 + 1, 10 + j as u8);
+        let port = format!("p{j}");
+        ip(
+            &ns,
+            &[
+                "link",
+                "add",
+                "eth0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &port,
+                "netns",
+                &node.netns,
+            ],
+        )?;
+        ip(&node.netns, &["link", "set", &port, "master", "cni0", "up"])?;
+        ip(
+            &ns,
+            &["addr", "add", &format!("{pod_ip}/24"), "dev", "eth0"],
+        )?;
+        ip(&ns, &["link", "set", "eth0", "up"])?;
+        ip(
+            &ns,
+            &[
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.244.{}.1", i + 1),
+            ],
+        )?;
+        let cgroup = self
+            .cgroup_root
+            .join(format!("pod-{}-{}-{}", node.name, p.namespace, p.name));
+        fs::create_dir(&cgroup)?;
+        self.pods.push(Pod {
+            namespace: p.namespace.clone(),
+            name: p.name.clone(),
+            node: node.name.clone(),
+            ip: pod_ip,
+            netns: ns,
+            cgroup,
+            spec: p.clone(),
+            app: None,
+        });
+        Ok(())
+    }
+
+    /// The controller's directory: the user's resources, then generated Namespaces and Pods.
+    fn write_resources(&self, resources: &Path) -> Result<()> {
+        let dir = self.state.join("resources");
+        for entry in
+            fs::read_dir(resources).with_context(|| format!("read {}", resources.display()))?
+        {
+            let path = entry?.path();
+            let yaml = path.extension().is_some_and(|e| e == "yaml" || e == "yml");
+            if yaml && let Some(name) = path.file_name() {
+                fs::copy(&path, dir.join(name))
+                    .with_context(|| format!("copy {}", path.display()))?;
+            }
+        }
+        fs::write(dir.join("zz-cluster-pods.yaml"), self.pods_yaml())?;
+        fs::write(
+            self.state.join("tokens"),
+            format!("{TOKEN} * 2999-01-01T00:00:00Z\n"),
+        )?;
+        fs::write(self.state.join("token"), TOKEN)?;
+        Ok(())
+    }
+
+    /// Namespace (enrolled) and Pod objects for the simulated pods, as the API server would
+    /// hold them.
+    pub fn pods_yaml(&self) -> String {
+        let mut out = String::new();
+        let namespaces: BTreeSet<&str> = self.pods.iter().map(|p| p.namespace.as_str()).collect();
+        for ns in namespaces {
+            let _ = write!(
+                out,
+                "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n  labels:\n    mesh.io/enrolled: \"true\"\n---\n"
+            );
+        }
+        for p in &self.pods {
+            let labels: String = p
+                .spec
+                .labels
+                .iter()
+                .map(|(k, v)| format!("    {k}: {}\n", yaml_str(v)))
+                .collect();
+            let _ = write!(
+                out,
+                "apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  namespace: {ns}
+  uid: {prefix}-{ns}-{name}
+  labels:
+{labels_or_empty}  annotations:
+    mesh.io/tls-mode: {mode}
+    mesh.io/cgroup: {cgroup}
+    mesh.io/netns: {netns}
+spec:
+  nodeName: {node}
+  serviceAccountName: {sa}
+  containers:
+  - name: app
+    image: local
+{ports}status:
+  phase: Running
+  podIP: {ip}
+  podIPs:
+  - ip: {ip}
+---
+",
+                name = p.name,
+                ns = p.namespace,
+                prefix = self.names.prefix,
+                labels_or_empty = if labels.is_empty() {
+                    "    mesh.io/sim: \"true\"\n".to_string()
+                } else {
+                    labels
+                },
+                mode = p.spec.tls_mode.as_deref().unwrap_or("strict"),
+                cgroup = p.cgroup.display(),
+                netns = p.netns_path().display(),
+                node = p.node,
+                sa = p.spec.service_account.as_deref().unwrap_or("default"),
+                ip = p.ip,
+                ports = if p.spec.ports.is_empty() {
+                    String::new()
+                } else {
+                    let list: String = p
+                        .spec
+                        .ports
+                        .iter()
+                        .map(|port| format!("    - containerPort: {port}\n"))
+                        .collect();
+                    format!("    ports:\n{list}")
+                },
+            );
+        }
+        out
+    }
+
+    pub fn controller_addr(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(CONTROLLER_IP, CONTROLLER_PORT)
+    }
+
+    /// Starts (or restarts) the controller in the fabric namespace.
+    pub fn start_controller(&mut self) -> Result<()> {
+        let cgroup = self.cgroup_root.join("controller");
+        if !cgroup.exists() {
+            fs::create_dir(&cgroup)?;
+        }
+        let mut cmd = command_in(
+            &self.bins.controller,
+            &cgroup,
+            &PathBuf::from("/run/netns").join(self.names.fabric()),
+        )?;
+        cmd.args(["--local-dir"])
+            .arg(self.state.join("resources"))
+            .arg("--ca-dir")
+            .arg(self.state.join("ca"))
+            .arg("--bootstrap-tokens")
+            .arg(self.state.join("tokens"))
+            .args(["--listen", &self.controller_addr().to_string()])
+            .args(&self.controller_args);
+        let log = self.state.join("logs/controller.log");
+        self.controller = Some(
+            spawn_ready(cmd, &log, "READY", Duration::from_secs(30))
+                .context("start the controller")?,
+        );
+        Ok(())
+    }
+
+    pub fn stop_controller(&mut self) {
+        if let Some(mut c) = self.controller.take() {
+            c.kill();
+        }
+    }
+
+    fn agent_command(&self, i: usize) -> Result<Command> {
+        let node = &self.nodes[i];
+        let mut cmd = command_in(
+            &self.bins.agent,
+            &node.agent_cgroup,
+            &PathBuf::from("/run/netns").join(&node.netns),
+        )?;
+        cmd.args(["run", "--instance", &self.names.instance(&node.name)])
+            .arg("--cgroup")
+            .arg(&node.agent_cgroup)
+            .arg(format!("--node={}", node.name))
+            .arg(format!("--controller=https://{}", self.controller_addr()))
+            .arg(format!(
+                "--controller-ca={}",
+                self.state.join("ca/ca.crt").display()
+            ))
+            .arg(format!(
+                "--bootstrap-token-file={}",
+                self.state.join("token").display()
+            ));
+        for c in CAPTURE {
+            cmd.arg(format!("--capture={c}"));
+        }
+        for p in self.pods.iter().filter(|p| p.node == node.name) {
+            cmd.arg(p.agent_arg());
+        }
+        cmd.args(&self.agent_args);
+        Ok(cmd)
+    }
+
+    /// Starts (or restarts) the agent of node `i` and waits until it is ready.
+    pub fn start_agent(&mut self, i: usize) -> Result<()> {
+        let cmd = self.agent_command(i)?;
+        let log = self
+            .state
+            .join(format!("logs/agent-{}.log", self.nodes[i].name));
+        let proc = spawn_ready(cmd, &log, "READY", Duration::from_secs(60))
+            .with_context(|| format!("start the agent of {}", self.nodes[i].name))?;
+        self.nodes[i].agent = Some(proc);
+        Ok(())
+    }
+
+    /// Kills the agent of node `i` (SIGKILL: its datapath stays pinned, as after a crash).
+    pub fn kill_agent(&mut self, i: usize) {
+        if let Some(mut a) = self.nodes[i].agent.take() {
+            a.kill();
+        }
+    }
+
+    fn start_app(&mut self, j: usize) -> Result<()> {
+        let pod = &self.pods[j];
+        if pod.spec.run.is_empty() {
+            return Ok(());
+        }
+        let argv: Vec<String> = pod
+            .spec
+            .run
+            .iter()
+            .map(|a| {
+                a.replace("{pod}", &pod.name)
+                    .replace("{ip}", &pod.ip.to_string())
+            })
+            .collect();
+        let program = self.program(&argv[0]);
+        let mut cmd = command_in(&program, &pod.cgroup, &pod.netns_path())?;
+        cmd.args(&argv[1..]);
+        let log = self
+            .state
+            .join(format!("logs/pod-{}-{}.log", pod.namespace, pod.name));
+        let proc = spawn_ready(cmd, &log, "listening", Duration::from_secs(20))
+            .with_context(|| format!("start the application of {}", pod.key()))?;
+        self.pods[j].app = Some(proc);
+        Ok(())
+    }
+
+    /// A program name resolved against the applications' directory first.
+    fn program(&self, name: &str) -> PathBuf {
+        let local = self.bins.apps.join(name);
+        if local.exists() {
+            local
+        } else {
+            PathBuf::from(name)
+        }
+    }
+
+    pub fn pod(&self, key: &str) -> Result<&Pod> {
+        self.pods
+            .iter()
+            .find(|p| p.key() == key || p.name == key)
+            .ok_or_else(|| anyhow!("no pod {key:?} in the cluster"))
+    }
+
+    pub fn node_index(&self, name: &str) -> Result<usize> {
+        self.nodes
+            .iter()
+            .position(|n| n.name == name)
+            .ok_or_else(|| anyhow!("no node {name:?} in the cluster"))
+    }
+
+    /// Runs a command inside a pod (its cgroup and network namespace) and waits for it.
+    pub fn exec(&self, pod: &str, argv: &[&str]) -> Result<Output> {
+        let p = self.pod(pod)?;
+        let mut cmd = command_in(&self.program(argv[0]), &p.cgroup, &p.netns_path())?;
+        cmd.args(&argv[1..]);
+        cmd.output()
+            .with_context(|| format!("run {argv:?} in {}", p.key()))
+    }
+
+    /// Runs a command inside a node's namespace (not in any pod).
+    pub fn exec_on_node(&self, node: &str, argv: &[&str]) -> Result<Output> {
+        let n = &self.nodes[self.node_index(node)?];
+        let mut all = vec!["ip", "netns", "exec", &n.netns];
+        all.extend_from_slice(argv);
+        Command::new(all[0])
+            .args(&all[1..])
+            .output()
+            .with_context(|| format!("run {argv:?} on {node}"))
+    }
+
+    /// `GET path` on a node agent's admin endpoint.
+    pub fn agent_admin(&self, node: &str, path: &str) -> Result<String> {
+        let n = &self.nodes[self.node_index(node)?];
+        http_get_in(&n.netns, AGENT_ADMIN, path)
+    }
+
+    /// Leaves the cluster running after this process exits; [`cleanup`] removes it.
+    pub fn detach(mut self) {
+        self.torn_down = true;
+    }
+
+    /// Tears everything down; also done on drop.
+    pub fn down(mut self) -> Result<()> {
+        self.teardown()
+    }
+
+    fn teardown(&mut self) -> Result<()> {
+        if std::mem::replace(&mut self.torn_down, true) {
+            return Ok(());
+        }
+        for p in &mut self.pods {
+            if let Some(mut a) = p.app.take() {
+                a.kill();
+            }
+        }
+        for n in &mut self.nodes {
+            if let Some(mut a) = n.agent.take() {
+                // SIGTERM first: a clean exit.
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(a.pid() as i32),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+                let deadline = Instant::now() + Duration::from_secs(3);
+                while Instant::now() < deadline && matches!(a.child.try_wait(), Ok(None)) {
+                    thread::sleep(Duration::from_millis(20));
+                }
+                a.kill();
+            }
+        }
+        self.stop_controller();
+        cleanup(&self.names.prefix).map(|_| ())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Err(e) = self.teardown() {
+            eprintln!("mesh-sim: teardown: {e:#}");
+        }
+    }
+}
+
+fn yaml_str(v: &str) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "\"\"".into())
+}
+
+fn netns_add(name: &str) -> Result<()> {
+    run(&["ip", "netns", "add", name])?;
+    ip(name, &["link", "set", "lo", "up"])
+}
+
+/// A plain HTTP/1.1 GET to `addr` from inside the network namespace `netns`.
+pub fn http_get_in(netns: &str, addr: &str, path: &str) -> Result<String> {
+    let file = fs::File::open(PathBuf::from("/run/netns").join(netns))
+        .with_context(|| format!("open netns {netns}"))?;
+    let addr: std::net::SocketAddr = addr.parse().context("address")?;
+    let path = path.to_string();
+    thread::scope(|s| {
+        s.spawn(|| -> Result<String> {
+            use std::io::Write as _;
+            use std::os::fd::AsFd as _;
+            setns(file.as_fd(), CloneFlags::CLONE_NEWNET).context("setns")?;
+            let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+                .with_context(|| format!("connect to {addr}"))?;
+            c.set_read_timeout(Some(Duration::from_secs(5)))?;
+            write!(
+                c,
+                "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+            )?;
+            let mut raw = String::new();
+            c.read_to_string(&mut raw)?;
+            let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+            let status = head.lines().next().unwrap_or_default();
+            ensure!(status.contains(" 200 "), "GET {path}: {status}");
+            Ok(body.to_string())
+        })
+        .join()
+        .map_err(|_| anyhow!("the request thread panicked"))?
+    })
+}
+
+/// Removes everything a cluster with `prefix` created: its pods' and agents' processes (by
+/// cgroup), network namespaces, cgroups, pinned datapath state and state directory. Returns
+/// how many objects it removed. Safe to run when nothing is left.
+pub fn cleanup(prefix: &str) -> Result<usize> {
+    let names = Names {
+        prefix: prefix.into(),
+    };
+    let mut removed = 0;
+    if let Ok(mount) = mesh_agent::cgroup::v2_mount() {
+        let root = names.cgroup_root(&mount);
+        if root.exists() {
+            for entry in fs::read_dir(&root)?.flatten() {
+                if entry.path().is_dir() {
+                    crate::remove_cgroup(&entry.path());
+                    removed += 1;
+                }
+            }
+            crate::remove_cgroup(&root);
+            removed += 1;
+        }
+    }
+    let own = format!("{prefix}-");
+    if let Ok(entries) = fs::read_dir("/sys/fs/bpf/mesh") {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&own) {
+                mesh_agent::ebpf::remove_instance(&e.path())
+                    .with_context(|| format!("remove {}", e.path().display()))?;
+                removed += 1;
+            }
+        }
+    }
+    if let Ok(entries) = fs::read_dir("/run/netns") {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with(&own) {
+                run(&["ip", "netns", "del", &name])?;
+                removed += 1;
+            }
+        }
+    }
+    let state = names.state_dir();
+    if state.exists() {
+        fs::remove_dir_all(&state).with_context(|| format!("remove {}", state.display()))?;
+        removed += 1;
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_description_with_mistakes_is_refused_with_the_place() {
+        for (yaml, expect) in [
+            ("nodes: []", "at least one node"),
+            ("nodes: [{name: Node1}]", "nodes[0].name"),
+            ("nodes: [{name: a}, {name: a}]", "appears twice"),
+            (
+                "nodes: [{name: a, pods: [{namespace: d, name: x, tlsMode: lax}]}]",
+                "tlsMode",
+            ),
+            (
+                "nodes: [{name: a, pods: [{namespace: d, name: x}, {namespace: d, name: x}]}]",
+                "pod d/x appears twice",
+            ),
+            ("nodes: [{name: a, colour: red}]", "not valid"),
+        ] {
+            let err = format!("{:#}", ClusterSpec::parse(yaml).expect_err(yaml));
+            assert!(err.contains(expect), "{yaml}: {err}");
+        }
+        let ok = ClusterSpec::parse(
+            "nodes:\n- name: node-1\n  pods:\n  - {namespace: demo, name: web, serviceAccount: web, labels: {app: web}, run: [mesh-demo, http]}\n",
+        )
+        .expect("valid");
+        assert_eq!(ok.nodes[0].pods[0].run, ["mesh-demo", "http"]);
+    }
+}

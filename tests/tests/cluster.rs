@@ -1,0 +1,339 @@
+//! End to end on the single-machine mesh (`mesh_tests::cluster`): two nodes and their pods as
+//! network namespaces, the real controller binary on a YAML directory, one real agent per node
+//! inside the node's namespace, the demo applications in the pods. Privileged.
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use mesh_tests::cluster::{Binaries, Cluster, ClusterSpec};
+use mesh_tests::privileged;
+use mesh_tests::sniff::Sniffer;
+
+const ECHO_VIP: &str = "10.96.0.20:9000";
+const ECHO_LOCAL_VIP: &str = "10.96.0.21:9000";
+const WEB_VIP: &str = "10.96.0.10:80";
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+fn demo_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/demo")
+}
+
+fn bins() -> Binaries {
+    let demo = PathBuf::from(env!("CARGO_BIN_EXE_mesh-demo"));
+    Binaries {
+        agent: env!("CARGO_BIN_EXE_mesh-agent").into(),
+        controller: env!("CARGO_BIN_EXE_mesh-controller").into(),
+        apps: demo.parent().expect("bin dir").to_path_buf(),
+    }
+}
+
+/// The demo cluster under a prefix unique to this test.
+fn up(controller_args: &[&str]) -> Cluster {
+    let prefix = format!(
+        "{}c{}",
+        mesh_tests::prefix(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    );
+    let text = std::fs::read_to_string(demo_dir().join("cluster.yaml")).expect("cluster.yaml");
+    let spec = ClusterSpec::parse(&text).expect("the demo description parses");
+    let args: Vec<String> = controller_args.iter().map(|s| s.to_string()).collect();
+    let cluster = Cluster::up(
+        &prefix,
+        &spec,
+        &demo_dir().join("resources"),
+        bins(),
+        &[],
+        &args,
+        &mut |step| eprintln!("[{prefix}] {step}"),
+    )
+    .unwrap_or_else(|e| panic!("cluster up: {e:#}"));
+    wait_until_ok(&cluster, "demo/client", ECHO_VIP);
+    cluster
+}
+
+fn call(c: &Cluster, pod: &str, target: &str) -> Output {
+    c.exec(
+        pod,
+        &["mesh-demo", "call", "--target", target, "--mode", "tcp"],
+    )
+    .expect("run the demo client")
+}
+
+fn wait_until_ok(c: &Cluster, pod: &str, target: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = call(c, pod, target);
+        if out.status.success() {
+            return String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{pod} -> {target} never worked: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn sniff_fabric(c: &Cluster, iface: &str) -> Sniffer {
+    let ns = std::fs::File::open(PathBuf::from("/run/netns").join(c.names.fabric()))
+        .expect("fabric netns");
+    Sniffer::start_in(ns, iface)
+}
+
+/// HBONE (15008) or the agent's own connection to the controller (15012), the only TCP that
+/// may cross between the nodes.
+fn hbone_or_control(src: u16, dst: u16) -> bool {
+    [src, dst].iter().any(|p| *p == 15008 || *p == 15012)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A load run in the background from a pod: its JSON report once done.
+fn load_in_background(c: &Cluster, pod: &str, target: &str, requests: u32) -> std::process::Child {
+    let p = c.pod(pod).expect("pod");
+    let mut cmd =
+        mesh_tests::cluster::command_in(&c.bins.apps.join("mesh-demo"), &p.cgroup, &p.netns_path())
+            .expect("command in pod");
+    cmd.args([
+        "load",
+        "--target",
+        target,
+        "--mode",
+        "tcp",
+        "--requests",
+        &requests.to_string(),
+        "--concurrency",
+        "1",
+        "--json",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    cmd.spawn().expect("spawn the load client")
+}
+
+fn load_report(child: std::process::Child) -> serde_json::Value {
+    let out = child.wait_with_output().expect("load client");
+    assert!(
+        out.status.success(),
+        "load: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("load JSON")
+}
+
+fn failures(report: &serde_json::Value) -> u64 {
+    report["failures"]
+        .as_object()
+        .map_or(0, |f| f.values().filter_map(|v| v.as_u64()).sum())
+}
+
+#[test]
+fn pods_on_two_nodes_talk_in_mutual_tls_by_policy_and_split() {
+    if !privileged("pods_on_two_nodes_talk_in_mutual_tls_by_policy_and_split") {
+        return;
+    }
+    let c = up(&[]);
+
+    // Cross-node: the bytes between the nodes are TLS to 15008, the request never in clear.
+    let capture = sniff_fabric(&c, "n0");
+    let reply = wait_until_ok(&c, "demo/client", ECHO_VIP);
+    let segments = capture.stop();
+    assert_eq!(reply.trim(), "echo hello");
+    let data: Vec<_> = segments.iter().filter(|s| !s.payload.is_empty()).collect();
+    assert!(!data.is_empty(), "nothing crossed node-1's link");
+    assert!(
+        data.iter()
+            .all(|s| hbone_or_control(s.src_port, s.dst_port)),
+        "traffic between the nodes outside HBONE: {:?}",
+        data.iter()
+            .map(|s| (s.src_port, s.dst_port))
+            .collect::<Vec<_>>()
+    );
+    // TLS records: application data on the pooled connection (0x17 0x03 0x03).
+    assert!(
+        data.iter()
+            .any(|s| s.dst_port == 15008 && s.payload.starts_with(&[0x17, 0x03, 0x03])),
+        "no TLS record to 15008"
+    );
+    let bytes: Vec<u8> = data.iter().flat_map(|s| s.payload.clone()).collect();
+    assert!(!contains(&bytes, b"hello"), "the request crossed in clear");
+
+    // The destination agent saw the caller's identity from its certificate.
+    let metrics = c.agent_admin("node-2", "/metrics").expect("node-2 metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("reporter=\"destination\"")
+                && l.contains("source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"")
+                && l.contains("connection_security_policy=\"mutual_tls\"")),
+        "node-2 does not report the client's mTLS connection:\n{metrics}"
+    );
+
+    // Same node: identity and policy still apply.
+    let reply = wait_until_ok(&c, "demo/client", ECHO_LOCAL_VIP);
+    assert_eq!(reply.trim(), "echo-local hello");
+    assert!(!call(&c, "demo/intruder", ECHO_LOCAL_VIP).status.success());
+
+    // Policy: no TrafficTarget for the intruder; refused promptly, and the destination says why.
+    let started = Instant::now();
+    let denied = call(&c, "demo/intruder", ECHO_VIP);
+    assert!(!denied.status.success(), "the intruder got through");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the refusal took {:?}",
+        started.elapsed()
+    );
+    let metrics = c.agent_admin("node-2", "/metrics").expect("node-2 metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("mesh_tcp_connections_denied_total{")
+                && l.contains("/sa/intruder")),
+        "node-2 does not count the denial:\n{metrics}"
+    );
+
+    // TrafficSplit 90/10, per connection.
+    let out = c
+        .exec(
+            "demo/client",
+            &[
+                "mesh-demo",
+                "load",
+                "--target",
+                WEB_VIP,
+                "--mode",
+                "http1",
+                "--requests",
+                "600",
+                "--concurrency",
+                "4",
+                "--json",
+            ],
+        )
+        .expect("load");
+    assert!(out.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let v1 = report["pods"]["web-v1"].as_u64().unwrap_or(0) as f64;
+    let v2 = report["pods"]["web-v2"].as_u64().unwrap_or(0) as f64;
+    assert_eq!(failures(&report), 0, "{report}");
+    let share = v1 / (v1 + v2);
+    assert!(
+        (0.85..=0.95).contains(&share),
+        "web-v1 share {share:.3} ({v1} vs {v2})"
+    );
+    c.down().expect("teardown");
+}
+
+#[test]
+fn the_mesh_rides_out_controller_and_agent_restarts() {
+    if !privileged("the_mesh_rides_out_controller_and_agent_restarts") {
+        return;
+    }
+    let mut c = up(&[]);
+
+    // Controller down for a while: connections keep being made and carried.
+    let load = load_in_background(&c, "demo/client", ECHO_VIP, 300);
+    std::thread::sleep(Duration::from_millis(300));
+    c.stop_controller();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        call(&c, "demo/client", ECHO_VIP).status.success(),
+        "a new connection failed while the controller was down"
+    );
+    c.start_controller().expect("restart the controller");
+    let report = load_report(load);
+    assert_eq!(failures(&report), 0, "{report}");
+    assert_eq!(report["pods"]["echo"].as_u64(), Some(300), "{report}");
+
+    // Agent of node-1 down: new connections fail fast and nothing leaves in clear.
+    let node1 = c.node_index("node-1").expect("node-1");
+    c.kill_agent(node1);
+    let capture = sniff_fabric(&c, "n0");
+    let started = Instant::now();
+    let out = call(&c, "demo/client", ECHO_VIP);
+    let took = started.elapsed();
+    let segments = capture.stop();
+    assert!(!out.status.success(), "a call succeeded without the agent");
+    assert!(took < Duration::from_secs(2), "the failure took {took:?}");
+    assert!(
+        segments
+            .iter()
+            .all(|s| s.dst_port != 9000 && s.src_port != 9000),
+        "the connection bypassed the mesh"
+    );
+
+    // Back: capture and mTLS resume for the node's pods without any other step.
+    c.start_agent(node1).expect("restart the agent");
+    let capture = sniff_fabric(&c, "n0");
+    assert_eq!(
+        wait_until_ok(&c, "demo/client", ECHO_VIP).trim(),
+        "echo hello"
+    );
+    let segments = capture.stop();
+    assert!(
+        segments
+            .iter()
+            .filter(|s| !s.payload.is_empty())
+            .all(|s| hbone_or_control(s.src_port, s.dst_port)),
+        "traffic between the nodes outside HBONE after the restart"
+    );
+    assert!(segments.iter().any(|s| s.dst_port == 15008));
+    assert_eq!(
+        wait_until_ok(&c, "demo/client", ECHO_LOCAL_VIP).trim(),
+        "echo-local hello"
+    );
+    c.down().expect("teardown");
+}
+
+#[test]
+fn plaintext_reaches_a_permissive_pod_and_never_a_strict_one() {
+    if !privileged("plaintext_reaches_a_permissive_pod_and_never_a_strict_one") {
+        return;
+    }
+    // The permissive traffic policy lets unauthenticated callers through where TLS mode allows.
+    let c = up(&["--traffic-policy", "permissive"]);
+    let demo = c.bins.apps.join("mesh-demo");
+    let from_node = |pod: &str| {
+        let ip = c.pod(pod).expect("pod").ip;
+        c.exec_on_node(
+            "node-1",
+            &[
+                demo.to_str().expect("path"),
+                "call",
+                "--target",
+                &format!("{ip}:9000"),
+                "--mode",
+                "tcp",
+            ],
+        )
+        .expect("run on node-1")
+    };
+    let legacy = from_node("demo/legacy");
+    assert!(
+        legacy.status.success(),
+        "plaintext to the PERMISSIVE pod was refused: {}",
+        String::from_utf8_lossy(&legacy.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&legacy.stdout).trim(),
+        "legacy hello"
+    );
+    let strict = from_node("demo/echo");
+    assert!(
+        !strict.status.success(),
+        "plaintext reached the STRICT pod: {}",
+        String::from_utf8_lossy(&strict.stdout)
+    );
+    // A meshed caller reaches both.
+    assert_eq!(
+        wait_until_ok(&c, "demo/client", "10.96.0.30:9000").trim(),
+        "legacy hello"
+    );
+    c.down().expect("teardown");
+}
