@@ -8,6 +8,7 @@ use crate::{
     cgroup,
     config::Config,
     ebpf::Datapath,
+    local::LocalPods,
     netns, proxy,
     telemetry::Telemetry,
 };
@@ -30,6 +31,7 @@ pub fn agent_cgroup(cfg: &Config, mount: &std::path::Path) -> anyhow::Result<Pat
 /// and open ones get the grace period to finish.
 pub fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "starting");
+    raise_nofile_limit();
     let missing: Vec<String> = crate::features::check(false)
         .into_iter()
         .filter(|c| !c.ok)
@@ -71,6 +73,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 store: c.store.clone(),
                 certs: c.certs.clone(),
                 egress: settings.egress,
+                local: Arc::new(LocalPods::default()),
             });
         let admin = Arc::new(AdminState::new(
             cfg.clone(),
@@ -130,4 +133,27 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// Raises the soft limit on open files to the hard limit. The proxy holds two descriptors per
+/// connection it carries (and its listeners and tunnels), and distributions set the soft
+/// limit to 1024, which a busy node reaches long before its memory. Failing to raise it is
+/// logged, not fatal: the agent works, with fewer connections.
+fn raise_nofile_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the open-file limit");
+            return;
+        }
+    };
+    if soft >= hard {
+        tracing::info!(soft, hard, "open-file limit");
+        return;
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok(()) => tracing::info!(soft = hard, hard, was = soft, "raised the open-file limit"),
+        Err(e) => tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit"),
+    }
 }

@@ -12,7 +12,7 @@ use mesh_common::FlowVerdict;
 use crate::{
     config::{
         AdminConfig, BPFFS_ROOT, Cidr, Config, ConfigError, ControllerSettings, CredentialSource,
-        DEFAULT_ADMIN, DEFAULT_METRICS, DatapathConfig, Listen, PodSpec, ProxyConfig,
+        DEFAULT_ADMIN, DEFAULT_METRICS, DatapathConfig, Listen, PodSpec, ProxyConfig, SameNode,
     },
     ebpf, features,
 };
@@ -129,6 +129,11 @@ struct ServeArgs {
     /// On SIGTERM, how long open connections get to finish before they are cut.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = crate::config::parse_duration)]
     drain_grace: Duration,
+    /// How a connection between two pods of this agent is carried: `in-process` (admitted by
+    /// the same identity and policy check, then copied inside the agent, unencrypted since it
+    /// never leaves the node) or `hbone` (an mTLS tunnel, as between nodes).
+    #[arg(long, value_enum, default_value = "in-process")]
+    same_node: SameNode,
 }
 
 impl ServeArgs {
@@ -156,6 +161,7 @@ impl ServeArgs {
         ProxyConfig {
             idle_timeout: self.idle_timeout,
             drain_grace: self.drain_grace,
+            same_node: self.same_node,
         }
     }
 }
@@ -418,12 +424,24 @@ mod tests {
     }
 
     #[test]
+    fn same_node_traffic_stays_in_the_agent_unless_told_otherwise() {
+        let cfg = run(&[]).expect("defaults");
+        assert_eq!(cfg.proxy.same_node, SameNode::InProcess);
+        let cfg = run(&["--same-node=hbone"]).expect("hbone");
+        assert_eq!(cfg.proxy.same_node, SameNode::Hbone);
+        let cfg = run(&["--same-node", "in-process"]).expect("in-process");
+        assert_eq!(cfg.proxy.same_node, SameNode::InProcess);
+    }
+
+    #[test]
     fn bad_serving_flags_are_usage_errors() {
         for (flag, want) in [
             ("--admin=localhost", "--admin"),
             ("--metrics=15020", "IP:PORT"),
             ("--idle-timeout=soon", "30s"),
             ("--idle-timeout=0s", "longer than 0s"),
+            ("--same-node=tls", "in-process"),
+            ("--same-node=", "hbone"),
         ] {
             let e = run(&[flag]).expect_err(flag);
             assert!(e.contains(want), "{flag}: {e}");

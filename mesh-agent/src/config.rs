@@ -342,6 +342,18 @@ impl Default for AdminConfig {
     }
 }
 
+/// How a connection between two pods of this agent is carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum SameNode {
+    /// Inside the agent: admitted by the destination's policy with the caller's configured
+    /// identity, then copied between the two pods' sockets, without TLS or HTTP/2.
+    #[default]
+    InProcess,
+    /// In an HBONE tunnel (mutual TLS), as between nodes.
+    Hbone,
+}
+
 /// The proxy's connection handling.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ProxyConfig {
@@ -351,6 +363,8 @@ pub struct ProxyConfig {
     /// On SIGTERM, how long open connections get to finish before they are cut.
     #[serde(serialize_with = "as_text")]
     pub drain_grace: Duration,
+    /// How connections between two pods of this agent are carried.
+    pub same_node: SameNode,
 }
 
 impl Default for ProxyConfig {
@@ -358,6 +372,7 @@ impl Default for ProxyConfig {
         ProxyConfig {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             drain_grace: DEFAULT_DRAIN_GRACE,
+            same_node: SameNode::InProcess,
         }
     }
 }
@@ -544,6 +559,7 @@ mod tests {
         assert!(zero.validate().is_err(), "a zero idle timeout is refused");
         let text = serde_json::to_string(&ProxyConfig::default()).expect("json");
         assert!(text.contains(r#""idle_timeout":"1h""#), "{text}");
+        assert!(text.contains(r#""same_node":"in-process""#), "{text}");
     }
 
     #[test]

@@ -7,7 +7,10 @@
 //! be one of this pod's own addresses, and a pod the configuration does not (yet) know is
 //! refused rather than let through.
 //!
-//! Both count their connections in [`Telemetry`] as `reporter="destination"`; refusals count
+//! Connections from another pod of this agent carried inside it (see [`crate::local`]) are
+//! admitted exactly as HBONE tunnels are, with the identity configured for the calling pod.
+//!
+//! All count their connections in [`Telemetry`] as `reporter="destination"`; refusals count
 //! as denied with the [`Rejection`]'s kind.
 
 use std::net::{SocketAddr, SocketAddrV4};
@@ -32,6 +35,10 @@ pub const DENIED: u16 = 403;
 pub const UNAVAILABLE: u16 = 503;
 /// HTTP status for a CONNECT to an address that is not this pod's.
 pub const MISDIRECTED: u16 = 421;
+
+/// How long an admitted connection waits for the application to accept. Shorter than the
+/// HBONE server's bound on the whole CONNECT, so the refusal is recorded with its reason.
+pub const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why an inbound connection is refused: the HTTP status an HBONE caller gets, a stable
 /// `kind` for metrics, and the reason in words.
@@ -140,9 +147,12 @@ fn local_peer(config: &NodeSnapshot, pod: &NamespacedName) -> Peer {
         .map_or_else(|| Peer::of_pod(pod), Peer::of_workload)
 }
 
-// === HBONE ===
+// === Identified callers ===
 
-/// The HBONE handler of one pod's 15008 listener.
+/// The admission of one meshed pod for callers with an identity: HBONE tunnels on its 15008
+/// (the handler of that listener) and connections from other pods of this agent carried
+/// inside it ([`crate::local`]).
+#[derive(Clone)]
 pub struct PodInbound {
     pub pod: NamespacedName,
     pub store: Arc<StateStore>,
@@ -150,36 +160,94 @@ pub struct PodInbound {
     pub telemetry: Telemetry,
 }
 
-impl ConnectHandler for PodInbound {
-    type Io = Metered<TcpStream>;
+/// Who is calling, as the destination reports it.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The identity admission decides on: the one the caller's certificate proves (HBONE) or
+    /// the one configured for the calling pod (same node).
+    pub identity: SpiffeId,
+    /// How the connection reaches this pod.
+    pub path: MeshPath,
+    /// What else is known of the caller (same node: its workload).
+    pub peer: Peer,
+    pub addr: Option<SocketAddr>,
+}
 
-    async fn connect(&self, peer: SpiffeId, authority: SocketAddr) -> Result<Self::Io, Refusal> {
+impl Caller {
+    /// A caller known by the identity its certificate proves.
+    pub fn hbone(identity: SpiffeId) -> Caller {
+        Caller {
+            peer: Peer::of_identity(&identity),
+            identity,
+            path: MeshPath::Hbone,
+            addr: None,
+        }
+    }
+}
+
+impl PodInbound {
+    /// Admits a connection from `caller` to `authority` with [`admit_hbone`], then connects
+    /// to the application. Either way the connection is recorded as `reporter="destination"`
+    /// (a refusal as denied with the rejection's kind); on success the returned stream
+    /// carries the connection's accounting.
+    pub async fn admit(
+        &self,
+        caller: Caller,
+        authority: SocketAddr,
+    ) -> Result<Metered<TcpStream>, Rejection> {
         let config = self.store.current();
         let mut meta = ConnMeta::new(
             self.pod.clone(),
             Reporter::Destination,
-            MeshPath::Hbone,
+            caller.path,
             authority,
         );
-        meta.src = Peer::of_identity(&peer);
+        meta.src = caller.peer;
+        meta.src_addr = caller.addr;
         meta.dst = local_peer(&config.snapshot, &self.pod);
-        let target = match admit_hbone(&config.snapshot, &self.pod, &peer, authority) {
+        let target = match admit_hbone(&config.snapshot, &self.pod, &caller.identity, authority) {
             Ok(t) => t,
             Err(rejection) => {
                 self.telemetry
                     .denied(meta, rejection.kind, &rejection.reason);
-                return Err(rejection.into());
+                return Err(rejection);
             }
         };
         let mut guard = self.telemetry.open(meta);
-        match (self.dial)(target).await {
+        let dialed = tokio::time::timeout(APP_CONNECT_TIMEOUT, (self.dial)(target))
+            .await
+            .unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer within {APP_CONNECT_TIMEOUT:?}"),
+                ))
+            });
+        match dialed {
             Ok(app) => Ok(Metered::new(app, guard, Side::Destination)),
             Err(e) => {
-                let reason = format!("the application at {target} is not reachable: {e}");
-                guard.fail(ResponseFlag::ConnectFailed, "app_unreachable", &reason);
-                Err(Refusal::new(UNAVAILABLE, reason))
+                let rejection = Rejection::new(
+                    UNAVAILABLE,
+                    "app_unreachable",
+                    format!("the application at {target} is not reachable: {e}"),
+                );
+                guard.fail(
+                    ResponseFlag::ConnectFailed,
+                    rejection.kind,
+                    &rejection.reason,
+                );
+                Err(rejection)
             }
         }
+    }
+}
+
+impl ConnectHandler for PodInbound {
+    type Io = Metered<TcpStream>;
+
+    async fn connect(&self, peer: SpiffeId, authority: SocketAddr) -> Result<Self::Io, Refusal> {
+        self.admit(Caller::hbone(peer), authority)
+            .await
+            .map_err(Refusal::from)
     }
 }
 

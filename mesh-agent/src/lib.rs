@@ -11,6 +11,7 @@ pub mod features;
 pub mod hbone;
 pub mod identity;
 pub mod inbound;
+pub mod local;
 pub mod netns;
 pub mod outbound;
 pub mod proxy;

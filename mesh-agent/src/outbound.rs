@@ -2,6 +2,13 @@
 //! configuration in force, then carry the bytes in an HBONE tunnel to a meshed destination or
 //! directly to one outside the mesh.
 //!
+//! A meshed destination that is a pod of this same agent ([`LocalPods`]) is reached without a
+//! tunnel unless the pod's setting says `hbone`: its configured identity must be the one the
+//! destination resolved to, it admits the connection exactly as it would an HBONE tunnel
+//! (the caller being this pod's configured identity, which its certificate would name), and
+//! the bytes are copied between the two pods' sockets. A refusal closes the connection at
+//! once, as a refused tunnel does.
+//!
 //! The copy loop is [`crate::proxy::relay`]: each direction is shut down on its own when its
 //! reader ends (half-close both ways), with two buffers per connection sized for bulk
 //! transfers, and the connection is closed once it carried nothing either way for the idle
@@ -19,8 +26,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use crate::config::SameNode;
 use crate::hbone::{HBONE_PORT, HboneError, HbonePool};
-use crate::inbound::AppDialer;
+use crate::inbound::{AppDialer, Caller, Rejection};
+use crate::local::{LocalPod, LocalPods};
 use crate::proxy::{RelayError, relay};
 use crate::state::{StateStore, Version};
 use crate::telemetry::{
@@ -62,6 +71,22 @@ pub enum OutboundError {
     Relay(#[from] RelayError),
     #[error("{pod} already has {limit} outbound connections open (the cap); connection refused")]
     ConnectionCap { pod: NamespacedName, limit: usize },
+    #[error(
+        "{dst} is {pod} of this node, whose identity is {}, not {expected} as resolved; connection refused",
+        found.as_ref().map_or_else(|| "not configured yet".to_string(), ToString::to_string)
+    )]
+    IdentityMismatch {
+        dst: SocketAddrV4,
+        pod: NamespacedName,
+        expected: SpiffeId,
+        found: Option<SpiffeId>,
+    },
+    #[error("{pod} at {dst} (same node) refused the connection: {rejection}")]
+    SameNode {
+        dst: SocketAddrV4,
+        pod: NamespacedName,
+        rejection: Rejection,
+    },
 }
 
 impl OutboundError {
@@ -75,6 +100,9 @@ impl OutboundError {
             OutboundError::Direct { .. } => "direct",
             OutboundError::Relay(e) => e.kind(),
             OutboundError::ConnectionCap { .. } => "connection_cap",
+            OutboundError::IdentityMismatch { .. } => "identity_mismatch",
+            OutboundError::SameNode { .. } if self.destination_denied() => "destination_denied",
+            OutboundError::SameNode { rejection, .. } => rejection.kind,
         }
     }
 
@@ -85,24 +113,30 @@ impl OutboundError {
                 ResponseFlag::NoRoute
             }
             OutboundError::EgressDenied { .. } => ResponseFlag::Denied,
-            OutboundError::Tunnel { .. } if self.destination_denied() => ResponseFlag::Denied,
-            OutboundError::Tunnel { .. } | OutboundError::Direct { .. } => {
-                ResponseFlag::ConnectFailed
+            OutboundError::Tunnel { .. } | OutboundError::SameNode { .. }
+                if self.destination_denied() =>
+            {
+                ResponseFlag::Denied
             }
+            OutboundError::Tunnel { .. }
+            | OutboundError::Direct { .. }
+            | OutboundError::IdentityMismatch { .. }
+            | OutboundError::SameNode { .. } => ResponseFlag::ConnectFailed,
             OutboundError::Relay(e) => e.flag(),
             OutboundError::ConnectionCap { .. } => ResponseFlag::Overflow,
         }
     }
 
-    /// The destination's proxy refused the tunnel by policy (403).
+    /// The destination refused the connection by policy (for a tunnel: answered 403).
     fn destination_denied(&self) -> bool {
-        matches!(
-            self,
+        match self {
             OutboundError::Tunnel {
                 source: HboneError::Refused { status, .. },
                 ..
-            } if *status == crate::inbound::DENIED
-        )
+            } => *status == crate::inbound::DENIED,
+            OutboundError::SameNode { rejection, .. } => rejection.status == crate::inbound::DENIED,
+            _ => false,
+        }
     }
 }
 
@@ -116,9 +150,11 @@ pub struct Carried {
 
 /// Which way a connection went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum Path {
     Hbone,
+    /// To a pod of this agent, inside it.
+    SameNode,
     Direct,
 }
 
@@ -130,6 +166,9 @@ pub struct OutboundConfig {
     pub max_connections: usize,
     /// A connection that carries no byte either way for this long is closed.
     pub idle_timeout: Duration,
+    /// How a destination that is a pod of this agent is reached (in process only with the
+    /// agent's [`LocalPods`], see [`PodOutbound::with_local_pods`]).
+    pub same_node: SameNode,
 }
 
 impl Default for OutboundConfig {
@@ -138,6 +177,7 @@ impl Default for OutboundConfig {
             egress: Egress::Allow,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             idle_timeout: crate::config::DEFAULT_IDLE_TIMEOUT,
+            same_node: SameNode::InProcess,
         }
     }
 }
@@ -151,6 +191,9 @@ pub struct PodOutbound {
     pub dial: AppDialer,
     pub egress: Egress,
     idle_timeout: Duration,
+    same_node: SameNode,
+    /// The pods of this agent, reached in process when `same_node` says so.
+    local: Option<Arc<LocalPods>>,
     telemetry: Telemetry,
     resolver: Mutex<Option<(Option<Version>, Arc<Resolver>)>>,
     slots: Arc<tokio::sync::Semaphore>,
@@ -173,10 +216,26 @@ impl PodOutbound {
             dial,
             egress: config.egress,
             idle_timeout: config.idle_timeout,
+            same_node: config.same_node,
+            local: None,
             telemetry,
             resolver: Mutex::new(None),
             slots: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
             limit: config.max_connections,
+        }
+    }
+
+    /// Reaches the pods of `local` in process, if the configuration's `same_node` says so.
+    pub fn with_local_pods(mut self, local: Arc<LocalPods>) -> PodOutbound {
+        self.local = Some(local);
+        self
+    }
+
+    /// The pod of this agent at `ip`, when connections to it stay in process.
+    fn local_pod(&self, ip: std::net::Ipv4Addr) -> Option<Arc<LocalPod>> {
+        match self.same_node {
+            SameNode::InProcess => self.local.as_ref()?.get(ip),
+            SameNode::Hbone => None,
         }
     }
 
@@ -252,7 +311,11 @@ impl PodOutbound {
                 backend,
                 ..
             } => {
-                meta.path = MeshPath::Hbone;
+                let local = self.local_pod(*addr.ip());
+                meta.path = match local {
+                    Some(_) => MeshPath::SameNode,
+                    None => MeshPath::Hbone,
+                };
                 meta.dst_addr = SocketAddr::V4(addr);
                 meta.dst = Peer::of_identity(&identity);
                 if let Some(pod) = endpoint_pod(snapshot, backend.as_ref(), *addr.ip()) {
@@ -262,8 +325,17 @@ impl PodOutbound {
                     };
                 }
                 meta.service = service.as_ref().map(service_host);
+                let caller = Caller {
+                    identity: src.clone(),
+                    path: MeshPath::SameNode,
+                    peer: meta.src.clone(),
+                    addr: meta.src_addr,
+                };
                 let conn = Metered::new(conn, self.telemetry.open(meta), Side::Source);
-                self.tunnel(conn, &src, addr, &identity).await
+                match local {
+                    Some(pod) => self.same_node(conn, caller, addr, &identity, &pod).await,
+                    None => self.tunnel(conn, &src, addr, &identity).await,
+                }
             }
             Target::Plain { addr, service } => {
                 meta.dst_addr = SocketAddr::V4(addr);
@@ -311,6 +383,59 @@ impl PodOutbound {
         };
         debug!(pod = %self.pod, endpoint = %addr, dst.id = %identity, "tunnel open");
         self.carry(&mut conn, &mut tunnel, Path::Hbone).await
+    }
+
+    /// Carries a connection to `dst`, a pod of this agent, inside the agent: `dst` must be the
+    /// `identity` the destination resolved to, and admits `caller` as it would a tunnel.
+    async fn same_node(
+        &self,
+        mut conn: Metered<TcpStream>,
+        caller: Caller,
+        addr: SocketAddrV4,
+        identity: &SpiffeId,
+        dst: &LocalPod,
+    ) -> Result<Carried, OutboundError> {
+        let found = dst.identity();
+        if found.as_ref() != Some(identity) {
+            let e = OutboundError::IdentityMismatch {
+                dst: addr,
+                pod: dst.name().clone(),
+                expected: identity.clone(),
+                found,
+            };
+            conn.guard_mut().fail(e.flag(), e.kind(), &e);
+            return Err(e);
+        }
+        let mut app = match dst.inbound.admit(caller, SocketAddr::V4(addr)).await {
+            Ok(app) => app,
+            Err(rejection) => {
+                let e = OutboundError::SameNode {
+                    dst: addr,
+                    pod: dst.name().clone(),
+                    rejection,
+                };
+                let guard = conn.guard_mut();
+                if e.destination_denied() {
+                    guard.deny(e.kind(), &e);
+                } else {
+                    guard.fail(e.flag(), e.kind(), &e);
+                }
+                return Err(e);
+            }
+        };
+        debug!(pod = %self.pod, endpoint = %addr, dst.id = %identity, "same-node connection admitted");
+        match relay(&mut conn, &mut app, self.idle_timeout).await {
+            Ok((sent, received)) => Ok(Carried {
+                path: Path::SameNode,
+                sent,
+                received,
+            }),
+            Err(e) => {
+                // The destination's report ends the way the source's does.
+                app.guard_mut().fail(e.flag(), e.kind(), &e);
+                Err(e.into())
+            }
+        }
     }
 
     async fn direct(

@@ -10,7 +10,10 @@
 //! to. With a controller ([`Mesh`]) outbound connections are resolved and carried in HBONE
 //! tunnels ([`crate::outbound`]), the pod serves HBONE on its IP's port 15008 once its
 //! identity is known ([`crate::inbound`]), and plaintext inbound connections (steered to
-//! 15006) are admitted by the pod's TLS mode and policy, or closed at once.
+//! 15006) are admitted by the pod's TLS mode and policy, or closed at once. Meshed pods are
+//! registered in the agent's [`LocalPods`] while their proxy runs: a connection between two
+//! of them is admitted by the destination's policy and carried inside the agent, without a
+//! tunnel, unless the configuration's `same_node` says `hbone`.
 //!
 //! Every connection is counted in the [`Telemetry`] and closed once it carried nothing either
 //! way for the idle timeout. On shutdown [`drain`] stops the listeners and lets open
@@ -40,6 +43,7 @@ use crate::ebpf::{self, PodSockets};
 use crate::hbone::{Dialer, HBONE_PORT, HbonePool, HboneServer, PoolConfig, ServerConfig};
 use crate::identity::CertManager;
 use crate::inbound::{AppDialer, PlaintextInbound, PodInbound};
+use crate::local::{LocalPod, LocalPods, Registration};
 use crate::netns::Worker;
 use crate::outbound::{Egress, OutboundConfig, PodOutbound};
 use crate::state::StateStore;
@@ -54,12 +58,15 @@ const COPY_BUF: usize = 256 * 1024;
 /// After the grace period, how long cut connections get to record their end.
 const CUT_SETTLE: Duration = Duration::from_secs(1);
 
-/// What the proxy needs to mesh a pod: the configuration in force and the certificates.
+/// What the proxy needs to mesh a pod: the configuration in force, the certificates, and the
+/// agent's other meshed pods.
 #[derive(Clone)]
 pub struct Mesh {
     pub store: Arc<StateStore>,
     pub certs: Arc<CertManager>,
     pub egress: Egress,
+    /// Every meshed pod of the agent, shared by their proxies.
+    pub local: Arc<LocalPods>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -181,7 +188,9 @@ impl PodNet {
     }
 }
 
-/// Connects to `addr` from a socket made in the worker's network namespace.
+/// Connects to `addr` from a socket made in the worker's network namespace, with Nagle's
+/// algorithm off: the proxy writes what it read as soon as it read it, and a small request
+/// or reply must not wait for the previous segment's ACK.
 async fn connect_in(worker: &Worker, addr: SocketAddr) -> std::io::Result<TcpStream> {
     let fd: OwnedFd = worker
         .run(|| {
@@ -191,9 +200,11 @@ async fn connect_in(worker: &Worker, addr: SocketAddr) -> std::io::Result<TcpStr
         })
         .await
         .map_err(std::io::Error::other)??;
-    TcpSocket::from_std_stream(std::net::TcpStream::from(fd))
+    let stream = TcpSocket::from_std_stream(std::net::TcpStream::from(fd))
         .connect(addr)
-        .await
+        .await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
 }
 
 async fn listen_in(worker: &Worker, addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -224,6 +235,8 @@ pub struct PodProxy {
     inbound: JoinHandle<()>,
     refusing: watch::Sender<bool>,
     hbone: Arc<OnceLock<Arc<HboneServer<PodInbound>>>>,
+    /// The pod's entry in the agent's [`LocalPods`], removed with the proxy.
+    _local: Option<Registration>,
 }
 
 impl PodProxy {
@@ -303,6 +316,7 @@ pub fn start(
             inbound: in_task,
             refusing,
             hbone,
+            _local: None,
         });
     };
     let pool = HbonePool::with_dialer(
@@ -311,18 +325,32 @@ pub fn start(
         net.connect.clone(),
     )?;
     let dial = net.app_dialer();
-    let out = Arc::new(PodOutbound::new(
-        name.clone(),
-        mesh.store.clone(),
-        pool,
-        dial.clone(),
-        OutboundConfig {
-            egress: mesh.egress,
-            idle_timeout: idle,
-            ..OutboundConfig::default()
-        },
-        telemetry.clone(),
-    ));
+    let out = Arc::new(
+        PodOutbound::new(
+            name.clone(),
+            mesh.store.clone(),
+            pool,
+            dial.clone(),
+            OutboundConfig {
+                egress: mesh.egress,
+                idle_timeout: idle,
+                same_node: config.same_node,
+                ..OutboundConfig::default()
+            },
+            telemetry.clone(),
+        )
+        .with_local_pods(mesh.local.clone()),
+    );
+    let handler = PodInbound {
+        pod: name.clone(),
+        store: mesh.store.clone(),
+        dial: dial.clone(),
+        telemetry: telemetry.clone(),
+    };
+    let local = mesh.local.register(LocalPod {
+        ip,
+        inbound: handler.clone(),
+    });
     let plaintext = Arc::new(PlaintextInbound {
         pod: name.clone(),
         store: mesh.store.clone(),
@@ -335,8 +363,7 @@ pub fn start(
         ip,
         net,
         mesh,
-        dial,
-        telemetry: telemetry.clone(),
+        handler,
         idle,
         server: hbone.clone(),
     };
@@ -373,6 +400,7 @@ pub fn start(
         inbound,
         refusing,
         hbone,
+        _local: Some(local),
     })
 }
 
@@ -436,8 +464,7 @@ struct HboneSide {
     ip: std::net::Ipv4Addr,
     net: PodNet,
     mesh: Mesh,
-    dial: AppDialer,
-    telemetry: Telemetry,
+    handler: PodInbound,
     idle: Duration,
     /// Set once serving, for [`PodProxy::stop_accepting`].
     server: Arc<OnceLock<Arc<HboneServer<PodInbound>>>>,
@@ -478,17 +505,11 @@ impl HboneSide {
                 return;
             }
         };
-        let handler = PodInbound {
-            pod: pod.clone(),
-            store: self.mesh.store.clone(),
-            dial: self.dial.clone(),
-            telemetry: self.telemetry.clone(),
-        };
         let config = ServerConfig {
             idle_timeout: self.idle,
             ..ServerConfig::default()
         };
-        let server = match HboneServer::new(tls, handler, config) {
+        let server = match HboneServer::new(tls, self.handler.clone(), config) {
             Ok(s) => Arc::new(s),
             Err(e) => {
                 tracing::error!(%pod, error = %e, "HBONE server");

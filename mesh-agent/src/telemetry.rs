@@ -16,12 +16,27 @@
 //!   (`source` on the caller's side, `destination` on the callee's), `source_workload`,
 //!   `source_workload_namespace`, `source_principal`, `destination_service`,
 //!   `destination_workload`, `destination_workload_namespace`, `destination_principal`,
-//!   `response_flags`, `connection_security_policy` (`mutual_tls` for HBONE, `none`
-//!   otherwise) and `mesh_path` (`hbone`, `plaintext`, `direct`; `same_node` is reserved).
+//!   `response_flags`, `connection_security_policy` and `mesh_path` (see below).
 //!   As in Istio, whichever side reports, `received` counts the request direction (source to
 //!   destination) and `sent` the response direction (destination to source).
 //! - `mesh_tcp_connections_denied_total{reporter, source_principal, destination_workload,
 //!   destination_workload_namespace, reason}`: refusals by policy; `reason` is a stable kind.
+//!
+//! `mesh_path` says how the bytes travelled and `connection_security_policy` what protected
+//! them:
+//!
+//! | `mesh_path` | `connection_security_policy` | the connection                                 |
+//! |-------------|------------------------------|------------------------------------------------|
+//! | `hbone`     | `mutual_tls`                 | in an HBONE tunnel between two proxies         |
+//! | `same_node` | `node_local`                 | between two pods of this agent, in its memory  |
+//! | `plaintext` | `none`                       | from outside the mesh into a meshed pod        |
+//! | `direct`    | `none`                       | to a destination outside the mesh              |
+//!
+//! `node_local` is not `mutual_tls`: a same-node connection is never encrypted. Both ends are
+//! pods this agent serves, the caller is known by the identity configured for its pod (the one
+//! its certificate would name) and admitted by the same policy as an HBONE tunnel, and the
+//! bytes go from one pod's socket to the other's through the agent's buffers without ever
+//! reaching a wire. Both reporters record such a connection, as for HBONE.
 //!
 //! Refused connections count as opened and closed at once, like Istio's. `opened` always
 //! carries `response_flags="-"` (the outcome is not known yet), `closed` carries the outcome.
@@ -48,11 +63,12 @@
 //! # Access log
 //!
 //! One `INFO` event per connection with target [`ACCESS_LOG`] (`mesh::access`), written when
-//! it ends: `conn.id`, `pod`, `direction`, `path`, `src.addr`, `src.workload`,
-//! `src.namespace`, `src.identity`, `dst.addr`, `dst.workload`, `dst.namespace`,
-//! `dst.identity`, `dst.service`, `bytes.to_dst`, `bytes.to_src`, `duration_ms`, `verdict`
-//! (`allowed` or `denied`), `reason` (the stable kind of a denial or failure, else `-`),
-//! `flags` (the response flag) and `detail` (the human-readable cause, else `-`).
+//! it ends: `conn.id`, `pod`, `direction`, `path` (the `mesh_path` value, so `same_node` for a
+//! connection carried inside the agent), `src.addr`, `src.workload`, `src.namespace`,
+//! `src.identity`, `dst.addr`, `dst.workload`, `dst.namespace`, `dst.identity`, `dst.service`,
+//! `bytes.to_dst`, `bytes.to_src`, `duration_ms`, `verdict` (`allowed` or `denied`), `reason`
+//! (the stable kind of a denial or failure, else `-`), `flags` (the response flag) and
+//! `detail` (the human-readable cause, else `-`).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -126,7 +142,7 @@ pub enum MeshPath {
     Plaintext,
     /// Straight to a destination outside the mesh (or to an unmeshed endpoint).
     Direct,
-    /// Between two pods of the same node without leaving it. Reserved: not produced yet.
+    /// Between two pods this agent serves, carried inside the agent (no tunnel, no TLS).
     SameNode,
 }
 
@@ -143,7 +159,8 @@ impl MeshPath {
     pub fn security(self) -> SecurityPolicy {
         match self {
             MeshPath::Hbone => SecurityPolicy::MutualTls,
-            MeshPath::Plaintext | MeshPath::Direct | MeshPath::SameNode => SecurityPolicy::None,
+            MeshPath::SameNode => SecurityPolicy::NodeLocal,
+            MeshPath::Plaintext | MeshPath::Direct => SecurityPolicy::None,
         }
     }
 }
@@ -152,7 +169,12 @@ impl MeshPath {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SecurityPolicy {
+    /// Mutual TLS between two proxies.
     MutualTls,
+    /// Not encrypted, never on a wire: both ends are pods of this agent (see the module
+    /// documentation).
+    NodeLocal,
+    /// Not encrypted.
     None,
 }
 
@@ -160,6 +182,7 @@ impl SecurityPolicy {
     pub fn as_str(self) -> &'static str {
         match self {
             SecurityPolicy::MutualTls => "mutual_tls",
+            SecurityPolicy::NodeLocal => "node_local",
             SecurityPolicy::None => "none",
         }
     }

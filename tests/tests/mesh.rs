@@ -3,7 +3,9 @@
 //! clients and servers in the pods.
 //!
 //! Topology: pod `default/client` (netns + cgroup, 10.78.0.2) and pod `default/server`
-//! (10.78.0.1, application on :8080), one veth between them, one agent for both.
+//! (10.78.0.1, application on :8080), one veth between them, one agent for both. The agent
+//! carries calls between its own pods inside itself unless told `--same-node=hbone`; the test
+//! that checks the wire for mutual TLS says so.
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -86,11 +88,13 @@ fn world() -> World {
 }
 
 /// The agent's arguments; its admin endpoint on `admin`, no metrics listener (tests run
-/// agents side by side).
+/// agents side by side), and how it carries calls between its two pods (`in-process` or
+/// `hbone`).
 fn agent_args(
     w: &World,
     controller: &mesh_controller::app::Controller,
     admin: SocketAddr,
+    same_node: &str,
 ) -> Vec<String> {
     let token = w.files.path().join("token");
     let ca = w.files.path().join("ca.crt");
@@ -114,6 +118,7 @@ fn agent_args(
         format!("--bootstrap-token-file={}", token.display()),
         format!("--admin={admin}"),
         "--metrics=off".into(),
+        format!("--same-node={same_node}"),
     ]
 }
 
@@ -175,10 +180,11 @@ fn a_pod_to_pod_connection_crosses_the_wire_in_mutual_tls() {
     let controller = rt.block_on(w.dir.start("127.0.0.1:0".parse().expect("addr"), &[]));
     let app = Sink::start(&w.server, &format!("{SERVER_IP}:8080"));
     let admin = free_port();
+    // Both pods are this agent's: only with `hbone` does the call take a tunnel.
     let mut agent = Agent::start(
         Path::new(AGENT),
         &instance("mesh"),
-        &agent_args(&w, &controller, admin),
+        &agent_args(&w, &controller, admin, "hbone"),
     );
 
     let wire = Sniffer::start(&w.server, "eth0");
@@ -292,6 +298,77 @@ fn a_pod_to_pod_connection_crosses_the_wire_in_mutual_tls() {
 }
 
 #[test]
+fn a_call_between_two_pods_of_one_agent_stays_in_the_agent() {
+    if !privileged("a_call_between_two_pods_of_one_agent_stays_in_the_agent") {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let w = world();
+    w.dir.write("policy.yaml", TARGET);
+    let controller = rt.block_on(w.dir.start("127.0.0.1:0".parse().expect("addr"), &[]));
+    let app = Sink::start(&w.server, &format!("{SERVER_IP}:8080"));
+    let admin = free_port();
+    let _agent = Agent::start(
+        Path::new(AGENT),
+        &instance("local"),
+        &agent_args(&w, &controller, admin, "in-process"),
+    );
+
+    let wire = Sniffer::start(&w.server, "eth0");
+    const BYTES: u64 = 4 * 1024 * 1024;
+    let line = probe_until_ok(&w, &app.addr.to_string(), BYTES).expect("the call goes through");
+    let segments = wire.stop();
+
+    // The server application got every byte, from the agent's socket in its own pod.
+    assert!(line.contains(&format!("len={BYTES}")), "{line}");
+    assert!(
+        line.contains(&format!("peer={SERVER_IP}:")),
+        "the app sees the proxy's connection from its own pod: {line}"
+    );
+    // Nothing of the call crossed the veth: neither the application's port nor a tunnel.
+    let on_wire: Vec<_> = segments
+        .iter()
+        .filter(|s| !s.payload.is_empty())
+        .filter(|s| [8080, 15008].contains(&s.dst_port) || [8080, 15008].contains(&s.src_port))
+        .collect();
+    assert!(
+        on_wire.is_empty(),
+        "{} segments of the call on the wire",
+        on_wire.len()
+    );
+
+    // Both sides report it, as carried inside the node, not as mutual TLS.
+    let text = scrape(admin);
+    for reporter in ["source", "destination"] {
+        let labels = [
+            ("reporter", reporter),
+            (
+                "source_principal",
+                "spiffe://cluster.local/ns/default/sa/client",
+            ),
+            ("destination_workload", "server"),
+            ("mesh_path", "same_node"),
+            ("connection_security_policy", "node_local"),
+        ];
+        let received = metric(&text, "istio_tcp_received_bytes_total", &labels);
+        assert!(
+            received >= BYTES,
+            "{received} request bytes reported by the {reporter}:\n{text}"
+        );
+    }
+    assert_eq!(
+        metric(
+            &text,
+            "istio_tcp_connections_opened_total",
+            &[("mesh_path", "hbone")]
+        ),
+        0,
+        "no tunnel:\n{text}"
+    );
+    drop(controller);
+}
+
+#[test]
 fn a_pod_without_a_traffic_target_is_refused_and_plaintext_to_a_strict_pod_too() {
     if !privileged("a_pod_without_a_traffic_target_is_refused_and_plaintext_to_a_strict_pod_too") {
         return;
@@ -302,10 +379,11 @@ fn a_pod_without_a_traffic_target_is_refused_and_plaintext_to_a_strict_pod_too()
     let controller = rt.block_on(w.dir.start("127.0.0.1:0".parse().expect("addr"), &[]));
     let app = Sink::start(&w.server, &format!("{SERVER_IP}:8080"));
     let admin = free_port();
+    // Carried in process, a refused call looks the same to the caller as a refused tunnel.
     let _agent = Agent::start(
         Path::new(AGENT),
         &instance("deny"),
-        &agent_args(&w, &controller, admin),
+        &agent_args(&w, &controller, admin, "in-process"),
     );
 
     // Give the agent time to get its configuration and certificates, then call: the

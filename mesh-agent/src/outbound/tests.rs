@@ -18,6 +18,8 @@ use crate::inbound::PodInbound;
 use crate::telemetry::testing::{encode, sample};
 use crate::tls;
 
+mod same_node;
+
 const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);

@@ -173,3 +173,53 @@ async fn the_grace_period_cuts_a_stuck_connection() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_meshed_pod_is_in_the_node_registry_while_its_proxy_runs() {
+    let ca = crate::identity::testing::TestCa::new("proxy-test-ca");
+    let signer = crate::identity::testing::TestSigner::new(ca, Duration::from_secs(3600));
+    let (certs, _) = crate::identity::testing::manager(&signer);
+    let local = Arc::new(LocalPods::default());
+    let mesh = Mesh {
+        // No workload configured yet: the pod serves no HBONE, but it is a pod of this node.
+        store: crate::state::holding(&mesh_core::model::NodeSnapshot {
+            node: "node-a".into(),
+            trust_bundle: vec!["root".into()],
+            ..Default::default()
+        }),
+        certs,
+        egress: Egress::Allow,
+        local: local.clone(),
+    };
+    let listener = || {
+        let l = StdListener::bind("127.0.0.1:0").expect("bind");
+        l.set_nonblocking(true).expect("nonblocking");
+        l
+    };
+    let net = PodNet {
+        connect: Arc::new(|addr| Box::pin(TcpStream::connect(addr))),
+        listen: Arc::new(|_| Box::pin(TcpListener::bind("127.0.0.1:0"))),
+    };
+    let mut registry = Registry::default();
+    let ip = Ipv4Addr::new(127, 0, 0, 9);
+    let proxy = start(
+        "shop/api-0",
+        ip,
+        net,
+        PodSockets {
+            outbound: listener(),
+            inbound: listener(),
+        },
+        Some(mesh),
+        Telemetry::new(&mut registry),
+        &ProxyConfig::default(),
+    )
+    .expect("start");
+    let pod = local.get(ip).expect("registered under its IP");
+    assert_eq!(pod.name(), &NamespacedName::new("shop", "api-0"));
+    assert_eq!(pod.identity(), None, "not configured yet");
+    drop(pod);
+    drop(proxy);
+    assert!(local.get(ip).is_none(), "gone with its proxy");
+    assert!(local.is_empty());
+}

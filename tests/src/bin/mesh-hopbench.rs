@@ -5,9 +5,13 @@
 //! - `iptables`: the agent's proxy behind an iptables REDIRECT rule in the pod's netns;
 //! - `ebpf`: the same proxy with connect4 capture, sk_msg off;
 //! - `ebpf+skmsg`: connect4 capture with the sockmap shortcut on the app <-> proxy hop;
-//! - `mesh`: both namespaces are meshed pods of one agent with a controller: the client's
-//!   connection crosses the veth in an HBONE tunnel (HTTP/2 CONNECT over mTLS) and the
-//!   server pod's proxy admits it by policy (two proxy hops plus TLS).
+//! - `mesh`: both namespaces are meshed pods of one agent with a controller, run with
+//!   `--same-node=hbone`: the client's connection crosses the veth in an HBONE tunnel (HTTP/2
+//!   CONNECT over mTLS) and the server pod's proxy admits it by policy (two proxy hops plus
+//!   TLS);
+//! - `mesh-local`: the same pods and policy with the agent's default, `--same-node=in-process`:
+//!   the server pod's policy admits the call inside the agent, which copies it straight to the
+//!   server's application (no TLS, no HTTP/2, nothing on the veth).
 //!
 //! Each mode runs `--reps` times in the same process; the report gives the median and the
 //! spread (min..max) of the repetitions, and ratios to `direct`.
@@ -28,7 +32,14 @@ use mesh_tests::{Agent, Cgroup, Netns, command_in, instance, link, sh};
 
 const POD_IP: &str = "10.77.0.2";
 const REMOTE_IP: &str = "10.77.0.1";
-const MODES: [&str; 5] = ["direct", "iptables", "ebpf", "ebpf+skmsg", "mesh"];
+const MODES: [&str; 6] = [
+    "direct",
+    "iptables",
+    "ebpf",
+    "ebpf+skmsg",
+    "mesh",
+    "mesh-local",
+];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
@@ -238,11 +249,16 @@ fn run_mode(mode: &str, plan: &Plan) -> ModeResult {
     let mut mesh_parts = None;
     let _agent = match mode {
         "direct" => None,
-        "mesh" => {
+        "mesh" | "mesh-local" => {
             let remote_cg = Cgroup::new("srv");
-            let (agent, parts) = start_mesh(&pod_arg, &remote, &remote_cg);
+            let same_node = if mode == "mesh" {
+                "hbone"
+            } else {
+                "in-process"
+            };
+            let (agent, parts) = start_mesh(&pod_arg, &remote, &remote_cg, same_node);
             mesh_parts = Some((parts, remote_cg));
-            // Wait until the tunnel works (configuration and certificates).
+            // Wait until calls go through (configuration and certificates).
             let deadline = Instant::now() + std::time::Duration::from_secs(30);
             while command_in(&self_exe(), &pod_cg, &pod)
                 .args(["client", "rr", &echo, "1", "10"])
@@ -327,8 +343,14 @@ struct MeshParts {
 }
 
 /// A controller on a directory describing both pods (client -> server allowed on the echo and
-/// sink ports) and the agent meshing both.
-fn start_mesh(client_arg: &str, remote: &Netns, remote_cg: &Cgroup) -> (Agent, MeshParts) {
+/// sink ports) and the agent meshing both, carrying calls between them as `same_node` says
+/// (`hbone` or `in-process`).
+fn start_mesh(
+    client_arg: &str,
+    remote: &Netns,
+    remote_cg: &Cgroup,
+    same_node: &str,
+) -> (Agent, MeshParts) {
     use mesh_tests::inprocess::{ClusterDir, TOKEN, namespace, pod};
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let dir = ClusterDir::new();
@@ -376,8 +398,10 @@ spec: {matches: {ports: [9000, 9001]}}
         format!("--controller-ca={}", ca.display()),
         "--node=node-1".into(),
         format!("--bootstrap-token-file={}", token.display()),
+        format!("--same-node={same_node}"),
     ];
-    let agent = Agent::start(&agent_bin(), &instance("hbmesh"), &args);
+    let tag = format!("hbmesh-{same_node}");
+    let agent = Agent::start(&agent_bin(), &instance(&tag), &args);
     (
         agent,
         MeshParts {
