@@ -6,6 +6,7 @@ pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod copy;
 pub mod ebpf;
 pub mod features;
 pub mod hbone;

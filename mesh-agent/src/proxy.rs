@@ -28,7 +28,7 @@ use std::{
 
 use futures::future::BoxFuture;
 use tokio::{
-    io::{AsyncRead, AsyncWrite, copy_bidirectional_with_sizes},
+    io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpSocket, TcpStream},
     sync::watch,
     task::JoinHandle,
@@ -50,10 +50,6 @@ use crate::state::StateStore;
 use crate::telemetry::{
     ConnMeta, Ended, MeshPath, Metered, Peer, Reporter, ResponseFlag, Side, Telemetry,
 };
-
-/// Per-direction copy buffer. With the default 8 KiB a bulk stream costs a syscall pair per
-/// 8 KiB.
-const COPY_BUF: usize = 256 * 1024;
 
 /// After the grace period, how long cut connections get to record their end.
 const CUT_SETTLE: Duration = Duration::from_secs(1);
@@ -120,9 +116,9 @@ impl RelayError {
     }
 }
 
-/// Copies both ways between `app` and `upstream` until both directions ended (each is shut
-/// down on its own when its reader ends), the connection carried nothing for `idle`, or the
-/// drain cut it. Returns the bytes copied from `app` and to it; an early end is recorded on
+/// Copies both ways between `app` and `upstream` ([`crate::copy::copy_both`]: buffers grow
+/// with the traffic) until both directions ended (each is shut down on its own when its reader
+/// ends), the connection carried nothing for `idle`, or the drain cut it. Returns the bytes copied from `app` and to it; an early end is recorded on
 /// the connection's guard.
 pub async fn relay<S, U>(
     app: &mut Metered<S>,
@@ -135,7 +131,7 @@ where
 {
     let activity = app.guard().activity();
     let result = tokio::select! {
-        copied = copy_bidirectional_with_sizes(app, upstream, COPY_BUF, COPY_BUF) => {
+        copied = crate::copy::copy_both(app, upstream) => {
             copied.map_err(RelayError::Io)
         }
         ended = activity.watchdog(idle) => Err(match ended {

@@ -96,9 +96,8 @@ impl SendHalf {
         let want = buf.len().min(CHUNK);
         let capacity = ready!(self.poll_capacity(cx, want))?;
         let n = want.min(capacity);
-        if self.buf.capacity() < n {
-            self.buf.reserve(CHUNK);
-        }
+        // Only what this write needs: a tunnel carrying small messages keeps a small buffer.
+        self.buf.reserve(n);
         self.buf.extend_from_slice(&buf[..n]);
         let frame = self.buf.split().freeze();
         self.inner.send_data(frame, false).map_err(h2_to_io)?;
@@ -293,12 +292,18 @@ where
         app_write.shutdown().await
     };
     let outbound = async {
+        // Grows like the proxy's copy buffers: small for small messages, up to CHUNK for
+        // a bulk stream.
         let mut buf = BytesMut::new();
+        let mut want = crate::copy::MIN_BUF;
         loop {
-            buf.reserve(CHUNK);
+            buf.reserve(want);
             let n = app_read.read_buf(&mut buf).await?;
             if n == 0 {
                 return send.shutdown();
+            }
+            if n >= want {
+                want = (want * 2).min(CHUNK);
             }
             send.send_all(buf.split().freeze()).await?;
             Stats::add(&stats.bytes_sent, n);
