@@ -179,6 +179,17 @@ fn pods_on_two_nodes_talk_in_mutual_tls_by_policy_and_split() {
     let reply = wait_until_ok(&c, "demo/client", ECHO_LOCAL_VIP);
     assert_eq!(reply.trim(), "echo-local hello");
     assert!(!call(&c, "demo/intruder", ECHO_LOCAL_VIP).status.success());
+    let metrics = c.agent_admin("node-1", "/metrics").expect("node-1 metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("reporter=\"destination\"")
+                && l.contains("destination_workload=\"echo-local\"")
+                && l.contains("source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"")
+                && l.contains("mesh_path=\"same_node\"")),
+        "node-1 does not report the same-node connection:\n{metrics}"
+    );
 
     // Policy: no TrafficTarget for the intruder; refused promptly, and the destination says why.
     let started = Instant::now();

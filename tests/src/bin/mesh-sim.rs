@@ -383,6 +383,24 @@ fn scenario(c: &mut Cluster) -> Result<()> {
     )?;
     ensure!(!denied.status.success(), "the intruder reached echo-local");
     line("intruder -> echo-local (same node): refused");
+    let local = tcp_metric(
+        c,
+        "node-1",
+        "istio_tcp_connections_opened_total",
+        "destination",
+    )?;
+    let m = local
+        .iter()
+        .find(|m| m.get("destination_workload").map(String::as_str) == Some("echo-local"))
+        .context("no connection to echo-local in node-1's metrics")?;
+    line(format!(
+        "node-1 agent (destination): {} -> {}, path {}, {} (the bytes never left the agent)",
+        m.get("source_principal").map_or("?", String::as_str),
+        m.get("destination_principal").map_or("?", String::as_str),
+        m.get("mesh_path").map_or("?", String::as_str),
+        m.get("connection_security_policy")
+            .map_or("?", String::as_str)
+    ));
     interrupted()?;
 
     step(4, TOTAL, "traffic split: web -> 90% web-v1, 10% web-v2");
