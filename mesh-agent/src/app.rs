@@ -1,12 +1,17 @@
 //! Composition root: wires the datapath, the pods and the proxy for `mesh-agent run`.
-use std::{collections::HashMap, io::Write as _, path::PathBuf, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    io::Write as _,
+    path::PathBuf,
+    sync::Arc,
+};
 
 use anyhow::Context as _;
 
 use crate::{
     admin::{self, AdminState},
     cgroup,
-    config::Config,
+    config::{Config, PodSpec},
     ebpf::Datapath,
     local::LocalPods,
     netns, proxy,
@@ -83,8 +88,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             registry,
         ));
         let endpoints = admin::start(&cfg.admin, &admin).await?;
-        let mut proxies = HashMap::new();
-        for pod in &cfg.pods {
+        let start_pod = |datapath: &mut Datapath, pod: &PodSpec| -> anyhow::Result<proxy::PodProxy> {
             let sockets = datapath
                 .enroll(pod)
                 .with_context(|| format!("enroll {}", pod.name))?;
@@ -99,17 +103,77 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 telemetry.clone(),
                 &cfg.proxy,
             )?;
-            proxies.insert(pod.name.clone(), p);
             tracing::info!(pod = %pod.name, ip = %pod.ip, "enrolled");
+            Ok(p)
+        };
+        let mut proxies = HashMap::new();
+        for pod in &cfg.pods {
+            proxies.insert(pod.name.clone(), start_pod(&mut datapath, pod)?);
         }
         println!("READY");
         let _ = std::io::stdout().flush();
 
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("install SIGTERM handler")?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+        // Pods enrolled from the configuration, with the spec they were enrolled with.
+        let mut dynamic: BTreeMap<String, PodSpec> = BTreeMap::new();
+        let mut changes = control
+            .as_ref()
+            .filter(|_| cfg.enroll_from_config)
+            .map(|c| c.store.subscribe());
+        let node = cfg.controller.as_ref().map(|c| c.node.clone()).unwrap_or_default();
+        let fixed: Vec<String> = cfg.pods.iter().map(|p| p.name.clone()).collect();
+        loop {
+            if let Some(rx) = changes.as_mut() {
+                let snapshot = rx.borrow_and_update().snapshot.clone();
+                let (wanted, rejected) = crate::enroll::desired(&snapshot, &node, &fixed);
+                for (pod, reason) in rejected {
+                    tracing::warn!(%pod, %reason, "cannot enroll a pod of the configuration");
+                }
+                // Gone or changed: stop its proxy, then take it out of the datapath.
+                let stale: Vec<String> = dynamic
+                    .iter()
+                    .filter(|(name, spec)| wanted.get(*name) != Some(*spec))
+                    .map(|(name, _)| name.clone())
+                    .collect();
+                for name in stale {
+                    proxies.remove(&name);
+                    if let Some(spec) = dynamic.remove(&name)
+                        && let Err(e) = datapath.unenroll(&spec)
+                    {
+                        tracing::warn!(pod = %name, error = %e, "unenroll failed");
+                    }
+                    tracing::info!(pod = %name, "unenrolled: no longer in the configuration as it was");
+                }
+                for (name, spec) in wanted {
+                    if dynamic.contains_key(&name) {
+                        continue;
+                    }
+                    match start_pod(&mut datapath, &spec) {
+                        Ok(p) => {
+                            proxies.insert(name.clone(), p);
+                            dynamic.insert(name, spec);
+                        }
+                        // Retried at the next configuration change.
+                        Err(e) => tracing::warn!(pod = %name, error = %format!("{e:#}"), "enroll failed"),
+                    }
+                }
+            }
+            let changed = async {
+                match changes.as_mut() {
+                    Some(rx) => rx.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
+                alive = changed => {
+                    if !alive {
+                        changes = None;
+                    }
+                }
+            }
         }
         tracing::info!("shutting down");
         admin.set_draining();
@@ -125,7 +189,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             task.abort();
         }
         if cfg.unenroll_on_exit {
-            for pod in &cfg.pods {
+            for pod in cfg.pods.iter().chain(dynamic.values()) {
                 if let Err(e) = datapath.unenroll(pod) {
                     tracing::warn!(pod = %pod.name, error = %e, "unenroll failed");
                 }

@@ -189,6 +189,11 @@ struct RunArgs {
     /// Unenroll every pod on SIGTERM (by default capture survives agent restarts).
     #[arg(long)]
     unenroll_on_exit: bool,
+    /// Also enroll the pods the controller places on this node with a cgroup and network
+    /// namespace (annotations mesh.io/cgroup and mesh.io/netns, as the single-machine mesh
+    /// writes them), and unenroll them when they go. Needs --controller.
+    #[arg(long)]
+    enroll_from_config: bool,
     #[command(flatten)]
     serve: ServeArgs,
     #[command(flatten)]
@@ -208,6 +213,7 @@ impl RunArgs {
             cgroup: self.cgroup,
             pods: self.pods,
             unenroll_on_exit: self.unenroll_on_exit,
+            enroll_from_config: self.enroll_from_config,
             proxy: self.serve.proxy(),
             admin: self.serve.admin(),
         };

@@ -402,6 +402,9 @@ pub struct Config {
     pub pods: Vec<PodSpec>,
     /// Unenroll every pod on a clean shutdown (otherwise capture survives restarts).
     pub unenroll_on_exit: bool,
+    /// Also enroll the pods the controller's configuration places on this node with a cgroup
+    /// and a network namespace ([`crate::enroll`]), following them as they come and go.
+    pub enroll_from_config: bool,
     pub proxy: ProxyConfig,
     pub admin: AdminConfig,
 }
@@ -455,6 +458,12 @@ impl Config {
             c.validate()?;
         }
         self.proxy.validate()?;
+        if self.enroll_from_config && self.controller.is_none() {
+            return Err(ConfigError::Flag {
+                flag: "--enroll-from-config",
+                reason: "needs --controller (the pods come from its configuration)".into(),
+            });
+        }
         validate_pods(&self.pods)
     }
 }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod control;
 pub mod copy;
 pub mod ebpf;
+pub mod enroll;
 pub mod features;
 pub mod hbone;
 pub mod identity;

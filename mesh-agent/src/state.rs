@@ -194,6 +194,7 @@ mod tests {
             labels: Default::default(),
             cgroup: None,
             netns: None,
+            ports: vec![],
         }
     }
 

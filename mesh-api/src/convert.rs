@@ -102,6 +102,7 @@ impl From<&Workload> for v1::Workload {
             labels: w.labels.clone().into_iter().collect(),
             cgroup: w.cgroup.clone(),
             netns: w.netns.clone(),
+            ports: w.ports.iter().map(|p| u32::from(*p)).collect(),
         }
     }
 }
@@ -225,6 +226,14 @@ impl TryFrom<&v1::Workload> for Workload {
             labels: w.labels.clone().into_iter().collect::<BTreeMap<_, _>>(),
             cgroup: w.cgroup.clone(),
             netns: w.netns.clone(),
+            ports: w
+                .ports
+                .iter()
+                .map(|p| match u16::try_from(*p) {
+                    Ok(port) if port != 0 => Ok(port),
+                    _ => Err(err("workload.ports", format!("{p} is not a TCP port"))),
+                })
+                .collect::<Result<_, _>>()?,
         })
     }
 }
@@ -575,6 +584,7 @@ mod tests {
             labels: [("app".to_string(), "api".to_string())].into(),
             cgroup: Some("/mesh/api-0".into()),
             netns: None,
+            ports: vec![8080],
         };
         let svc = Service {
             name: NamespacedName::new("shop", "api"),

@@ -449,6 +449,7 @@ impl Index {
             labels: pod.metadata.labels.clone().unwrap_or_default(),
             cgroup: annotation(CGROUP_ANNOTATION),
             netns: annotation(NETNS_ANNOTATION),
+            ports: container_ports(pod),
         })
     }
 
@@ -704,6 +705,22 @@ pub fn pod_service_account(pod: &Pod) -> &str {
         .or_else(|| spec.and_then(|s| s.service_account.as_deref()))
         .filter(|sa| !sa.is_empty())
         .unwrap_or("default")
+}
+
+/// The TCP ports the pod's containers declare (`containers[].ports[].containerPort`), sorted,
+/// without duplicates; out-of-range values are left out.
+pub fn container_ports(pod: &Pod) -> Vec<u16> {
+    let mut ports: Vec<u16> = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.containers.iter())
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter(|p| p.protocol.as_deref().is_none_or(|proto| proto == "TCP"))
+        .filter_map(|p| u16::try_from(p.container_port).ok().filter(|p| *p != 0))
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
 }
 
 /// `spec.nodeName`, when scheduled.

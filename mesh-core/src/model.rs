@@ -102,6 +102,10 @@ pub struct Workload {
     /// from the pod UID; in local mode the description names them.
     pub cgroup: Option<String>,
     pub netns: Option<String>,
+    /// The ports the pod's containers declare: the agent steers inbound TCP to them through
+    /// the proxy. Empty when the pod declares none.
+    #[serde(default)]
+    pub ports: Vec<u16>,
 }
 
 /// A port of a service.

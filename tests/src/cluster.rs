@@ -349,28 +349,6 @@ impl Pod {
     pub fn netns_path(&self) -> PathBuf {
         PathBuf::from("/run/netns").join(&self.netns)
     }
-
-    /// The agent's `--pod` argument for this pod.
-    fn agent_arg(&self) -> String {
-        format!(
-            "--pod=name={}/{},cgroup={},netns={},ip={},iface=eth0{}{}",
-            self.namespace,
-            self.name,
-            self.cgroup.display(),
-            self.netns_path().display(),
-            self.ip,
-            if self.spec.ports.is_empty() {
-                String::new()
-            } else {
-                let ports: Vec<String> = self.spec.ports.iter().map(u16::to_string).collect();
-                format!(",inbound={}", ports.join("+"))
-            },
-            match self.spec.tls_mode.as_deref() {
-                Some("permissive") => ",mode=permissive",
-                _ => "",
-            }
-        )
-    }
 }
 
 pub struct Node {
@@ -380,6 +358,8 @@ pub struct Node {
     pub ip: Ipv4Addr,
     pub agent: Option<Proc>,
     pub agent_cgroup: PathBuf,
+    /// The last octet of the next pod address (never reused while the cluster runs).
+    next_host: u8,
 }
 
 pub struct Cluster {
@@ -518,19 +498,27 @@ impl Cluster {
                 ip: node_ip,
                 agent: None,
                 agent_cgroup,
+                next_host: 10,
             });
-            for (j, p) in n.pods.iter().enumerate() {
-                self.add_pod_network(i, j, p)?;
+            for p in &n.pods {
+                self.add_pod_network(i, p)?;
             }
         }
         Ok(())
     }
 
-    fn add_pod_network(&mut self, i: usize, j: usize, p: &PodSpec) -> Result<()> {
+    fn add_pod_network(&mut self, i: usize, p: &PodSpec) -> Result<()> {
+        ensure!(
+            self.nodes[i].next_host < 250,
+            "node {} has no pod address left",
+            self.nodes[i].name
+        );
+        let j = usize::from(self.nodes[i].next_host);
+        self.nodes[i].next_host += 1;
         let node = &self.nodes[i];
         let ns = self.names.pod(&node.name, &p.namespace, &p.name);
         netns_add(&ns)?;
-        let pod_ip = Ipv4Addr::new(10, 244, i as u8 + 1, 10 + j as u8);
+        let pod_ip = Ipv4Addr::new(10, 244, i as u8 + 1, j as u8);
         let port = format!("p{j}");
         ip(
             &ns,
@@ -593,12 +581,63 @@ impl Cluster {
                     .with_context(|| format!("copy {}", path.display()))?;
             }
         }
-        fs::write(dir.join("zz-cluster-pods.yaml"), self.pods_yaml())?;
+        self.write_pods()?;
         fs::write(
             self.state.join("tokens"),
             format!("{TOKEN} * 2999-01-01T00:00:00Z\n"),
         )?;
         fs::write(self.state.join("token"), TOKEN)?;
+        Ok(())
+    }
+
+    /// Writes the pods' objects into the controller's directory (atomically: the controller
+    /// never reads half a file).
+    fn write_pods(&self) -> Result<()> {
+        let dir = self.state.join("resources");
+        let tmp = dir.join(".zz-cluster-pods.yaml.tmp");
+        fs::write(&tmp, self.pods_yaml())?;
+        fs::rename(&tmp, dir.join("zz-cluster-pods.yaml"))?;
+        Ok(())
+    }
+
+    /// Adds a pod to `node` while the cluster runs: its namespace, cgroup and address, its
+    /// Pod object for the controller (the node's agent enrolls it from there), its command.
+    pub fn add_pod(&mut self, node: &str, spec: PodSpec) -> Result<()> {
+        let i = self.node_index(node)?;
+        ensure!(
+            self.pod(&format!("{}/{}", spec.namespace, spec.name))
+                .is_err(),
+            "pod {}/{} exists",
+            spec.namespace,
+            spec.name
+        );
+        let one = ClusterSpec {
+            nodes: vec![NodeSpec {
+                name: node.into(),
+                pods: vec![spec.clone()],
+            }],
+        };
+        one.validate()?;
+        self.add_pod_network(i, &spec)?;
+        self.write_pods()?;
+        self.start_app(self.pods.len() - 1)
+    }
+
+    /// Removes a pod while the cluster runs: its Pod object first (the agent unenrolls it and
+    /// the service forgets it), then its command, namespace and cgroup.
+    pub fn remove_pod(&mut self, key: &str) -> Result<()> {
+        let j = self
+            .pods
+            .iter()
+            .position(|p| p.key() == key)
+            .ok_or_else(|| anyhow!("no pod {key:?} in the cluster"))?;
+        let mut pod = self.pods.remove(j);
+        self.write_pods()?;
+        if let Some(mut app) = pod.app.take() {
+            app.kill();
+        }
+        run(&["ip", "netns", "del", &pod.netns])?;
+        crate::remove_cgroup(&pod.cgroup);
         Ok(())
     }
 
@@ -736,9 +775,9 @@ spec:
         for c in CAPTURE {
             cmd.arg(format!("--capture={c}"));
         }
-        for p in self.pods.iter().filter(|p| p.node == node.name) {
-            cmd.arg(p.agent_arg());
-        }
+        // The pods come from the controller's configuration (their Pod objects name the
+        // cgroup and network namespace), so pods added and removed later follow too.
+        cmd.arg("--enroll-from-config");
         cmd.args(&self.agent_args);
         Ok(cmd)
     }

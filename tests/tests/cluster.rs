@@ -348,3 +348,81 @@ fn plaintext_reaches_a_permissive_pod_and_never_a_strict_one() {
     );
     c.down().expect("teardown");
 }
+
+/// Runs loads of `n` connections to `target` from `pod` until `done` accepts a report.
+fn load_until(
+    c: &Cluster,
+    pod: &str,
+    target: &str,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let report = load_report(load_in_background(c, pod, target, 40));
+        if done(&report) {
+            return report;
+        }
+        assert!(Instant::now() < deadline, "{what}: last report {report}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn a_pod_added_while_the_mesh_runs_joins_its_service_and_leaves_it_when_removed() {
+    if !privileged("a_pod_added_while_the_mesh_runs_joins_its_service_and_leaves_it_when_removed") {
+        return;
+    }
+    let mut c = up(&[]);
+    let spec = mesh_tests::cluster::PodSpec {
+        namespace: "demo".into(),
+        name: "echo-2".into(),
+        service_account: Some("echo".into()),
+        labels: [("app".to_string(), "echo".to_string())].into(),
+        tls_mode: None,
+        ports: vec![9000],
+        run: [
+            "mesh-demo",
+            "tcp-echo",
+            "--listen",
+            "0.0.0.0:9000",
+            "--name",
+            "{pod}",
+        ]
+        .map(String::from)
+        .to_vec(),
+    };
+    c.add_pod("node-1", spec).expect("add a pod");
+    // The new endpoint answers through the mesh, and nothing fails meanwhile.
+    load_until(&c, "demo/client", ECHO_VIP, "echo-2 joins", |r| {
+        r["pods"]["echo-2"].as_u64().unwrap_or(0) > 0 && failures(r) == 0
+    });
+    // Its own traffic is captured and meshed: a call from it to a pod it may not reach is
+    // refused by policy (no TrafficTarget from echo to web).
+    let web = |pod: &str| {
+        c.exec(
+            pod,
+            &["mesh-demo", "call", "--target", WEB_VIP, "--mode", "http1"],
+        )
+        .expect("run the demo client")
+    };
+    assert!(
+        web("demo/client").status.success(),
+        "the client reaches web"
+    );
+    let out = web("demo/echo-2");
+    assert!(
+        !out.status.success(),
+        "echo-2 reached web without a TrafficTarget: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    c.remove_pod("demo/echo-2").expect("remove the pod");
+    load_until(&c, "demo/client", ECHO_VIP, "echo-2 leaves", |r| {
+        r["pods"]
+            .as_object()
+            .is_some_and(|p| p.keys().all(|k| k == "echo"))
+            && failures(r) == 0
+    });
+    c.down().expect("teardown");
+}

@@ -15,6 +15,7 @@ fn config() -> Config {
         cgroup: None,
         pods: Vec::new(),
         unenroll_on_exit: false,
+        enroll_from_config: false,
         proxy: ProxyConfig::default(),
         admin: AdminConfig::default(),
     }

@@ -36,6 +36,7 @@ fn config(tls_mode: TlsMode, traffic: TrafficPolicyMode) -> NodeSnapshot {
         labels: BTreeMap::new(),
         cgroup: None,
         netns: None,
+        ports: vec![],
     };
     let policy = InboundPolicy {
         workload: pod(),

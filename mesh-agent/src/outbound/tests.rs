@@ -38,6 +38,7 @@ fn workload(name: &str, sa: &str, ip: Ipv4Addr, node: &str) -> Workload {
         labels: BTreeMap::new(),
         cgroup: None,
         netns: None,
+        ports: vec![],
     }
 }
 

@@ -112,6 +112,18 @@ fn workload_fields() {
     assert_eq!(w.labels.get("app").map(String::as_str), Some("web"));
     assert_eq!(w.cgroup.as_deref(), Some("/sys/fs/cgroup/mesh/web"));
     assert_eq!(w.netns.as_deref(), Some("/run/netns/web"));
+    assert!(w.ports.is_empty(), "no declared ports");
+
+    // Declared TCP ports of every container, sorted, once each; UDP ones left out.
+    let yaml = pod("meshed", "ports", "", Some("n1"), Some("10.0.0.11")).replace(
+        "  containers: [{name: app, image: app}]\n",
+        "  containers:\n  - {name: app, image: app, ports: [{containerPort: 8080}, {containerPort: 53, protocol: UDP}]}\n  - {name: side, image: side, ports: [{containerPort: 9090, protocol: TCP}, {containerPort: 8080}]}\n",
+    );
+    load(&mut index, &yaml);
+    let w = index
+        .workload(&nn("meshed", "ports"), &td())
+        .expect("a workload");
+    assert_eq!(w.ports, [8080, 9090]);
 
     // serviceAccountName missing: "default".
     load(

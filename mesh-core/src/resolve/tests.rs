@@ -366,6 +366,7 @@ fn meshed_pod_ip_goes_to_that_pod_on_the_same_port() {
             labels: BTreeMap::new(),
             cgroup: None,
             netns: None,
+            ports: vec![],
         },
     );
     let r = Resolver::new(&snap);

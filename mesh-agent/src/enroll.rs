@@ -1,0 +1,135 @@
+//! Pods enrolled from the configuration (`mesh-agent run --enroll-from-config`): the meshed
+//! pods the controller places on this node whose cgroup and network namespace it names (the
+//! single-machine mesh writes them as the pod annotations `mesh.io/cgroup` and
+//! `mesh.io/netns`). The agent enrolls each such pod when it appears, re-enrolls it when its
+//! address, ports or mode change, and unenrolls it when it goes.
+//!
+//! Only use it where the controller's source is trusted to name those paths: whoever can set
+//! the annotations decides which cgroup's traffic is carried under the pod's identity.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use mesh_core::model::{NodeSnapshot, TlsMode, Workload};
+
+use crate::config::{Mode, PodSpec};
+
+/// The interface a pod reaches its node through.
+pub const POD_IFACE: &str = "eth0";
+
+/// Ports a pod may not ask to have steered: the proxy's own.
+const RESERVED: [u16; 3] = [15001, 15006, mesh_common::HBONE_PORT];
+
+/// The pods the configuration wants enrolled on `node`, by `namespace/name`, leaving out
+/// `fixed` names (pods given on the command line win). Workloads that cannot be enrolled are
+/// returned with the reason, to be logged.
+pub fn desired(
+    snapshot: &NodeSnapshot,
+    node: &str,
+    fixed: &[String],
+) -> (BTreeMap<String, PodSpec>, Vec<(String, String)>) {
+    let mut pods = BTreeMap::new();
+    let mut rejected = Vec::new();
+    for w in snapshot.workloads.values().filter(|w| w.node == node) {
+        let name = format!("{}/{}", w.name.namespace, w.name.name);
+        if fixed.contains(&name) || (w.cgroup.is_none() && w.netns.is_none()) {
+            continue;
+        }
+        match spec(&name, w) {
+            Ok(spec) => {
+                pods.insert(name, spec);
+            }
+            Err(reason) => rejected.push((name, reason)),
+        }
+    }
+    (pods, rejected)
+}
+
+fn spec(name: &str, w: &Workload) -> Result<PodSpec, String> {
+    let path = |what: &str, p: &Option<String>| {
+        let p = PathBuf::from(p.as_deref().ok_or(format!("no {what} path"))?);
+        if p.is_absolute() {
+            Ok(p)
+        } else {
+            Err(format!("{what} path {} is not absolute", p.display()))
+        }
+    };
+    let cgroup = path("cgroup", &w.cgroup)?;
+    let netns = path("network namespace", &w.netns)?;
+    let ip = *w.ips.first().ok_or("no IPv4 address yet")?;
+    if let Some(p) = w.ports.iter().find(|p| **p == 0 || RESERVED.contains(p)) {
+        return Err(format!("port {p} cannot be steered (0 or the proxy's own)"));
+    }
+    Ok(PodSpec {
+        name: name.to_string(),
+        cgroup,
+        netns,
+        ip,
+        iface: POD_IFACE.into(),
+        inbound_ports: w.ports.clone(),
+        mode: match w.mode {
+            TlsMode::Strict => Mode::Strict,
+            TlsMode::Permissive => Mode::Permissive,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_core::SpiffeId;
+    use mesh_core::model::NamespacedName;
+    use std::net::Ipv4Addr;
+
+    fn workload(name: &str, node: &str, cgroup: Option<&str>, ports: &[u16]) -> Workload {
+        let nn = NamespacedName::new("demo", name);
+        Workload {
+            name: nn,
+            uid: format!("uid-{name}"),
+            service_account: name.into(),
+            identity: format!("spiffe://cluster.local/ns/demo/sa/{name}")
+                .parse::<SpiffeId>()
+                .expect("id"),
+            node: node.into(),
+            ips: vec![Ipv4Addr::new(10, 244, 1, 10)],
+            mode: TlsMode::Permissive,
+            labels: Default::default(),
+            cgroup: cgroup.map(String::from),
+            netns: cgroup.map(|_| format!("/run/netns/{name}")),
+            ports: ports.to_vec(),
+        }
+    }
+
+    fn snapshot(ws: Vec<Workload>) -> NodeSnapshot {
+        let mut s = NodeSnapshot::default();
+        for w in ws {
+            s.workloads.insert(w.name.clone(), w);
+        }
+        s
+    }
+
+    #[test]
+    fn the_node_s_located_pods_are_wanted_and_the_rest_left_out_or_refused_with_a_reason() {
+        let s = snapshot(vec![
+            workload("web", "node-1", Some("/sys/fs/cgroup/web"), &[8080, 9090]),
+            workload("elsewhere", "node-2", Some("/sys/fs/cgroup/x"), &[]),
+            workload("unlocated", "node-1", None, &[]),
+            workload("relative", "node-1", Some("cg/rel"), &[]),
+            workload("greedy", "node-1", Some("/sys/fs/cgroup/g"), &[15008]),
+            workload("fixed", "node-1", Some("/sys/fs/cgroup/f"), &[]),
+        ]);
+        let (pods, rejected) = desired(&s, "node-1", &["demo/fixed".to_string()]);
+        assert_eq!(pods.keys().collect::<Vec<_>>(), ["demo/web"]);
+        let web = &pods["demo/web"];
+        assert_eq!(web.cgroup, PathBuf::from("/sys/fs/cgroup/web"));
+        assert_eq!(web.netns, PathBuf::from("/run/netns/web"));
+        assert_eq!(web.ip, Ipv4Addr::new(10, 244, 1, 10));
+        assert_eq!(web.inbound_ports, [8080, 9090]);
+        assert_eq!(web.mode, Mode::Permissive);
+        assert_eq!(web.iface, "eth0");
+        let reasons: BTreeMap<_, _> = rejected.into_iter().collect();
+        assert_eq!(reasons.len(), 2, "{reasons:?}");
+        assert!(reasons["demo/relative"].contains("not absolute"));
+        assert!(reasons["demo/greedy"].contains("15008"));
+    }
+}
