@@ -1,6 +1,7 @@
 //! End to end on the single-machine mesh (`mesh_tests::cluster`): two nodes and their pods as
 //! network namespaces, the real controller binary on a YAML directory, one real agent per node
 //! inside the node's namespace, the demo applications in the pods. Privileged.
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -425,4 +426,58 @@ fn a_pod_added_while_the_mesh_runs_joins_its_service_and_leaves_it_when_removed(
             && failures(r) == 0
     });
     c.down().expect("teardown");
+}
+
+#[test]
+fn the_demo_runs_to_its_report_twice_in_a_row_and_tells_a_non_root_user_what_it_needs() {
+    if !privileged(
+        "the_demo_runs_to_its_report_twice_in_a_row_and_tells_a_non_root_user_what_it_needs",
+    ) {
+        return;
+    }
+    let prefix = format!(
+        "{}c{}",
+        mesh_tests::prefix(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    );
+    let sim = env!("CARGO_BIN_EXE_mesh-sim");
+    let dir = demo_dir();
+    for run in 1..=2 {
+        let out = std::process::Command::new(sim)
+            .args(["demo", "--prefix", &prefix, "--dir"])
+            .arg(&dir)
+            .output()
+            .expect("run mesh-sim");
+        let report = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "run {run}: {report}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for expect in [
+            "[1/6] mutual TLS between pods on different nodes",
+            "the request in clear: no",
+            "with reason no_traffic_target",
+            "path same_node",
+            "web-v1: ",
+            "[6/6] kernel redirect counters",
+            "nothing left behind",
+        ] {
+            assert!(
+                report.contains(expect),
+                "run {run}: no {expect:?} in\n{report}"
+            );
+        }
+    }
+    assert_eq!(mesh_tests::cluster::cleanup(&prefix).expect("cleanup"), 0);
+
+    // As another user: exit 77 and what it needs, before touching anything.
+    let out = std::process::Command::new(sim)
+        .args(["demo", "--prefix", &prefix])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("run mesh-sim as nobody");
+    assert_eq!(out.status.code(), Some(77));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs root"));
 }

@@ -58,13 +58,13 @@ fn parse_args() -> Result<Args, String> {
     }
     let p = &parsed.prefix;
     if p.is_empty()
-        || p.len() > 8
+        || p.len() > 12
         || !p
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
     {
         return Err(format!(
-            "--prefix {p:?}: 1 to 8 lowercase letters or digits"
+            "--prefix {p:?}: 1 to 12 lowercase letters or digits"
         ));
     }
     Ok(parsed)
