@@ -8,6 +8,20 @@
 //! - `GET /debug/config`: the agent's configuration, the version of the mesh configuration in
 //!   force with its size, and the configuration store's counters.
 //! - `GET /debug/certs`: the workload certificates held and where their rotation stands.
+//! - `GET /debug/pods`: the enrolled pods, each as enrolled, as the datapath's maps hold it and
+//!   as the configuration names it ([`crate::debug::views::PodView`]).
+//! - `GET /debug/policy/<ns>/<pod>`: a pod's compiled inbound policy.
+//! - `GET /debug/policy/check?from=F&to=T[&method=M&path=P&header=NAME:VALUE]`: the verdict
+//!   of the proxy's own `authorize` for a caller and a destination (`mesh-agent policy check`).
+//! - `GET /debug/flows[?after=SEQ&pod=NS/POD&limit=N&probes=1]`: connections as the kernel
+//!   and the proxy saw them, joined ([`crate::debug::flows`]); `status`'s probe connections
+//!   only with `probes=1`.
+//! - `GET /debug/status`: kernel, programs, maps, controller, certificates, and a verdict per
+//!   pod from a probe connection ([`crate::debug::probe`]); takes a few seconds.
+//!
+//! `/debug/conns` takes `?pod=NS/POD` too. Errors of the debug pages are JSON
+//! (`{"error": ..., "kind": ...}`) with status 400 (bad request), 404 (unknown pod, service or
+//! source) or 503 (no controller or configuration yet).
 //!
 //! The metrics endpoint (`--metrics`) serves `GET /metrics` only, for Prometheus scrapes.
 //! Other paths answer 404, other methods 405.
@@ -16,6 +30,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::{Method, Response, StatusCode};
@@ -28,7 +43,13 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::config::{AdminConfig, Config, Listen};
+use crate::config::{AdminConfig, Config, Listen, PodSpec};
+use crate::control::ControlClient;
+use crate::debug::{
+    DebugError,
+    flows::{FlowLog, FlowQuery},
+    views,
+};
 use crate::identity::CertManager;
 use crate::state::{StateStore, StoreStats, Version};
 use crate::telemetry::Telemetry;
@@ -59,6 +80,11 @@ pub struct AdminState {
     pub certs: Option<Arc<CertManager>>,
     pub telemetry: Telemetry,
     pub registry: Registry,
+    /// The controller connection; `None` without a controller.
+    pub control: Option<Arc<ControlClient>>,
+    pub started: SystemTime,
+    /// Joined kernel and proxy flow records for `/debug/flows`.
+    pub flows: FlowLog,
     draining: AtomicBool,
 }
 
@@ -70,14 +96,41 @@ impl AdminState {
         telemetry: Telemetry,
         registry: Registry,
     ) -> AdminState {
+        let flows = FlowLog::new(config.datapath.pin_dir(), telemetry.clone());
         AdminState {
             config,
             store,
             certs,
             telemetry,
             registry,
+            control: None,
+            started: SystemTime::now(),
+            flows,
             draining: AtomicBool::new(false),
         }
+    }
+
+    /// Reports the state of this controller connection on `/debug/status`.
+    pub fn with_control(mut self, control: Arc<ControlClient>) -> AdminState {
+        self.control = Some(control);
+        self
+    }
+
+    /// The pods this agent enrolls: those given on the command line, and with
+    /// `--enroll-from-config` those the configuration in force places on this node (what the
+    /// agent enrolls as the configuration changes; one it failed to enroll is listed too, so
+    /// its checks fail rather than hide it).
+    pub fn pods(&self) -> Vec<PodSpec> {
+        let mut pods = self.config.pods.clone();
+        if self.config.enroll_from_config
+            && let (Some(store), Some(settings)) = (&self.store, &self.config.controller)
+        {
+            let fixed: Vec<String> = pods.iter().map(|p| p.name.clone()).collect();
+            let applied = store.current();
+            let (wanted, _) = crate::enroll::desired(&applied.snapshot, &settings.node, &fixed);
+            pods.extend(wanted.into_values());
+        }
+        pods
     }
 
     /// From now on `/healthz` answers 503.
@@ -150,7 +203,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, pages: Pages) 
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(answer(&state, pages, req.method(), req.uri().path())) }
+                async move { Ok::<_, Infallible>(respond(state, pages, req.method(), req.uri()).await) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -162,18 +215,44 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, pages: Pages) 
     }
 }
 
-/// The answer to `method path`.
+/// The answer to `method uri`; `/debug/status` is computed off the runtime.
+pub async fn respond(
+    state: Arc<AdminState>,
+    pages: Pages,
+    method: &Method,
+    uri: &http::Uri,
+) -> Response<Full<Bytes>> {
+    if pages == Pages::Admin && method == Method::GET && uri.path() == "/debug/status" {
+        return match tokio::task::spawn_blocking(move || views::status(&state)).await {
+            Ok(status) => json(&status),
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("status: {e}\n")),
+        };
+    }
+    answer(&state, pages, method, uri)
+}
+
+/// The answer to `method uri`.
 pub fn answer(
     state: &AdminState,
     pages: Pages,
     method: &Method,
-    path: &str,
+    uri: &http::Uri,
 ) -> Response<Full<Bytes>> {
+    let path = uri.path();
     let known = match pages {
-        Pages::Admin => matches!(
-            path,
-            "/healthz" | "/metrics" | "/debug/conns" | "/debug/config" | "/debug/certs"
-        ),
+        Pages::Admin => {
+            matches!(
+                path,
+                "/healthz"
+                    | "/metrics"
+                    | "/debug/conns"
+                    | "/debug/config"
+                    | "/debug/certs"
+                    | "/debug/pods"
+                    | "/debug/flows"
+                    | "/debug/status"
+            ) || path.starts_with("/debug/policy/")
+        }
         Pages::Metrics => path == "/metrics",
     };
     if !known {
@@ -182,16 +261,137 @@ pub fn answer(
     if method != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
     }
+    let query = Query::parse(uri.query().unwrap_or(""));
     match path {
         "/healthz" if state.draining.load(Ordering::Acquire) => {
             text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into())
         }
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         "/metrics" => metrics(&state.registry),
-        "/debug/conns" => json(&state.telemetry.connections()),
+        "/debug/conns" => {
+            let mut conns = state.telemetry.connections();
+            if let Some(pod) = query.get("pod") {
+                conns.retain(|c| c.pod == pod);
+            }
+            json(&conns)
+        }
         "/debug/config" => json(&config_view(state)),
-        _ => json(&state.certs.as_ref().map(|c| c.certs()).unwrap_or_default()),
+        "/debug/certs" => json(&state.certs.as_ref().map(|c| c.certs()).unwrap_or_default()),
+        "/debug/pods" => json(&views::pods(state)),
+        "/debug/flows" => {
+            let number = |key: &str, default: u64| match query.get(key) {
+                None => Ok(default),
+                Some(v) => v
+                    .parse::<u64>()
+                    .map_err(|_| DebugError::BadRequest(format!("{key}={v:?} is not a number"))),
+            };
+            match (number("after", 0), number("limit", 200)) {
+                (Ok(after), Ok(limit)) => json(&state.flows.page(
+                    &state.pods(),
+                    &FlowQuery {
+                        after,
+                        pod: query.get("pod"),
+                        limit: usize::try_from(limit).unwrap_or(usize::MAX),
+                        probes: matches!(query.get("probes"), Some("1" | "true")),
+                    },
+                )),
+                (Err(e), _) | (_, Err(e)) => error(&e),
+            }
+        }
+        "/debug/policy/check" => {
+            let q = views::CheckQuery {
+                from: query.get("from").unwrap_or_default().to_string(),
+                to: query.get("to").unwrap_or_default().to_string(),
+                method: query.get("method").map(String::from),
+                path: query.get("path").map(String::from),
+                headers: query
+                    .all("header")
+                    .filter_map(|h| h.split_once(':'))
+                    .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+                    .collect(),
+            };
+            if q.from.is_empty() || q.to.is_empty() {
+                return error(&DebugError::BadRequest(
+                    "policy check needs from= and to=".into(),
+                ));
+            }
+            result(views::policy_check(state, &q))
+        }
+        _ => match path.strip_prefix("/debug/policy/") {
+            Some(pod) => result(views::policy(state, &percent_decode(pod))),
+            None => text(StatusCode::NOT_FOUND, format!("no such page: {path}\n")),
+        },
     }
+}
+
+/// The parameters of a query string, percent-decoded.
+struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn parse(q: &str) -> Query {
+        Query(
+            q.split('&')
+                .filter(|kv| !kv.is_empty())
+                .map(|kv| {
+                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                    (percent_decode(k), percent_decode(v))
+                })
+                .collect(),
+        )
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn all<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.0
+            .iter()
+            .filter(move |(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn result(r: Result<impl Serialize, DebugError>) -> Response<Full<Bytes>> {
+    match r {
+        Ok(v) => json(&v),
+        Err(e) => error(&e),
+    }
+}
+
+fn error(e: &DebugError) -> Response<Full<Bytes>> {
+    let body = serde_json::json!({ "error": e.to_string(), "kind": e.kind() });
+    Response::builder()
+        .status(e.status())
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap_or_default()
 }
 
 #[derive(Serialize)]

@@ -80,13 +80,17 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 egress: settings.egress,
                 local: Arc::new(LocalPods::default()),
             });
-        let admin = Arc::new(AdminState::new(
+        let mut admin = AdminState::new(
             cfg.clone(),
             control.as_ref().map(|c| c.store.clone()),
             control.as_ref().map(|c| c.certs.clone()),
             telemetry.clone(),
             registry,
-        ));
+        );
+        if let Some(c) = &control {
+            admin = admin.with_control(c.client.clone());
+        }
+        let admin = Arc::new(admin);
         let endpoints = admin::start(&cfg.admin, &admin).await?;
         let start_pod = |datapath: &mut Datapath, pod: &PodSpec| -> anyhow::Result<proxy::PodProxy> {
             let sockets = datapath

@@ -7,14 +7,14 @@ use std::{
 };
 
 use clap::{Parser, Subcommand, ValueEnum};
-use mesh_common::FlowVerdict;
 
 use crate::{
     config::{
         AdminConfig, BPFFS_ROOT, Cidr, Config, ConfigError, ControllerSettings, CredentialSource,
         DEFAULT_ADMIN, DEFAULT_METRICS, DatapathConfig, Listen, PodSpec, ProxyConfig, SameNode,
     },
-    ebpf, features,
+    debug::commands,
+    ebpf,
 };
 
 /// Exit status for bad configuration or arguments (EX_USAGE).
@@ -222,27 +222,174 @@ impl RunArgs {
     }
 }
 
+/// `--admin`: where the commands that ask the running agent find it.
+#[derive(clap::Args, Debug)]
+struct AdminArgs {
+    /// The agent's admin endpoint (what `mesh-agent run --admin` serves).
+    #[arg(long, value_name = "IP:PORT", default_value_t = DEFAULT_ADMIN)]
+    admin: SocketAddr,
+}
+
+#[derive(clap::Args, Debug)]
+struct OutputArgs {
+    /// `table` for people (fits 100 columns), `json` for machines (what the admin API
+    /// answers, so `curl` sees the same).
+    #[arg(short, long, value_enum, default_value = "table")]
+    output: Output,
+}
+
+impl OutputArgs {
+    fn json(&self) -> bool {
+        self.output == Output::Json
+    }
+}
+
+const EXIT_CODES: &str = "Exit status: 0 good news; 1 bad news (unhealthy, denied, failed, not \
+found); 64 bad arguments or a name the agent does not know; 69 no agent answers at --admin; 77 \
+needs root.";
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Load the datapath, enroll pods and run the proxy until SIGTERM.
     Run(Box<RunArgs>),
-    /// Check the kernel for everything the datapath needs.
+    /// Is this node's mesh working? Checked now, not remembered.
+    ///
+    /// Asks the running agent (GET /debug/status): its version, the kernel and the same
+    /// feature check the agent runs at start, the programs attached (asked of the kernel, per
+    /// cgroup, namespace and interface), the pinned maps with their entries and capacity, the
+    /// controller connection and configuration version, the certificates and the nearest
+    /// expiry, and a verdict per enrolled pod. A pod is healthy when the datapath's pod table
+    /// has it, the kernel lists the mesh's programs on its cgroup and namespace (the ones the
+    /// agent's pinned links hold), a connection from inside the pod's cgroup and network
+    /// namespace to a captured destination lands on the proxy's listener, and the proxy
+    /// records that connection with the destination it was addressed to. The probe is a real
+    /// connection: the proxy refuses it at once (NR, no_such_port) and `flows` marks it.
+    /// Without an agent, it shows what the kernel still holds (as root).
+    #[command(after_help = EXIT_CODES)]
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(flatten)]
+        instance: InstanceArgs,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// The enrolled pods: address, mode, identity, cgroup, netns, counters.
+    ///
+    /// Each pod as the agent enrolled it, as the datapath's pod table holds it (cgroup id,
+    /// netns cookie, mode, packets and bytes received) and as the configuration names it
+    /// (identity), with the connections its proxy carries now. Give a pod for all of it.
+    #[command(after_help = EXIT_CODES)]
+    Pods {
+        /// One pod, NAMESPACE/NAME (or NAME when unique).
+        pod: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Connections the proxy carries now.
+    ///
+    /// Source and destination (workload, identity or address), direction, path (hbone,
+    /// same_node, plaintext, direct), bytes each way and age.
+    #[command(after_help = EXIT_CODES)]
+    Conns {
+        /// Only this pod's, NAMESPACE/NAME (or NAME when unique).
+        #[arg(long)]
+        pod: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// The workload certificates the agent holds.
+    ///
+    /// Identity, state, serial, issuer, validity and the next rotation of each. Exits 1 when
+    /// one is not valid (issuing, failed, expired).
+    #[command(after_help = EXIT_CODES)]
+    Certs {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// A pod's compiled inbound policy, or `policy check`: would a call be allowed?
+    #[command(args_conflicts_with_subcommands = true, after_help = EXIT_CODES)]
+    Policy {
+        #[command(subcommand)]
+        check: Option<PolicyCommand>,
+        /// The pod whose policy to show, NAMESPACE/NAME (or NAME when unique).
+        pod: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Connections as the kernel and the proxy saw them, one line each.
+    ///
+    /// The kernel's flow events (every inbound connection attempt to an enrolled pod: steered
+    /// to the proxy, HBONE, passthrough) and the proxy's record of every connection it ended
+    /// (who called whom, the path, bytes, the verdict and the reason of a refusal), joined:
+    /// a connection the kernel steered and the proxy carried is one line. With --follow, new
+    /// lines as they come until Ctrl-C (with -o json, one JSON record per line).
+    #[command(after_help = EXIT_CODES)]
+    Flows {
+        /// Keep printing new records until interrupted.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only this pod's, NAMESPACE/NAME (or NAME when unique).
+        #[arg(long)]
+        pod: Option<String>,
+        /// How many of the latest records to start with.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Also show the connections of `status`'s capture probes.
+        #[arg(long)]
+        probes: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// The datapath's pinned maps, decoded (needs root).
+    ///
+    /// Without a map: every map with its kind, entries and capacity. With one (its pin name
+    /// like PODS_V1, or pods, capture, orig_dst, orig_peer, excluded_ports, socks, inbound,
+    /// listeners, pod_counters, counters): its entries, keys and values decoded (addresses,
+    /// ports, original destinations, counter names). `get KEY` shows one entry; keys are
+    /// written as `list` shows them (IP, IP:PORT, A.B.C.D/LEN, a counter name, ...).
+    #[command(after_help = EXIT_CODES)]
+    Bpf {
+        /// The map.
+        map: Option<String>,
+        #[command(subcommand)]
+        action: Option<BpfAction>,
+        /// Name of the agent instance (its pinned state is /sys/fs/bpf/mesh/<instance>).
+        #[arg(long, default_value = "node", global = true)]
+        instance: String,
+        /// Root of the pinned state.
+        #[arg(long, default_value = BPFFS_ROOT, global = true)]
+        bpffs_root: PathBuf,
+        /// `table` for people (fits 100 columns), `json` for machines.
+        #[arg(short, long, value_enum, default_value = "table", global = true)]
+        output: Output,
+    },
+    /// Preflight of a node: can the datapath run here, and what stands in its way?
+    ///
+    /// The kernel version, BTF, cgroup v2 and its layout, bpffs, root, the program types and
+    /// helpers the programs use (and the verifier's word on every program), the locked-memory
+    /// limit, iptables or nftables rules of another mesh, and other programs on the same
+    /// hooks. Each failure comes with a fix. Exits 1 when a check fails.
+    #[command(after_help = EXIT_CODES)]
     Doctor {
         /// Skip loading the programs into the kernel.
         #[arg(long)]
         no_load: bool,
-        #[arg(short, long, value_enum, default_value = "table")]
-        output: Output,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Datapath counters by reason.
     Counters {
-        #[command(flatten)]
-        instance: InstanceArgs,
-        #[arg(short, long, value_enum, default_value = "table")]
-        output: Output,
-    },
-    /// Drain and print the kernel's flow events.
-    Flows {
         #[command(flatten)]
         instance: InstanceArgs,
         #[arg(short, long, value_enum, default_value = "table")]
@@ -262,6 +409,61 @@ enum Command {
     Clean {
         #[command(flatten)]
         instance: InstanceArgs,
+    },
+    /// The capture probe of `status`, run inside a pod's cgroup and network namespace.
+    #[command(name = "probe-connect", hide = true)]
+    ProbeConnect {
+        #[arg(long)]
+        target: std::net::SocketAddrV4,
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCommand {
+    /// Would a call be allowed? The verdict of the proxy's own decision function.
+    ///
+    /// Evaluates `authorize`, the function the destination's proxy calls, on the compiled
+    /// policy of each destination pod on this node, and names the rule that allowed (the
+    /// TrafficTarget, the HTTP match) or why none did (the denial's kind is the reason the
+    /// proxy's access log and `flows` carry). A service is checked for each of its endpoints
+    /// (through its TrafficSplit, if any); pods of other nodes are decided by their agent.
+    /// Exits 1 when denied.
+    #[command(after_help = EXIT_CODES)]
+    Check {
+        /// The caller: a pod (NAMESPACE/NAME or IP) the configuration knows, a SPIFFE ID
+        /// (spiffe://TD/ns/NS/sa/SA), or `plaintext` for a caller outside the mesh.
+        #[arg(long)]
+        from: String,
+        /// The destination: a pod or service (NAMESPACE/NAME or IP) with :PORT (optional for
+        /// a service with one port).
+        #[arg(long)]
+        to: String,
+        /// Check one HTTP request with this path (without the query).
+        #[arg(long)]
+        path: Option<String>,
+        /// The request's method [default: GET].
+        #[arg(long)]
+        method: Option<String>,
+        /// A request header, NAME:VALUE. Repeatable.
+        #[arg(long = "header")]
+        headers: Vec<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BpfAction {
+    /// Every entry (the default).
+    List,
+    /// One entry.
+    Get {
+        /// The key, written as `list` shows it.
+        key: String,
     },
 }
 
@@ -283,7 +485,17 @@ pub fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if !matches!(cli.command, Command::Run(_)) {
+        // A debugging command piped into `head` ends quietly when the reader goes, as Unix
+        // tools do, instead of failing on the write.
+        // SAFETY: restoring the default disposition of a signal is always sound; no handler
+        // runs Rust code.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match dispatch(cli.command) {
         Ok(code) => code,
         Err(Failure::Usage(msg)) => {
@@ -294,12 +506,17 @@ pub fn main() -> ExitCode {
             eprintln!("mesh-agent: {e:#}");
             ExitCode::FAILURE
         }
+        Err(Failure::Exit(e)) => {
+            eprintln!("mesh-agent: {}", e.message);
+            ExitCode::from(e.code)
+        }
     }
 }
 
 enum Failure {
     Usage(String),
     Runtime(anyhow::Error),
+    Exit(commands::CommandError),
 }
 
 impl<E: Into<anyhow::Error>> From<E> for Failure {
@@ -312,28 +529,106 @@ fn usage(e: impl std::fmt::Display) -> Failure {
     Failure::Usage(e.to_string())
 }
 
+/// The exit status of a debugging command.
+fn done(r: Result<u8, commands::CommandError>) -> Result<ExitCode, Failure> {
+    r.map(ExitCode::from).map_err(Failure::Exit)
+}
+
 fn dispatch(command: Command) -> Result<ExitCode, Failure> {
     match command {
         Command::Run(args) => {
             crate::app::run(args.config()?)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Doctor { no_load, output } => {
-            let checks = features::check(!no_load);
-            if output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&checks)?);
-            } else {
-                for c in &checks {
-                    let mark = if c.ok { "ok  " } else { "FAIL" };
-                    println!("{mark} {:<34} {}", c.name, c.detail);
-                }
-            }
-            Ok(if checks.iter().all(|c| c.ok) {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+        Command::Status {
+            admin,
+            instance,
+            output,
+        } => {
+            let pin_dir = instance.datapath().map_err(usage)?.pin_dir();
+            done(commands::status(admin.admin, &pin_dir, output.json()))
         }
+        Command::Pods { pod, admin, output } => {
+            done(commands::pods(admin.admin, pod.as_deref(), output.json()))
+        }
+        Command::Conns { pod, admin, output } => {
+            done(commands::conns(admin.admin, pod.as_deref(), output.json()))
+        }
+        Command::Certs { admin, output } => done(commands::certs(admin.admin, output.json())),
+        Command::Policy {
+            check:
+                Some(PolicyCommand::Check {
+                    from,
+                    to,
+                    path,
+                    method,
+                    headers,
+                    admin,
+                    output,
+                }),
+            ..
+        } => {
+            let args = commands::CheckArgs {
+                from,
+                to,
+                method,
+                path,
+                headers,
+            };
+            done(commands::policy_check(admin.admin, &args, output.json()))
+        }
+        Command::Policy {
+            check: None,
+            pod: Some(pod),
+            admin,
+            output,
+        } => done(commands::policy(admin.admin, &pod, output.json())),
+        Command::Policy { .. } => Err(usage(
+            "policy needs a pod (`policy NS/POD`) or `policy check --from F --to T`",
+        )),
+        Command::Flows {
+            follow,
+            pod,
+            limit,
+            probes,
+            admin,
+            output,
+        } => {
+            let args = commands::FlowArgs {
+                pod,
+                follow,
+                limit,
+                probes,
+            };
+            done(commands::flows(admin.admin, &args, output.json()))
+        }
+        Command::Bpf {
+            map,
+            action,
+            instance,
+            bpffs_root,
+            output,
+        } => {
+            let instance = InstanceArgs {
+                instance,
+                bpffs_root,
+            };
+            let pin_dir = instance.datapath().map_err(usage)?.pin_dir();
+            let key = match &action {
+                Some(BpfAction::Get { key }) => Some(key.as_str()),
+                _ => None,
+            };
+            if map.is_none() && action.is_some() {
+                return Err(usage("bpf list|get needs a map: `bpf MAP list`"));
+            }
+            done(commands::bpf(
+                &pin_dir,
+                map.as_deref(),
+                key,
+                output == Output::Json,
+            ))
+        }
+        Command::Doctor { no_load, output } => done(commands::doctor(!no_load, output.json())),
         Command::Counters { instance, output } => {
             let maps = ebpf::Maps::open(&instance.datapath().map_err(usage)?.pin_dir())?;
             let counters = maps.counters()?;
@@ -350,32 +645,17 @@ fn dispatch(command: Command) -> Result<ExitCode, Failure> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Flows { instance, output } => {
-            let events = ebpf::drain_flows(&instance.datapath().map_err(usage)?.pin_dir())?;
-            for e in events {
-                let verdict = FlowVerdict::from_u32(e.verdict).map_or("unknown", |v| v.name());
-                let src = ebpf::ip_from_key(e.src_ip);
-                let dst = ebpf::ip_from_key(e.dst_ip);
-                if output == Output::Json {
-                    let v = serde_json::json!({
-                        "ktime_ns": e.ktime_ns,
-                        "src": format!("{src}:{}", e.src_port),
-                        "dst": format!("{dst}:{}", e.dst_port),
-                        "verdict": verdict,
-                    });
-                    println!("{v}");
-                } else {
-                    println!("{src}:{} -> {dst}:{} {verdict}", e.src_port, e.dst_port);
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
         Command::Unenroll { instance, name, ip } => {
             ebpf::unenroll_pinned(&instance.datapath().map_err(usage)?.pin_dir(), &name, ip)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Clean { instance } => {
             ebpf::remove_instance(&instance.datapath().map_err(usage)?.pin_dir())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ProbeConnect { target, timeout_ms } => {
+            let report = crate::debug::probe::helper(target, Duration::from_millis(timeout_ms));
+            println!("{}", serde_json::to_string(&report)?);
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -397,6 +677,7 @@ mod tests {
         args.config().map_err(|f| match f {
             Failure::Usage(msg) => msg,
             Failure::Runtime(e) => panic!("not a usage error: {e}"),
+            Failure::Exit(e) => panic!("not a usage error: {}", e.message),
         })
     }
 

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod copy;
+pub mod debug;
 pub mod ebpf;
 pub mod enroll;
 pub mod features;

@@ -69,8 +69,11 @@
 //! `bytes.to_dst`, `bytes.to_src`, `duration_ms`, `verdict` (`allowed` or `denied`), `reason`
 //! (the stable kind of a denial or failure, else `-`), `flags` (the response flag) and
 //! `detail` (the human-readable cause, else `-`).
+//!
+//! The same record is also kept in memory: the last [`RECENT_CONNECTIONS`] ended connections,
+//! numbered in order ([`Telemetry::recent`]), for `/debug/flows`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -103,6 +106,9 @@ pub const UNKNOWN: &str = "unknown";
 
 /// The DNS suffix of service names in `destination_service`.
 pub const CLUSTER_DOMAIN: &str = "cluster.local";
+
+/// How many ended connections [`Telemetry::recent`] remembers.
+pub const RECENT_CONNECTIONS: usize = 4096;
 
 // === Label values ===
 
@@ -358,6 +364,9 @@ struct Inner {
     next_id: AtomicU64,
     /// Connections in the table plus accepted connections not yet in it ([`Pending`]).
     busy: watch::Sender<usize>,
+    /// The last ended connections, oldest first.
+    recent: Mutex<VecDeque<Arc<ConnEvent>>>,
+    next_seq: AtomicU64,
 }
 
 impl fmt::Debug for Telemetry {
@@ -377,6 +386,8 @@ impl Telemetry {
                 table: Mutex::new(BTreeMap::new()),
                 next_id: AtomicU64::new(1),
                 busy: watch::Sender::new(0),
+                recent: Mutex::new(VecDeque::with_capacity(RECENT_CONNECTIONS)),
+                next_seq: AtomicU64::new(1),
             }),
         }
     }
@@ -483,6 +494,25 @@ impl Telemetry {
         live.iter().map(|l| l.info()).collect()
     }
 
+    /// The ended connections numbered after `after` (0 for every one still remembered),
+    /// oldest first. Numbers start at 1 and have no gaps: a reader that finds the first one
+    /// above `after + 1` knows it missed some.
+    pub fn recent(&self, after: u64) -> Vec<Arc<ConnEvent>> {
+        let recent = lock(&self.inner.recent);
+        let skip = recent.partition_point(|e| e.seq <= after);
+        recent.range(skip..).cloned().collect()
+    }
+
+    fn remember(&self, guard: &ConnGuard) {
+        let mut recent = lock(&self.inner.recent);
+        // Numbered under the lock, so the queue stays in order.
+        let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
+        if recent.len() == RECENT_CONNECTIONS {
+            recent.pop_front();
+        }
+        recent.push_back(Arc::new(ConnEvent::new(seq, guard)));
+    }
+
     fn table(&self) -> MutexGuard<'_, BTreeMap<u64, Arc<Live>>> {
         match self.inner.table.lock() {
             Ok(t) => t,
@@ -500,6 +530,14 @@ impl Telemetry {
         self.table().remove(&live.id);
         self.inner.busy.send_modify(|n| *n = n.saturating_sub(1));
         access_log(guard);
+        self.remember(guard);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(t) => t,
+        Err(poisoned) => poisoned.into_inner(),
     }
 }
 
@@ -630,6 +668,71 @@ pub struct ConnInfo {
     pub bytes_to_dst: u64,
     /// Response direction (destination to source), so far.
     pub bytes_to_src: u64,
+}
+
+/// One ended connection, with what its access-log line says; see [`Telemetry::recent`].
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnEvent {
+    /// The event's number: 1 for the first connection the agent ended, then one more each.
+    pub seq: u64,
+    /// The connection's id, as in `/debug/conns` while it was open.
+    pub id: u64,
+    pub pod: String,
+    /// `outbound` or `inbound`.
+    pub direction: &'static str,
+    pub path: MeshPath,
+    pub src: Peer,
+    pub dst: Peer,
+    pub src_addr: Option<String>,
+    pub dst_addr: String,
+    pub service: Option<String>,
+    pub opened_unix_ms: u64,
+    pub closed_unix_ms: u64,
+    pub duration_ms: u64,
+    pub bytes_to_dst: u64,
+    pub bytes_to_src: u64,
+    /// `allowed` or `denied` (by policy, here or at the destination).
+    pub verdict: &'static str,
+    /// The stable kind of a denial or failure.
+    pub reason: Option<&'static str>,
+    /// The response flag (`-`, `DENY`, `NR`, ...).
+    pub flags: &'static str,
+    /// The cause in words.
+    pub detail: Option<String>,
+}
+
+impl ConnEvent {
+    fn new(seq: u64, guard: &ConnGuard) -> ConnEvent {
+        let live = &guard.live;
+        let m = &live.meta;
+        let (to_dst, to_src) = live.bytes();
+        let opened = live
+            .opened
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let duration = live.started.elapsed();
+        ConnEvent {
+            seq,
+            id: live.id,
+            pod: m.pod.to_string(),
+            direction: m.reporter.direction(),
+            path: m.path,
+            src: m.src.clone(),
+            dst: m.dst.clone(),
+            src_addr: m.src_addr.map(|a| a.to_string()),
+            dst_addr: m.dst_addr.to_string(),
+            service: m.service.clone(),
+            opened_unix_ms: millis(opened),
+            closed_unix_ms: millis(opened + duration),
+            duration_ms: millis(duration),
+            bytes_to_dst: to_dst,
+            bytes_to_src: to_src,
+            verdict: if guard.denied { "denied" } else { "allowed" },
+            reason: guard.reason,
+            flags: guard.flag.as_str(),
+            detail: guard.detail.clone(),
+        }
+    }
 }
 
 // === impl ConnGuard ===

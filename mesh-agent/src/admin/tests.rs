@@ -154,3 +154,170 @@ async fn a_taken_default_address_is_skipped_and_a_taken_given_one_is_an_error() 
     assert_eq!(e.kind(), "bind");
     assert!(e.to_string().contains(&addr.to_string()), "{e}");
 }
+
+/// `GET path`: the status and the JSON body.
+async fn get_json(addr: SocketAddr, path: String) -> (u16, serde_json::Value) {
+    let (status, body) = request(addr, "GET", &path).await;
+    let v = serde_json::from_str(&body)
+        .unwrap_or_else(|e| panic!("GET {path}: not JSON ({e}): {body}"));
+    (status, v)
+}
+
+/// A node with `shop/web-0` (identity `shop/sa/web`) whose policy lets `shop/sa/client` in on
+/// port 8080, behind the service `shop/web` (10.96.0.10:80 -> 8080).
+fn shop() -> NodeSnapshot {
+    use mesh_core::SpiffeId;
+    use mesh_core::model::{Endpoint, Service, ServicePort, TlsMode, Workload};
+    use mesh_core::policy::{InboundPolicy, RouteMatch, Rule, TrafficPolicyMode};
+    let id = |sa: &str| {
+        format!("spiffe://cluster.local/ns/shop/sa/{sa}")
+            .parse::<SpiffeId>()
+            .expect("id")
+    };
+    let web = NamespacedName::new("shop", "web-0");
+    let workload = Workload {
+        name: web.clone(),
+        uid: "uid-web-0".into(),
+        service_account: "web".into(),
+        identity: id("web"),
+        node: "node-a".into(),
+        ips: vec![[10, 0, 0, 5].into()],
+        mode: TlsMode::Strict,
+        labels: Default::default(),
+        cgroup: None,
+        netns: None,
+        ports: vec![8080],
+    };
+    let policy = InboundPolicy {
+        workload: web.clone(),
+        identity: id("web"),
+        mode: TrafficPolicyMode::DefaultDeny,
+        tls_mode: TlsMode::Strict,
+        rules: vec![Rule {
+            traffic_target: NamespacedName::new("shop", "client-to-web"),
+            sources: vec![id("client")],
+            ports: vec![8080],
+            route: RouteMatch::Tcp,
+        }],
+    };
+    let service = Service {
+        name: NamespacedName::new("shop", "web"),
+        vip: Some([10, 96, 0, 10].into()),
+        ports: vec![ServicePort {
+            name: "http".into(),
+            port: 80,
+            target_port: 8080,
+            protocol: Default::default(),
+        }],
+        endpoints: vec![Endpoint {
+            ip: [10, 0, 0, 5].into(),
+            workload: Some(web.clone()),
+            identity: Some(id("web")),
+            node: Some("node-a".into()),
+            ready: true,
+        }],
+    };
+    NodeSnapshot {
+        node: "node-a".into(),
+        workloads: [(web.clone(), workload)].into_iter().collect(),
+        services: Arc::new(
+            [(service.name.clone(), Arc::new(service))]
+                .into_iter()
+                .collect(),
+        ),
+        policies: [(web, policy)].into_iter().collect(),
+        trust_bundle: vec!["root".into()],
+        ..NodeSnapshot::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_debug_pages_answer_policy_questions_with_the_proxys_decision() {
+    let mut registry = Registry::default();
+    let telemetry = Telemetry::new(&mut registry);
+    let state = Arc::new(AdminState::new(
+        config(),
+        Some(crate::state::holding(&shop())),
+        None,
+        telemetry.clone(),
+        registry,
+    ));
+    let admin = serving(&state, Pages::Admin).await;
+    let get = |path: &str| get_json(admin, path.to_string());
+
+    let (status, v) = get("/debug/policy/shop/web-0").await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        v["policy"]["rules"][0]["traffic_target"]["name"],
+        "client-to-web"
+    );
+
+    let (status, v) = get("/debug/policy/shop/nope").await;
+    assert_eq!(status, 404);
+    assert_eq!(v["kind"], "not_found");
+    assert!(
+        v["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("shop/web-0")),
+        "{v}"
+    );
+
+    // Allowed through the service (port 80 is 8080 on the pod), by its TrafficTarget.
+    let (status, v) = get(
+        "/debug/policy/check?from=spiffe%3A%2F%2Fcluster.local%2Fns%2Fshop%2Fsa%2Fclient&to=shop/web:80",
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["verdict"], "allowed");
+    assert_eq!(v["decisions"][0]["port"], 8080);
+    assert_eq!(v["decisions"][0]["traffic_target"], "shop/client-to-web");
+
+    // Denied with the kind the proxy records as the reason.
+    let (_, v) =
+        get("/debug/policy/check?from=spiffe://cluster.local/ns/shop/sa/other&to=10.0.0.5:8080")
+            .await;
+    assert_eq!(v["verdict"], "denied");
+    assert_eq!(v["decisions"][0]["kind"], "no_traffic_target");
+    let (_, v) = get("/debug/policy/check?from=plaintext&to=shop/web-0:8080").await;
+    assert_eq!(v["decisions"][0]["kind"], "plaintext_strict");
+    let (_, v) =
+        get("/debug/policy/check?from=spiffe://cluster.local/ns/shop/sa/client&to=shop/web-0:9090")
+            .await;
+    assert_eq!(v["decisions"][0]["kind"], "port_not_covered");
+
+    // Questions that name nothing, or are incomplete.
+    let (status, v) = get("/debug/policy/check?from=shop/ghost&to=shop/web:80").await;
+    assert_eq!(status, 404, "{v}");
+    assert!(
+        v["error"].as_str().is_some_and(|e| e.contains("spiffe://")),
+        "{v}"
+    );
+    let (status, _) = get("/debug/policy/check?from=plaintext&to=shop/web-0").await;
+    assert_eq!(status, 400, "a pod needs a port");
+    let (status, _) = get("/debug/policy/check?to=shop/web-0:8080").await;
+    assert_eq!(status, 400);
+
+    // Flows: the proxy's records (no kernel here, and it says so).
+    telemetry.denied(
+        ConnMeta::new(
+            NamespacedName::new("shop", "web-0"),
+            Reporter::Destination,
+            MeshPath::Hbone,
+            "10.0.0.5:8080".parse().expect("addr"),
+        ),
+        "no_traffic_target",
+        "no TrafficTarget",
+    );
+    let (status, v) = get("/debug/flows?pod=shop/web-0").await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        v["records"][0]["proxy"]["reason"], "no_traffic_target",
+        "{v}"
+    );
+    assert!(v["kernel_error"].is_string(), "{v}");
+    let next = v["next"].as_u64().expect("next");
+    let (_, v) = get(&format!("/debug/flows?after={next}")).await;
+    assert_eq!(v["records"].as_array().map(Vec::len), Some(0), "{v}");
+    let (status, _) = get("/debug/flows?after=soon").await;
+    assert_eq!(status, 400);
+}
