@@ -10,7 +10,7 @@ use tracing::{info, warn};
 
 use crate::{
     client::{self, Mode, Target},
-    duration, http, load, tcp,
+    duration, grpc, http, load, tcp,
 };
 
 /// Exit status for bad arguments (EX_USAGE).
@@ -32,16 +32,28 @@ requests in flight finish.";
 const TCP_ECHO_HELP: &str = "\
 Prints `listening ADDR` on stdout once bound. Stops on SIGTERM or Ctrl-C.";
 
+const GRPC_HELP: &str = "\
+Service mesh.demo.v1.Echo: Say (unary; fail_code asks for a status, delay_ms waits
+first), Count (server streaming), Sum (client streaming), Chat (bidirectional: a Say
+answer per message). `caller` is the x-forwarded-client-cert metadata, or empty.
+Every response, failed or not, carries the trailer `x-demo-pod: NAME`.
+HTTP/2 without TLS only (prior knowledge), as gRPC clients speak it.
+Prints `listening ADDR` on stdout once bound. Stops on SIGTERM or Ctrl-C, letting
+calls in flight finish (for up to 10 s).";
+
 const LOAD_HELP: &str = "\
 tcp and http1 open a new connection per request, so a mesh resolves and balances
-each one; http2 sends every request over one shared connection.
+each one; http2 sends every request over one shared connection, grpc every Say call
+over one shared channel.
 Failure kinds: connect_refused, connect_failed, reset, timeout, eof, http_<status>,
-bad_reply, other. Latency is that of the successful requests.
+grpc_<code>, bad_reply, other. Latency is that of the successful requests.
 Exits 0 once it ran, whatever the requests did; the caller judges the report.";
 
 const CALL_HELP: &str = "\
-Prints the reply (the JSON body, or the line for tcp) on stdout and exits 0. On
-failure prints `<kind>: <message>` on stderr and exits 1.";
+Prints the reply (the JSON body, the line for tcp, or for grpc the JSON
+{pod, message, caller, trailer_pod}) on stdout and exits 0. On failure prints
+`<kind>: <message>` on stderr and exits 1; for a gRPC status
+`grpc_<code> (<name>): <message>`, e.g. `grpc_7 (PermissionDenied): ...`.";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -61,6 +73,8 @@ pub enum Command {
     Http(HttpArgs),
     /// Answer each line received with `NAME <line>`; half-close after the client's EOF.
     TcpEcho(TcpEchoArgs),
+    /// Serve the gRPC echo service (unary and streaming calls) over h2c.
+    Grpc(GrpcArgs),
     /// Send many requests and report successes, failures by kind, replies by pod and latency.
     Load(LoadArgs),
     /// Send one request and print the reply; exit 1 (kind and message on stderr) if it fails.
@@ -89,6 +103,17 @@ pub struct TcpEchoArgs {
     pub name: String,
 }
 
+#[derive(Args, Debug)]
+#[command(after_help = GRPC_HELP)]
+pub struct GrpcArgs {
+    /// Address to listen on (port 0 picks a free one; the line on stdout says which).
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:9090")]
+    pub listen: SocketAddr,
+    /// Name put in every reply and trailer, usually the pod's (visible ASCII).
+    #[arg(long, value_parser = parse_grpc_name)]
+    pub name: String,
+}
+
 /// How and where calls go; shared by `load` and `call`.
 #[derive(Args, Debug)]
 pub struct CallTarget {
@@ -101,6 +126,10 @@ pub struct CallTarget {
     /// Path to GET in the http modes.
     #[arg(long, default_value = "/", value_parser = parse_path)]
     pub path: String,
+    /// The gRPC status code the server is asked to answer with, 0 for OK (grpc mode).
+    #[arg(long, value_name = "CODE", default_value_t = 0,
+          value_parser = clap::value_parser!(i32).range(0..=16))]
+    pub fail_code: i32,
     /// Bound on each request, connecting included: e.g. 2s, 500ms.
     #[arg(long, default_value = "2s", value_parser = duration::parse)]
     pub timeout: Duration,
@@ -137,6 +166,12 @@ fn parse_path(s: &str) -> Result<String, String> {
     } else {
         Err(format!("`{s}` must start with `/` and contain no spaces"))
     }
+}
+
+fn parse_grpc_name(s: &str) -> Result<String, String> {
+    grpc::parse_name(s)
+        .map(|_| s.to_owned())
+        .map_err(|e| e.to_string())
 }
 
 /// Parses the command line, runs the command and returns the exit status.
@@ -201,6 +236,19 @@ pub async fn run(command: Command) -> ExitCode {
             server.serve(shutdown_signal()).await;
             ExitCode::SUCCESS
         }
+        Command::Grpc(args) => {
+            let server = match grpc::GrpcServer::bind(args.listen, &args.name).await {
+                Ok(server) => server,
+                Err(e) => return fail(&e),
+            };
+            match server.local_addr() {
+                Ok(addr) => announce(addr),
+                Err(e) => return fail(&e),
+            }
+            info!(name = %args.name, "grpc server started");
+            server.serve(shutdown_signal()).await;
+            ExitCode::SUCCESS
+        }
         Command::Load(args) => {
             let config = load::LoadConfig {
                 target: args.call.target,
@@ -208,6 +256,7 @@ pub async fn run(command: Command) -> ExitCode {
                 requests: args.requests,
                 concurrency: args.concurrency,
                 path: args.call.path,
+                fail_code: args.call.fail_code,
                 timeout: args.call.timeout,
             };
             info!(?config, "load");
@@ -228,13 +277,13 @@ pub async fn run(command: Command) -> ExitCode {
         }
         Command::Call(args) => {
             let c = args.call;
-            match client::call(c.mode, &c.target, &c.path, c.timeout).await {
+            match client::call(c.mode, &c.target, &c.path, c.fail_code, c.timeout).await {
                 Ok(reply) => {
                     print_stdout(&format!("{}\n", reply.text));
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("{}: {e}", e.kind());
+                    eprintln!("{}", e.summary());
                     ExitCode::FAILURE
                 }
             }
@@ -322,7 +371,36 @@ mod tests {
         assert_eq!(args.call.mode, Mode::Tcp);
         assert_eq!(args.call.timeout, Duration::from_millis(500));
         assert_eq!(args.call.path, "/");
+        assert_eq!(args.call.fail_code, 0);
         assert!(args.json);
+    }
+
+    #[test]
+    fn grpc_arguments_parse() {
+        let cli =
+            Cli::try_parse_from(["mesh-demo", "grpc", "--name", "web-1"]).expect("valid arguments");
+        let Command::Grpc(args) = cli.command else {
+            panic!("expected grpc");
+        };
+        assert_eq!(args.listen, "0.0.0.0:9090".parse().expect("addr"));
+        assert_eq!(args.name, "web-1");
+
+        let cli = Cli::try_parse_from([
+            "mesh-demo",
+            "call",
+            "--target",
+            "127.0.0.1:9090",
+            "--mode",
+            "grpc",
+            "--fail-code",
+            "7",
+        ])
+        .expect("valid arguments");
+        let Command::Call(args) = cli.command else {
+            panic!("expected call");
+        };
+        assert_eq!(args.call.mode, Mode::Grpc);
+        assert_eq!(args.call.fail_code, 7);
     }
 
     #[test]
@@ -369,6 +447,15 @@ mod tests {
                 "http3",
             ],
             &["mesh-demo", "http", "--listen", "nowhere", "--name", "a"],
+            &["mesh-demo", "grpc", "--name", "two\nlines"],
+            &[
+                "mesh-demo",
+                "call",
+                "--target",
+                "127.0.0.1:80",
+                "--fail-code",
+                "17",
+            ],
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?} was accepted");
         }

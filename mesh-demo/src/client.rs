@@ -1,13 +1,14 @@
 //! One request against a demo server, and what went wrong when it failed.
 //!
-//! Three ways to ask: `tcp` writes `hello\n` to a line echo and expects `<pod> hello\n`;
+//! Four ways to ask: `tcp` writes `hello\n` to a line echo and expects `<pod> hello\n`;
 //! `http1` sends a GET on a fresh HTTP/1.1 connection; `http2` sends it on an h2c (prior
 //! knowledge) connection that many requests can share. Either HTTP mode expects the demo
-//! server's JSON and reads its `pod`.
+//! server's JSON and reads its `pod`. `grpc` makes a unary `Say` call on a gRPC channel that
+//! many calls can share, and reads the reply's `pod`.
 //!
 //! Every failure maps to a short, stable kind with [`classify`]; the load report groups by it.
 
-use std::{fmt, io, str::FromStr, time::Duration};
+use std::{error::Error as _, fmt, io, str::FromStr, time::Duration};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
@@ -21,11 +22,16 @@ use tokio::{
 };
 use tracing::debug;
 
+pub use self::grpc::GrpcClient;
+use crate::grpc::proto::SayRequest;
+
+mod grpc;
+
 /// The largest reply read: a line for tcp, a body for http.
 pub const MAX_REPLY: usize = 1 << 20;
 
-/// What a tcp call sends.
-pub const TCP_PROBE: &str = "hello";
+/// What a tcp call writes, and the message a grpc call says.
+pub const PROBE: &str = "hello";
 
 /// The protocol a call speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -37,6 +43,8 @@ pub enum Mode {
     Http1,
     /// HTTP/2 with prior knowledge (h2c) on one shared connection.
     Http2,
+    /// Unary gRPC `Say` calls to a `grpc` server, on one shared h2c channel.
+    Grpc,
 }
 
 impl fmt::Display for Mode {
@@ -45,6 +53,7 @@ impl fmt::Display for Mode {
             Mode::Tcp => "tcp",
             Mode::Http1 => "http1",
             Mode::Http2 => "http2",
+            Mode::Grpc => "grpc",
         })
     }
 }
@@ -150,6 +159,19 @@ pub enum CallError {
     Status { status: StatusCode, body: String },
     #[error("unexpected reply: {0}")]
     BadReply(String),
+    /// The gRPC channel could not be set up.
+    #[error("connect: {}", chain(.0))]
+    GrpcConnect(#[source] tonic::transport::Error),
+    /// A gRPC call ended with a status other than OK, sent by the server (or a proxy) or
+    /// made up by the client from a transport failure.
+    #[error("{}", status_text(.0))]
+    Grpc(Box<tonic::Status>),
+}
+
+impl From<tonic::Status> for CallError {
+    fn from(status: tonic::Status) -> CallError {
+        CallError::Grpc(Box::new(status))
+    }
 }
 
 impl CallError {
@@ -157,6 +179,43 @@ impl CallError {
     pub fn kind(&self) -> ErrorKind {
         classify(self)
     }
+
+    /// The line `call` prints on failure: `<kind>: <what happened>`. A gRPC status names its
+    /// code beside the number, as in `grpc_7 (PermissionDenied): <message>`.
+    pub fn summary(&self) -> String {
+        let kind = self.kind();
+        match (self, kind) {
+            (CallError::Grpc(status), ErrorKind::Grpc(_)) => {
+                format!("{kind} ({:?}): {}", status.code(), status.message())
+            }
+            _ => format!("{kind}: {self}"),
+        }
+    }
+}
+
+/// `<Code>: <message>`, and the cause when the client made the status up from one.
+fn status_text(status: &tonic::Status) -> String {
+    let text = format!("{:?}: {}", status.code(), status.message());
+    match status.source() {
+        Some(cause) => format!("{text} ({})", chain(cause)),
+        None => text,
+    }
+}
+
+/// An error and its sources, `outer: inner: innermost`.
+fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        // Wrappers often repeat their source's message; say it once.
+        if !text.ends_with(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
 }
 
 /// The short, stable name a failure is grouped under.
@@ -174,6 +233,8 @@ pub enum ErrorKind {
     Eof,
     /// The server answered with a status other than 2xx.
     Http(u16),
+    /// A gRPC call ended with this status code (not OK), as the server or a proxy sent it.
+    Grpc(i32),
     /// A reply arrived but is not what a demo server says.
     BadReply,
     /// Anything else.
@@ -189,6 +250,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Timeout => f.write_str("timeout"),
             ErrorKind::Eof => f.write_str("eof"),
             ErrorKind::Http(status) => write!(f, "http_{status}"),
+            ErrorKind::Grpc(code) => write!(f, "grpc_{code}"),
             ErrorKind::BadReply => f.write_str("bad_reply"),
             ErrorKind::Other => f.write_str("other"),
         }
@@ -209,40 +271,61 @@ pub fn classify(err: &CallError) -> ErrorKind {
         }
     }
 
+    /// What the transport says about a failure, if `err` or one of its sources is the
+    /// transport's: the first socket or HTTP/2 error in the chain decides, hyper's own
+    /// account of the failure comes after.
+    fn transport_kind(
+        err: &(dyn std::error::Error + 'static),
+        connecting: bool,
+    ) -> Option<ErrorKind> {
+        let mut hyper_error = None;
+        let mut next = Some(err);
+        while let Some(e) = next {
+            if let Some(io) = e.downcast_ref::<io::Error>() {
+                return Some(io_kind(io, connecting));
+            }
+            if let Some(h2) = e.downcast_ref::<h2::Error>() {
+                if let Some(io) = h2.get_io() {
+                    return Some(io_kind(io, connecting));
+                }
+                if h2.is_reset() || h2.is_go_away() {
+                    return Some(ErrorKind::Reset);
+                }
+            }
+            if let Some(hyper) = e.downcast_ref::<hyper::Error>() {
+                if hyper.is_timeout() {
+                    return Some(ErrorKind::Timeout);
+                }
+                hyper_error.get_or_insert(hyper);
+            }
+            next = e.source();
+        }
+        let hyper = hyper_error?;
+        Some(
+            if hyper.is_incomplete_message() || hyper.is_canceled() || hyper.is_closed() {
+                ErrorKind::Eof
+            } else if hyper.is_parse() {
+                ErrorKind::BadReply
+            } else {
+                ErrorKind::Other
+            },
+        )
+    }
+
     match err {
         CallError::Connect(e) => io_kind(e, true),
         CallError::Io(e) => io_kind(e, false),
         CallError::Timeout(_) => ErrorKind::Timeout,
         CallError::Status { status, .. } => ErrorKind::Http(status.as_u16()),
         CallError::BadReply(_) => ErrorKind::BadReply,
-        CallError::Http(e) => {
-            if e.is_timeout() {
-                return ErrorKind::Timeout;
-            }
-            // The transport's own error, when there is one, says the most.
-            let mut source = std::error::Error::source(e);
-            while let Some(s) = source {
-                if let Some(io) = s.downcast_ref::<io::Error>() {
-                    return io_kind(io, false);
-                }
-                if let Some(h2) = s.downcast_ref::<h2::Error>() {
-                    if let Some(io) = h2.get_io() {
-                        return io_kind(io, false);
-                    }
-                    if h2.is_reset() || h2.is_go_away() {
-                        return ErrorKind::Reset;
-                    }
-                }
-                source = s.source();
-            }
-            if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
-                ErrorKind::Eof
-            } else if e.is_parse() {
-                ErrorKind::BadReply
-            } else {
-                ErrorKind::Other
-            }
-        }
+        CallError::Http(e) => transport_kind(e, false).unwrap_or(ErrorKind::Other),
+        CallError::GrpcConnect(e) => transport_kind(e, true).unwrap_or(ErrorKind::ConnectFailed),
+        // A status the client made up from a transport failure keeps that failure as its
+        // source; one that came over the wire has none and counts by its code.
+        CallError::Grpc(status) => status
+            .source()
+            .and_then(|e| transport_kind(e, false))
+            .unwrap_or(ErrorKind::Grpc(i32::from(status.code()))),
     }
 }
 
@@ -257,11 +340,13 @@ pub struct Reply {
     pub text: String,
 }
 
-/// One call in `mode`, bounded by `timeout`. Http2 opens a connection for this call alone.
+/// One call in `mode`, bounded by `timeout`. Http2 and grpc open a connection for this call
+/// alone. `path` is for the http modes; `fail_code` is the status a grpc call asks for.
 pub async fn call(
     mode: Mode,
     target: &Target,
     path: &str,
+    fail_code: i32,
     timeout: Duration,
 ) -> Result<Reply, CallError> {
     let once = async {
@@ -269,6 +354,10 @@ pub async fn call(
             Mode::Tcp => call_tcp(target).await,
             Mode::Http1 => call_http1(target, path).await,
             Mode::Http2 => Http2Client::connect(target).await?.get(path).await,
+            Mode::Grpc => {
+                let client = GrpcClient::connect(target).await?;
+                client.say(say_probe(fail_code)).await
+            }
         }
     };
     tokio::time::timeout(timeout, once)
@@ -276,11 +365,20 @@ pub async fn call(
         .map_err(|_| CallError::Timeout(timeout))?
 }
 
+/// The `Say` a grpc call makes: [`PROBE`], answered with `fail_code`'s status.
+pub fn say_probe(fail_code: i32) -> SayRequest {
+    SayRequest {
+        message: PROBE.to_owned(),
+        fail_code,
+        delay_ms: 0,
+    }
+}
+
 /// Writes `hello\n` on a new connection and reads one line back.
 pub async fn call_tcp(target: &Target) -> Result<Reply, CallError> {
     let mut stream = target.connect().await?;
     stream
-        .write_all(format!("{TCP_PROBE}\n").as_bytes())
+        .write_all(format!("{PROBE}\n").as_bytes())
         .await
         .map_err(CallError::Io)?;
     let mut line = Vec::new();
@@ -304,9 +402,9 @@ pub async fn call_tcp(target: &Target) -> Result<Reply, CallError> {
         .trim_end_matches(['\n', '\r'])
         .to_owned();
     let pod = text
-        .strip_suffix(&format!(" {TCP_PROBE}"))
+        .strip_suffix(&format!(" {PROBE}"))
         .filter(|pod| !pod.is_empty())
-        .ok_or_else(|| CallError::BadReply(format!("expected `<pod> {TCP_PROBE}`, got {text:?}")))?
+        .ok_or_else(|| CallError::BadReply(format!("expected `<pod> {PROBE}`, got {text:?}")))?
         .to_owned();
     // Done: say so, rather than leave the server to notice the close.
     if let Err(e) = stream.shutdown().await {

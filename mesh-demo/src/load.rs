@@ -1,9 +1,10 @@
 //! The load generator: N calls, C at a time, and a report of what came back.
 //!
 //! Tcp and http1 open a new connection per call, so a mesh in between resolves and balances
-//! each one; http2 sends every call as a stream of one shared h2c connection. The report
-//! counts successes, failures by [`ErrorKind`](crate::client::ErrorKind), replies by the
-//! answering pod, and the latency of the successful calls.
+//! each one; http2 sends every call as a stream of one shared h2c connection, and grpc every
+//! `Say` call on one shared gRPC channel. The report counts successes, failures by
+//! [`ErrorKind`](crate::client::ErrorKind), replies by the answering pod, and the latency of
+//! the successful calls.
 
 use std::{
     collections::BTreeMap,
@@ -19,7 +20,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::task::JoinSet;
 
-use crate::client::{self, CallError, ErrorKind, Http2Client, Mode, Target};
+use crate::client::{self, CallError, ErrorKind, GrpcClient, Http2Client, Mode, Target};
 
 /// The slowest latency the histogram tells apart (an hour, in microseconds); slower calls
 /// count as this.
@@ -34,8 +35,10 @@ pub struct LoadConfig {
     pub requests: u64,
     /// Calls in flight at once, at least 1.
     pub concurrency: u64,
-    /// The HTTP path (ignored by tcp).
+    /// The HTTP path (http modes only).
     pub path: String,
+    /// The gRPC status code each call asks the server for, 0 for OK (grpc only).
+    pub fail_code: i32,
     /// The bound on each call, connection included.
     #[serde(serialize_with = "serialize_duration")]
     pub timeout: Duration,
@@ -64,7 +67,7 @@ pub struct Report {
     pub total: u64,
     pub successes: u64,
     /// Failed calls by kind (`connect_refused`, `reset`, `timeout`, `eof`, `http_<status>`,
-    /// `bad_reply`, ...).
+    /// `grpc_<code>`, `bad_reply`, ...).
     pub failures: BTreeMap<String, u64>,
     /// The first error message seen for each kind.
     pub failure_examples: BTreeMap<String, String>,
@@ -89,24 +92,28 @@ pub async fn run(config: &LoadConfig) -> Result<Report, LoadError> {
     let histogram = Histogram::<u64>::new_with_bounds(1, HIGHEST_US, 3)?;
     let mut tally = Tally::new(histogram.clone());
 
-    let shared = match config.mode {
-        Mode::Http2 => {
-            let connect =
-                tokio::time::timeout(config.timeout, Http2Client::connect(&config.target));
-            match connect.await {
-                Ok(Ok(client)) => Some(client),
-                // Without the connection no call can be made: each counts as that failure.
-                Ok(Err(e)) => {
-                    tally.fail(&e, config.requests);
-                    return Ok(tally.report(config, started.elapsed()));
-                }
-                Err(_) => {
-                    tally.fail(&CallError::Timeout(config.timeout), config.requests);
-                    return Ok(tally.report(config, started.elapsed()));
-                }
-            }
+    let connect = async {
+        match config.mode {
+            Mode::Http2 => Http2Client::connect(&config.target)
+                .await
+                .map(|c| Some(Shared::Http2(c))),
+            Mode::Grpc => GrpcClient::connect(&config.target)
+                .await
+                .map(|c| Some(Shared::Grpc(c))),
+            Mode::Tcp | Mode::Http1 => Ok(None),
         }
-        Mode::Tcp | Mode::Http1 => None,
+    };
+    let shared = match tokio::time::timeout(config.timeout, connect).await {
+        Ok(Ok(shared)) => shared,
+        // Without the connection no call can be made: each counts as that failure.
+        Ok(Err(e)) => {
+            tally.fail(&e, config.requests);
+            return Ok(tally.report(config, started.elapsed()));
+        }
+        Err(_) => {
+            tally.fail(&CallError::Timeout(config.timeout), config.requests);
+            return Ok(tally.report(config, started.elapsed()));
+        }
     };
 
     let next = Arc::new(AtomicU64::new(0));
@@ -122,7 +129,10 @@ pub async fn run(config: &LoadConfig) -> Result<Report, LoadError> {
                 let began = Instant::now();
                 let result = tokio::time::timeout(config.timeout, async {
                     match &shared {
-                        Some(h2) => h2.get(&config.path).await,
+                        Some(Shared::Http2(h2)) => h2.get(&config.path).await,
+                        Some(Shared::Grpc(grpc)) => {
+                            grpc.say(client::say_probe(config.fail_code)).await
+                        }
                         None => match config.mode {
                             Mode::Tcp => client::call_tcp(&config.target).await,
                             _ => client::call_http1(&config.target, &config.path).await,
@@ -141,6 +151,13 @@ pub async fn run(config: &LoadConfig) -> Result<Report, LoadError> {
         tally.merge(worker?)?;
     }
     Ok(tally.report(config, started.elapsed()))
+}
+
+/// The connection or channel every call of a run shares, in the modes that share one.
+#[derive(Clone)]
+enum Shared {
+    Http2(Http2Client),
+    Grpc(GrpcClient),
 }
 
 /// Counts kept by one worker, merged at the end.
@@ -345,6 +362,7 @@ mod tests {
             requests: 3,
             concurrency: 1,
             path: "/".into(),
+            fail_code: 0,
             timeout: Duration::from_secs(1),
         };
         let report = a.report(&config, Duration::from_millis(5));

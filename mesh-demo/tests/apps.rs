@@ -258,6 +258,7 @@ async fn load_counts_replies_by_pod_and_refusals() {
         requests: 40,
         concurrency: 4,
         path: "/".into(),
+        fail_code: 0,
         timeout: Duration::from_secs(5),
     };
     for (server, pod) in [(&a, "pod-a"), (&b, "pod-b")] {
@@ -278,7 +279,7 @@ async fn load_counts_replies_by_pod_and_refusals() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         listener.local_addr().expect("local addr")
     };
-    for mode in [Mode::Tcp, Mode::Http1, Mode::Http2] {
+    for mode in [Mode::Tcp, Mode::Http1, Mode::Http2, Mode::Grpc] {
         let report = load::run(&config(closed, mode)).await.expect("load runs");
         assert_eq!(report.total, 40, "{mode}: {report:?}");
         assert_eq!(report.successes, 0, "{mode}: {report:?}");
@@ -301,6 +302,7 @@ async fn load_over_http1_and_h2c_reads_pod_and_status() {
         requests: 30,
         concurrency: 3,
         path: "/".into(),
+        fail_code: 0,
         timeout: Duration::from_secs(5),
     };
     for mode in [Mode::Http1, Mode::Http2] {
@@ -454,6 +456,11 @@ async fn bad_arguments_exit_64_with_a_message() {
         ),
         (&["http", "--listen", "127.0.0.1:0"], "--name"),
         (&["tcp-echo", "--name", "x", "--listen", "here"], "--listen"),
+        (&["grpc", "--name", ""], "--name"),
+        (
+            &["call", "--target", "127.0.0.1:9", "--fail-code", "17"],
+            "--fail-code",
+        ),
         (&["dance"], "dance"),
     ];
     for (args, needle) in cases {
@@ -469,7 +476,7 @@ async fn bad_arguments_exit_64_with_a_message() {
 
 #[test]
 fn binary_servers_announce_and_stop_on_sigterm() {
-    for (sub, probe) in [("http", "http2"), ("tcp-echo", "tcp")] {
+    for (sub, probe) in [("http", "http2"), ("tcp-echo", "tcp"), ("grpc", "grpc")] {
         let mut child = demo()
             .args([sub, "--listen", "127.0.0.1:0", "--name", "proc"])
             .stdout(Stdio::piped())

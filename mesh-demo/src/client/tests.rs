@@ -199,8 +199,8 @@ async fn closed_port_is_connect_refused_and_silence_is_timeout() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let target = Target::from(listener.local_addr().expect("local addr"));
     drop(listener);
-    for mode in [Mode::Tcp, Mode::Http1, Mode::Http2] {
-        let err = call(mode, &target, "/", Duration::from_secs(2))
+    for mode in [Mode::Tcp, Mode::Http1, Mode::Http2, Mode::Grpc] {
+        let err = call(mode, &target, "/", 0, Duration::from_secs(2))
             .await
             .expect_err("nothing listens");
         assert_eq!(classify(&err), ErrorKind::ConnectRefused, "{mode}: {err}");
@@ -209,9 +209,48 @@ async fn closed_port_is_connect_refused_and_silence_is_timeout() {
     // Accepts and never answers.
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let target = Target::from(listener.local_addr().expect("local addr"));
-    let err = call(Mode::Http1, &target, "/", Duration::from_millis(200))
-        .await
-        .expect_err("no answer");
-    assert_eq!(classify(&err), ErrorKind::Timeout, "{err}");
+    for mode in [Mode::Http1, Mode::Grpc] {
+        let err = call(mode, &target, "/", 0, Duration::from_millis(200))
+            .await
+            .expect_err("no answer");
+        assert_eq!(classify(&err), ErrorKind::Timeout, "{mode}: {err}");
+    }
     drop(listener);
+}
+
+#[test]
+fn grpc_statuses_by_code_and_cause() {
+    // A status that came over the wire counts by its code.
+    let err = CallError::from(tonic::Status::permission_denied("not you"));
+    assert_eq!(classify(&err), ErrorKind::Grpc(7));
+    assert_eq!(err.kind().to_string(), "grpc_7");
+    assert_eq!(err.summary(), "grpc_7 (PermissionDenied): not you");
+    assert_eq!(err.to_string(), "PermissionDenied: not you");
+
+    // One the client made from a transport failure counts by that failure.
+    let err = CallError::from(tonic::Status::from_error(Box::new(io_error(
+        io::ErrorKind::ConnectionReset,
+    ))));
+    assert_eq!(classify(&err), ErrorKind::Reset, "{err}");
+    assert!(err.summary().starts_with("reset: "), "{}", err.summary());
+
+    // Other kinds keep their plain line.
+    let err = CallError::BadReply("nope".into());
+    assert_eq!(err.summary(), "bad_reply: unexpected reply: nope");
+}
+
+#[tokio::test]
+async fn grpc_stream_reset_is_reset() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let target = Target::from(listener.local_addr().expect("local addr"));
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.expect("accept");
+        let mut conn = h2::server::handshake(stream).await.expect("h2 handshake");
+        while let Some(Ok((_, mut respond))) = conn.accept().await {
+            respond.send_reset(h2::Reason::REFUSED_STREAM);
+        }
+    });
+    let client = GrpcClient::connect(&target).await.expect("connect");
+    let err = client.say(say_probe(0)).await.expect_err("reset");
+    assert_eq!(classify(&err), ErrorKind::Reset, "{err}");
 }
