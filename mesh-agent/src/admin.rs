@@ -19,7 +19,8 @@
 //! - `GET /debug/status`: kernel, programs, maps, controller, certificates, and a verdict per
 //!   pod from a probe connection ([`crate::debug::probe`]); takes a few seconds.
 //!
-//! `/debug/conns` takes `?pod=NS/POD` too. Errors of the debug pages are JSON
+//! `/debug/conns` takes `?pod=NS/POD` too, and gives each connection the application
+//! `protocol` its destination port is declared with. Errors of the debug pages are JSON
 //! (`{"error": ..., "kind": ...}`) with status 400 (bad request), 404 (unknown pod, service or
 //! source) or 503 (no controller or configuration yet).
 //!
@@ -268,13 +269,7 @@ pub fn answer(
         }
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         "/metrics" => metrics(&state.registry),
-        "/debug/conns" => {
-            let mut conns = state.telemetry.connections();
-            if let Some(pod) = query.get("pod") {
-                conns.retain(|c| c.pod == pod);
-            }
-            json(&conns)
-        }
+        "/debug/conns" => json(&views::conns(state, query.get("pod"))),
         "/debug/config" => json(&config_view(state)),
         "/debug/certs" => json(&state.certs.as_ref().map(|c| c.certs()).unwrap_or_default()),
         "/debug/pods" => json(&views::pods(state)),

@@ -2,10 +2,11 @@
 //! (`mesh_tests::cluster`): each command runs as an operator would run it on the node, and the
 //! test reads its `-o json` output. Privileged.
 use std::fs::File;
+use std::io::{BufRead as _, BufReader};
 use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -262,6 +263,47 @@ fn the_node_commands_report_what_the_kernel_and_the_proxy_do() {
                 && c["state"] == "valid")),
         "{certs:#}"
     );
+
+    // conns: a connection held open, as both ends' proxies carry it.
+    let client = c.pod("demo/client").expect("client");
+    let mut held = mesh_tests::cluster::command_in(
+        Path::new(env!("CARGO_BIN_EXE_mesh-probe")),
+        &client.cgroup,
+        &client.netns_path(),
+    )
+    .expect("command in the client pod");
+    let mut held = held
+        .args([ECHO_VIP, "hold"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("hold a connection");
+    let mut line = String::new();
+    BufReader::new(held.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("the held connection's address");
+    assert!(line.starts_with("local="), "{line}");
+    let (code, conns) = json_of(&c, "node-1", &["conns", "--pod", "demo/client"]);
+    assert_eq!(code, 0);
+    assert!(
+        conns
+            .as_array()
+            .is_some_and(|cs| cs.iter().any(|c| c["direction"] == "outbound"
+                && c["path"] == "hbone"
+                && c["protocol"] == "tcp"
+                && c["dst"]["workload"] == "echo"
+                && c["service"] == "echo.demo.svc.cluster.local")),
+        "{conns:#}"
+    );
+    let (_, conns) = json_of(&c, "node-2", &["conns", "--pod", "echo"]);
+    assert!(
+        conns.as_array().is_some_and(|cs| cs
+            .iter()
+            .any(|c| c["direction"] == "inbound" && c["src"]["identity"] == CLIENT)),
+        "{conns:#}"
+    );
+    drop(held.stdin.take());
+    let _ = held.wait();
 
     // A call the policy allows and one it denies; flows on both ends say so, with the reason.
     assert!(call(&c, "demo/client", ECHO_VIP).status.success());

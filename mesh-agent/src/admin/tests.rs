@@ -104,6 +104,9 @@ async fn the_admin_endpoint_serves_metrics_the_connection_table_and_the_config()
     assert_eq!(conns[0]["path"], "direct");
     assert_eq!(conns[0]["dst_addr"], "10.0.0.9:443");
     assert_eq!(conns[0]["bytes_to_dst"], 3);
+    assert_eq!(conns[0]["protocol"], "tcp");
+    let (_, body) = request(admin, "GET", "/debug/conns?pod=shop/other").await;
+    assert_eq!(body.trim(), "[]");
 
     let (status, body) = request(admin, "GET", "/debug/config").await;
     assert_eq!(status, 200);

@@ -527,6 +527,7 @@ pub fn conns(admin: SocketAddr, pod: Option<&str>, json: bool) -> Result<u8> {
         "POD",
         "DIR",
         "PATH",
+        "PROTO",
         "~PEER",
         "~<ADDRESS",
         "REQUEST",
@@ -549,6 +550,7 @@ pub fn conns(admin: SocketAddr, pod: Option<&str>, json: bool) -> Result<u8> {
             c["pod"].as_str().unwrap_or("?").into(),
             if outbound { "out" } else { "in" }.into(),
             c["path"].as_str().unwrap_or("?").into(),
+            c["protocol"].as_str().unwrap_or("tcp").into(),
             peer,
             addr.unwrap_or("-").into(),
             render::bytes(c["bytes_to_dst"].as_u64().unwrap_or(0)),
@@ -560,7 +562,10 @@ pub fn conns(admin: SocketAddr, pod: Option<&str>, json: bool) -> Result<u8> {
         println!("no open connections");
     } else {
         print!("{}", t.render());
-        println!("(PEER: the other end; REQUEST, RESPONSE: bytes each way so far)");
+        println!(
+            "(PEER: the other end; PROTO: as its port is declared; REQUEST, RESPONSE: bytes \
+             each way so far)"
+        );
     }
     Ok(0)
 }

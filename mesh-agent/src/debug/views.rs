@@ -2,12 +2,12 @@
 //! `/debug/policy/<ns>/<pod>`, `/debug/policy/check` and `/debug/status`. Every view is
 //! `Serialize` for the agent and `Deserialize` for the commands.
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::Path;
 use std::time::SystemTime;
 
 use mesh_core::SpiffeId;
-use mesh_core::model::{NamespacedName, NodeSnapshot, Service, TlsMode, Workload};
+use mesh_core::model::{NamespacedName, NodeSnapshot, Protocol, Service, TlsMode, Workload};
 use mesh_core::policy::{
     Conn, HeaderLookup, InboundPolicy, Permit, Request, Rule, TrafficPolicyMode, authorize,
 };
@@ -134,6 +134,42 @@ fn kernel_pod(maps: &crate::ebpf::Maps, p: &PodSpec) -> (Option<KernelPod>, Opti
         }),
         None,
     )
+}
+
+// === /debug/conns ===
+
+/// The open connections ([`crate::telemetry::ConnInfo`]), `pod`'s only if given, each with
+/// `protocol`: the application protocol the configuration declares for its destination port
+/// (the service port's `appProtocol` or name), `tcp` when none does.
+pub fn conns(state: &AdminState, pod: Option<&str>) -> Vec<serde_json::Value> {
+    let mut protocols: std::collections::HashMap<SocketAddrV4, Protocol> =
+        std::collections::HashMap::new();
+    if let Some(store) = &state.store {
+        for svc in store.current().snapshot.services.values() {
+            for sp in &svc.ports {
+                for e in &svc.endpoints {
+                    protocols.insert(SocketAddrV4::new(e.ip, sp.target_port), sp.protocol);
+                }
+            }
+        }
+    }
+    state
+        .telemetry
+        .connections()
+        .into_iter()
+        .filter(|c| pod.is_none_or(|p| c.pod == p))
+        .filter_map(|c| {
+            let protocol = c
+                .dst_addr
+                .parse::<SocketAddrV4>()
+                .ok()
+                .and_then(|a| protocols.get(&a).copied())
+                .unwrap_or_default();
+            let mut v = serde_json::to_value(&c).ok()?;
+            v["protocol"] = serde_json::to_value(protocol).ok()?;
+            Some(v)
+        })
+        .collect()
 }
 
 // === /debug/policy/<ns>/<pod> ===
