@@ -86,6 +86,8 @@ pub struct AdminState {
     pub started: SystemTime,
     /// Joined kernel and proxy flow records for `/debug/flows`.
     pub flows: FlowLog,
+    /// One `/debug/status` at a time: each starts a probe process per pod.
+    status: std::sync::Mutex<()>,
     draining: AtomicBool,
 }
 
@@ -107,6 +109,7 @@ impl AdminState {
             control: None,
             started: SystemTime::now(),
             flows,
+            status: std::sync::Mutex::new(()),
             draining: AtomicBool::new(false),
         }
     }
@@ -224,7 +227,14 @@ pub async fn respond(
     uri: &http::Uri,
 ) -> Response<Full<Bytes>> {
     if pages == Pages::Admin && method == Method::GET && uri.path() == "/debug/status" {
-        return match tokio::task::spawn_blocking(move || views::status(&state)).await {
+        let computed = tokio::task::spawn_blocking(move || {
+            let _one = state
+                .status
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            views::status(&state)
+        });
+        return match computed.await {
             Ok(status) => json(&status),
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("status: {e}\n")),
         };

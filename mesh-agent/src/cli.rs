@@ -232,9 +232,9 @@ struct AdminArgs {
 
 #[derive(clap::Args, Debug)]
 struct OutputArgs {
-    /// `table` for people (fits 100 columns), `json` for machines (what the admin API
-    /// answers, so `curl` sees the same).
-    #[arg(short, long, value_enum, default_value = "table")]
+    /// `table` for people (fits 100 columns), `json` for machines
+    /// (what the admin API answers, so `curl` sees the same).
+    #[arg(short, long, value_enum, default_value = "table", verbatim_doc_comment)]
     output: Output,
 }
 
@@ -244,9 +244,9 @@ impl OutputArgs {
     }
 }
 
-const EXIT_CODES: &str = "Exit status: 0 good news; 1 bad news (unhealthy, denied, failed, not \
-found); 64 bad arguments or a name the agent does not know; 69 no agent answers at --admin; 77 \
-needs root.";
+const EXIT_CODES: &str =
+    "Exit status: 0 good news; 1 bad news (unhealthy, denied, failed, not found);
+64 bad arguments or a name the agent does not know; 69 no agent answers at --admin; 77 needs root.";
 
 #[derive(Subcommand, Debug)]
 enum Command {
@@ -263,9 +263,9 @@ enum Command {
     /// agent's pinned links hold), a connection from inside the pod's cgroup and network
     /// namespace to a captured destination lands on the proxy's listener, and the proxy
     /// records that connection with the destination it was addressed to. The probe is a real
-    /// connection: the proxy refuses it at once (NR, no_such_port) and `flows` marks it.
+    /// connection: the proxy refuses it at once (NR, no_such_port); `flows --probes` shows it.
     /// Without an agent, it shows what the kernel still holds (as root).
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = EXIT_CODES, verbatim_doc_comment)]
     Status {
         #[command(flatten)]
         admin: AdminArgs,
@@ -279,7 +279,7 @@ enum Command {
     /// Each pod as the agent enrolled it, as the datapath's pod table holds it (cgroup id,
     /// netns cookie, mode, packets and bytes received) and as the configuration names it
     /// (identity), with the connections its proxy carries now. Give a pod for all of it.
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = EXIT_CODES, verbatim_doc_comment)]
     Pods {
         /// One pod, NAMESPACE/NAME (or NAME when unique).
         pod: Option<String>,
@@ -292,7 +292,7 @@ enum Command {
     ///
     /// Source and destination (workload, identity or address), direction, path (hbone,
     /// same_node, plaintext, direct), bytes each way and age.
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = EXIT_CODES, verbatim_doc_comment)]
     Conns {
         /// Only this pod's, NAMESPACE/NAME (or NAME when unique).
         #[arg(long)]
@@ -306,7 +306,7 @@ enum Command {
     ///
     /// Identity, state, serial, issuer, validity and the next rotation of each. Exits 1 when
     /// one is not valid (issuing, failed, expired).
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = EXIT_CODES, verbatim_doc_comment)]
     Certs {
         #[command(flatten)]
         admin: AdminArgs,
@@ -314,7 +314,16 @@ enum Command {
         output: OutputArgs,
     },
     /// A pod's compiled inbound policy, or `policy check`: would a call be allowed?
-    #[command(args_conflicts_with_subcommands = true, after_help = EXIT_CODES)]
+    ///
+    /// `policy POD` shows the rules the controller compiled for the pod from the TrafficTargets
+    /// that name it (sources, ports, TCP or HTTP routes), its traffic policy and TLS mode.
+    /// `policy check --from F --to T` asks whether a call would be allowed, and why
+    /// (see `mesh-agent policy check --help`).
+    #[command(
+        args_conflicts_with_subcommands = true,
+        after_help = EXIT_CODES,
+        verbatim_doc_comment
+    )]
     Policy {
         #[command(subcommand)]
         check: Option<PolicyCommand>,
@@ -332,7 +341,7 @@ enum Command {
     /// (who called whom, the path, bytes, the verdict and the reason of a refusal), joined:
     /// a connection the kernel steered and the proxy carried is one line. With --follow, new
     /// lines as they come until Ctrl-C (with -o json, one JSON record per line).
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = EXIT_CODES, verbatim_doc_comment)]
     Flows {
         /// Keep printing new records until interrupted.
         #[arg(short, long)]
@@ -358,7 +367,7 @@ enum Command {
     /// listeners, pod_counters, counters): its entries, keys and values decoded (addresses,
     /// ports, original destinations, counter names). `get KEY` shows one entry; keys are
     /// written as `list` shows them (IP, IP:PORT, A.B.C.D/LEN, a counter name, ...).
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = EXIT_CODES, verbatim_doc_comment)]
     Bpf {
         /// The map.
         map: Option<String>,
@@ -380,7 +389,7 @@ enum Command {
     /// helpers the programs use (and the verifier's word on every program), the locked-memory
     /// limit, iptables or nftables rules of another mesh, and other programs on the same
     /// hooks. Each failure comes with a fix. Exits 1 when a check fails.
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = EXIT_CODES, verbatim_doc_comment)]
     Doctor {
         /// Skip loading the programs into the kernel.
         #[arg(long)]
@@ -430,15 +439,15 @@ enum PolicyCommand {
     /// proxy's access log and `flows` carry). A service is checked for each of its endpoints
     /// (through its TrafficSplit, if any); pods of other nodes are decided by their agent.
     /// Exits 1 when denied.
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = EXIT_CODES, verbatim_doc_comment)]
     Check {
-        /// The caller: a pod (NAMESPACE/NAME or IP) the configuration knows, a SPIFFE ID
-        /// (spiffe://TD/ns/NS/sa/SA), or `plaintext` for a caller outside the mesh.
-        #[arg(long)]
+        /// The caller: a pod (NAMESPACE/NAME or IP) the configuration knows,
+        /// a SPIFFE ID (spiffe://TD/ns/NS/sa/SA), or `plaintext` for a caller outside the mesh.
+        #[arg(long, verbatim_doc_comment)]
         from: String,
-        /// The destination: a pod or service (NAMESPACE/NAME or IP) with :PORT (optional for
-        /// a service with one port).
-        #[arg(long)]
+        /// The destination: a pod or service (NAMESPACE/NAME or IP) with :PORT
+        /// (optional for a service with one port).
+        #[arg(long, verbatim_doc_comment)]
         to: String,
         /// Check one HTTP request with this path (without the query).
         #[arg(long)]

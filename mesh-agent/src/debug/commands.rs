@@ -190,11 +190,14 @@ fn offline_text(v: &Value) -> String {
         v["kernel"]["release"].as_str().unwrap_or("?"),
         checks_summary(&checks)
     );
-    let _ = writeln!(
-        out,
-        "pins      {} (left by the agent; capture of enrolled pods goes on without it)",
-        v["pin_dir"].as_str().unwrap_or("?")
-    );
+    out.push_str(&render::wrap(
+        "pins      ",
+        &format!(
+            "{} (its links keep the programs attached: without the agent, captured \
+             connections are refused)",
+            v["pin_dir"].as_str().unwrap_or("?")
+        ),
+    ));
     let maps: Vec<MapSummary> = serde_json::from_value(v["maps"].clone()).unwrap_or_default();
     out.push('\n');
     out.push_str(&maps_table(&maps).render());

@@ -32,7 +32,7 @@ use crate::ebpf::ip_from_key;
 use crate::telemetry::{ConnEvent, Telemetry};
 
 /// How many joined records the agent keeps.
-pub const RECORDS: usize = 8192;
+pub const RECORDS: usize = 4096;
 
 /// How long a steered kernel event waits for the proxy's record once no open connection
 /// matches it.
