@@ -142,6 +142,8 @@ pub async fn start(config: Config) -> Result<Controller, StartError> {
     let mut tasks = Vec::new();
     match &config.source {
         Source::Local(dir) => {
+            // The directory is the operator's own description: it may locate pods.
+            index.update(|i| i.set_locates_pods(true));
             let (ready_tx, ready_rx) = oneshot::channel();
             let (dir, idx) = (dir.clone(), index.clone());
             tasks.push(tokio::spawn(async move {

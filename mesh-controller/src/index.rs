@@ -83,6 +83,10 @@ pub struct Index {
     revision: u64,
     /// The compiler's per-revision cache of what every node shares.
     pub(crate) compile_cache: Mutex<Option<crate::compile::Cache>>,
+    /// Whether pods' `mesh.io/cgroup` and `mesh.io/netns` annotations locate them (local
+    /// mode, where the description is the operator's). Off for the Kubernetes source: any pod
+    /// author could point them at another pod's cgroup.
+    locates_pods: bool,
 }
 
 // === impl Index ===
@@ -90,6 +94,11 @@ pub struct Index {
 impl Index {
     pub fn new() -> Self {
         Index::default()
+    }
+
+    /// Lets pod annotations name each pod's cgroup and network namespace (local mode only).
+    pub fn set_locates_pods(&mut self, on: bool) {
+        self.locates_pods = on;
     }
 
     /// Adds or replaces a resource. Returns whether the index changed (re-applying an equal
@@ -447,8 +456,8 @@ impl Index {
             ips,
             mode: self.tls_mode(pod),
             labels: pod.metadata.labels.clone().unwrap_or_default(),
-            cgroup: annotation(CGROUP_ANNOTATION),
-            netns: annotation(NETNS_ANNOTATION),
+            cgroup: annotation(CGROUP_ANNOTATION).filter(|_| self.locates_pods),
+            netns: annotation(NETNS_ANNOTATION).filter(|_| self.locates_pods),
             ports: container_ports(pod),
         })
     }

@@ -90,6 +90,20 @@ fn enrollment_by_namespace_label_and_pod_opt_out() {
 fn workload_fields() {
     let mut index = Index::new();
     load(&mut index, NAMESPACES);
+    let meta = "  annotations:\n    mesh.io/cgroup: /sys/fs/cgroup/victim\n    mesh.io/netns: /run/netns/victim\n";
+    load(
+        &mut index,
+        &pod("meshed", "loc", meta, Some("n1"), Some("10.0.0.12")),
+    );
+    let w = index
+        .workload(&nn("meshed", "loc"), &td())
+        .expect("a workload");
+    assert_eq!(
+        (w.cgroup, w.netns),
+        (None, None),
+        "pod annotations locate nothing unless the source is the operator's own"
+    );
+    index.set_locates_pods(true);
     let meta = "  uid: \"1234\"\n  labels: {app: web}\n  annotations:\n    mesh.io/cgroup: /sys/fs/cgroup/mesh/web\n    mesh.io/netns: /run/netns/web\n";
     let yaml = pod("meshed", "web", meta, Some("n1"), None)
         + "status:\n  podIP: 10.0.0.9\n  podIPs: [{ip: 'fd00::9'}, {ip: 10.0.0.9}, {ip: 10.0.1.9}]\n";
