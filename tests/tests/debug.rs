@@ -324,6 +324,29 @@ fn the_node_commands_report_what_the_kernel_and_the_proxy_do() {
         r["proxy"]["direction"] == "outbound" && r["proxy"]["reason"] == "destination_denied"
     });
 
+    // Plaintext from the node to a STRICT pod: the kernel steered it, the proxy refused it;
+    // flows shows both on one record.
+    let echo_ip = c.pod("demo/echo").expect("echo").ip;
+    let plain = c
+        .exec_on_node(
+            "node-2",
+            &[
+                c.bins.apps.join("mesh-demo").to_str().expect("path"),
+                "call",
+                "--target",
+                &format!("{echo_ip}:9000"),
+                "--mode",
+                "tcp",
+            ],
+        )
+        .expect("plaintext call");
+    assert!(!plain.status.success(), "plaintext reached a STRICT pod");
+    let joined = wait_for_flow(&c, "node-2", &["flows", "--pod", "demo/echo"], |r| {
+        r["kernel"]["verdict"] == "steered" && r["proxy"]["reason"] == "plaintext_strict"
+    });
+    assert_eq!(joined["kernel"]["dst"], format!("{echo_ip}:9000"));
+    assert_eq!(joined["proxy"]["path"], "plaintext");
+
     // policy check: the same authorize as the proxy, the same verdict and reason.
     let (code, check) = json_of(
         &c,
@@ -418,6 +441,48 @@ fn the_node_commands_report_what_the_kernel_and_the_proxy_do() {
     );
     assert_eq!(code, 0);
     assert!(counter["entries"][0]["value_fields"]["value"].as_u64() > Some(0));
+
+    // Every command's human output fits 100 columns.
+    let human: [&[&str]; 9] = [
+        &["status"],
+        &["pods"],
+        &["pods", "demo/client"],
+        &["conns"],
+        &["certs"],
+        &["policy", "demo/echo-local"],
+        &[
+            "policy",
+            "check",
+            "--from",
+            "demo/client",
+            "--to",
+            "demo/echo-local:9000",
+        ],
+        &["flows", "--probes"],
+        &["bpf", "--instance", &instance],
+    ];
+    for args in human {
+        let out = agent_cmd(&c, "node-1", args);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(!text.trim().is_empty(), "{args:?} printed nothing: {out:?}");
+        for line in text.lines() {
+            assert!(
+                line.chars().count() <= 100,
+                "{args:?}: wider than 100: {line}"
+            );
+        }
+    }
+    let out = Command::new(&c.bins.agent)
+        .args(["doctor", "--no-load", "-o", "json"])
+        .output()
+        .expect("doctor");
+    let checks: Value = serde_json::from_slice(&out.stdout).expect("doctor JSON");
+    assert!(
+        checks
+            .as_array()
+            .is_some_and(|cs| cs.iter().any(|c| c["name"] == "cgroup layout")),
+        "{checks:#}"
+    );
 
     // Behind the agent's back: the client's connect4 program is detached from its cgroup.
     // The agent's pins still say it is there; status must not believe them.
