@@ -12,6 +12,13 @@ pub struct Check {
     /// What to do about a failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hint: Option<String>,
+    /// A failure stops the datapath (`true`), or only deserves a look (`false`: a warning).
+    #[serde(default = "required")]
+    pub required: bool,
+}
+
+fn required() -> bool {
+    true
 }
 
 impl Check {
@@ -25,7 +32,14 @@ impl Check {
             ok,
             detail,
             hint: None,
+            required: true,
         }
+    }
+
+    /// Marks the check as a warning: its failure does not stop the datapath.
+    pub fn advisory(mut self) -> Check {
+        self.required = false;
+        self
     }
 
     /// Adds `hint` when the check failed.
@@ -159,8 +173,8 @@ fn load_programs() -> Vec<Check> {
 
 /// The preflight of `mesh-agent doctor`: the check the agent runs at start (`load` also has
 /// the verifier accept every program), then what around the datapath can stand in its way
-/// (cgroup layout, locked-memory limit, helpers, iptables or nftables rules of another
-/// mesh, other programs on the same hooks). Every failure carries a fix hint.
+/// (cgroup layout, locked-memory limit, helpers, and as warnings iptables or nftables rules
+/// of another mesh and other programs on the same hooks). Every failure carries a fix hint.
 pub fn doctor(load: bool) -> Vec<Check> {
     let mut checks: Vec<Check> = check(load)
         .into_iter()
@@ -342,7 +356,7 @@ fn redirect_rules() -> Check {
             looked.join(", ")
         ))
     };
-    Check::new("redirect rules", result).hint(
+    Check::new("redirect rules", result).advisory().hint(
         "another mesh (a sidecar's init container or an iptables-based node proxy) redirects \
          the same traffic: remove it from the pods this mesh enrolls",
     )
@@ -375,11 +389,13 @@ fn other_programs() -> Vec<Check> {
                 ))
             });
         checks.push(
-            Check::new(&format!("others on {}", hook.name()), result).hint(
-                "another BPF-based datapath (a CNI's socket load balancer, another mesh) \
+            Check::new(&format!("others on {}", hook.name()), result)
+                .advisory()
+                .hint(
+                    "another BPF-based datapath (a CNI's socket load balancer, another mesh) \
                  rewrites the same connections: check that the two agree, or turn its \
                  feature off",
-            ),
+                ),
         );
     }
     let netns = Path::new("/proc/self/ns/net");
@@ -395,7 +411,7 @@ fn other_programs() -> Vec<Check> {
                 ))
             }
         });
-    checks.push(Check::new("others on sk_lookup", result).hint(
+    checks.push(Check::new("others on sk_lookup", result).advisory().hint(
         "another program steers this namespace's connections; pods' namespaces are checked \
          by `mesh-agent status`",
     ));

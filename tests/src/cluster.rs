@@ -330,6 +330,32 @@ pub struct Binaries {
     pub apps: PathBuf,
 }
 
+impl Binaries {
+    /// The agent and controller given, the demo applications beside them: the `mesh-demo`
+    /// package builds its binary into the same target directory.
+    pub fn with_apps_beside(agent: PathBuf, controller: PathBuf) -> Result<Binaries> {
+        let apps = agent
+            .parent()
+            .context("the agent binary's directory")?
+            .to_path_buf();
+        ensure!(
+            apps.join("mesh-demo").exists(),
+            "{} is missing: build it with `cargo build -p mesh-demo`",
+            apps.join("mesh-demo").display()
+        );
+        Ok(Binaries {
+            agent,
+            controller,
+            apps,
+        })
+    }
+}
+
+/// The demo cluster's description: `deploy/demo/`.
+pub fn demo_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/demo")
+}
+
 pub struct Pod {
     pub namespace: String,
     pub name: String,

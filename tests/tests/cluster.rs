@@ -2,12 +2,12 @@
 //! network namespaces, the real controller binary on a YAML directory, one real agent per node
 //! inside the node's namespace, the demo applications in the pods. Privileged.
 use std::os::unix::process::CommandExt as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use mesh_tests::cluster::{Binaries, Cluster, ClusterSpec};
+use mesh_tests::cluster::{Binaries, Cluster, ClusterSpec, demo_dir};
 use mesh_tests::privileged;
 use mesh_tests::sniff::Sniffer;
 
@@ -17,17 +17,12 @@ const WEB_VIP: &str = "10.96.0.10:80";
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
-fn demo_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/demo")
-}
-
 fn bins() -> Binaries {
-    let demo = PathBuf::from(env!("CARGO_BIN_EXE_mesh-demo"));
-    Binaries {
-        agent: env!("CARGO_BIN_EXE_mesh-agent").into(),
-        controller: env!("CARGO_BIN_EXE_mesh-controller").into(),
-        apps: demo.parent().expect("bin dir").to_path_buf(),
-    }
+    Binaries::with_apps_beside(
+        env!("CARGO_BIN_EXE_mesh-agent").into(),
+        env!("CARGO_BIN_EXE_mesh-controller").into(),
+    )
+    .expect("the binaries")
 }
 
 /// The demo cluster under a prefix unique to this test.

@@ -237,7 +237,14 @@ fn demo(keep: bool, down: bool) -> Result<()> {
     prereqs::ensure()?;
     step("build the agent, the controller and the demo applications");
     run(
-        cargo().args(["build", "--package", "mesh-tests", "--bins"]),
+        cargo().args([
+            "build",
+            "--package",
+            "mesh-tests",
+            "--package",
+            "mesh-demo",
+            "--bins",
+        ]),
         "cargo build",
     )?;
     step("mesh-agent doctor: this kernel against what the datapath needs");

@@ -144,7 +144,7 @@ fn binaries() -> Result<Binaries> {
     for b in [&bins.agent, &bins.controller, &dir.join("mesh-demo")] {
         ensure!(
             b.exists(),
-            "{} is missing: build with `cargo build -p mesh-tests --bins`",
+            "{} is missing: build with `cargo build -p mesh-tests -p mesh-demo --bins`",
             b.display()
         );
     }

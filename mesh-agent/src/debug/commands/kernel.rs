@@ -85,7 +85,11 @@ pub fn doctor(load: bool, json: bool) -> Result<u8> {
     } else {
         let width = checks.iter().map(|c| c.name.len()).max().unwrap_or(0);
         for c in &checks {
-            let mark = if c.ok { "ok" } else { "FAIL" };
+            let mark = match (c.ok, c.required) {
+                (true, _) => "ok",
+                (false, true) => "FAIL",
+                (false, false) => "WARN",
+            };
             print!(
                 "{}",
                 render::wrap(&format!("{mark:<4}  {:<width$}  ", c.name), &c.detail)
@@ -97,10 +101,14 @@ pub fn doctor(load: bool, json: bool) -> Result<u8> {
                 );
             }
         }
-        let failed = checks.iter().filter(|c| !c.ok).count();
-        if failed > 0 {
-            println!("\n{failed} of {} checks failed", checks.len());
+        let failed = checks.iter().filter(|c| !c.ok && c.required).count();
+        let warned = checks.iter().filter(|c| !c.ok && !c.required).count();
+        if failed + warned > 0 {
+            println!(
+                "\n{failed} of {} checks failed, {warned} warnings",
+                checks.len()
+            );
         }
     }
-    Ok(verdict(checks.iter().all(|c| c.ok)))
+    Ok(verdict(checks.iter().all(|c| c.ok || !c.required)))
 }
