@@ -648,6 +648,7 @@ mod tests {
             policies: [(wl.name.clone(), policy)].into(),
             splits: Arc::new([(split.name.clone(), split)].into()),
             trust_bundle: vec!["-----BEGIN CERTIFICATE-----\n...".into()],
+            ..NodeSnapshot::default()
         }
     }
 

@@ -9,6 +9,7 @@ pub mod identity;
 pub mod model;
 pub mod policy;
 pub mod resolve;
+pub mod route;
 pub mod smi;
 
 pub use identity::SpiffeId;

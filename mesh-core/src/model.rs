@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::identity::SpiffeId;
 use crate::policy::InboundPolicy;
+use crate::route::Route;
 
 /// `namespace/name`, the key of every namespaced object in the model.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -161,10 +162,10 @@ pub struct TrafficSplit {
 }
 
 /// Everything one node's agent needs: its workloads, the services they may call, the compiled
-/// inbound policy of each of its workloads, the splits, and the trust bundle.
+/// inbound policy of each of its workloads, the splits and routes, and the trust bundle.
 ///
-/// Services and splits are the same for every node, so the controller shares one copy among
-/// all snapshots (`Arc`): cloning a snapshot or comparing two that share it costs nothing.
+/// Services, splits and routes are the same for every node, so the controller shares one copy
+/// among all snapshots (`Arc`): cloning a snapshot or comparing two that share it costs nothing.
 /// Each service is an `Arc` too, kept across recompiles while it is unchanged, so comparing
 /// two versions of the service table costs a pointer comparison per unchanged service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -178,6 +179,12 @@ pub struct NodeSnapshot {
     pub policies: BTreeMap<NamespacedName, InboundPolicy>,
     /// Keyed by TrafficSplit namespace/name.
     pub splits: Arc<BTreeMap<NamespacedName, TrafficSplit>>,
+    /// Gateway API HTTPRoutes attached to services, keyed by route namespace/name.
+    #[serde(default)]
+    pub http_routes: Arc<BTreeMap<NamespacedName, Route>>,
+    /// Gateway API GRPCRoutes attached to services, keyed by route namespace/name.
+    #[serde(default)]
+    pub grpc_routes: Arc<BTreeMap<NamespacedName, Route>>,
     /// PEM certificates of the trust roots.
     pub trust_bundle: Vec<String>,
 }

@@ -14,6 +14,10 @@
 //! A destination that is the IP of a meshed pod goes to that pod, same port. Anything else is
 //! outside the mesh and passes through; the caller's egress policy decides whether it may.
 //!
+//! On HTTP ports the L7 proxy calls [`Resolver::route_request`] for every request instead: the
+//! same steps, with Gateway API routes (HTTPRoute, GRPCRoute) attached to the service and SMI
+//! TrafficSplits with `matches` deciding the backend per request (see its docs for the order).
+//!
 //! The [`Resolver`] is built once per [`NodeSnapshot`] and holds only precomputed indexes, so
 //! [`Resolver::resolve`] does a few hash lookups and short scans. The [`LoadBalancer`] outlives
 //! snapshots: hand the previous one to [`Resolver::with_load_balancer`] so outstanding counts
@@ -26,11 +30,16 @@ use std::hash::BuildHasher;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::identity::SpiffeId;
 use crate::model::{NamespacedName, NodeSnapshot, Protocol, Service, ServicePort};
+use crate::policy::{HttpMatch, Request};
+use crate::route::{Precedence, RequestMatch, Route};
+
+pub use crate::route::HeaderModifier;
 
 #[cfg(test)]
 mod tests;
@@ -97,7 +106,23 @@ pub struct Resolution {
     pub lease: Option<Lease>,
 }
 
-/// Why a connection has nowhere to go.
+/// The routing decision for one HTTP request.
+#[derive(Debug)]
+pub struct RequestRoute {
+    /// The endpoint chosen (Target::Mesh / Plain / Passthrough) with its load-balancer lease
+    /// (hold it for the request's life).
+    pub resolution: Resolution,
+    /// What chose the backend, a stable label for metrics and logs: e.g.
+    /// "HTTPRoute demo/web#0" (rule index), "GRPCRoute demo/echo#1",
+    /// "TrafficSplit demo/web-split"; None when the service's own endpoints were used with no
+    /// route.
+    pub route: Option<String>,
+    /// Request timeout from the matched HTTPRoute rule (`timeouts.request`), if any.
+    pub timeout: Option<Duration>,
+    pub request_headers: HeaderModifier,
+}
+
+/// Why a connection or request has nowhere to go.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Unresolved {
     #[error("service {service} ({vip}) has no port {port}; its ports are {}", PortList(.ports))]
@@ -124,6 +149,30 @@ pub enum Unresolved {
     },
     #[error("service {service} has no ready endpoint for port {port}")]
     NoEndpoints { service: NamespacedName, port: u16 },
+    /// Routes are attached to the service port, and none of their rules matches the request
+    /// (Gateway API: answer 404).
+    #[error("no route attached to service {service} port {port} matches {method} {path}")]
+    NoRouteMatch {
+        service: NamespacedName,
+        port: u16,
+        method: String,
+        path: String,
+    },
+    /// The matched route rule has no backend with a weight above 0 (the controller refuses
+    /// such rules; answer 500).
+    #[error("{route} has no backend with a weight above 0")]
+    NoBackend { route: String },
+    #[error("{route} sends traffic to service {backend}, which does not exist")]
+    NoSuchRouteBackend {
+        route: String,
+        backend: NamespacedName,
+    },
+    #[error("{route} sends traffic to port {port} of service {backend}, which has no such port")]
+    NoRouteBackendPort {
+        route: String,
+        backend: NamespacedName,
+        port: u16,
+    },
 }
 
 impl Unresolved {
@@ -134,6 +183,10 @@ impl Unresolved {
             Unresolved::NoSuchBackend { .. } => "no_such_backend",
             Unresolved::NoBackendPort { .. } => "no_backend_port",
             Unresolved::NoEndpoints { .. } => "no_endpoints",
+            Unresolved::NoRouteMatch { .. } => "no_route_match",
+            Unresolved::NoBackend { .. } => "no_backend",
+            Unresolved::NoSuchRouteBackend { .. } => "no_such_backend",
+            Unresolved::NoRouteBackendPort { .. } => "no_backend_port",
         }
     }
 }
@@ -409,6 +462,8 @@ pub struct Resolver {
     /// Pod IP and target port -> the protocol of a service port targeting it, so a pod
     /// addressed directly (headless services) still gets L7 handling.
     pod_ports: HashMap<SocketAddrV4, Protocol>,
+    /// Every rule of every route, in route order; `RouteEntry::rule` indexes it.
+    rules: Vec<RouteRuleEntry>,
     lb: Arc<LoadBalancer>,
 }
 
@@ -419,6 +474,32 @@ struct ServiceEntry {
     ready: Vec<ReadyEndpoint>,
     /// The split applied to connections addressed to this service, if any.
     split: Option<Split>,
+    /// Splits with `matches` rooted at this service, by namespace/name: applied per request.
+    request_splits: Vec<Split>,
+    /// The matches of the routes attached to this service, in Gateway API precedence order.
+    routes: Vec<RouteEntry>,
+}
+
+/// One match of a route rule attached to a service.
+#[derive(Debug)]
+struct RouteEntry {
+    /// The service port the parentRef restricts the route to; `None` is every port.
+    port: Option<u16>,
+    matcher: RequestMatch,
+    /// Index into `Resolver::rules`.
+    rule: usize,
+}
+
+/// A route rule compiled for per-request routing.
+#[derive(Debug)]
+struct RouteRuleEntry {
+    /// `HTTPRoute ns/name#<rule index>`.
+    label: String,
+    backends: Vec<WeightedBackend>,
+    /// The sum of all weights; 0 when no backend may be chosen.
+    total: u64,
+    request_headers: HeaderModifier,
+    timeout: Option<Duration>,
 }
 
 #[derive(Debug)]
@@ -434,10 +515,14 @@ struct Pod {
     node: Option<String>,
 }
 
-/// A TrafficSplit compiled for L4: backends with running weight totals.
+/// A compiled TrafficSplit: backends with running weight totals.
 #[derive(Debug)]
 struct Split {
     name: NamespacedName,
+    /// `TrafficSplit ns/name`, the label of the requests it routes.
+    label: String,
+    /// Empty for a split that applies to all traffic.
+    matches: Vec<HttpMatch>,
     backends: Vec<WeightedBackend>,
     /// The sum of all weights; never 0.
     total: u64,
@@ -448,6 +533,8 @@ struct WeightedBackend {
     service: NamespacedName,
     /// Index into `Resolver::services`; `None` when the service does not exist.
     index: Option<usize>,
+    /// The backend service port (route backends only); `None` is the addressed port number.
+    port: Option<u16>,
     /// The sum of the weights up to and including this backend: it gets the draws in
     /// `previous cumulative..cumulative`.
     cumulative: u64,
@@ -470,6 +557,10 @@ impl Resolver {
     /// matches share a root (SMI leaves that undefined), the first by namespace/name wins.
     /// A backend that is itself the root of a split is not split again: its own endpoints
     /// are used, and a backend equal to the root means the root's own endpoints.
+    ///
+    /// Routes are indexed per parent service, their matches sorted by Gateway API precedence
+    /// (see [`Resolver::route_request`]); a parent service that is not in the snapshot is
+    /// skipped.
     pub fn with_load_balancer(snapshot: &NodeSnapshot, lb: Arc<LoadBalancer>) -> Self {
         lb.prune();
         let mut services: Vec<ServiceEntry> = Vec::with_capacity(snapshot.services.len());
@@ -498,6 +589,8 @@ impl Resolver {
                     })
                     .collect(),
                 split: None,
+                request_splits: Vec::new(),
+                routes: Vec::new(),
             });
         }
 
@@ -515,44 +608,43 @@ impl Resolver {
         }
 
         for split in snapshot.splits.values() {
-            if !split.matches.is_empty() {
-                continue;
-            }
             let Some(&root) = by_name.get(&split.root) else {
                 continue;
             };
-            if services[root].split.is_some() {
+            let root = &mut services[root];
+            if split.matches.is_empty() && root.split.is_some() {
                 continue;
             }
-            let mut total = 0u64;
-            let backends = split
-                .backends
-                .iter()
-                .map(|b| {
-                    total += u64::from(b.weight);
-                    WeightedBackend {
-                        service: b.service.clone(),
-                        index: by_name.get(&b.service).copied(),
-                        cumulative: total,
-                    }
-                })
-                .collect();
+            let (backends, total) = weighted(
+                split.backends.iter().map(|b| (&b.service, None, b.weight)),
+                &by_name,
+            );
             // The controller refuses splits whose weights are all 0; were one to arrive, it
             // would send nothing anywhere, so the root keeps its own endpoints.
-            if total > 0 {
-                services[root].split = Some(Split {
-                    name: split.name.clone(),
-                    backends,
-                    total,
-                });
+            if total == 0 {
+                continue;
+            }
+            let compiled = Split {
+                name: split.name.clone(),
+                label: format!("TrafficSplit {}", split.name),
+                matches: split.matches.clone(),
+                backends,
+                total,
+            };
+            match split.matches.is_empty() {
+                true => root.split = Some(compiled),
+                false => root.request_splits.push(compiled),
             }
         }
+
+        let rules = index_routes(snapshot, &by_name, &mut services);
 
         Resolver {
             services,
             by_vip,
             pods,
             pod_ports,
+            rules,
             lb,
         }
     }
@@ -608,38 +700,164 @@ impl Resolver {
         pick: &mut impl Picker,
     ) -> Result<Resolution, Unresolved> {
         let root = &self.services[svc];
-        let Some(port) = root.ports.iter().find(|p| p.port == dst.port()) else {
-            return Err(Unresolved::NoSuchPort {
-                service: root.name.clone(),
-                vip: *dst.ip(),
-                port: dst.port(),
-                ports: root.ports.iter().map(|p| p.port).collect(),
+        let port = root.port(dst)?;
+        let (backend, target_port) = self.split_backend(svc, port, root.split.as_ref(), pick)?;
+        self.endpoint(root, port, backend, target_port, pick)
+    }
+
+    /// Per-request routing of a request on a connection from `src` to original destination
+    /// `dst`.
+    ///
+    /// For a service VIP and one of its ports, the first of these that applies decides the
+    /// backend service:
+    ///
+    /// 1. Gateway API routes (HTTPRoute, GRPCRoute) attached to the service (a parentRef of
+    ///    kind Service; a parentRef `port` restricts it to that service port). They take
+    ///    precedence over SMI TrafficSplits. Among all their rules' matches, the first by
+    ///    Gateway API precedence that matches the request wins: an exact path, then the
+    ///    longest prefix, then a regex, then no path; then a method match; then more header
+    ///    matches; ties by route (namespace/name, HTTPRoutes before GRPCRoutes), then rule
+    ///    and match order. The rule's backends are drawn by weight (0 is never drawn), on the
+    ///    backendRef port (default: the addressed port number); its RequestHeaderModifier and
+    ///    `timeouts.request` come with the decision. When routes are attached but none
+    ///    matches: [`Unresolved::NoRouteMatch`].
+    /// 2. Else the first SMI TrafficSplit (by namespace/name) rooted at the service whose
+    ///    `matches` match the request, by weight.
+    /// 3. Else the TrafficSplit without matches rooted at the service (the one
+    ///    [`Resolver::resolve`] applies), by weight, drawn again for every request.
+    /// 4. Else the service's own endpoints.
+    ///
+    /// The endpoint of the backend is chosen as in [`Resolver::resolve`]: power of two choices
+    /// on outstanding leases, which per request is least-requests P2C. Hold the lease until the
+    /// response is done. A destination that is not a service VIP (a pod, or outside the mesh)
+    /// resolves as in [`Resolver::resolve`], with no route.
+    pub fn route_request(
+        &self,
+        src: &SpiffeId,
+        dst: SocketAddrV4,
+        request: &Request<'_>,
+        pick: &mut impl Picker,
+    ) -> Result<RequestRoute, Unresolved> {
+        let Some(&svc) = self.by_vip.get(dst.ip()) else {
+            return Ok(RequestRoute {
+                resolution: self.resolve(src, dst, pick)?,
+                route: None,
+                timeout: None,
+                request_headers: HeaderModifier::default(),
             });
         };
+        let root = &self.services[svc];
+        let port = root.port(dst)?;
 
-        let split = root.split.as_ref().and_then(|s| Some((s, s.pick(pick)?)));
-        let (backend, target_port) = match split {
-            None => (root, port.target_port),
-            Some((split, chosen)) => {
-                let Some(index) = chosen.index else {
-                    return Err(Unresolved::NoSuchBackend {
-                        split: split.name.clone(),
-                        backend: chosen.service.clone(),
-                    });
-                };
-                let backend = &self.services[index];
-                let Some(target_port) = backend_port(port, &backend.ports) else {
-                    return Err(Unresolved::NoBackendPort {
-                        split: split.name.clone(),
-                        backend: backend.name.clone(),
-                        port: port.port,
-                        port_name: port.name.clone(),
-                    });
-                };
-                (backend, target_port)
-            }
+        let mut attached = root
+            .routes
+            .iter()
+            .filter(|r| r.port.is_none_or(|p| p == port.port))
+            .peekable();
+        if attached.peek().is_some() {
+            let Some(entry) = attached.find(|r| r.matcher.matches(request)) else {
+                return Err(Unresolved::NoRouteMatch {
+                    service: root.name.clone(),
+                    port: port.port,
+                    method: request.method.to_string(),
+                    path: request.path.to_string(),
+                });
+            };
+            let rule = &self.rules[entry.rule];
+            let (backend, target_port) = self.route_backend(rule, port, pick)?;
+            return Ok(RequestRoute {
+                resolution: self.endpoint(root, port, backend, target_port, pick)?,
+                route: Some(rule.label.clone()),
+                timeout: rule.timeout,
+                request_headers: rule.request_headers.clone(),
+            });
+        }
+
+        let split = root
+            .request_splits
+            .iter()
+            .find(|s| s.matches.iter().any(|m| m.matches(request)))
+            .or(root.split.as_ref());
+        let (backend, target_port) = self.split_backend(svc, port, split, pick)?;
+        Ok(RequestRoute {
+            resolution: self.endpoint(root, port, backend, target_port, pick)?,
+            route: split.map(|s| s.label.clone()),
+            timeout: None,
+            request_headers: HeaderModifier::default(),
+        })
+    }
+
+    /// The backend service (index) and its target port for a connection or request to `port`
+    /// of the service `svc`: drawn from `split` when there is one, else the service itself.
+    fn split_backend(
+        &self,
+        svc: usize,
+        port: &ServicePort,
+        split: Option<&Split>,
+        pick: &mut impl Picker,
+    ) -> Result<(usize, u16), Unresolved> {
+        let Some((split, chosen)) = split.and_then(|s| Some((s, s.pick(pick)?))) else {
+            return Ok((svc, port.target_port));
         };
+        let Some(index) = chosen.index else {
+            return Err(Unresolved::NoSuchBackend {
+                split: split.name.clone(),
+                backend: chosen.service.clone(),
+            });
+        };
+        let backend = &self.services[index];
+        let Some(target_port) = backend_port(port, &backend.ports) else {
+            return Err(Unresolved::NoBackendPort {
+                split: split.name.clone(),
+                backend: backend.name.clone(),
+                port: port.port,
+                port_name: port.name.clone(),
+            });
+        };
+        Ok((index, target_port))
+    }
 
+    /// The backend service (index) and its target port drawn from a route rule's backends.
+    fn route_backend(
+        &self,
+        rule: &RouteRuleEntry,
+        port: &ServicePort,
+        pick: &mut impl Picker,
+    ) -> Result<(usize, u16), Unresolved> {
+        let chosen = pick_weighted(&rule.backends, rule.total, pick).ok_or_else(|| {
+            Unresolved::NoBackend {
+                route: rule.label.clone(),
+            }
+        })?;
+        let Some(index) = chosen.index else {
+            return Err(Unresolved::NoSuchRouteBackend {
+                route: rule.label.clone(),
+                backend: chosen.service.clone(),
+            });
+        };
+        let backend = &self.services[index];
+        let number = chosen.port.unwrap_or(port.port);
+        match backend.ports.iter().find(|p| p.port == number) {
+            Some(p) => Ok((index, p.target_port)),
+            None => Err(Unresolved::NoRouteBackendPort {
+                route: rule.label.clone(),
+                backend: backend.name.clone(),
+                port: number,
+            }),
+        }
+    }
+
+    /// One ready endpoint of the backend service, by the load balancer, with its lease.
+    /// `root` and `port` are what the application addressed.
+    fn endpoint(
+        &self,
+        root: &ServiceEntry,
+        port: &ServicePort,
+        backend: usize,
+        target_port: u16,
+        pick: &mut impl Picker,
+    ) -> Result<Resolution, Unresolved> {
+        let backend = &self.services[backend];
         if backend.ready.is_empty() {
             return Err(Unresolved::NoEndpoints {
                 service: backend.name.clone(),
@@ -669,6 +887,100 @@ impl Resolver {
             lease: Some(self.lb.acquire(addr)),
         })
     }
+}
+
+// === impl ServiceEntry ===
+
+impl ServiceEntry {
+    /// The service port addressed by `dst`.
+    fn port(&self, dst: SocketAddrV4) -> Result<&ServicePort, Unresolved> {
+        self.ports
+            .iter()
+            .find(|p| p.port == dst.port())
+            .ok_or_else(|| Unresolved::NoSuchPort {
+                service: self.name.clone(),
+                vip: *dst.ip(),
+                port: dst.port(),
+                ports: self.ports.iter().map(|p| p.port).collect(),
+            })
+    }
+}
+
+/// Backends with running weight totals, and the total.
+fn weighted<'a>(
+    backends: impl Iterator<Item = (&'a NamespacedName, Option<u16>, u32)>,
+    by_name: &HashMap<&NamespacedName, usize>,
+) -> (Vec<WeightedBackend>, u64) {
+    let mut total = 0u64;
+    let backends = backends
+        .map(|(service, port, weight)| {
+            total += u64::from(weight);
+            WeightedBackend {
+                service: service.clone(),
+                index: by_name.get(service).copied(),
+                port,
+                cumulative: total,
+            }
+        })
+        .collect();
+    (backends, total)
+}
+
+/// A route match's place among a service's: precedence, route order, rule and match index.
+type Ranking = (Precedence, usize, usize, usize);
+
+/// Compiles the rules of every route and attaches their matches to the parent services,
+/// sorted by precedence. Returns the rules, which the entries index.
+fn index_routes(
+    snapshot: &NodeSnapshot,
+    by_name: &HashMap<&NamespacedName, usize>,
+    services: &mut [ServiceEntry],
+) -> Vec<RouteRuleEntry> {
+    let mut routes: Vec<&Route> = snapshot
+        .http_routes
+        .values()
+        .chain(snapshot.grpc_routes.values())
+        .collect();
+    routes.sort_by(|a, b| (&a.name, a.kind).cmp(&(&b.name, b.kind)));
+
+    let mut rules = Vec::new();
+    // Per service: (precedence, route order, rule index, match index) and the entry.
+    let mut attached: HashMap<usize, Vec<(Ranking, RouteEntry)>> = HashMap::new();
+    for (order, route) in routes.into_iter().enumerate() {
+        for (i, rule) in route.rules.iter().enumerate() {
+            let (backends, total) = weighted(
+                rule.backends.iter().map(|b| (&b.service, b.port, b.weight)),
+                by_name,
+            );
+            let index = rules.len();
+            rules.push(RouteRuleEntry {
+                label: format!("{} {}#{i}", route.kind, route.name),
+                backends,
+                total,
+                request_headers: rule.request_headers.clone(),
+                timeout: rule.timeout,
+            });
+            for parent in &route.parents {
+                let Some(&svc) = by_name.get(&parent.service) else {
+                    continue;
+                };
+                for (j, m) in rule.matches.iter().enumerate() {
+                    let entry = RouteEntry {
+                        port: parent.port,
+                        matcher: m.clone(),
+                        rule: index,
+                    };
+                    let list = attached.entry(svc).or_default();
+                    list.push(((m.precedence(), order, i, j), entry));
+                }
+            }
+        }
+    }
+    for (svc, mut list) in attached {
+        list.sort_by_key(|(ranking, _)| *ranking);
+        services[svc].routes = list.into_iter().map(|(_, e)| e).collect();
+    }
+    rules
 }
 
 /// Records the meshed endpoints of `svc` as pods (the first identity seen for an IP wins) and
@@ -713,15 +1025,28 @@ impl Split {
     /// A backend drawn by weight. Zero-weight backends are never drawn. `None` only if the
     /// split had no weight, which building it rules out.
     fn pick(&self, pick: &mut impl Picker) -> Option<&WeightedBackend> {
-        let draw = match u32::try_from(self.total) {
-            Ok(total) => u64::from(pick.below(total)),
-            // Weights summing past u32::MAX: combine two draws (a negligible modulo bias).
-            Err(_) => {
-                let hi = u64::from(pick.below(u32::MAX));
-                let lo = u64::from(pick.below(u32::MAX));
-                ((hi << 32) | lo) % self.total
-            }
-        };
-        self.backends.iter().find(|b| draw < b.cumulative)
+        pick_weighted(&self.backends, self.total, pick)
     }
+}
+
+/// A backend drawn by weight from backends whose weights sum to `total`. Zero-weight
+/// backends are never drawn; `None` when `total` is 0.
+fn pick_weighted<'a>(
+    backends: &'a [WeightedBackend],
+    total: u64,
+    pick: &mut impl Picker,
+) -> Option<&'a WeightedBackend> {
+    if total == 0 {
+        return None;
+    }
+    let draw = match u32::try_from(total) {
+        Ok(total) => u64::from(pick.below(total)),
+        // Weights summing past u32::MAX: combine two draws (a negligible modulo bias).
+        Err(_) => {
+            let hi = u64::from(pick.below(u32::MAX));
+            let lo = u64::from(pick.below(u32::MAX));
+            ((hi << 32) | lo) % total
+        }
+    };
+    backends.iter().find(|b| draw < b.cumulative)
 }

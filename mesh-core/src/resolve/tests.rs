@@ -689,3 +689,5 @@ fn resolver_and_leases_can_be_shared_across_tasks() {
     assert_send_sync::<Lease>();
     assert_send_sync::<Resolution>();
 }
+
+mod routes;
