@@ -5,6 +5,7 @@
 //! decision function ([`policy::authorize`]).
 #![forbid(unsafe_code)]
 
+pub mod gateway;
 pub mod identity;
 pub mod model;
 pub mod policy;

@@ -32,7 +32,7 @@ use crate::identity::{dns_label, dns_subdomain};
 use crate::model::NamespacedName;
 use crate::policy::RegexError;
 
-mod read;
+pub(crate) mod read;
 mod specs;
 mod split;
 
@@ -161,7 +161,7 @@ impl Metadata {
         NamespacedName::new(self.namespace(), &self.name)
     }
 
-    fn parse(root: &Map<String, Value>) -> Result<Self, SmiError> {
+    pub(crate) fn parse(root: &Map<String, Value>) -> Result<Self, SmiError> {
         let meta = object(required(root, "", "metadata")?, "metadata")?;
         let name = required_str(meta, "metadata", "name")?;
         dns_subdomain(&name).map_err(|why| bad_name("metadata.name", &name, why))?;
@@ -179,7 +179,7 @@ impl Metadata {
 }
 
 /// Checks `kind` and `apiVersion`, returning the version part of `apiVersion`.
-fn type_meta<'v>(
+pub(crate) fn type_meta<'v>(
     root: &'v Map<String, Value>,
     kind: &'static str,
     group: &str,
@@ -205,7 +205,7 @@ fn type_meta<'v>(
     Ok(version)
 }
 
-fn root_object(value: &Value) -> Result<&Map<String, Value>, SmiError> {
+pub(crate) fn root_object(value: &Value) -> Result<&Map<String, Value>, SmiError> {
     object(value, "(document)")
 }
 

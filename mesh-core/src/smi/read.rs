@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 use serde_json::{Map, Value};
 
 use super::SmiError;
+use crate::policy::AnchoredRegex;
 
-pub(super) fn child(path: &str, name: &str) -> String {
+pub(crate) fn child(path: &str, name: &str) -> String {
     if path.is_empty() {
         name.to_string()
     } else {
@@ -14,7 +15,7 @@ pub(super) fn child(path: &str, name: &str) -> String {
     }
 }
 
-pub(super) fn type_name(v: &Value) -> &'static str {
+pub(crate) fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -25,7 +26,7 @@ pub(super) fn type_name(v: &Value) -> &'static str {
     }
 }
 
-pub(super) fn type_error(path: &str, expected: &'static str, found: &Value) -> SmiError {
+pub(crate) fn type_error(path: &str, expected: &'static str, found: &Value) -> SmiError {
     SmiError::Type {
         path: path.to_string(),
         expected,
@@ -33,7 +34,7 @@ pub(super) fn type_error(path: &str, expected: &'static str, found: &Value) -> S
     }
 }
 
-pub(super) fn invalid(path: &str, value: &str, expected: impl Into<String>) -> SmiError {
+pub(crate) fn invalid(path: &str, value: &str, expected: impl Into<String>) -> SmiError {
     SmiError::Invalid {
         path: path.to_string(),
         value: format!("{value:?}"),
@@ -41,7 +42,7 @@ pub(super) fn invalid(path: &str, value: &str, expected: impl Into<String>) -> S
     }
 }
 
-pub(super) fn bad_name(path: &str, value: &str, reason: &'static str) -> SmiError {
+pub(crate) fn bad_name(path: &str, value: &str, reason: &'static str) -> SmiError {
     SmiError::Name {
         path: path.to_string(),
         value: value.to_string(),
@@ -50,11 +51,11 @@ pub(super) fn bad_name(path: &str, value: &str, reason: &'static str) -> SmiErro
 }
 
 /// A field that is present and not null.
-pub(super) fn field<'v>(obj: &'v Map<String, Value>, name: &str) -> Option<&'v Value> {
+pub(crate) fn field<'v>(obj: &'v Map<String, Value>, name: &str) -> Option<&'v Value> {
     obj.get(name).filter(|v| !v.is_null())
 }
 
-pub(super) fn required<'v>(
+pub(crate) fn required<'v>(
     obj: &'v Map<String, Value>,
     path: &str,
     name: &str,
@@ -64,15 +65,15 @@ pub(super) fn required<'v>(
     })
 }
 
-pub(super) fn object<'v>(v: &'v Value, path: &str) -> Result<&'v Map<String, Value>, SmiError> {
+pub(crate) fn object<'v>(v: &'v Value, path: &str) -> Result<&'v Map<String, Value>, SmiError> {
     v.as_object().ok_or_else(|| type_error(path, "a map", v))
 }
 
-pub(super) fn array<'v>(v: &'v Value, path: &str) -> Result<&'v Vec<Value>, SmiError> {
+pub(crate) fn array<'v>(v: &'v Value, path: &str) -> Result<&'v Vec<Value>, SmiError> {
     v.as_array().ok_or_else(|| type_error(path, "a list", v))
 }
 
-pub(super) fn non_empty<'v>(list: &'v [Value], path: &str) -> Result<&'v [Value], SmiError> {
+pub(crate) fn non_empty<'v>(list: &'v [Value], path: &str) -> Result<&'v [Value], SmiError> {
     if list.is_empty() {
         return Err(SmiError::Empty {
             path: path.to_string(),
@@ -81,11 +82,11 @@ pub(super) fn non_empty<'v>(list: &'v [Value], path: &str) -> Result<&'v [Value]
     Ok(list)
 }
 
-pub(super) fn str_at<'v>(v: &'v Value, path: &str) -> Result<&'v str, SmiError> {
+pub(crate) fn str_at<'v>(v: &'v Value, path: &str) -> Result<&'v str, SmiError> {
     v.as_str().ok_or_else(|| type_error(path, "a string", v))
 }
 
-pub(super) fn required_str(
+pub(crate) fn required_str(
     obj: &Map<String, Value>,
     path: &str,
     name: &str,
@@ -99,7 +100,7 @@ pub(super) fn required_str(
     Ok(s.to_string())
 }
 
-pub(super) fn optional_str(
+pub(crate) fn optional_str(
     obj: &Map<String, Value>,
     path: &str,
     name: &str,
@@ -110,7 +111,7 @@ pub(super) fn optional_str(
     }
 }
 
-pub(super) fn string_map(
+pub(crate) fn string_map(
     obj: &Map<String, Value>,
     path: &str,
     name: &str,
@@ -125,7 +126,7 @@ pub(super) fn string_map(
         .collect()
 }
 
-pub(super) fn port_number(v: &Value, path: &str) -> Result<u16, SmiError> {
+pub(crate) fn port_number(v: &Value, path: &str) -> Result<u16, SmiError> {
     match v.as_u64().and_then(|p| u16::try_from(p).ok()) {
         Some(p) if p > 0 => Ok(p),
         _ => Err(SmiError::Invalid {
@@ -134,4 +135,16 @@ pub(super) fn port_number(v: &Value, path: &str) -> Result<u16, SmiError> {
             expected: "a port number from 1 to 65535".to_string(),
         }),
     }
+}
+
+/// Whether `b` may appear in an HTTP header name (an RFC 7230 token).
+pub(crate) fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+pub(crate) fn regex(source: &str, path: &str) -> Result<AnchoredRegex, SmiError> {
+    AnchoredRegex::new(source).map_err(|source| SmiError::Regex {
+        path: path.to_string(),
+        source,
+    })
 }

@@ -6,8 +6,8 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
 use super::read::{
-    array, child, field, invalid, object, optional_str, port_number, required, required_str,
-    str_at, type_error,
+    array, child, field, invalid, is_token_byte, object, optional_str, port_number, regex,
+    required, required_str, str_at, type_error,
 };
 use super::{Metadata, SPECS_GROUP, SmiError, root_object, type_meta};
 use crate::policy::{AnchoredRegex, HeaderMatch, HttpMatch};
@@ -205,17 +205,6 @@ fn http_route_match(v: &Value, path: &str) -> Result<HttpRouteMatch, SmiError> {
 }
 
 /// RFC 9110 `tchar`.
-fn is_token_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-}
-
-fn regex(source: &str, path: &str) -> Result<AnchoredRegex, SmiError> {
-    AnchoredRegex::new(source).map_err(|source| SmiError::Regex {
-        path: path.to_string(),
-        source,
-    })
-}
-
 /// An SMI TCPRoute: TCP traffic to a set of ports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename = "TCPRoute", rename_all = "camelCase")]
