@@ -16,6 +16,10 @@ use mesh_core::model::{
 use mesh_core::policy::{
     AnchoredRegex, HeaderMatch, HttpMatch, InboundPolicy, RouteMatch, Rule, TrafficPolicyMode,
 };
+use mesh_core::route::{
+    HeaderModifier, HeaderValueMatch, ParentRef, PathMatch, RequestMatch, Route, RouteBackend,
+    RouteKind, RouteRule, ValueMatch,
+};
 
 use crate::v1;
 
@@ -202,6 +206,84 @@ impl From<&InboundPolicy> for v1::InboundPolicy {
     }
 }
 
+impl From<&Route> for v1::Route {
+    fn from(r: &Route) -> Self {
+        let headers = |hs: &[(String, String)]| {
+            hs.iter()
+                .map(|(name, value)| v1::Header {
+                    name: name.clone(),
+                    value: value.clone(),
+                })
+                .collect()
+        };
+        v1::Route {
+            name: Some((&r.name).into()),
+            parents: r
+                .parents
+                .iter()
+                .map(|p| v1::ParentRef {
+                    service: Some((&p.service).into()),
+                    port: p.port.map(u32::from),
+                })
+                .collect(),
+            rules: r
+                .rules
+                .iter()
+                .map(|rule| v1::RouteRule {
+                    matches: rule
+                        .matches
+                        .iter()
+                        .map(|m| v1::RequestMatch {
+                            path: m.path.as_ref().map(|p| match p {
+                                PathMatch::Exact(s) => v1::request_match::Path::Exact(s.clone()),
+                                PathMatch::Prefix(s) => v1::request_match::Path::Prefix(s.clone()),
+                                PathMatch::Regex(r) => {
+                                    v1::request_match::Path::Regex(r.as_str().to_string())
+                                }
+                            }),
+                            method: m.method.clone(),
+                            headers: m
+                                .headers
+                                .iter()
+                                .map(|h| v1::HeaderValueMatch {
+                                    name: h.name.clone(),
+                                    value: Some(match &h.value {
+                                        ValueMatch::Exact(s) => {
+                                            v1::header_value_match::Value::Exact(s.clone())
+                                        }
+                                        ValueMatch::Regex(r) => {
+                                            v1::header_value_match::Value::Regex(
+                                                r.as_str().to_string(),
+                                            )
+                                        }
+                                    }),
+                                })
+                                .collect(),
+                        })
+                        .collect(),
+                    backends: rule
+                        .backends
+                        .iter()
+                        .map(|b| v1::RouteBackend {
+                            service: Some((&b.service).into()),
+                            port: b.port.map(u32::from),
+                            weight: b.weight,
+                        })
+                        .collect(),
+                    request_headers: Some(v1::HeaderModifier {
+                        set: headers(&rule.request_headers.set),
+                        add: headers(&rule.request_headers.add),
+                        remove: rule.request_headers.remove.clone(),
+                    }),
+                    timeout_ms: rule
+                        .timeout
+                        .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+                })
+                .collect(),
+        }
+    }
+}
+
 // === wire -> model ===
 
 impl TryFrom<&v1::Workload> for Workload {
@@ -342,6 +424,121 @@ impl TryFrom<&v1::TrafficSplit> for TrafficSplit {
     }
 }
 
+/// A route from the wire; `kind` is given by the resource field that carried it.
+fn route(r: &v1::Route, kind: RouteKind) -> Result<Route, ConvertError> {
+    let header = |h: &v1::Header| -> Result<(String, String), ConvertError> {
+        if h.name.is_empty()
+            || !h
+                .value
+                .bytes()
+                .all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
+        {
+            return Err(err(
+                "route.rules.request_headers",
+                format!(
+                    "{:?}: {:?} is not a header the proxy can send",
+                    h.name, h.value
+                ),
+            ));
+        }
+        Ok((h.name.to_ascii_lowercase(), h.value.clone()))
+    };
+    Ok(Route {
+        name: nn("route.name", r.name.as_ref())?,
+        kind,
+        parents: r
+            .parents
+            .iter()
+            .map(|p| {
+                Ok(ParentRef {
+                    service: nn("route.parents.service", p.service.as_ref())?,
+                    port: p.port.map(|n| port("route.parents.port", n)).transpose()?,
+                })
+            })
+            .collect::<Result<_, _>>()?,
+        rules: r
+            .rules
+            .iter()
+            .map(|rule| {
+                let modifier = rule.request_headers.clone().unwrap_or_default();
+                Ok(RouteRule {
+                    matches: rule
+                        .matches
+                        .iter()
+                        .map(|m| {
+                            use v1::request_match::Path;
+                            Ok(RequestMatch {
+                                path: match &m.path {
+                                    None => None,
+                                    Some(Path::Exact(s)) => Some(PathMatch::Exact(s.clone())),
+                                    Some(Path::Prefix(s)) => Some(PathMatch::Prefix(s.clone())),
+                                    Some(Path::Regex(s)) => Some(PathMatch::Regex(regex(
+                                        "route.rules.matches.path.regex",
+                                        s,
+                                    )?)),
+                                },
+                                method: m.method.clone(),
+                                headers: m
+                                    .headers
+                                    .iter()
+                                    .map(|h| {
+                                        use v1::header_value_match::Value;
+                                        Ok(HeaderValueMatch {
+                                            name: h.name.to_ascii_lowercase(),
+                                            value: match &h.value {
+                                                Some(Value::Exact(s)) => {
+                                                    ValueMatch::Exact(s.clone())
+                                                }
+                                                Some(Value::Regex(s)) => ValueMatch::Regex(regex(
+                                                    "route.rules.matches.headers.regex",
+                                                    s,
+                                                )?),
+                                                None => {
+                                                    return Err(err(
+                                                        "route.rules.matches.headers.value",
+                                                        "missing",
+                                                    ));
+                                                }
+                                            },
+                                        })
+                                    })
+                                    .collect::<Result<_, _>>()?,
+                            })
+                        })
+                        .collect::<Result<_, _>>()?,
+                    backends: rule
+                        .backends
+                        .iter()
+                        .map(|b| {
+                            Ok(RouteBackend {
+                                service: nn("route.rules.backends.service", b.service.as_ref())?,
+                                port: b
+                                    .port
+                                    .map(|n| port("route.rules.backends.port", n))
+                                    .transpose()?,
+                                weight: b.weight,
+                            })
+                        })
+                        .collect::<Result<_, _>>()?,
+                    request_headers: HeaderModifier {
+                        set: modifier.set.iter().map(header).collect::<Result<_, _>>()?,
+                        add: modifier.add.iter().map(header).collect::<Result<_, _>>()?,
+                        remove: modifier
+                            .remove
+                            .iter()
+                            .map(|n| n.to_ascii_lowercase())
+                            .collect(),
+                    },
+                    timeout: rule
+                        .timeout_ms
+                        .filter(|ms| *ms > 0)
+                        .map(std::time::Duration::from_millis),
+                })
+            })
+            .collect::<Result<_, _>>()?,
+    })
+}
+
 impl TryFrom<&v1::InboundPolicy> for InboundPolicy {
     type Error = ConvertError;
     fn try_from(p: &v1::InboundPolicy) -> Result<Self, ConvertError> {
@@ -477,6 +674,22 @@ pub fn diff(
         &mut upserts,
         &mut removals,
     );
+    section(
+        &old.http_routes,
+        &new.http_routes,
+        v1::Kind::HttpRoute,
+        |r| R::HttpRoute(r.into()),
+        &mut upserts,
+        &mut removals,
+    );
+    section(
+        &old.grpc_routes,
+        &new.grpc_routes,
+        v1::Kind::GrpcRoute,
+        |r| R::GrpcRoute(r.into()),
+        &mut upserts,
+        &mut removals,
+    );
     if old.trust_bundle != new.trust_bundle {
         upserts.push(v1::Resource {
             kind: Some(R::TrustBundle(v1::TrustBundle {
@@ -511,6 +724,8 @@ pub fn apply(
             Ok(v1::Kind::Service) => Arc::make_mut(&mut next.services).remove(&name).is_some(),
             Ok(v1::Kind::Policy) => next.policies.remove(&name).is_some(),
             Ok(v1::Kind::Split) => Arc::make_mut(&mut next.splits).remove(&name).is_some(),
+            Ok(v1::Kind::HttpRoute) => Arc::make_mut(&mut next.http_routes).remove(&name).is_some(),
+            Ok(v1::Kind::GrpcRoute) => Arc::make_mut(&mut next.grpc_routes).remove(&name).is_some(),
             Ok(v1::Kind::TrustBundle) => {
                 return Err(err("removals", "the trust bundle cannot be removed"));
             }
@@ -542,6 +757,14 @@ pub fn apply(
             Some(R::Split(s)) => {
                 let s = TrafficSplit::try_from(s)?;
                 Arc::make_mut(&mut next.splits).insert(s.name.clone(), s);
+            }
+            Some(R::HttpRoute(r)) => {
+                let r = route(r, RouteKind::Http)?;
+                Arc::make_mut(&mut next.http_routes).insert(r.name.clone(), r);
+            }
+            Some(R::GrpcRoute(r)) => {
+                let r = route(r, RouteKind::Grpc)?;
+                Arc::make_mut(&mut next.grpc_routes).insert(r.name.clone(), r);
             }
             Some(R::TrustBundle(b)) => {
                 if b.roots_pem.is_empty() {
@@ -647,8 +870,88 @@ mod tests {
             services: Arc::new([(svc.name.clone(), Arc::new(svc))].into()),
             policies: [(wl.name.clone(), policy)].into(),
             splits: Arc::new([(split.name.clone(), split)].into()),
+            http_routes: Arc::new(
+                [(route(RouteKind::Http).name.clone(), route(RouteKind::Http))].into(),
+            ),
+            grpc_routes: Arc::new(
+                [(route(RouteKind::Grpc).name.clone(), route(RouteKind::Grpc))].into(),
+            ),
             trust_bundle: vec!["-----BEGIN CERTIFICATE-----\n...".into()],
-            ..NodeSnapshot::default()
+        }
+    }
+
+    /// A route with every field set; the same name for both kinds (they are apart on the wire).
+    fn route(kind: RouteKind) -> Route {
+        let regex = |s| AnchoredRegex::new(s).expect("regex");
+        Route {
+            name: NamespacedName::new("shop", "api"),
+            kind,
+            parents: vec![
+                ParentRef {
+                    service: NamespacedName::new("shop", "api"),
+                    port: Some(80),
+                },
+                ParentRef {
+                    service: NamespacedName::new("shop", "api-admin"),
+                    port: None,
+                },
+            ],
+            rules: vec![
+                RouteRule {
+                    matches: vec![
+                        RequestMatch {
+                            path: Some(PathMatch::Exact("/health".into())),
+                            method: Some("GET".into()),
+                            headers: vec![
+                                HeaderValueMatch {
+                                    name: "x-canary".into(),
+                                    value: ValueMatch::Exact("true".into()),
+                                },
+                                HeaderValueMatch {
+                                    name: "x-user".into(),
+                                    value: ValueMatch::Regex(regex("beta-.*")),
+                                },
+                            ],
+                        },
+                        RequestMatch {
+                            path: Some(PathMatch::Prefix("/api".into())),
+                            ..RequestMatch::any()
+                        },
+                        RequestMatch {
+                            path: Some(PathMatch::Regex(regex("/v[0-9]+/.*"))),
+                            ..RequestMatch::any()
+                        },
+                    ],
+                    backends: vec![
+                        RouteBackend {
+                            service: NamespacedName::new("shop", "api-v2"),
+                            port: Some(8080),
+                            weight: 90,
+                        },
+                        RouteBackend {
+                            service: NamespacedName::new("shop", "api"),
+                            port: None,
+                            weight: 10,
+                        },
+                    ],
+                    request_headers: HeaderModifier {
+                        set: vec![("x-env".into(), "canary".into())],
+                        add: vec![("x-via".into(), "mesh".into())],
+                        remove: vec!["x-debug".into()],
+                    },
+                    timeout: Some(std::time::Duration::from_millis(1500)),
+                },
+                RouteRule {
+                    matches: vec![RequestMatch::any()],
+                    backends: vec![RouteBackend {
+                        service: NamespacedName::new("shop", "api"),
+                        port: None,
+                        weight: 1,
+                    }],
+                    request_headers: HeaderModifier::default(),
+                    timeout: None,
+                },
+            ],
         }
     }
 
@@ -657,7 +960,7 @@ mod tests {
         let snap = snapshot();
         let (upserts, removals) = diff(None, &snap);
         assert!(removals.is_empty());
-        assert_eq!(upserts.len(), 5, "one resource per object plus the bundle");
+        assert_eq!(upserts.len(), 7, "one resource per object plus the bundle");
         let base = NodeSnapshot {
             node: "n1".into(),
             ..NodeSnapshot::default()
@@ -682,6 +985,41 @@ mod tests {
         );
         let (u, r) = diff(Some(&new), &new);
         assert!(u.is_empty() && r.is_empty(), "no change, no delta");
+    }
+
+    #[test]
+    fn routes_travel_apart_by_kind_and_their_deltas_apply() {
+        let old = snapshot();
+        let mut new = old.clone();
+        let name = NamespacedName::new("shop", "api");
+        Arc::make_mut(&mut new.grpc_routes).clear();
+        Arc::make_mut(&mut new.http_routes)
+            .get_mut(&name)
+            .expect("route")
+            .rules[0]
+            .backends[0]
+            .weight = 50;
+        let (upserts, removals) = diff(Some(&old), &new);
+        assert!(matches!(
+            upserts.as_slice(),
+            [v1::Resource {
+                kind: Some(v1::resource::Kind::HttpRoute(_))
+            }]
+        ));
+        assert_eq!(removals.len(), 1);
+        assert_eq!(removals[0].kind, v1::Kind::GrpcRoute as i32);
+        let back = apply(&old, false, &upserts, &removals).expect("applies");
+        assert_eq!(back, new);
+        assert_eq!(back.http_routes[&name].kind, RouteKind::Http);
+
+        let (mut upserts, _) = diff(None, &old);
+        for u in &mut upserts {
+            if let Some(v1::resource::Kind::GrpcRoute(r)) = &mut u.kind {
+                r.rules[0].matches[2].path = Some(v1::request_match::Path::Regex("(".into()));
+            }
+        }
+        let e = apply(&old, true, &upserts, &[]).expect_err("bad regex");
+        assert_eq!(e.field, "route.rules.matches.path.regex");
     }
 
     #[test]
