@@ -19,15 +19,21 @@ use std::time::Duration;
 
 use mesh_core::SpiffeId;
 use mesh_core::model::{NamespacedName, NodeSnapshot};
-use mesh_core::policy::{Conn, authorize};
+use mesh_core::policy::{Conn, Permit, authorize};
+use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::hbone::{ConnectHandler, Refusal};
+use crate::l7::{is_l7, pod_port_protocol};
 use crate::proxy::{RelayError, relay};
 use crate::state::StateStore;
 use crate::telemetry::{
-    ConnMeta, MeshPath, Metered, Peer, Reporter, ResponseFlag, Side, Telemetry,
+    ConnGuard, ConnMeta, MeshPath, Metered, Peer, Reporter, ResponseFlag, Side, Telemetry,
 };
+
+mod requests;
+
+pub use requests::InboundHttp;
 
 /// HTTP status for a policy refusal.
 pub const DENIED: u16 = 403;
@@ -106,9 +112,32 @@ pub fn admit_hbone(
         port: target.port(),
         request: None,
     };
-    authorize(policy, &conn)
-        .map(|_| target)
-        .map_err(|denied| Rejection::new(DENIED, denied.kind(), denied.to_string()))
+    let permit = authorize(policy, &conn)
+        .map_err(|denied| Rejection::new(DENIED, denied.kind(), denied.to_string()))?;
+    check_requests_checkable(config, pod, target.port(), &permit)?;
+    Ok(target)
+}
+
+/// A connection admitted only so its HTTP requests can be checked one by one
+/// ([`Permit::HttpConnection`]) needs a port whose requests the proxy parses: on an L4 port
+/// nothing could check them, so the connection is refused rather than let through whole.
+fn check_requests_checkable(
+    config: &NodeSnapshot,
+    pod: &NamespacedName,
+    port: u16,
+    permit: &Permit<'_>,
+) -> Result<(), Rejection> {
+    if !permit.requires_request_checks() || is_l7(pod_port_protocol(config, pod, port)) {
+        return Ok(());
+    }
+    Err(Rejection::new(
+        DENIED,
+        "http_rules_on_l4_port",
+        format!(
+            "{permit}, but port {port} of {pod} is not declared HTTP, HTTP/2 or gRPC (service \
+             appProtocol or port name), so its requests cannot be checked"
+        ),
+    ))
 }
 
 /// Decides a plaintext connection (steered to 15006) to `dst` of `pod`: STRICT pods refuse
@@ -126,9 +155,9 @@ pub fn admit_plaintext(
         port: dst.port(),
         request: None,
     };
-    authorize(policy, &conn)
-        .map(|_| ())
-        .map_err(|denied| Rejection::new(DENIED, denied.kind(), denied.to_string()))
+    let permit = authorize(policy, &conn)
+        .map_err(|denied| Rejection::new(DENIED, denied.kind(), denied.to_string()))?;
+    check_requests_checkable(config, pod, dst.port(), &permit)
 }
 
 /// How the inbound handler reaches the application (in production: a socket made in the
@@ -190,11 +219,14 @@ impl PodInbound {
     /// to the application. Either way the connection is recorded as `reporter="destination"`
     /// (a refusal as denied with the rejection's kind); on success the returned stream
     /// carries the connection's accounting.
+    ///
+    /// On an L7 port the returned stream leads to the pod's [`InboundHttp`], which checks and
+    /// passes on each request; on any other port, to the application itself.
     pub async fn admit(
         &self,
         caller: Caller,
         authority: SocketAddr,
-    ) -> Result<Metered<TcpStream>, Rejection> {
+    ) -> Result<InboundStream, Rejection> {
         let config = self.store.current();
         let mut meta = ConnMeta::new(
             self.pod.clone(),
@@ -213,6 +245,25 @@ impl PodInbound {
                 return Err(rejection);
             }
         };
+        if is_l7(pod_port_protocol(
+            &config.snapshot,
+            &self.pod,
+            target.port(),
+        )) {
+            let (near, far) = tokio::io::duplex(HTTP_PIPE_BUFFER);
+            let far = Metered::new(far, self.telemetry.open(meta.clone()), Side::Source);
+            let http = InboundHttp::new(
+                self.pod.clone(),
+                self.store.clone(),
+                self.dial.clone(),
+                self.telemetry.clone(),
+                Some(caller.identity),
+                target,
+                meta,
+            );
+            tokio::spawn(http.serve(far));
+            return Ok(InboundStream::Http(near));
+        }
         let mut guard = self.telemetry.open(meta);
         let dialed = tokio::time::timeout(APP_CONNECT_TIMEOUT, (self.dial)(target))
             .await
@@ -223,7 +274,11 @@ impl PodInbound {
                 ))
             });
         match dialed {
-            Ok(app) => Ok(Metered::new(app, guard, Side::Destination)),
+            Ok(app) => Ok(InboundStream::Tcp(Metered::new(
+                app,
+                guard,
+                Side::Destination,
+            ))),
             Err(e) => {
                 let rejection = Rejection::new(
                     UNAVAILABLE,
@@ -241,8 +296,75 @@ impl PodInbound {
     }
 }
 
+/// Buffer of the in-memory pipe between an admitted connection and its [`InboundHttp`].
+const HTTP_PIPE_BUFFER: usize = 256 * 1024;
+
+/// Where an admitted connection leads: the application (L4), or the pod's request handler.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // One per connection, never moved around in bulk.
+pub enum InboundStream {
+    Tcp(Metered<TcpStream>),
+    Http(DuplexStream),
+}
+
+impl InboundStream {
+    /// The connection's accounting on this side, when it is kept here (L4).
+    pub fn guard_mut(&mut self) -> Option<&mut ConnGuard> {
+        match self {
+            InboundStream::Tcp(s) => Some(s.guard_mut()),
+            InboundStream::Http(_) => None,
+        }
+    }
+}
+
+impl AsyncRead for InboundStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            InboundStream::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            InboundStream::Http(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for InboundStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            InboundStream::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            InboundStream::Http(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            InboundStream::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
+            InboundStream::Http(s) => std::pin::Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            InboundStream::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            InboundStream::Http(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
 impl ConnectHandler for PodInbound {
-    type Io = Metered<TcpStream>;
+    type Io = InboundStream;
 
     async fn connect(&self, peer: SpiffeId, authority: SocketAddr) -> Result<Self::Io, Refusal> {
         self.admit(Caller::hbone(peer), authority)
@@ -310,6 +432,20 @@ impl PlaintextInbound {
             self.telemetry
                 .denied(meta, rejection.kind, &rejection.reason);
             return Err(PlaintextError::Refused(rejection));
+        }
+        if is_l7(pod_port_protocol(&config.snapshot, &self.pod, dst.port())) {
+            let conn = Metered::new(conn, self.telemetry.open(meta.clone()), Side::Source);
+            let http = InboundHttp::new(
+                self.pod.clone(),
+                self.store.clone(),
+                self.dial.clone(),
+                self.telemetry.clone(),
+                None,
+                dst,
+                meta,
+            );
+            http.serve(conn).await;
+            return Ok((0, 0));
         }
         let mut conn = Metered::new(conn, self.telemetry.open(meta), Side::Source);
         let mut app = match (self.dial)(dst).await {

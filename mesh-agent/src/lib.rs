@@ -14,6 +14,7 @@ pub mod features;
 pub mod hbone;
 pub mod identity;
 pub mod inbound;
+pub mod l7;
 pub mod local;
 pub mod netns;
 pub mod outbound;

@@ -29,6 +29,7 @@ use tracing::debug;
 use crate::config::SameNode;
 use crate::hbone::{HBONE_PORT, HboneError, HbonePool};
 use crate::inbound::{AppDialer, Caller, Rejection};
+use crate::l7::is_l7;
 use crate::local::{LocalPod, LocalPods};
 use crate::proxy::{RelayError, relay};
 use crate::state::{StateStore, Version};
@@ -156,6 +157,9 @@ pub enum Path {
     /// To a pod of this agent, inside it.
     SameNode,
     Direct,
+    /// Requests on an L7 port, each routed on its own (the connection-level counts are in
+    /// the telemetry).
+    Http,
 }
 
 /// Settings of a pod's outbound side.
@@ -198,6 +202,8 @@ pub struct PodOutbound {
     resolver: Mutex<Option<(Option<Version>, Arc<Resolver>)>>,
     slots: Arc<tokio::sync::Semaphore>,
     limit: usize,
+    /// Kept connections and the retry budget of the pod's L7 requests.
+    http: Arc<requests::HttpShared>,
 }
 
 impl PodOutbound {
@@ -222,6 +228,7 @@ impl PodOutbound {
             resolver: Mutex::new(None),
             slots: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
             limit: config.max_connections,
+            http: Arc::default(),
         }
     }
 
@@ -301,9 +308,22 @@ impl PodOutbound {
             Ok(r) => r,
             Err(e) => return Err(refuse(meta, e.into())),
         };
-        let _lease = resolution.lease;
+        let mut lease = resolution.lease;
         let _ = conn.set_nodelay(true);
         match resolution.target {
+            Target::Mesh { protocol, .. } if is_l7(protocol) => {
+                // Each request is routed and balanced on its own.
+                drop(lease.take());
+                meta.service = resolver_service(snapshot, dst);
+                let conn = Metered::new(conn, self.telemetry.open(meta.clone()), Side::Source);
+                self.http(conn, dst, src, resolver.clone(), applied.clone(), meta)
+                    .await;
+                Ok(Carried {
+                    path: Path::Http,
+                    sent: 0,
+                    received: 0,
+                })
+            }
             Target::Mesh {
                 addr,
                 identity,
@@ -432,7 +452,9 @@ impl PodOutbound {
             }),
             Err(e) => {
                 // The destination's report ends the way the source's does.
-                app.guard_mut().fail(e.flag(), e.kind(), &e);
+                if let Some(guard) = app.guard_mut() {
+                    guard.fail(e.flag(), e.kind(), &e);
+                }
                 Err(e.into())
             }
         }
@@ -475,5 +497,18 @@ impl PodOutbound {
     }
 }
 
+/// The DNS name of the service whose VIP is `dst`, for the connection's telemetry.
+fn resolver_service(
+    snapshot: &mesh_core::model::NodeSnapshot,
+    dst: SocketAddrV4,
+) -> Option<String> {
+    snapshot
+        .services
+        .values()
+        .find(|s| s.vip == Some(*dst.ip()))
+        .map(|s| service_host(&s.name))
+}
+
+mod requests;
 #[cfg(test)]
 mod tests;

@@ -59,6 +59,7 @@
 //! | `IDLE`    | closed after carrying no byte either way for the idle timeout               |
 //! | `DRAIN`   | cut when the shutdown grace period ended                                    |
 //! | `IO`      | a read or write failed while bytes were carried (for example a reset)      |
+//! | `UT`      | a request got no response head within its route's timeout (L7)             |
 //!
 //! # Access log
 //!
@@ -90,6 +91,7 @@ use tokio::time::Instant;
 
 mod metered;
 mod metrics;
+mod requests;
 #[cfg(test)]
 pub(crate) mod testing;
 #[cfg(test)]
@@ -97,6 +99,8 @@ mod tests;
 
 pub use metered::{Activity, Ended, Metered, Side};
 use metrics::{DeniedLabels, Metrics, TcpLabels};
+use requests::RequestMetrics;
+pub use requests::RequestRecord;
 
 /// The tracing target of the access log.
 pub const ACCESS_LOG: &str = "mesh::access";
@@ -205,6 +209,8 @@ pub enum ResponseFlag {
     IdleTimeout,
     Drained,
     Io,
+    /// A request got no response within its route's timeout (L7).
+    UpstreamTimeout,
 }
 
 impl ResponseFlag {
@@ -218,6 +224,7 @@ impl ResponseFlag {
             ResponseFlag::IdleTimeout => "IDLE",
             ResponseFlag::Drained => "DRAIN",
             ResponseFlag::Io => "IO",
+            ResponseFlag::UpstreamTimeout => "UT",
         }
     }
 }
@@ -360,6 +367,7 @@ pub struct Telemetry {
 
 struct Inner {
     metrics: Metrics,
+    requests: RequestMetrics,
     table: Mutex<BTreeMap<u64, Arc<Live>>>,
     next_id: AtomicU64,
     /// Connections in the table plus accepted connections not yet in it ([`Pending`]).
@@ -383,6 +391,7 @@ impl Telemetry {
         Telemetry {
             inner: Arc::new(Inner {
                 metrics: Metrics::register(registry),
+                requests: RequestMetrics::register(registry),
                 table: Mutex::new(BTreeMap::new()),
                 next_id: AtomicU64::new(1),
                 busy: watch::Sender::new(0),
@@ -454,6 +463,18 @@ impl Telemetry {
             reason: None,
             detail: None,
         }
+    }
+
+    /// Records one HTTP or gRPC request of a connection described by `meta`: counts it in
+    /// `istio_requests_total` and `istio_request_duration_milliseconds`, and writes its
+    /// access-log line (one in [`Telemetry::log_requests_every`]).
+    pub fn request(&self, meta: &ConnMeta, record: &RequestRecord<'_>) {
+        self.inner.requests.record(meta, record);
+    }
+
+    /// Writes the access-log line of one request in `n` (metrics count every request).
+    pub fn log_requests_every(&self, n: u64) {
+        self.inner.requests.set_log_every(n);
     }
 
     /// Marks an accepted connection that is not accounted for yet, so a drain waits for it.

@@ -1,0 +1,244 @@
+//! Requests on an L7 port of a meshed pod: each one authorized on its own with the pod's
+//! policy (the TrafficTarget rules whose HTTPRouteGroup matches), then passed to the
+//! application with the caller's identity in [`IDENTITY_HEADER`].
+//!
+//! A denied request gets 403 with a one-line reason (gRPC: `PERMISSION_DENIED`, 7) and never
+//! reaches the application; the connection stays open for the caller's next request. Each
+//! caller connection has its own connection to the application, opened at its first request,
+//! so HTTP/1.1 keep-alive and HTTP/2 multiplexing carry through as the caller uses them.
+
+use std::convert::Infallible;
+use std::net::SocketAddrV4;
+use std::sync::Arc;
+
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use mesh_core::SpiffeId;
+use mesh_core::model::NamespacedName;
+use mesh_core::policy::{self, Conn, Permit, authorize};
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::AppDialer;
+use crate::l7::upstream::{UpstreamError, Upstreams};
+use crate::l7::{
+    Body, BoxIo, Headers, IDENTITY_HEADER, Io, grpc_status, is_grpc, local_reply, server,
+    strip_hop_by_hop,
+};
+use crate::state::StateStore;
+use crate::telemetry::{ConnMeta, RequestRecord, ResponseFlag, Telemetry};
+
+/// The L7 side of one admitted connection to a pod's port.
+pub struct InboundHttp {
+    pub pod: NamespacedName,
+    pub store: Arc<StateStore>,
+    pub dial: AppDialer,
+    pub telemetry: Telemetry,
+    /// The caller's identity; `None` for a plaintext caller.
+    pub caller: Option<SpiffeId>,
+    /// The application's address in the pod.
+    pub target: SocketAddrV4,
+    /// The connection as the telemetry describes it (`reporter="destination"`).
+    pub meta: ConnMeta,
+    app: Upstreams,
+}
+
+impl InboundHttp {
+    pub fn new(
+        pod: NamespacedName,
+        store: Arc<StateStore>,
+        dial: AppDialer,
+        telemetry: Telemetry,
+        caller: Option<SpiffeId>,
+        target: SocketAddrV4,
+        meta: ConnMeta,
+    ) -> InboundHttp {
+        InboundHttp {
+            pod,
+            store,
+            dial,
+            telemetry,
+            caller,
+            target,
+            meta,
+            app: Upstreams::new(),
+        }
+    }
+
+    /// Serves the caller's requests on `io` until the caller closes it.
+    pub async fn serve<I: Io>(self, io: I) {
+        let this = Arc::new(self);
+        let handler = this.clone();
+        let service = service_fn(move |request| {
+            let handler = handler.clone();
+            async move { Ok::<_, Infallible>(handler.handle(request).await) }
+        });
+        if let Err(e) = server().serve_connection(TokioIo::new(io), service).await {
+            debug!(pod = %this.pod, dst = %this.target, error = %e, "inbound HTTP connection ended");
+        }
+    }
+
+    async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let grpc = is_grpc(request.headers());
+        let method = request.method().as_str().to_owned();
+        let path = request.uri().path().to_owned();
+        let record = |status: u16,
+                      grpc_code: Option<u16>,
+                      flag: ResponseFlag,
+                      route: Option<&str>,
+                      reason: Option<&'static str>,
+                      detail: Option<&str>| {
+            self.telemetry.request(
+                &self.meta,
+                &RequestRecord {
+                    method: &method,
+                    path: &path,
+                    protocol: if grpc { "grpc" } else { "http" },
+                    status,
+                    grpc_status: grpc_code,
+                    flag,
+                    route,
+                    duration: started.elapsed(),
+                    attempts: u32::from(reason.is_none()),
+                    reason,
+                    detail,
+                },
+            );
+        };
+        let refuse = |status: StatusCode,
+                      grpc_code: u16,
+                      flag: ResponseFlag,
+                      reason: &'static str,
+                      detail: &str| {
+            let response = local_reply(grpc, status, grpc_code, detail);
+            let code = grpc.then_some(grpc_code);
+            record(
+                response.status().as_u16(),
+                code,
+                flag,
+                None,
+                Some(reason),
+                Some(detail),
+            );
+            response
+        };
+
+        let config = self.store.current();
+        let snapshot = &config.snapshot;
+        let (Some(policy), Some(workload)) = (
+            snapshot.policies.get(&self.pod),
+            snapshot.workloads.get(&self.pod),
+        ) else {
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                grpc_status::UNAVAILABLE,
+                ResponseFlag::NoRoute,
+                "no_policy",
+                &format!("no policy for {} yet", self.pod),
+            );
+        };
+        let decision = {
+            let headers = Headers(request.headers());
+            let view = policy::Request {
+                method: &method,
+                path: &path,
+                headers: &headers,
+            };
+            let conn = Conn {
+                source: self.caller.as_ref(),
+                port: self.target.port(),
+                request: Some(&view),
+            };
+            authorize(policy, &conn)
+                .map(|permit| route_label(&permit))
+                .map_err(|denied| (denied.kind(), format!("denied: {denied}")))
+        };
+        let route = match decision {
+            Ok(route) => route,
+            Err((kind, detail)) => {
+                return refuse(
+                    StatusCode::FORBIDDEN,
+                    grpc_status::PERMISSION_DENIED,
+                    ResponseFlag::Denied,
+                    kind,
+                    &detail,
+                );
+            }
+        };
+        let identity = workload.identity.uri();
+        drop(config);
+
+        let (mut parts, body) = request.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(IDENTITY_HEADER);
+        if let Some(caller) = &self.caller {
+            let value = format!("By={identity};URI={}", caller.uri());
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                parts.headers.insert(IDENTITY_HEADER, v);
+            }
+        }
+        let upstream = Request::from_parts(parts, body.boxed());
+        let dial = self.dial.clone();
+        let target = self.target;
+        let sent = self
+            .app
+            .send(target, upstream, || async move {
+                let stream = dial(target).await?;
+                let _ = stream.set_nodelay(true);
+                Ok::<BoxIo, std::io::Error>(Box::new(stream))
+            })
+            .await;
+        match sent {
+            Ok(response) => {
+                let (mut parts, body) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                let code = parts
+                    .headers
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok()?.parse().ok());
+                record(
+                    parts.status.as_u16(),
+                    code,
+                    ResponseFlag::None,
+                    route.as_deref(),
+                    None,
+                    None,
+                );
+                Response::from_parts(parts, body.boxed())
+            }
+            Err(e) => {
+                let (flag, reason) = match &e {
+                    UpstreamError::Connect(_) | UpstreamError::Handshake(_) => {
+                        (ResponseFlag::ConnectFailed, "app_unreachable")
+                    }
+                    UpstreamError::Send(_) => (ResponseFlag::Io, "app_reset"),
+                };
+                refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    grpc_status::UNAVAILABLE,
+                    flag,
+                    reason,
+                    &format!("the application at {target} did not answer: {e}"),
+                )
+            }
+        }
+    }
+}
+
+/// The `route` label of an allowed request on the destination's side: the rule that allowed it.
+fn route_label(permit: &Permit<'_>) -> Option<String> {
+    match permit {
+        Permit::Permissive => None,
+        Permit::Tcp { traffic_target } | Permit::HttpConnection { traffic_target } => {
+            Some(format!("TrafficTarget {traffic_target}"))
+        }
+        Permit::Http {
+            traffic_target,
+            route,
+        } => Some(format!("TrafficTarget {traffic_target}#{route}")),
+    }
+}

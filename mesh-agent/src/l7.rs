@@ -1,0 +1,239 @@
+//! HTTP/1.1, HTTP/2 and gRPC on ports declared as such: what both sides of the proxy share.
+//!
+//! A port is L7 when a service port targeting it says so (`appProtocol` `http`, `http2`,
+//! `h2c`, `kubernetes.io/h2c`, `grpc`, else a port name prefixed `http-`, `http2-`, `grpc-`;
+//! see `mesh_core::model::Protocol`). Every other port is L4: the proxy never sniffs, so a
+//! server-first protocol never waits for a client that will not speak first.
+//!
+//! On an L7 port both sides parse requests with hyper, one connection of the application
+//! at a time, whichever version it speaks (HTTP/1.1, or HTTP/2 with prior knowledge, which
+//! gRPC uses). Requests keep their version end to end: an HTTP/1.1 request leaves the proxy as
+//! HTTP/1.1 on a kept-alive connection, an HTTP/2 request as a stream of an HTTP/2 connection.
+//! Bodies and trailers are streamed frame by frame, never buffered whole.
+//!
+//! # The caller's identity
+//!
+//! The destination proxy sets [`IDENTITY_HEADER`] (`x-forwarded-client-cert`, the format
+//! Envoy uses) on every request it passes to the application:
+//! `By=<the pod's SPIFFE ID>;URI=<the caller's SPIFFE ID>`. The caller's identity is the one
+//! its certificate proved (HBONE) or, between two pods of this node, the one configured for the
+//! calling pod. The header is removed from every request that arrives from an application or
+//! from a plaintext caller, so an application can trust it when present.
+//!
+//! # Limits
+//!
+//! Request heads are bounded ([`MAX_HEADER_BYTES`], answered 431 on HTTP/1.1; HTTP/2 refuses
+//! the stream), a connection must send a complete request head within
+//! [`HEADER_READ_TIMEOUT`] (slow clients are cut), an HTTP/2 connection may open at most
+//! [`MAX_CONCURRENT_STREAMS`] streams at once. HTTP/1.1 framing follows RFC 9112: a request
+//! with two different `Content-Length`s, or a `Transfer-Encoding` other than chunked, is
+//! refused with 400; with both `Content-Length` and `Transfer-Encoding` the chunked framing
+//! wins, `Content-Length` is dropped and the connection is closed after the answer, so bytes
+//! after the body are never read as another request (the ambiguity request smuggling relies
+//! on). Requests always leave the proxy framed anew by it.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto;
+use mesh_core::model::{NamespacedName, NodeSnapshot, Protocol};
+use mesh_core::policy::HeaderLookup;
+use std::net::SocketAddrV4;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+pub(crate) mod retry;
+pub(crate) mod upstream;
+
+/// A request or response body as the proxy passes it on.
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Any byte stream a proxied HTTP connection can run on.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// A boxed [`Io`].
+pub type BoxIo = Box<dyn Io>;
+
+/// The header that carries the caller's identity to the application.
+pub const IDENTITY_HEADER: &str = "x-forwarded-client-cert";
+
+/// The largest request head (request line and headers) accepted.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// How long a connection may take to send a complete HTTP/1.1 request head.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The most streams an HTTP/2 client may have open at once on one connection.
+pub const MAX_CONCURRENT_STREAMS: u32 = 256;
+
+/// The flow-control windows of HTTP/2 connections to and from applications.
+const STREAM_WINDOW: u32 = 1 << 20;
+const CONNECTION_WINDOW: u32 = 4 << 20;
+
+/// Whether the proxy parses requests on a port of this protocol.
+pub fn is_l7(protocol: Protocol) -> bool {
+    !matches!(protocol, Protocol::Tcp)
+}
+
+/// The protocol of port `port` of `pod` as the services that target it declare it (the first
+/// service port, by service name, whose endpoint is one of the pod's addresses).
+pub fn pod_port_protocol(snapshot: &NodeSnapshot, pod: &NamespacedName, port: u16) -> Protocol {
+    let Some(workload) = snapshot.workloads.get(pod) else {
+        return Protocol::Tcp;
+    };
+    snapshot
+        .services
+        .values()
+        .filter(|svc| svc.endpoints.iter().any(|e| workload.ips.contains(&e.ip)))
+        .flat_map(|svc| svc.ports.iter())
+        .find(|p| p.target_port == port)
+        .map_or(Protocol::Tcp, |p| p.protocol)
+}
+
+/// The server side of a proxied connection (either version, with the limits above).
+pub(crate) fn server() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES.max(8192))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW);
+    builder
+}
+
+/// An empty body.
+pub fn empty() -> Body {
+    Empty::new()
+        .map_err(|never: Infallible| match never {})
+        .boxed()
+}
+
+/// A body of `bytes`.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed()
+}
+
+/// Whether the request (or response) is gRPC.
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// gRPC status codes the proxy answers with.
+pub mod grpc_status {
+    pub const NOT_FOUND: u16 = 5;
+    pub const PERMISSION_DENIED: u16 = 7;
+    pub const DEADLINE_EXCEEDED: u16 = 4;
+    pub const UNIMPLEMENTED: u16 = 12;
+    pub const INTERNAL: u16 = 13;
+    pub const UNAVAILABLE: u16 = 14;
+}
+
+/// The proxy's own answer to a request it does not pass on: `status` with `message` as a
+/// short text body, or for gRPC a trailers-only response (HTTP 200, `grpc-status` and
+/// `grpc-message`), which is how gRPC clients expect a status from an intermediary.
+pub fn local_reply(
+    grpc: bool,
+    status: StatusCode,
+    grpc_code: u16,
+    message: &str,
+) -> Response<Body> {
+    let message: String = message
+        .chars()
+        .filter(|c| c.is_ascii_graphic() || *c == ' ')
+        .take(512)
+        .collect();
+    let mut response = if grpc {
+        let mut r = Response::new(empty());
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        r.headers_mut()
+            .insert("grpc-status", HeaderValue::from(grpc_code));
+        if let Ok(v) = HeaderValue::from_str(&message) {
+            r.headers_mut().insert("grpc-message", v);
+        }
+        r
+    } else {
+        let mut r = Response::new(full(format!("{message}\n")));
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        r
+    };
+    response
+        .headers_mut()
+        .insert("x-mesh-proxy", HeaderValue::from_static("refused"));
+    response
+}
+
+/// Removes the headers that describe one connection, not the message (RFC 9110 section
+/// 7.6.1), including those the `Connection` header names. `te: trailers` stays: gRPC needs it.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        if name != header::TE {
+            headers.remove(name);
+        }
+    }
+    for name in [
+        header::CONNECTION,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::TRAILER,
+    ] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+    if headers
+        .get(header::TE)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
+        headers.remove(header::TE);
+    }
+}
+
+/// Request headers as the policy and the router read them.
+pub struct Headers<'a>(pub &'a HeaderMap);
+
+impl HeaderLookup for Headers<'_> {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.0.get(name)?.to_str().ok()
+    }
+}
+
+/// The address `authority` names, if it is an IPv4 `ip:port`.
+pub fn authority_addr(authority: &str) -> Option<SocketAddrV4> {
+    authority.parse().ok()
+}

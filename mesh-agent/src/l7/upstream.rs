@@ -1,0 +1,179 @@
+//! Connections to where requests go: kept and reused per destination address.
+//!
+//! HTTP/1.1 requests take an idle connection to the address, or open one; a connection goes
+//! back to the idle list as soon as the response head arrived and is taken again once its
+//! response body ended (hyper reports it ready). HTTP/2 requests share one connection per
+//! address as streams; it is replaced when it closes. How a connection is opened (an HBONE
+//! stream, a pod of this node, a plain socket) is the caller's `connect`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddrV4;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use http::{Request, Response, Version};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tracing::debug;
+
+use super::{Body, BoxIo, CONNECTION_WINDOW, STREAM_WINDOW};
+
+/// Idle HTTP/1.1 connections kept per address.
+pub const MAX_IDLE_PER_ADDR: usize = 32;
+
+/// Why a request did not get a response.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError<E: std::error::Error + 'static> {
+    /// No connection could be opened.
+    #[error("{0}")]
+    Connect(#[source] E),
+    /// The connection was opened, but its HTTP handshake failed.
+    #[error("HTTP handshake: {0}")]
+    Handshake(#[source] hyper::Error),
+    /// The request was sent (perhaps partly) and no response came back.
+    #[error("{0}")]
+    Send(#[source] hyper::Error),
+}
+
+/// Kept connections, by address.
+#[derive(Default)]
+pub struct Upstreams {
+    h1: Mutex<HashMap<SocketAddrV4, Vec<http1::SendRequest<Body>>>>,
+    h2: Mutex<HashMap<SocketAddrV4, http2::SendRequest<Body>>>,
+}
+
+impl std::fmt::Debug for Upstreams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstreams")
+            .field("h1", &lock(&self.h1).len())
+            .field("h2", &lock(&self.h2).len())
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Upstreams {
+    pub fn new() -> Upstreams {
+        Upstreams::default()
+    }
+
+    /// Sends `request` to `addr` on a kept connection of its version, or on a new one from
+    /// `connect`. HTTP/2 for `HTTP/2` requests, HTTP/1.1 for every other.
+    pub async fn send<E, F, Fut>(
+        &self,
+        addr: SocketAddrV4,
+        request: Request<Body>,
+        connect: F,
+    ) -> Result<Response<Incoming>, UpstreamError<E>>
+    where
+        E: std::error::Error + 'static,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<BoxIo, E>>,
+    {
+        if request.version() == Version::HTTP_2 {
+            self.send_h2(addr, request, connect).await
+        } else {
+            self.send_h1(addr, request, connect).await
+        }
+    }
+
+    async fn send_h2<E, F, Fut>(
+        &self,
+        addr: SocketAddrV4,
+        request: Request<Body>,
+        connect: F,
+    ) -> Result<Response<Incoming>, UpstreamError<E>>
+    where
+        E: std::error::Error + 'static,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<BoxIo, E>>,
+    {
+        let kept = lock(&self.h2)
+            .get(&addr)
+            .filter(|s| !s.is_closed())
+            .cloned();
+        let mut sender = match kept {
+            Some(s) => s,
+            None => {
+                let io = connect().await.map_err(UpstreamError::Connect)?;
+                let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .initial_stream_window_size(STREAM_WINDOW)
+                    .initial_connection_window_size(CONNECTION_WINDOW)
+                    .handshake(TokioIo::new(io))
+                    .await
+                    .map_err(UpstreamError::Handshake)?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        debug!(%addr, error = %e, "HTTP/2 upstream connection ended");
+                    }
+                });
+                lock(&self.h2).insert(addr, sender.clone());
+                sender
+            }
+        };
+        sender.ready().await.map_err(UpstreamError::Send)?;
+        sender
+            .send_request(request)
+            .await
+            .map_err(UpstreamError::Send)
+    }
+
+    async fn send_h1<E, F, Fut>(
+        &self,
+        addr: SocketAddrV4,
+        request: Request<Body>,
+        connect: F,
+    ) -> Result<Response<Incoming>, UpstreamError<E>>
+    where
+        E: std::error::Error + 'static,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<BoxIo, E>>,
+    {
+        let idle = self.take_h1(addr);
+        let mut sender = match idle {
+            Some(s) => s,
+            None => {
+                let io = connect().await.map_err(UpstreamError::Connect)?;
+                let (sender, conn) = http1::Builder::new()
+                    .handshake(TokioIo::new(io))
+                    .await
+                    .map_err(UpstreamError::Handshake)?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        debug!(%addr, error = %e, "HTTP/1.1 upstream connection ended");
+                    }
+                });
+                sender
+            }
+        };
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(UpstreamError::Send)?;
+        let mut idle = lock(&self.h1);
+        let list = idle.entry(addr).or_default();
+        if list.len() < MAX_IDLE_PER_ADDR {
+            list.push(sender);
+        }
+        Ok(response)
+    }
+
+    /// An HTTP/1.1 connection to `addr` ready for a request, if one is kept. Closed ones are
+    /// dropped; busy ones (a response body still streaming) stay for later.
+    fn take_h1(&self, addr: SocketAddrV4) -> Option<http1::SendRequest<Body>> {
+        let mut idle = lock(&self.h1);
+        let list = idle.get_mut(&addr)?;
+        list.retain(|s| !s.is_closed());
+        let ready = list.iter().position(|s| s.is_ready());
+        let taken = ready.map(|i| list.swap_remove(i));
+        if list.is_empty() {
+            idle.remove(&addr);
+        }
+        taken
+    }
+}

@@ -1,0 +1,519 @@
+//! Outbound requests of a meshed pod on an L7 port: routed one by one.
+//!
+//! Each request is routed on its own by `Resolver::route_request` (Gateway API routes, then
+//! TrafficSplits, then the service itself; see mesh-core), its endpoint chosen by the load
+//! balancer's power of two choices on outstanding requests (least requests), and sent on a
+//! kept connection to that endpoint: an HBONE stream for a meshed pod on another node, the
+//! destination's own request handler for a pod of this node, a plain socket otherwise.
+//!
+//! - A route's `timeouts.request` bounds the wait for the response head: past it the caller
+//!   gets 504 (gRPC: `DEADLINE_EXCEEDED`).
+//! - Idempotent requests without a body are retried (see [`crate::l7::retry`]).
+//! - A request no route matches gets 404 (gRPC: `UNIMPLEMENTED`); a destination that cannot
+//!   be reached, 503 (gRPC: `UNAVAILABLE`); a refusal by the destination's policy, 403 (gRPC:
+//!   `PERMISSION_DENIED`).
+//! - [`IDENTITY_HEADER`] is removed from every request: only the destination's proxy sets it.
+
+use std::convert::Infallible;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::{Body as _, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use mesh_core::SpiffeId;
+use mesh_core::model::NamespacedName;
+use mesh_core::policy;
+use mesh_core::resolve::{FastPicker, HeaderModifier, Resolver, Target, Unresolved};
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::{Egress, PodOutbound};
+use crate::config::SameNode;
+use crate::hbone::{HBONE_PORT, HboneError, HbonePool};
+use crate::inbound::{AppDialer, Caller, DENIED, Rejection};
+use crate::l7::retry::{MAX_RETRIES, RetryBudget, idempotent, retriable_status};
+use crate::l7::upstream::{UpstreamError, Upstreams};
+use crate::l7::{
+    Body, BoxIo, Headers, IDENTITY_HEADER, empty, grpc_status, is_grpc, local_reply, server,
+    strip_hop_by_hop,
+};
+use crate::local::LocalPods;
+use crate::state::Applied;
+use crate::telemetry::{
+    ConnMeta, MeshPath, Metered, Peer, RequestRecord, ResponseFlag, Telemetry, endpoint_pod,
+    service_host,
+};
+
+/// What a pod's L7 requests share across its connections.
+#[derive(Debug, Default)]
+pub(super) struct HttpShared {
+    upstreams: Upstreams,
+    budget: RetryBudget,
+}
+
+/// Why a connection to an endpoint could not be opened.
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    #[error("tunnel to {dst}: {source}")]
+    Tunnel {
+        dst: SocketAddrV4,
+        source: HboneError,
+    },
+    #[error("{pod} (same node) refused: {rejection}")]
+    SameNode {
+        pod: NamespacedName,
+        rejection: Rejection,
+    },
+    #[error("{dst} is {pod} of this node, whose identity is not {expected}")]
+    IdentityMismatch {
+        dst: SocketAddrV4,
+        pod: NamespacedName,
+        expected: SpiffeId,
+    },
+    #[error("connect to {dst}: {source}")]
+    Direct {
+        dst: SocketAddrV4,
+        source: std::io::Error,
+    },
+    #[error("{dst} is outside the mesh and egress is denied")]
+    EgressDenied { dst: SocketAddrV4 },
+}
+
+impl ConnectError {
+    /// The destination refused by policy.
+    fn denied(&self) -> bool {
+        match self {
+            ConnectError::Tunnel {
+                source: HboneError::Refused { status, .. },
+                ..
+            } => *status == DENIED,
+            ConnectError::SameNode { rejection, .. } => rejection.status == DENIED,
+            ConnectError::EgressDenied { .. } => true,
+            _ => false,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            ConnectError::EgressDenied { .. } => "egress_denied",
+            _ if self.denied() => "destination_denied",
+            ConnectError::Tunnel { .. } => "tunnel",
+            ConnectError::SameNode { rejection, .. } => rejection.kind,
+            ConnectError::IdentityMismatch { .. } => "identity_mismatch",
+            ConnectError::Direct { .. } => "direct",
+        }
+    }
+}
+
+/// One application connection on an L7 port, and what its requests need.
+pub(super) struct HttpConn {
+    pub pod: NamespacedName,
+    pub src: SpiffeId,
+    /// The connection's original destination.
+    pub dst: SocketAddrV4,
+    pub resolver: Arc<Resolver>,
+    pub applied: Arc<Applied>,
+    pub pool: HbonePool,
+    pub local: Option<Arc<LocalPods>>,
+    pub dial: AppDialer,
+    pub egress: Egress,
+    pub telemetry: Telemetry,
+    pub shared: Arc<HttpShared>,
+    /// The connection as the telemetry describes it (`reporter="source"`).
+    pub meta: ConnMeta,
+}
+
+/// How one attempt ended.
+enum Attempt {
+    Response(Response<Incoming>),
+    Failed(UpstreamError<ConnectError>),
+    TimedOut(Duration),
+}
+
+impl PodOutbound {
+    /// Serves the requests of an application connection to `dst`, an L7 port.
+    pub(super) async fn http(
+        &self,
+        conn: Metered<tokio::net::TcpStream>,
+        dst: SocketAddrV4,
+        src: SpiffeId,
+        resolver: Arc<Resolver>,
+        applied: Arc<Applied>,
+        meta: ConnMeta,
+    ) {
+        let http = Arc::new(HttpConn {
+            pod: self.pod.clone(),
+            src,
+            dst,
+            resolver,
+            applied,
+            pool: self.pool.clone(),
+            local: match self.same_node {
+                SameNode::InProcess => self.local.clone(),
+                SameNode::Hbone => None,
+            },
+            dial: self.dial.clone(),
+            egress: self.egress,
+            telemetry: self.telemetry.clone(),
+            shared: self.http.clone(),
+            meta,
+        });
+        let handler = http.clone();
+        let service = service_fn(move |request| {
+            let handler = handler.clone();
+            async move { Ok::<_, Infallible>(handler.handle(request).await) }
+        });
+        if let Err(e) = server().serve_connection(TokioIo::new(conn), service).await {
+            debug!(pod = %http.pod, dst = %dst, error = %e, "outbound HTTP connection ended");
+        }
+    }
+}
+
+impl HttpConn {
+    async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let grpc = is_grpc(request.headers());
+        let (mut parts, body) = request.into_parts();
+        let method = parts.method.clone();
+        let path = parts.uri.path().to_owned();
+        let mut meta = self.meta.clone();
+        let record = |meta: &ConnMeta,
+                      status: u16,
+                      grpc_code: Option<u16>,
+                      flag: ResponseFlag,
+                      route: Option<&str>,
+                      attempts: u32,
+                      reason: Option<&'static str>,
+                      detail: Option<&str>| {
+            self.telemetry.request(
+                meta,
+                &RequestRecord {
+                    method: method.as_str(),
+                    path: &path,
+                    protocol: if grpc { "grpc" } else { "http" },
+                    status,
+                    grpc_status: grpc_code,
+                    flag,
+                    route,
+                    duration: started.elapsed(),
+                    attempts,
+                    reason,
+                    detail,
+                },
+            );
+        };
+        let refuse = |meta: &ConnMeta,
+                      status: StatusCode,
+                      grpc_code: u16,
+                      flag: ResponseFlag,
+                      route: Option<&str>,
+                      attempts: u32,
+                      reason: &'static str,
+                      detail: &str| {
+            let response = local_reply(grpc, status, grpc_code, detail);
+            record(
+                meta,
+                response.status().as_u16(),
+                grpc.then_some(grpc_code),
+                flag,
+                route,
+                attempts,
+                Some(reason),
+                Some(detail),
+            );
+            response
+        };
+
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(IDENTITY_HEADER);
+
+        let retriable = idempotent(&method) && body.is_end_stream();
+        self.shared.budget.request();
+        let mut body = Some(body.boxed());
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let routed = {
+                let headers = Headers(&parts.headers);
+                let view = policy::Request {
+                    method: method.as_str(),
+                    path: &path,
+                    headers: &headers,
+                };
+                self.resolver
+                    .route_request(&self.src, self.dst, &view, &mut FastPicker::new())
+            };
+            let route = match routed {
+                Ok(r) => r,
+                Err(e) => {
+                    let (status, code, reason) = match &e {
+                        Unresolved::NoRouteMatch { .. } => {
+                            (StatusCode::NOT_FOUND, grpc_status::UNIMPLEMENTED, e.kind())
+                        }
+                        _ => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            grpc_status::UNAVAILABLE,
+                            e.kind(),
+                        ),
+                    };
+                    return refuse(
+                        &meta,
+                        status,
+                        code,
+                        ResponseFlag::NoRoute,
+                        None,
+                        attempts - 1,
+                        reason,
+                        &e.to_string(),
+                    );
+                }
+            };
+            let _lease = route.resolution.lease;
+            let target = route.resolution.target;
+            self.describe(&mut meta, &target);
+            let request = rebuild(
+                &method,
+                &parts.uri,
+                parts.version,
+                &parts.headers,
+                &route.request_headers,
+                body.take().unwrap_or_else(empty),
+            );
+            let attempt = match route.timeout {
+                Some(limit) => {
+                    match tokio::time::timeout(limit, self.send(&target, &meta, request)).await {
+                        Ok(r) => r,
+                        Err(_) => Attempt::TimedOut(limit),
+                    }
+                }
+                None => self.send(&target, &meta, request).await,
+            };
+            let again = retriable
+                && attempts <= MAX_RETRIES
+                && match &attempt {
+                    Attempt::Response(r) => retriable_status(r.status()),
+                    Attempt::Failed(UpstreamError::Connect(e)) => !e.denied(),
+                    Attempt::Failed(_) => true,
+                    Attempt::TimedOut(_) => false,
+                }
+                && self.shared.budget.try_retry();
+            if again {
+                debug!(pod = %self.pod, %method, path, attempts, "retrying");
+                continue;
+            }
+            let route_name = route.route.as_deref();
+            return match attempt {
+                Attempt::Response(response) => {
+                    let (mut head, body) = response.into_parts();
+                    strip_hop_by_hop(&mut head.headers);
+                    let code = head
+                        .headers
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok()?.parse().ok());
+                    let flag = if head.status == StatusCode::FORBIDDEN
+                        && head.headers.contains_key("x-mesh-proxy")
+                    {
+                        ResponseFlag::Denied
+                    } else {
+                        ResponseFlag::None
+                    };
+                    record(
+                        &meta,
+                        head.status.as_u16(),
+                        code,
+                        flag,
+                        route_name,
+                        attempts,
+                        None,
+                        None,
+                    );
+                    Response::from_parts(head, body.boxed())
+                }
+                Attempt::TimedOut(limit) => refuse(
+                    &meta,
+                    StatusCode::GATEWAY_TIMEOUT,
+                    grpc_status::DEADLINE_EXCEEDED,
+                    ResponseFlag::UpstreamTimeout,
+                    route_name,
+                    attempts,
+                    "timeout",
+                    &format!("no response within the route's timeout of {limit:?}"),
+                ),
+                Attempt::Failed(UpstreamError::Connect(e)) if e.denied() => refuse(
+                    &meta,
+                    StatusCode::FORBIDDEN,
+                    grpc_status::PERMISSION_DENIED,
+                    ResponseFlag::Denied,
+                    route_name,
+                    attempts,
+                    e.kind(),
+                    &format!("denied: {e}"),
+                ),
+                Attempt::Failed(e) => {
+                    let (flag, reason) = match &e {
+                        UpstreamError::Connect(c) => (ResponseFlag::ConnectFailed, c.kind()),
+                        UpstreamError::Handshake(_) => (ResponseFlag::ConnectFailed, "handshake"),
+                        UpstreamError::Send(_) => (ResponseFlag::Io, "upstream_reset"),
+                    };
+                    refuse(
+                        &meta,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        grpc_status::UNAVAILABLE,
+                        flag,
+                        route_name,
+                        attempts,
+                        reason,
+                        &format!("no response: {e}"),
+                    )
+                }
+            };
+        }
+    }
+
+    /// Fills in the telemetry's destination for a request going to `target`.
+    fn describe(&self, meta: &mut ConnMeta, target: &Target) {
+        let snapshot = &self.applied.snapshot;
+        meta.dst_addr = SocketAddr::V4(target.addr());
+        match target {
+            Target::Mesh {
+                addr,
+                identity,
+                service,
+                backend,
+                ..
+            } => {
+                meta.path = if self.local_pod(*addr.ip()).is_some() {
+                    MeshPath::SameNode
+                } else {
+                    MeshPath::Hbone
+                };
+                meta.dst = Peer::of_identity(identity);
+                if let Some(pod) = endpoint_pod(snapshot, backend.as_ref(), *addr.ip()) {
+                    meta.dst = Peer {
+                        identity: Some(identity.clone()),
+                        ..Peer::of_pod(&pod)
+                    };
+                }
+                meta.service = service.as_ref().map(service_host);
+            }
+            Target::Plain { addr, service } => {
+                meta.path = MeshPath::Direct;
+                meta.dst = endpoint_pod(snapshot, service.as_ref(), *addr.ip())
+                    .map_or_else(Peer::default, |p| Peer::of_pod(&p));
+                meta.service = service.as_ref().map(service_host);
+            }
+            Target::Passthrough { .. } => {
+                meta.path = MeshPath::Direct;
+                meta.dst = Peer::default();
+                meta.service = None;
+            }
+        }
+    }
+
+    fn local_pod(&self, ip: std::net::Ipv4Addr) -> Option<Arc<crate::local::LocalPod>> {
+        self.local.as_ref()?.get(ip)
+    }
+
+    /// One attempt: the request on a kept or new connection to the target.
+    async fn send(&self, target: &Target, meta: &ConnMeta, request: Request<Body>) -> Attempt {
+        let addr = target.addr();
+        let result = self
+            .shared
+            .upstreams
+            .send(addr, request, || self.connect(target, meta))
+            .await;
+        match result {
+            Ok(r) => Attempt::Response(r),
+            Err(e) => Attempt::Failed(e),
+        }
+    }
+
+    /// A new connection to the target.
+    async fn connect(&self, target: &Target, meta: &ConnMeta) -> Result<BoxIo, ConnectError> {
+        match target {
+            Target::Mesh { addr, identity, .. } => {
+                let addr = *addr;
+                if let Some(pod) = self.local_pod(*addr.ip()) {
+                    if pod.identity().as_ref() != Some(identity) {
+                        return Err(ConnectError::IdentityMismatch {
+                            dst: addr,
+                            pod: pod.name().clone(),
+                            expected: identity.clone(),
+                        });
+                    }
+                    let caller = Caller {
+                        identity: self.src.clone(),
+                        path: MeshPath::SameNode,
+                        peer: meta.src.clone(),
+                        addr: meta.src_addr,
+                    };
+                    return match pod.inbound.admit(caller, SocketAddr::V4(addr)).await {
+                        Ok(stream) => Ok(Box::new(stream)),
+                        Err(rejection) => Err(ConnectError::SameNode {
+                            pod: pod.name().clone(),
+                            rejection,
+                        }),
+                    };
+                }
+                let hbone = SocketAddr::from((*addr.ip(), HBONE_PORT));
+                self.pool
+                    .connect(&self.src, hbone, identity, SocketAddr::V4(addr))
+                    .await
+                    .map(|s| Box::new(s) as BoxIo)
+                    .map_err(|source| ConnectError::Tunnel { dst: addr, source })
+            }
+            Target::Plain { addr, .. } => self.direct(*addr).await,
+            Target::Passthrough { addr } => match self.egress {
+                Egress::Allow => self.direct(*addr).await,
+                Egress::Deny => Err(ConnectError::EgressDenied { dst: *addr }),
+            },
+        }
+    }
+
+    async fn direct(&self, addr: SocketAddrV4) -> Result<BoxIo, ConnectError> {
+        let stream = (self.dial)(addr)
+            .await
+            .map_err(|source| ConnectError::Direct { dst: addr, source })?;
+        let _ = stream.set_nodelay(true);
+        Ok(Box::new(stream))
+    }
+}
+
+/// The request of one attempt: the caller's head with the route's header changes.
+fn rebuild(
+    method: &Method,
+    uri: &Uri,
+    version: Version,
+    headers: &HeaderMap,
+    modifier: &HeaderModifier,
+    body: Body,
+) -> Request<Body> {
+    let mut request = Request::new(body);
+    *request.method_mut() = method.clone();
+    *request.uri_mut() = uri.clone();
+    *request.version_mut() = version;
+    let mut headers = headers.clone();
+    let parse = |name: &str, value: &str| {
+        Some((
+            HeaderName::from_bytes(name.as_bytes()).ok()?,
+            HeaderValue::from_str(value).ok()?,
+        ))
+    };
+    // In the order mesh-core documents: set, add, remove.
+    for (n, v) in modifier.set.iter().filter_map(|(n, v)| parse(n, v)) {
+        headers.insert(n, v);
+    }
+    for (n, v) in modifier.add.iter().filter_map(|(n, v)| parse(n, v)) {
+        headers.append(n, v);
+    }
+    for name in &modifier.remove {
+        headers.remove(name.as_str());
+    }
+    *request.headers_mut() = headers;
+    request
+}
