@@ -2,7 +2,7 @@
 //!
 //! A node's snapshot holds its workloads (meshed pods), every service of the cluster with a
 //! cluster IP or endpoints (what its pods may call), the inbound policy of each of its
-//! workloads and every TrafficSplit whose references resolve. The output is deterministic:
+//! workloads, and every TrafficSplit, HTTPRoute and GRPCRoute whose references resolve. The output is deterministic:
 //! two compiles of the same index compare equal.
 //!
 //! TrafficTarget semantics (SMI access v1alpha2/v1alpha3):
@@ -19,7 +19,8 @@
 //! - Ports are the destination pod's ports, as the inbound proxy sees them.
 //!
 //! Unresolvable references (a missing HTTPRouteGroup, TCPRoute or match name; a split's
-//! missing service) make that whole resource ineffective; [`crate::index::Index::revalidate`]
+//! missing service; a route's missing parent or backend Service, or a port it lacks) make that
+//! whole resource ineffective: the services it would have routed keep their previous routing; [`crate::index::Index::revalidate`]
 //! records the reason as a rejection, and everything else still compiles.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -28,12 +29,14 @@ use std::sync::{Arc, PoisonError};
 
 use k8s_openapi::api::core::v1::{Pod, Service as KubeService};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use mesh_core::gateway::GatewayRoute;
 use mesh_core::identity::{SpiffeId, TrustDomain};
 use mesh_core::model::{
     Endpoint, NamespacedName, NodeSnapshot, Protocol, Service, ServicePort, SplitBackend,
     TrafficSplit,
 };
 use mesh_core::policy::{HttpMatch, InboundPolicy, RouteMatch, Rule, TrafficPolicyMode};
+use mesh_core::route::Route;
 use mesh_core::smi::{self, RuleKind};
 
 use crate::index::{Index, pod_ipv4s, pod_is_ready, pod_is_terminated, pod_node};
@@ -79,6 +82,8 @@ pub(crate) struct Cache {
 struct Shared {
     services: Arc<BTreeMap<NamespacedName, Arc<Service>>>,
     splits: Arc<BTreeMap<NamespacedName, TrafficSplit>>,
+    http_routes: Arc<BTreeMap<NamespacedName, Route>>,
+    grpc_routes: Arc<BTreeMap<NamespacedName, Route>>,
 }
 
 fn shared(index: &Index, td: &TrustDomain) -> Arc<Shared> {
@@ -123,6 +128,8 @@ fn shared(index: &Index, td: &TrustDomain) -> Arc<Shared> {
                 })
                 .collect(),
         ),
+        http_routes: Arc::new(routes(index, index.http_routes())),
+        grpc_routes: Arc::new(routes(index, index.grpc_routes())),
     });
     *cache = Some(Cache {
         revision: index.revision(),
@@ -146,6 +153,8 @@ fn node_snapshot(
         node: node.to_string(),
         services: shared.services.clone(),
         splits: shared.splits.clone(),
+        http_routes: shared.http_routes.clone(),
+        grpc_routes: shared.grpc_routes.clone(),
         ..NodeSnapshot::default()
     };
     for (name, _) in index.pods_on_node(node) {
@@ -378,6 +387,70 @@ pub(crate) fn resolve_traffic_split(
         backends,
         matches,
     })
+}
+
+// === Routes ===
+
+/// The routes whose references resolve.
+fn routes<'a>(
+    index: &Index,
+    routes: impl Iterator<Item = (&'a NamespacedName, &'a GatewayRoute)>,
+) -> BTreeMap<NamespacedName, Route> {
+    routes
+        .filter_map(|(name, r)| Some((name.clone(), resolve_route(index, r).ok()?)))
+        .collect()
+}
+
+/// Resolves an HTTPRoute or GRPCRoute: its parent Services must exist (with the parentRef's
+/// port, when it names one), and so must its backends and their ports. A backend of weight 0
+/// whose Service does not exist yet is left out, as for TrafficSplits.
+pub(crate) fn resolve_route(index: &Index, route: &GatewayRoute) -> Result<Route, String> {
+    let ports = |name: &NamespacedName| -> Option<Vec<u16>> {
+        let svc = index.service(name)?;
+        Some(
+            svc.spec
+                .iter()
+                .flat_map(|s| s.ports.iter().flatten())
+                .filter_map(|p| u16::try_from(p.port).ok())
+                .collect(),
+        )
+    };
+    let mut compiled = route.route.clone();
+    for parent in &compiled.parents {
+        let Some(have) = ports(&parent.service) else {
+            return Err(format!(
+                "spec.parentRefs: Service {} does not exist",
+                parent.service
+            ));
+        };
+        if let Some(port) = parent.port.filter(|p| !have.contains(p)) {
+            return Err(format!(
+                "spec.parentRefs: Service {} has no port {port}",
+                parent.service
+            ));
+        }
+    }
+    for (i, rule) in compiled.rules.iter_mut().enumerate() {
+        let mut kept = Vec::with_capacity(rule.backends.len());
+        for (j, b) in rule.backends.drain(..).enumerate() {
+            let path = format!("spec.rules[{i}].backendRefs[{j}]");
+            match ports(&b.service) {
+                None if b.weight == 0 => continue,
+                None => return Err(format!("{path}: Service {} does not exist", b.service)),
+                Some(have) => {
+                    if let Some(port) = b.port.filter(|p| !have.contains(p)) {
+                        return Err(format!(
+                            "{path}.port: Service {} has no port {port}",
+                            b.service
+                        ));
+                    }
+                }
+            }
+            kept.push(b);
+        }
+        rule.backends = kept;
+    }
+    Ok(compiled)
 }
 
 // === Services ===

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use mesh_core::gateway::GatewayRoute;
 use mesh_core::identity::{SpiffeId, TrustDomain, dns_label, dns_subdomain};
 use mesh_core::model::{NamespacedName, TlsMode, Workload};
 use mesh_core::smi;
@@ -61,6 +62,8 @@ pub struct Index {
     http_route_groups: BTreeMap<NamespacedName, smi::HttpRouteGroup>,
     tcp_routes: BTreeMap<NamespacedName, smi::TcpRoute>,
     traffic_splits: BTreeMap<NamespacedName, smi::TrafficSplit>,
+    http_routes: BTreeMap<NamespacedName, GatewayRoute>,
+    grpc_routes: BTreeMap<NamespacedName, GatewayRoute>,
     origins: BTreeMap<ResourceKey, String>,
 
     // Secondary indexes, kept in step by `insert` and `remove`.
@@ -198,7 +201,7 @@ impl Index {
         self.invalid.contains_key(key)
     }
 
-    /// Re-checks the cross-references (TrafficTargets, TrafficSplits) of the namespaces
+    /// Re-checks the cross-references (TrafficTargets, TrafficSplits, routes) of the namespaces
     /// changed since the last call (references never leave a namespace), replacing the
     /// previous findings there. [`SharedIndex::update`] calls it.
     pub fn revalidate(&mut self) {
@@ -214,13 +217,27 @@ impl Index {
                     self.invalid.insert(key, reason);
                 }
             }
-            for (name, split) in self.traffic_splits.range(scope) {
+            for (name, split) in self.traffic_splits.range(scope.clone()) {
                 if name.namespace != namespace {
                     break;
                 }
                 if let Err(reason) = crate::compile::resolve_traffic_split(self, split) {
                     let key = ResourceKey::new(Kind::TrafficSplit, &name.namespace, &name.name);
                     self.invalid.insert(key, reason);
+                }
+            }
+            for (kind, routes) in [
+                (Kind::HttpRoute, &self.http_routes),
+                (Kind::GrpcRoute, &self.grpc_routes),
+            ] {
+                for (name, route) in routes.range(scope.clone()) {
+                    if name.namespace != namespace {
+                        break;
+                    }
+                    if let Err(reason) = crate::compile::resolve_route(self, route) {
+                        let key = ResourceKey::new(kind, &name.namespace, &name.name);
+                        self.invalid.insert(key, reason);
+                    }
                 }
             }
         }
@@ -265,6 +282,8 @@ impl Index {
             Kind::HttpRouteGroup => self.http_route_groups.get(&nn())?.clone().into(),
             Kind::TcpRoute => self.tcp_routes.get(&nn())?.clone().into(),
             Kind::TrafficSplit => self.traffic_splits.get(&nn())?.clone().into(),
+            Kind::HttpRoute => Resource::HttpRoute(self.http_routes.get(&nn())?.clone()),
+            Kind::GrpcRoute => Resource::GrpcRoute(self.grpc_routes.get(&nn())?.clone()),
         })
     }
 
@@ -400,6 +419,14 @@ impl Index {
         self.traffic_splits.iter()
     }
 
+    pub fn http_routes(&self) -> impl Iterator<Item = (&NamespacedName, &GatewayRoute)> {
+        self.http_routes.iter()
+    }
+
+    pub fn grpc_routes(&self) -> impl Iterator<Item = (&NamespacedName, &GatewayRoute)> {
+        self.grpc_routes.iter()
+    }
+
     // --- enrollment and workloads ---
 
     /// Whether the pod is meshed: its namespace or itself carries `mesh.io/enrolled=true`,
@@ -514,6 +541,8 @@ impl Index {
             Resource::HttpRouteGroup(o) => self.http_route_groups.get(&nn) == Some(o),
             Resource::TcpRoute(o) => self.tcp_routes.get(&nn) == Some(o),
             Resource::TrafficSplit(o) => self.traffic_splits.get(&nn) == Some(o),
+            Resource::HttpRoute(o) => self.http_routes.get(&nn) == Some(o),
+            Resource::GrpcRoute(o) => self.grpc_routes.get(&nn) == Some(o),
         }
     }
 
@@ -522,14 +551,7 @@ impl Index {
         if let Some(warning) = warning(key, &resource) {
             self.warnings.insert(key.clone(), warning);
         }
-        if matches!(
-            key.kind,
-            Kind::TrafficTarget
-                | Kind::HttpRouteGroup
-                | Kind::TcpRoute
-                | Kind::TrafficSplit
-                | Kind::Service
-        ) {
+        if key.kind.has_references() {
             self.dirty_namespaces.insert(key.namespace.clone());
         }
         match resource {
@@ -586,20 +608,19 @@ impl Index {
             Resource::TrafficSplit(o) => {
                 self.traffic_splits.insert(nn, o);
             }
+            Resource::HttpRoute(o) => {
+                self.http_routes.insert(nn, o);
+            }
+            Resource::GrpcRoute(o) => {
+                self.grpc_routes.insert(nn, o);
+            }
         }
     }
 
     fn remove_object(&mut self, key: &ResourceKey) -> bool {
         let nn = key.namespaced_name();
         self.warnings.remove(key);
-        if matches!(
-            key.kind,
-            Kind::TrafficTarget
-                | Kind::HttpRouteGroup
-                | Kind::TcpRoute
-                | Kind::TrafficSplit
-                | Kind::Service
-        ) {
+        if key.kind.has_references() {
             self.dirty_namespaces.insert(key.namespace.clone());
         }
         match key.kind {
@@ -644,6 +665,8 @@ impl Index {
             Kind::HttpRouteGroup => self.http_route_groups.remove(&nn).is_some(),
             Kind::TcpRoute => self.tcp_routes.remove(&nn).is_some(),
             Kind::TrafficSplit => self.traffic_splits.remove(&nn).is_some(),
+            Kind::HttpRoute => self.http_routes.remove(&nn).is_some(),
+            Kind::GrpcRoute => self.grpc_routes.remove(&nn).is_some(),
         }
     }
 }

@@ -2,14 +2,17 @@
 //! [`Resource`] type for both sources, its identity ([`ResourceKey`]) and parsing.
 //!
 //! [`parse`] dispatches on `apiVersion` and `kind`. Kubernetes objects are decoded with
-//! k8s-openapi; SMI objects are validated by [`mesh_core::smi`]. A namespaced object without
+//! k8s-openapi; SMI objects are validated by [`mesh_core::smi`], Gateway API routes by
+//! [`mesh_core::gateway`]. A namespaced object without
 //! `metadata.namespace` is in `default`, as kubectl does.
 
 use std::fmt;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use mesh_core::gateway::{self, GatewayRoute};
 use mesh_core::model::NamespacedName;
+use mesh_core::route::RouteKind;
 use mesh_core::smi::{self, DEFAULT_NAMESPACE, SmiError};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -28,6 +31,10 @@ pub enum Kind {
     #[serde(rename = "TCPRoute")]
     TcpRoute,
     TrafficSplit,
+    #[serde(rename = "HTTPRoute")]
+    HttpRoute,
+    #[serde(rename = "GRPCRoute")]
+    GrpcRoute,
 }
 
 /// The identity of a resource: kind, namespace (empty for cluster-scoped kinds) and name.
@@ -54,6 +61,8 @@ pub enum Resource {
     HttpRouteGroup(smi::HttpRouteGroup),
     TcpRoute(smi::TcpRoute),
     TrafficSplit(smi::TrafficSplit),
+    HttpRoute(GatewayRoute),
+    GrpcRoute(GatewayRoute),
 }
 
 /// Why a document is not a resource the controller can use.
@@ -74,8 +83,8 @@ pub enum ResourceError {
     TypeMeta { field: &'static str },
     #[error(
         "unknown kind {kind:?} (apiVersion {api_version:?}); the mesh reads Namespace, \
-         ServiceAccount, Pod, Service, EndpointSlice, TrafficTarget, HTTPRouteGroup, TCPRoute \
-         and TrafficSplit"
+         ServiceAccount, Pod, Service, EndpointSlice, TrafficTarget, HTTPRouteGroup, TCPRoute, \
+         TrafficSplit, HTTPRoute and GRPCRoute"
     )]
     UnknownKind { api_version: String, kind: String },
     #[error("{kind}: apiVersion {api_version:?} is not supported; expected {expected}")]
@@ -94,12 +103,19 @@ pub enum ResourceError {
         #[source]
         source: Box<SmiError>,
     },
+    /// A Gateway API route (read with the same field-path errors as SMI documents).
+    #[error("{key}: {source}")]
+    Gateway {
+        key: ResourceKey,
+        #[source]
+        source: Box<SmiError>,
+    },
 }
 
 // === impl Kind ===
 
 impl Kind {
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 11] = [
         Kind::Namespace,
         Kind::ServiceAccount,
         Kind::Pod,
@@ -109,6 +125,8 @@ impl Kind {
         Kind::HttpRouteGroup,
         Kind::TcpRoute,
         Kind::TrafficSplit,
+        Kind::HttpRoute,
+        Kind::GrpcRoute,
     ];
 
     /// The Kubernetes `kind`.
@@ -123,6 +141,8 @@ impl Kind {
             Kind::HttpRouteGroup => "HTTPRouteGroup",
             Kind::TcpRoute => "TCPRoute",
             Kind::TrafficSplit => "TrafficSplit",
+            Kind::HttpRoute => "HTTPRoute",
+            Kind::GrpcRoute => "GRPCRoute",
         }
     }
 
@@ -132,6 +152,21 @@ impl Kind {
 
     pub fn is_namespaced(self) -> bool {
         self != Kind::Namespace
+    }
+
+    /// Whether the kind references others in its namespace or is referenced (a change to one
+    /// makes [`crate::index::Index::revalidate`] check the namespace again).
+    pub fn has_references(self) -> bool {
+        matches!(
+            self,
+            Kind::TrafficTarget
+                | Kind::HttpRouteGroup
+                | Kind::TcpRoute
+                | Kind::TrafficSplit
+                | Kind::Service
+                | Kind::HttpRoute
+                | Kind::GrpcRoute
+        )
     }
 
     /// Whether `api_version` is one this kind is read in.
@@ -151,6 +186,7 @@ impl Kind {
             Kind::TrafficSplit => {
                 group == smi::SPLIT_GROUP && matches!(version, "v1alpha2" | "v1alpha3" | "v1alpha4")
             }
+            Kind::HttpRoute | Kind::GrpcRoute => group == gateway::GATEWAY_GROUP && version == "v1",
         }
     }
 
@@ -163,6 +199,7 @@ impl Kind {
                 "specs.smi-spec.io/v1alpha4 or specs.smi-spec.io/v1alpha3"
             }
             Kind::TrafficSplit => smi::TrafficSplit::VERSIONS,
+            Kind::HttpRoute | Kind::GrpcRoute => gateway::VERSIONS,
         }
     }
 }
@@ -213,6 +250,8 @@ impl Resource {
             Resource::HttpRouteGroup(_) => Kind::HttpRouteGroup,
             Resource::TcpRoute(_) => Kind::TcpRoute,
             Resource::TrafficSplit(_) => Kind::TrafficSplit,
+            Resource::HttpRoute(_) => Kind::HttpRoute,
+            Resource::GrpcRoute(_) => Kind::GrpcRoute,
         }
     }
 
@@ -237,6 +276,9 @@ impl Resource {
             }
             Resource::TcpRoute(o) => (Some(o.metadata.namespace()), Some(o.metadata.name.as_str())),
             Resource::TrafficSplit(o) => {
+                (Some(o.metadata.namespace()), Some(o.metadata.name.as_str()))
+            }
+            Resource::HttpRoute(o) | Resource::GrpcRoute(o) => {
                 (Some(o.metadata.namespace()), Some(o.metadata.name.as_str()))
             }
         };
@@ -285,6 +327,7 @@ impl ResourceError {
             ResourceError::MissingName { .. } => "missing_name",
             ResourceError::Invalid { .. } => "invalid",
             ResourceError::Smi { .. } => "smi",
+            ResourceError::Gateway { .. } => "gateway",
         }
     }
 
@@ -292,7 +335,9 @@ impl ResourceError {
     pub fn key(&self) -> Option<&ResourceKey> {
         match self {
             ResourceError::Document { source, .. } => source.key(),
-            ResourceError::Invalid { key, .. } | ResourceError::Smi { key, .. } => Some(key),
+            ResourceError::Invalid { key, .. }
+            | ResourceError::Smi { key, .. }
+            | ResourceError::Gateway { key, .. } => Some(key),
             _ => None,
         }
     }
@@ -370,6 +415,10 @@ pub fn parse(mut value: Value) -> Result<Resource, ResourceError> {
         key: key.clone(),
         source: Box::new(source),
     };
+    let gateway_err = |source| ResourceError::Gateway {
+        key: key.clone(),
+        source: Box::new(source),
+    };
     let resource = match kind {
         Kind::Namespace => Resource::Namespace(k8s(value, &key)?),
         Kind::ServiceAccount => Resource::ServiceAccount(k8s(value, &key)?),
@@ -386,6 +435,12 @@ pub fn parse(mut value: Value) -> Result<Resource, ResourceError> {
         Kind::TrafficSplit => {
             Resource::TrafficSplit(smi::TrafficSplit::from_value(&value).map_err(smi_err)?)
         }
+        Kind::HttpRoute => Resource::HttpRoute(
+            GatewayRoute::from_value(&value, RouteKind::Http).map_err(gateway_err)?,
+        ),
+        Kind::GrpcRoute => Resource::GrpcRoute(
+            GatewayRoute::from_value(&value, RouteKind::Grpc).map_err(gateway_err)?,
+        ),
     };
     Ok(resource)
 }

@@ -715,3 +715,5 @@ fn output_is_deterministic_and_follows_changes() {
         .expect("api-1 endpoint");
     assert_eq!(endpoint.node.as_deref(), Some("n2"));
 }
+
+mod routes;

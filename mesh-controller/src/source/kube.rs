@@ -36,6 +36,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
+use mesh_core::gateway;
 use mesh_core::smi::{self, DEFAULT_NAMESPACE};
 use serde_json::{Value, json};
 use tokio::task::{Id, JoinSet};
@@ -126,8 +127,8 @@ impl fmt::Display for Task {
     }
 }
 
-/// The API resource each kind is watched as. Core kinds come from k8s-openapi; the SMI CRDs
-/// are read in the versions the mesh supports.
+/// The API resource each kind is watched as. Core kinds come from k8s-openapi; the SMI and
+/// Gateway API CRDs are read in the versions the mesh supports.
 pub fn api_resource(kind: Kind) -> ApiResource {
     let crd = |group: &str, version: &str, plural: &str| ApiResource {
         group: group.to_string(),
@@ -146,10 +147,14 @@ pub fn api_resource(kind: Kind) -> ApiResource {
         Kind::HttpRouteGroup => crd(smi::SPECS_GROUP, "v1alpha4", "httproutegroups"),
         Kind::TcpRoute => crd(smi::SPECS_GROUP, "v1alpha4", "tcproutes"),
         Kind::TrafficSplit => crd(smi::SPLIT_GROUP, "v1alpha4", "trafficsplits"),
+        Kind::HttpRoute => crd(gateway::GATEWAY_GROUP, "v1", "httproutes"),
+        Kind::GrpcRoute => crd(gateway::GATEWAY_GROUP, "v1", "grpcroutes"),
     }
 }
 
-/// Whether the kind is an SMI resource (the kinds that get status conditions).
+/// Whether the kind is an SMI resource (the kinds that get status conditions). Gateway API
+/// routes report per parent (`status.parents`), which the mesh does not write yet: their
+/// rejections are in the logs, the admin endpoint and the debugging commands.
 pub fn is_smi(kind: Kind) -> bool {
     matches!(
         kind,

@@ -638,6 +638,14 @@ fn every_kind_has_its_api_resource() {
         path(Kind::TrafficSplit),
         "/apis/split.smi-spec.io/v1alpha4/trafficsplits"
     );
+    assert_eq!(
+        path(Kind::HttpRoute),
+        "/apis/gateway.networking.k8s.io/v1/httproutes"
+    );
+    assert_eq!(
+        path(Kind::GrpcRoute),
+        "/apis/gateway.networking.k8s.io/v1/grpcroutes"
+    );
     for kind in Kind::ALL {
         assert_eq!(api_resource(kind).kind, kind.as_str());
     }
