@@ -187,3 +187,14 @@ fn an_invalid_route_document_is_refused_naming_the_resource_and_field() {
          gateway.networking.k8s.io/v1"
     );
 }
+
+#[test]
+fn the_deploy_example_is_a_valid_route() {
+    let example = include_str!("../../../../deploy/examples/gamma-httproute.yaml");
+    let results = parse_yaml_stream(example);
+    let [Ok(crate::resource::Resource::HttpRoute(route))] = results.as_slice() else {
+        panic!("one valid HTTPRoute: {results:?}");
+    };
+    assert_eq!(route.route.rules[1].backends.len(), 2);
+    assert_eq!(route.route.rules[1].timeout, Some(Duration::from_secs(2)));
+}
