@@ -27,6 +27,11 @@ fn bins() -> Binaries {
 
 /// The demo cluster under a prefix unique to this test.
 fn up(controller_args: &[&str]) -> Cluster {
+    up_with(&demo_dir().join("resources"), controller_args)
+}
+
+/// The demo cluster with the Kubernetes and SMI objects of `resources`.
+fn up_with(resources: &std::path::Path, controller_args: &[&str]) -> Cluster {
     let prefix = format!(
         "{}c{}",
         mesh_tests::prefix(),
@@ -35,15 +40,9 @@ fn up(controller_args: &[&str]) -> Cluster {
     let text = std::fs::read_to_string(demo_dir().join("cluster.yaml")).expect("cluster.yaml");
     let spec = ClusterSpec::parse(&text).expect("the demo description parses");
     let args: Vec<String> = controller_args.iter().map(|s| s.to_string()).collect();
-    let cluster = Cluster::up(
-        &prefix,
-        &spec,
-        &demo_dir().join("resources"),
-        bins(),
-        &[],
-        &args,
-        &mut |step| eprintln!("[{prefix}] {step}"),
-    )
+    let cluster = Cluster::up(&prefix, &spec, resources, bins(), &[], &args, &mut |step| {
+        eprintln!("[{prefix}] {step}")
+    })
     .unwrap_or_else(|e| panic!("cluster up: {e:#}"));
     wait_until_ok(&cluster, "demo/client", ECHO_VIP);
     cluster
@@ -475,4 +474,130 @@ fn the_demo_runs_to_its_report_twice_in_a_row_and_tells_a_non_root_user_what_it_
         .expect("run mesh-sim as nobody");
     assert_eq!(out.status.code(), Some(77));
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs root"));
+}
+
+/// The demo's policy with web reachable by HTTP request rules only: `GET /api/...` and
+/// `GET /healthz` allowed, everything else refused.
+const WEB_BY_REQUEST: &str = r#"
+apiVersion: specs.smi-spec.io/v1alpha4
+kind: HTTPRouteGroup
+metadata: {name: web-api, namespace: demo}
+spec:
+  matches:
+  - {name: api, pathRegex: "/api/.*", methods: [GET]}
+  - {name: health, pathRegex: "/healthz", methods: [GET]}
+---
+apiVersion: access.smi-spec.io/v1alpha3
+kind: TrafficTarget
+metadata: {name: client-to-web, namespace: demo}
+spec:
+  destination: {kind: ServiceAccount, name: web, namespace: demo}
+  rules: [{kind: HTTPRouteGroup, name: web-api, matches: [api, health]}]
+  sources: [{kind: ServiceAccount, name: client, namespace: demo}]
+"#;
+
+#[test]
+fn an_unmodified_http_client_is_split_per_request_and_refused_per_route() {
+    if !privileged("an_unmodified_http_client_is_split_per_request_and_refused_per_route") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temporary directory");
+    for file in ["services.yaml", "split.yaml"] {
+        std::fs::copy(
+            demo_dir().join("resources").join(file),
+            dir.path().join(file),
+        )
+        .expect("copy the demo resources");
+    }
+    let policy =
+        std::fs::read_to_string(demo_dir().join("resources/policy.yaml")).expect("policy.yaml");
+    // Keep every demo rule but the one for web, which becomes per request.
+    let kept: Vec<&str> = policy
+        .split("\n---\n")
+        .filter(|doc| !doc.contains("name: client-to-web"))
+        .collect();
+    std::fs::write(
+        dir.path().join("policy.yaml"),
+        format!("{}\n---{WEB_BY_REQUEST}", kept.join("\n---\n")),
+    )
+    .expect("write the policy");
+    let c = up_with(dir.path(), &[]);
+
+    // curl, one connection, 200 requests: each is routed on its own.
+    let web = format!("http://{WEB_VIP}");
+    let mut argv = vec!["curl", "-sS", "--fail-with-body", "-w", "\\n"];
+    let urls: Vec<String> = (0..200).map(|i| format!("{web}/api/{i}")).collect();
+    argv.extend(urls.iter().map(String::as_str));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let out = loop {
+        let out = c.exec("demo/client", &argv).expect("run curl");
+        if out.status.success() || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "curl: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let replies: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(replies.len(), 200);
+    let v2 = replies.iter().filter(|r| r["pod"] == "web-v2").count();
+    let v1 = replies.iter().filter(|r| r["pod"] == "web-v1").count();
+    assert_eq!(v1 + v2, 200, "{replies:?}");
+    assert!(
+        (4..=40).contains(&v2),
+        "web-v2 got {v2} of 200 requests of one connection; the split is 90/10"
+    );
+    let caller = replies[0]["caller"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(
+        caller,
+        "By=spiffe://cluster.local/ns/demo/sa/web;URI=spiffe://cluster.local/ns/demo/sa/client",
+        "{:#}",
+        replies[0]
+    );
+
+    // A route no rule allows: 403 from web's node, with the reason.
+    let out = c
+        .exec(
+            "demo/client",
+            &[
+                "curl",
+                "-sS",
+                "-o",
+                "-",
+                "-w",
+                "\\n%{http_code}",
+                &format!("{web}/admin"),
+            ],
+        )
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.trim_end().ends_with("403"), "{text}");
+    assert!(text.contains("no HTTP match for GET /admin"), "{text}");
+    // POST to an allowed path is refused too: the rule allows GET only.
+    let out = c
+        .exec(
+            "demo/client",
+            &[
+                "curl",
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-X",
+                "POST",
+                &format!("{web}/api/x"),
+            ],
+        )
+        .expect("run curl");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "403");
+    c.down().expect("teardown");
 }
