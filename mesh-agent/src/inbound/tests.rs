@@ -90,6 +90,48 @@ fn hbone_admission_follows_the_traffic_target() {
 }
 
 #[test]
+fn http_rules_admit_a_connection_only_where_its_requests_are_checked() {
+    use mesh_core::model::{Endpoint, Protocol, Service, ServicePort};
+    use mesh_core::policy::{AnchoredRegex, HttpMatch};
+    let mut c = config(TlsMode::Strict, TrafficPolicyMode::DefaultDeny);
+    let rules = &mut c.policies.get_mut(&pod()).expect("policy").rules;
+    rules[0].route = RouteMatch::Http(vec![HttpMatch {
+        name: "read".into(),
+        path: Some(AnchoredRegex::new("/.*").expect("regex")),
+        methods: vec!["GET".into()],
+        headers: vec![],
+    }]);
+    // No service declares 8080: it is L4, where nothing could check the requests.
+    let refused = admit_hbone(&c, &pod(), &id(WEB), at(8080)).expect_err("L4 port");
+    assert_eq!(refused.kind, "http_rules_on_l4_port");
+    assert_eq!(refused.status, DENIED);
+    // Declared HTTP by a service port targeting it: admitted, each request checked after.
+    let service = Service {
+        name: NamespacedName::new("shop", "api"),
+        vip: Some(Ipv4Addr::new(10, 96, 0, 1)),
+        ports: vec![ServicePort {
+            name: "web".into(),
+            port: 80,
+            target_port: 8080,
+            protocol: Protocol::Http,
+        }],
+        endpoints: vec![Endpoint {
+            ip: POD_IP,
+            workload: Some(pod()),
+            identity: Some(id(API)),
+            node: Some("node-b".into()),
+            ready: true,
+        }],
+    };
+    c.services = Arc::new([(service.name.clone(), Arc::new(service))].into());
+    assert_eq!(admit_hbone(&c, &pod(), &id(WEB), at(8080)), Ok(at_v4(8080)));
+}
+
+fn at_v4(port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(POD_IP, port)
+}
+
+#[test]
 fn plaintext_follows_the_tls_mode() {
     let strict = config(TlsMode::Strict, TrafficPolicyMode::Permissive);
     let r = admit_plaintext(&strict, &pod(), SocketAddrV4::new(POD_IP, 8080))
