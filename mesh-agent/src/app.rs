@@ -65,6 +65,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     rt.block_on(async {
         let mut registry = prometheus_client::registry::Registry::default();
         let telemetry = Telemetry::new(&mut registry);
+        telemetry.log_requests_every(cfg.proxy.access_log_every);
         let control = cfg
             .controller
             .as_ref()

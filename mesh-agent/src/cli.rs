@@ -134,6 +134,10 @@ struct ServeArgs {
     /// never leaves the node) or `hbone` (an mTLS tunnel, as between nodes).
     #[arg(long, value_enum, default_value = "in-process")]
     same_node: SameNode,
+    /// On HTTP ports, write the access-log line of one request in N (metrics count every
+    /// request; connections are always logged).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    access_log_every: u64,
 }
 
 impl ServeArgs {
@@ -162,6 +166,7 @@ impl ServeArgs {
             idle_timeout: self.idle_timeout,
             drain_grace: self.drain_grace,
             same_node: self.same_node,
+            access_log_every: self.access_log_every,
         }
     }
 }
@@ -705,8 +710,14 @@ mod tests {
             "--metrics=off",
             "--idle-timeout=90s",
             "--drain-grace=0s",
+            "--access-log-every=100",
         ])
         .expect("flags");
+        assert_eq!(cfg.proxy.access_log_every, 100);
+        assert!(
+            run(&["--access-log-every=0"]).is_err(),
+            "0 would log nothing"
+        );
         assert_eq!(
             cfg.admin.admin,
             Listen {

@@ -365,6 +365,8 @@ pub struct ProxyConfig {
     pub drain_grace: Duration,
     /// How connections between two pods of this agent are carried.
     pub same_node: SameNode,
+    /// On HTTP ports, one request in this many gets an access-log line.
+    pub access_log_every: u64,
 }
 
 impl Default for ProxyConfig {
@@ -373,6 +375,7 @@ impl Default for ProxyConfig {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             drain_grace: DEFAULT_DRAIN_GRACE,
             same_node: SameNode::InProcess,
+            access_log_every: 1,
         }
     }
 }
