@@ -504,6 +504,7 @@ pub fn fill(buf: &mut [u8], offset: u64) {
     }
 }
 
+pub mod bench;
 pub mod cluster;
 pub mod inprocess;
 pub mod sniff;

@@ -49,14 +49,25 @@ enum Task {
     },
     /// Remove leftovers of interrupted test runs (namespaces, cgroups, pinned objects).
     Clean,
-    /// Measure the app <-> proxy hop: direct, iptables REDIRECT, eBPF, eBPF + sk_msg (root).
+    /// The performance ladder (root): no mesh, iptables and eBPF capture, sk_msg, HBONE, HTTP/1.1
+    /// with L7 policy, gRPC; each step on a fresh simulated cluster, release build. See
+    /// benches/README.md.
     Bench {
-        /// Fewer repetitions and smaller transfers (about a minute).
+        /// The fast mode (under 2 minutes) instead of the full one.
+        #[arg(long, alias = "quick")]
+        fast: bool,
+        /// Only these steps (comma-separated numbers).
         #[arg(long)]
-        quick: bool,
+        steps: Option<String>,
         /// Also write the results as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Also write the markdown report here.
+        #[arg(long)]
+        markdown: Option<PathBuf>,
+        /// Print ratios against an earlier run's JSON.
+        #[arg(long)]
+        compare: Option<PathBuf>,
     },
 }
 
@@ -67,7 +78,13 @@ fn main() -> ExitCode {
         Task::Test { no_lint, rest } => test(no_lint, &rest),
         Task::Demo { keep, down } => demo(keep, down),
         Task::Clean => clean().map(|n| println!("removed {n} leftover objects")),
-        Task::Bench { quick, json } => bench(quick, json),
+        Task::Bench {
+            fast,
+            steps,
+            json,
+            markdown,
+            compare,
+        } => bench(fast, steps, json, markdown, compare),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -205,22 +222,44 @@ fn test(no_lint: bool, rest: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn bench(quick: bool, json: Option<PathBuf>) -> Result<()> {
+fn bench(
+    fast: bool,
+    steps: Option<String>,
+    json: Option<PathBuf>,
+    markdown: Option<PathBuf>,
+    compare: Option<PathBuf>,
+) -> Result<()> {
+    if !is_root() {
+        bail!(
+            "the benchmark needs root: each step builds a simulated cluster (network namespaces, \
+             cgroups, eBPF programs). Run: sudo -E cargo xtask bench"
+        );
+    }
     prereqs::ensure()?;
-    step("build the benchmark and the agent (release)");
+    step("build the ladder, the agent and the controller (release)");
     run(
         cargo().args(["build", "--release", "--package", "mesh-tests", "--bins"]),
         "cargo build --release",
     )?;
-    step("mesh-hopbench");
-    let mut cmd = Command::new(root().join("target/release/mesh-hopbench"));
-    if quick {
-        cmd.arg("--quick");
+    step("mesh-bench");
+    let mut cmd = Command::new(root().join("target/release/mesh-bench"));
+    cmd.arg("run");
+    if fast {
+        cmd.arg("--fast");
     }
-    if let Some(j) = json {
-        cmd.arg("--json").arg(j);
+    if let Some(s) = steps {
+        cmd.arg("--steps").arg(s);
     }
-    run(&mut cmd, "mesh-hopbench")
+    for (flag, path) in [
+        ("--json", json),
+        ("--markdown", markdown),
+        ("--compare", compare),
+    ] {
+        if let Some(p) = path {
+            cmd.arg(flag).arg(p);
+        }
+    }
+    run(&mut cmd, "mesh-bench")
 }
 
 fn demo(keep: bool, down: bool) -> Result<()> {

@@ -1,0 +1,340 @@
+//! The load generator, run inside the client pod (`mesh-bench client ...`): the same code for
+//! every step, speaking raw TCP, HTTP/1.1 or gRPC to the [server](super::server).
+//!
+//! - `rr`: closed-loop round trips on one connection as fast as they come back; latency is each
+//!   round trip's own time, the rate what the path sustains.
+//! - `fixed`: round trips started on an open-loop schedule at a fixed rate; each latency is
+//!   measured from the *intended* send time, so a stall counts against every request it
+//!   delayed (no coordinated omission).
+//! - `bulk`: one stream of bytes one way (gRPC: a `Chat` stream of 64 KiB messages, each
+//!   echoed back), throughput in MB/s.
+//! - `hold`: opens connections, says `held`, keeps them until stdin closes.
+//!
+//! Each prints one JSON object ([`Sample`]) on stdout.
+use std::io::{BufReader, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use hdrhistogram::Histogram;
+use mesh_demo::grpc::proto::{SayRequest, echo_client::EchoClient};
+use serde::{Deserialize, Serialize};
+use tonic::transport::Channel;
+
+use super::wire::{self, Retry};
+
+/// The protocol a step speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Http,
+    Grpc,
+}
+
+impl Proto {
+    pub fn name(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Http => "http",
+            Proto::Grpc => "grpc",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Proto> {
+        Ok(match s {
+            "tcp" => Proto::Tcp,
+            "http" => Proto::Http,
+            "grpc" => Proto::Grpc,
+            _ => bail!("unknown protocol {s:?} (tcp, http, grpc)"),
+        })
+    }
+}
+
+/// What one client run measured. Latencies in microseconds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Sample {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    /// Round trips per second (measured part only).
+    pub per_s: f64,
+    /// Every round trip made, warm-up included (for CPU per request).
+    pub requests: u64,
+    /// Bulk: payload bytes sent, and MB/s.
+    pub bytes: u64,
+    pub mb_per_s: f64,
+}
+
+/// `client PROTO rr|fixed|bulk|hold ADDR ARGS...`
+pub fn main(args: &[String]) -> Result<()> {
+    let (Some(proto), Some(kind), Some(addr)) = (args.first(), args.get(1), args.get(2)) else {
+        bail!("usage: client tcp|http|grpc rr|fixed|bulk|hold ADDR ...");
+    };
+    let proto = Proto::parse(proto)?;
+    // SAFETY: prctl(PR_SET_TIMERSLACK) only changes this thread's timer slack (1 ns instead of
+    // 50 µs), so the fixed-rate schedule's sleeps end when asked.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
+    let num = |i: usize| -> Result<u64> {
+        args.get(i)
+            .and_then(|a| a.parse().ok())
+            .with_context(|| format!("argument {i} must be a number"))
+    };
+    let sample = match kind.as_str() {
+        "rr" => rr(proto, addr, num(3)? as usize, num(4)?)?,
+        "fixed" => fixed(proto, addr, num(3)? as usize, num(4)?, num(5)?)?,
+        "bulk" => bulk(proto, addr, num(3)?)?,
+        "hold" => return hold(proto, addr, num(3)? as usize),
+        other => bail!("unknown client command {other:?}"),
+    };
+    println!("{}", serde_json::to_string(&sample)?);
+    Ok(())
+}
+
+// === Round trips ===
+
+/// One connection that does round trips of a fixed size.
+enum Conn {
+    Tcp(TcpStream),
+    Http(BufReader<TcpStream>),
+    Grpc(Box<GrpcConn>),
+}
+
+struct GrpcConn {
+    rt: tokio::runtime::Runtime,
+    client: EchoClient<Channel>,
+}
+
+impl Conn {
+    fn open(proto: Proto, addr: &str) -> Result<Conn> {
+        Ok(match proto {
+            Proto::Tcp => Conn::Tcp(tcp(addr)?),
+            Proto::Http => Conn::Http(BufReader::with_capacity(256 * 1024, tcp(addr)?)),
+            Proto::Grpc => {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                let channel = rt.block_on(
+                    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+                        .tcp_nodelay(true)
+                        .connect(),
+                )?;
+                let client = EchoClient::new(channel);
+                Conn::Grpc(Box::new(GrpcConn { rt, client }))
+            }
+        })
+    }
+
+    /// Sends `req` (the request payload) and waits for an answer of the same size.
+    fn round_trip(&mut self, req: &[u8], resp: &mut [u8]) -> Result<()> {
+        match self {
+            Conn::Tcp(s) => {
+                s.write_all(req)?;
+                wire::read_exact(s, resp)?;
+            }
+            Conn::Http(r) => {
+                let mut out = wire::request_head("/echo", req.len() as u64);
+                out.extend_from_slice(req);
+                r.get_ref().write_all(&out)?;
+                let head = wire::read_head(r)?.context("the server closed")?;
+                ensure!(head.start.contains(" 200"), "HTTP answer {:?}", head.start);
+                let n = wire::skip_body(r, head.framing)?;
+                ensure!(
+                    n == req.len() as u64,
+                    "answered {n} bytes, not {}",
+                    req.len()
+                );
+            }
+            Conn::Grpc(g) => {
+                let message = String::from_utf8_lossy(req).into_owned();
+                let reply =
+                    g.rt.block_on(g.client.say(SayRequest {
+                        message,
+                        ..SayRequest::default()
+                    }))?
+                    .into_inner();
+                ensure!(reply.message.len() == req.len(), "short gRPC echo");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn tcp(addr: &str) -> Result<TcpStream> {
+    let s = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+fn histogram() -> Result<Histogram<u64>> {
+    // 1 µs to 60 s, 3 significant digits.
+    Ok(Histogram::new_with_bounds(1, 60_000_000, 3)?)
+}
+
+fn percentiles(h: &Histogram<u64>) -> Sample {
+    let q = |q: f64| h.value_at_quantile(q) as f64;
+    Sample {
+        p50: q(0.5),
+        p90: q(0.9),
+        p99: q(0.99),
+        p999: q(0.999),
+        ..Sample::default()
+    }
+}
+
+fn payload(size: usize) -> (Vec<u8>, Vec<u8>) {
+    (vec![b'a'; size], vec![0u8; size])
+}
+
+/// `n` closed-loop round trips after `n / 10` (at least 100) to warm up.
+fn rr(proto: Proto, addr: &str, size: usize, n: u64) -> Result<Sample> {
+    let mut c = Conn::open(proto, addr)?;
+    let (req, mut resp) = payload(size);
+    let warm = (n / 10).max(100);
+    for _ in 0..warm {
+        c.round_trip(&req, &mut resp)?;
+    }
+    let mut h = histogram()?;
+    let start = Instant::now();
+    for _ in 0..n {
+        let t = Instant::now();
+        c.round_trip(&req, &mut resp)?;
+        h.saturating_record(t.elapsed().as_micros() as u64);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok(Sample {
+        per_s: n as f64 / secs,
+        requests: warm + n,
+        ..percentiles(&h)
+    })
+}
+
+/// Round trips started every `1 / rate` s for `millis` ms, latency from the intended start.
+fn fixed(proto: Proto, addr: &str, size: usize, rate: u64, millis: u64) -> Result<Sample> {
+    let mut c = Conn::open(proto, addr)?;
+    let (req, mut resp) = payload(size);
+    let warm = rate.clamp(100, 1000);
+    for _ in 0..warm {
+        c.round_trip(&req, &mut resp)?;
+    }
+    let mut h = histogram()?;
+    let interval = Duration::from_nanos(1_000_000_000 / rate.max(1));
+    let n = rate * millis / 1000;
+    let start = Instant::now();
+    for i in 0..n {
+        let intended = start + interval * i as u32;
+        wait_until(intended);
+        c.round_trip(&req, &mut resp)?;
+        h.saturating_record(intended.elapsed().as_micros() as u64);
+    }
+    Ok(Sample {
+        per_s: n as f64 / start.elapsed().as_secs_f64(),
+        requests: warm + n,
+        ..percentiles(&h)
+    })
+}
+
+/// Sleeps until shortly before `t`, then spins: a plain sleep overshoots by the timer slack
+/// and wake-up latency, which the open-loop schedule would count as latency of the path.
+fn wait_until(t: Instant) {
+    const SPIN: Duration = Duration::from_micros(50);
+    if let Some(d) = t.checked_duration_since(Instant::now()) {
+        if d > SPIN {
+            thread::sleep(d - SPIN);
+        }
+        while Instant::now() < t {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+// === Bulk ===
+
+const CHUNK: usize = 256 * 1024;
+const GRPC_MESSAGE: usize = 64 * 1024;
+
+fn bulk(proto: Proto, addr: &str, bytes: u64) -> Result<Sample> {
+    let t = Instant::now();
+    match proto {
+        Proto::Tcp => {
+            let s = tcp(addr)?;
+            send(&s, bytes)?;
+            s.shutdown(Shutdown::Write)?;
+            wire::read_exact(&s, &mut [0u8; 1])?;
+        }
+        Proto::Http => {
+            let s = tcp(addr)?;
+            (&s).write_all(&wire::request_head("/sink", bytes))?;
+            send(&s, bytes)?;
+            let mut r = BufReader::new(Retry(&s));
+            let head = wire::read_head(&mut r)?.context("the server closed")?;
+            ensure!(head.start.contains(" 200"), "HTTP answer {:?}", head.start);
+            wire::skip_body(&mut r, head.framing)?;
+        }
+        Proto::Grpc => grpc_bulk(addr, bytes)?,
+    }
+    let secs = t.elapsed().as_secs_f64();
+    Ok(Sample {
+        bytes,
+        mb_per_s: bytes as f64 / secs / 1e6,
+        ..Sample::default()
+    })
+}
+
+fn send(mut s: &TcpStream, bytes: u64) -> Result<()> {
+    let buf = vec![0x5au8; CHUNK];
+    let mut sent = 0u64;
+    while sent < bytes {
+        let len = ((bytes - sent) as usize).min(CHUNK);
+        s.write_all(&buf[..len])?;
+        sent += len as u64;
+    }
+    Ok(())
+}
+
+/// A `Chat` stream of 64 KiB messages (each echoed back), until `bytes` went out.
+fn grpc_bulk(addr: &str, bytes: u64) -> Result<()> {
+    let Conn::Grpc(g) = Conn::open(Proto::Grpc, addr)? else {
+        bail!("not a gRPC connection");
+    };
+    let GrpcConn { rt, mut client } = *g;
+    let n = bytes.div_ceil(GRPC_MESSAGE as u64);
+    let message = "a".repeat(GRPC_MESSAGE);
+    rt.block_on(async move {
+        let outbound = futures::stream::iter((0..n).map(move |_| SayRequest {
+            message: message.clone(),
+            ..SayRequest::default()
+        }));
+        let mut inbound = client.chat(outbound).await?.into_inner();
+        let mut got = 0u64;
+        while let Some(reply) = inbound.message().await? {
+            got += reply.message.len() as u64;
+        }
+        ensure!(
+            got == n * GRPC_MESSAGE as u64,
+            "the echo stream ended early"
+        );
+        Ok(())
+    })
+}
+
+// === Held connections ===
+
+/// Opens `n` connections (each carries one round trip), prints `held`, keeps them until
+/// stdin closes.
+fn hold(proto: Proto, addr: &str, n: usize) -> Result<()> {
+    let mut held = Vec::with_capacity(n);
+    let (req, mut resp) = payload(1);
+    for _ in 0..n {
+        let mut c = Conn::open(proto, addr)?;
+        c.round_trip(&req, &mut resp)?;
+        held.push(c);
+    }
+    println!("held");
+    std::io::stdout().flush()?;
+    let _ = std::io::stdin().read(&mut [0u8; 1])?;
+    drop(held);
+    Ok(())
+}

@@ -1,0 +1,753 @@
+//! The ladder: each step a fresh simulated cluster ([`Cluster`]) with the datapath it measures,
+//! the same client and server, the same measurements.
+//!
+//! Same-node steps run one node with the client and server pods; cross-node steps two nodes,
+//! the client on the first and the server on the second. The no-mesh steps label both pods
+//! `mesh.io/enrolled: "false"`, so the agents leave them alone and the bytes take the plain
+//! veth/bridge path.
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde::{Deserialize, Serialize};
+
+use super::client::{Proto, Sample};
+use super::report::{Datapath, ProxyCounters, StepResult};
+use super::server::{ECHO_PORT, GRPC_PORT, PORTS, SINK_PORT};
+use crate::cluster::{Binaries, Cluster, ClusterSpec, NodeSpec, PodSpec};
+
+/// How the client's outbound connections reach the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Capture {
+    None,
+    Iptables,
+    Ebpf,
+}
+
+/// One rung of the ladder.
+#[derive(Debug, Clone, Copy)]
+pub struct Step {
+    pub id: u8,
+    pub key: &'static str,
+    pub title: &'static str,
+    pub cross_node: bool,
+    pub capture: Capture,
+    pub skmsg: bool,
+    /// Same-node calls through two proxy hops and mTLS instead of inside the agent.
+    pub same_node_hbone: bool,
+    pub proto: Proto,
+    /// Run in the full mode only (unless named with `--steps`).
+    pub extra: bool,
+}
+
+const fn step(id: u8, key: &'static str, title: &'static str) -> Step {
+    Step {
+        id,
+        key,
+        title,
+        cross_node: false,
+        capture: Capture::Ebpf,
+        skmsg: true,
+        same_node_hbone: false,
+        proto: Proto::Tcp,
+        extra: false,
+    }
+}
+
+pub const STEPS: [Step; 9] = [
+    Step {
+        capture: Capture::None,
+        ..step(1, "same-node", "same node, no mesh")
+    },
+    Step {
+        capture: Capture::None,
+        cross_node: true,
+        ..step(2, "cross-node", "two nodes, no mesh")
+    },
+    // sk_msg off: the iptables path is compared with eBPF capture alone (step 4).
+    Step {
+        capture: Capture::Iptables,
+        skmsg: false,
+        ..step(3, "iptables", "same node, proxy, iptables REDIRECT")
+    },
+    Step {
+        skmsg: false,
+        ..step(4, "ebpf", "same node, proxy, eBPF capture")
+    },
+    step(5, "ebpf-skmsg", "same node, proxy, eBPF + sk_msg"),
+    Step {
+        cross_node: true,
+        ..step(6, "hbone", "two nodes, two proxies, mTLS HBONE")
+    },
+    Step {
+        cross_node: true,
+        proto: Proto::Http,
+        ..step(7, "http1-l7", "two nodes, HTTP/1.1, L7 policy")
+    },
+    Step {
+        cross_node: true,
+        proto: Proto::Grpc,
+        ..step(8, "grpc", "two nodes, gRPC unary")
+    },
+    Step {
+        same_node_hbone: true,
+        extra: true,
+        ..step(
+            9,
+            "same-node-hbone",
+            "same node, two proxy hops, mTLS HBONE",
+        )
+    },
+];
+
+/// How much each step measures.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Plan {
+    pub name: String,
+    pub reps: usize,
+    /// Round trips of each closed-loop (max rate) run.
+    pub rr: u64,
+    /// Requests per second, and milliseconds, of each fixed-rate run.
+    pub fixed_rate: u64,
+    pub fixed_ms: u64,
+    /// Bytes of each throughput run.
+    pub bulk: u64,
+    /// Connections held open while the agents' memory is read.
+    pub held: usize,
+}
+
+impl Plan {
+    pub fn fast() -> Plan {
+        Plan {
+            name: "fast".into(),
+            reps: 3,
+            rr: 1_000,
+            fixed_rate: 1_000,
+            fixed_ms: 500,
+            bulk: 32 << 20,
+            held: 100,
+        }
+    }
+
+    pub fn full() -> Plan {
+        Plan {
+            name: "full".into(),
+            reps: 5,
+            rr: 10_000,
+            fixed_rate: 1_000,
+            fixed_ms: 5_000,
+            bulk: 512 << 20,
+            held: 1_000,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "{} repetitions after a warm-up; {} closed-loop round trips per max-rate run; \
+             {}/s for {} ms per fixed-rate run (latency from the intended send time); \
+             {} MiB per throughput run; memory with {} connections held",
+            self.reps,
+            self.rr,
+            self.fixed_rate,
+            self.fixed_ms,
+            self.bulk >> 20,
+            self.held
+        )
+    }
+}
+
+/// Where the binaries are and what to call the clusters.
+pub struct Options {
+    pub plan: Plan,
+    pub bins: Binaries,
+    /// This binary: the pods run its `serve` and `client` commands.
+    pub exe: PathBuf,
+    /// Cluster prefix; each step appends its number.
+    pub prefix: String,
+}
+
+/// The service in front of the server pod (only the mesh resolves it).
+const SERVICE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
+const HTTP_SERVICE_PORT: u16 = 80;
+
+const RESOURCES: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: server, namespace: bench}
+spec:
+  clusterIP: 10.96.0.40
+  selector: {app: server}
+  ports:
+  - {name: tcp-echo, port: 9000, targetPort: 9000}
+  - {name: tcp-sink, port: 9001, targetPort: 9001}
+  - {name: http, port: 80, targetPort: 8080}
+  - {name: grpc, port: 9090, targetPort: 9090}
+---
+apiVersion: specs.smi-spec.io/v1alpha4
+kind: TCPRoute
+metadata: {name: tcp-ports, namespace: bench}
+spec: {matches: {ports: [9000, 9001, 9090]}}
+---
+apiVersion: specs.smi-spec.io/v1alpha4
+kind: HTTPRouteGroup
+metadata: {name: echo-routes, namespace: bench}
+spec:
+  matches:
+  - {name: echo, pathRegex: '/(echo|sink)', methods: [POST]}
+---
+apiVersion: access.smi-spec.io/v1alpha3
+kind: TrafficTarget
+metadata: {name: client-to-server-tcp, namespace: bench}
+spec:
+  destination: {kind: ServiceAccount, name: server, namespace: bench}
+  rules: [{kind: TCPRoute, name: tcp-ports}]
+  sources: [{kind: ServiceAccount, name: client, namespace: bench}]
+---
+apiVersion: access.smi-spec.io/v1alpha3
+kind: TrafficTarget
+metadata: {name: client-to-server-http, namespace: bench}
+spec:
+  destination: {kind: ServiceAccount, name: server, namespace: bench}
+  rules: [{kind: HTTPRouteGroup, name: echo-routes, matches: [echo]}]
+  sources: [{kind: ServiceAccount, name: client, namespace: bench}]
+";
+
+fn pod(name: &str, mesh: bool, server: Option<&PathBuf>) -> PodSpec {
+    let mut labels = BTreeMap::from([("app".to_string(), name.to_string())]);
+    if !mesh {
+        labels.insert("mesh.io/enrolled".into(), "false".into());
+    }
+    PodSpec {
+        namespace: "bench".into(),
+        name: name.into(),
+        service_account: Some(name.into()),
+        labels,
+        tls_mode: None,
+        ports: if server.is_some() {
+            PORTS.to_vec()
+        } else {
+            vec![]
+        },
+        run: server.map_or_else(Vec::new, |exe| {
+            vec![
+                exe.display().to_string(),
+                "serve".into(),
+                "--ip".into(),
+                "{ip}".into(),
+                "--name".into(),
+                "{pod}".into(),
+            ]
+        }),
+    }
+}
+
+fn spec(step: &Step, exe: &PathBuf) -> ClusterSpec {
+    let mesh = step.capture != Capture::None;
+    let (client, server) = (pod("client", mesh, None), pod("server", mesh, Some(exe)));
+    let nodes = if step.cross_node {
+        vec![
+            NodeSpec {
+                name: "node-1".into(),
+                pods: vec![client],
+            },
+            NodeSpec {
+                name: "node-2".into(),
+                pods: vec![server],
+            },
+        ]
+    } else {
+        vec![NodeSpec {
+            name: "node-1".into(),
+            pods: vec![client, server],
+        }]
+    };
+    ClusterSpec { nodes }
+}
+
+fn agent_args(step: &Step) -> Vec<String> {
+    let mut args = Vec::new();
+    if !step.skmsg {
+        args.push("--no-skmsg".to_string());
+    }
+    if step.capture == Capture::Iptables {
+        // connect4 leaves the server's ports alone; iptables sends them to the proxy.
+        args.extend(PORTS.iter().map(|p| format!("--exclude-port={p}")));
+    }
+    if step.same_node_hbone {
+        args.push("--same-node=hbone".into());
+    }
+    args
+}
+
+/// A running step: its cluster and the addresses the client calls.
+struct Bench<'a> {
+    cluster: Cluster,
+    opts: &'a Options,
+    proto: Proto,
+    echo: String,
+    sink: String,
+    label: String,
+}
+
+/// Brings up the step's cluster, measures, tears it down.
+pub fn run_step(step: &Step, opts: &Options) -> Result<StepResult> {
+    let label = format!("step {} {}", step.id, step.key);
+    let resources = tempfile::tempdir().context("resources directory")?;
+    std::fs::write(resources.path().join("bench.yaml"), RESOURCES)?;
+    let prefix = format!("{}{}", opts.prefix, step.id);
+    let cluster = Cluster::up(
+        &prefix,
+        &spec(step, &opts.exe),
+        resources.path(),
+        opts.bins.clone(),
+        &agent_args(step),
+        &[],
+        &mut |s| eprintln!("[{label}] {s}"),
+    )
+    .with_context(|| format!("{label}: bring the cluster up"))?;
+    let server_ip = cluster.pod("bench/server")?.ip;
+    let (echo, sink) = match step.proto {
+        Proto::Tcp => (
+            format!("{server_ip}:{ECHO_PORT}"),
+            format!("{server_ip}:{SINK_PORT}"),
+        ),
+        Proto::Http => {
+            let a = format!("{SERVICE_VIP}:{HTTP_SERVICE_PORT}");
+            (a.clone(), a)
+        }
+        Proto::Grpc => {
+            let a = format!("{SERVICE_VIP}:{GRPC_PORT}");
+            (a.clone(), a)
+        }
+    };
+    let b = Bench {
+        cluster,
+        opts,
+        proto: step.proto,
+        echo,
+        sink,
+        label,
+    };
+    if step.capture == Capture::Iptables {
+        b.iptables_redirect()?;
+    }
+    let started = Instant::now();
+    let result = b.measure(step).map(|mut r| {
+        r.seconds = started.elapsed().as_secs_f64();
+        r
+    });
+    if result.is_err() {
+        for n in &b.cluster.nodes {
+            if let Some(a) = &n.agent {
+                eprintln!(
+                    "[{}] last lines of the agent of {}:\n{}",
+                    b.label,
+                    n.name,
+                    a.tail(30)
+                );
+            }
+        }
+    }
+    b.cluster.down().context("tear the cluster down")?;
+    result
+}
+
+impl Bench<'_> {
+    /// Runs the client in the client pod; returns what it printed.
+    fn client(&self, args: &[String]) -> Result<Sample> {
+        let pod = self.cluster.pod("bench/client")?;
+        let out = crate::cluster::command_in(&self.opts.exe, &pod.cgroup, &pod.netns_path())?
+            .arg("client")
+            .arg(self.proto.name())
+            .args(args)
+            .output()
+            .context("run the bench client")?;
+        ensure!(
+            out.status.success(),
+            "client {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        serde_json::from_slice(&out.stdout).context("the client's JSON")
+    }
+
+    fn rr(&self, size: usize, n: u64) -> Result<Sample> {
+        self.client(&strings(&[
+            "rr",
+            &self.echo,
+            &size.to_string(),
+            &n.to_string(),
+        ]))
+    }
+
+    fn fixed(&self, size: usize) -> Result<Sample> {
+        let p = &self.opts.plan;
+        let rate = p.fixed_rate.to_string();
+        let ms = p.fixed_ms.to_string();
+        self.client(&strings(&[
+            "fixed",
+            &self.echo,
+            &size.to_string(),
+            &rate,
+            &ms,
+        ]))
+    }
+
+    fn bulk(&self, bytes: u64) -> Result<Sample> {
+        self.client(&strings(&["bulk", &self.sink, &bytes.to_string()]))
+    }
+
+    /// Waits until every agent serves its node's pods (enrolled, listeners open), then until
+    /// round trips go through (configuration, certificates, server up).
+    fn wait_ready(&self, mesh: bool) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while mesh && !self.all_enrolled() {
+            ensure!(
+                Instant::now() < deadline,
+                "{}: the agents never served every pod",
+                self.label
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        loop {
+            match self.rr(1, 1) {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(e.context(format!("{}: never ready", self.label)));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    }
+
+    /// Whether each agent lists every pod of its node in `/debug/pods`.
+    fn all_enrolled(&self) -> bool {
+        self.cluster.nodes.iter().all(|n| {
+            let Ok(pods) = self.cluster.agent_admin(&n.name, "/debug/pods") else {
+                return false;
+            };
+            self.cluster
+                .pods
+                .iter()
+                .filter(|p| p.node == n.name)
+                .all(|p| pods.contains(&format!("\"{}\"", p.key())))
+        })
+    }
+
+    fn agent_pids(&self) -> Vec<u32> {
+        self.cluster
+            .nodes
+            .iter()
+            .filter_map(|n| n.agent.as_ref().map(|a| a.pid()))
+            .collect()
+    }
+
+    fn cpu_secs(&self) -> f64 {
+        self.agent_pids().into_iter().filter_map(cpu_secs).sum()
+    }
+
+    fn rss_mib(&self) -> f64 {
+        self.agent_pids().into_iter().filter_map(rss_mib).sum()
+    }
+
+    /// The summed counters of every agent.
+    fn counters(&self) -> Result<Counters> {
+        let mut c = Counters::default();
+        for n in &self.cluster.nodes {
+            let text = self.cluster.agent_admin(&n.name, "/metrics")?;
+            c.add(&text);
+        }
+        Ok(c)
+    }
+
+    fn measure(&self, step: &Step) -> Result<StepResult> {
+        let plan = &self.opts.plan;
+        self.wait_ready(step.capture != Capture::None)?;
+        let mut r = StepResult {
+            id: step.id,
+            key: step.key.into(),
+            title: step.title.into(),
+            datapath: Datapath {
+                mesh: step.capture != Capture::None,
+                capture: format!("{:?}", step.capture).to_lowercase(),
+                skmsg: step.skmsg,
+                same_node: if step.same_node_hbone {
+                    "hbone"
+                } else {
+                    "in-process"
+                }
+                .into(),
+                protocol: step.proto,
+                cross_node: step.cross_node,
+                agents: self.agent_pids().len(),
+            },
+            values: BTreeMap::new(),
+            rss_mib: BTreeMap::new(),
+            proxy: ProxyCounters::default(),
+            seconds: 0.0,
+        };
+        let before = self.counters()?;
+        r.rss_mib.insert("idle".into(), self.rss_mib());
+        eprintln!("[{}] warm-up", self.label);
+        self.bulk(plan.bulk / 4)?;
+        self.rr(1024, plan.rr)?;
+        let mut push = |k: &str, v: f64| r.values.entry(k.to_string()).or_default().push(v);
+        for rep in 0..plan.reps {
+            eprintln!("[{}] repetition {}/{}", self.label, rep + 1, plan.reps);
+            let cpu = self.cpu_secs();
+            let bulk = self.bulk(plan.bulk)?;
+            let cpu_bulk = self.cpu_secs() - cpu;
+            push("bulk_mb_s", bulk.mb_per_s);
+            push("cpu_s_per_gb", cpu_bulk / (bulk.bytes as f64 / 1e9));
+            let cpu = self.cpu_secs();
+            let mut requests = 0;
+            for (size, name) in [(1, "1b"), (1024, "1kb")] {
+                let max = self.rr(size, plan.rr)?;
+                let fixed = self.fixed(size)?;
+                for (s, mode) in [(&max, "max"), (&fixed, "fixed")] {
+                    push(&format!("{name}_{mode}_p50"), s.p50);
+                    push(&format!("{name}_{mode}_p90"), s.p90);
+                    push(&format!("{name}_{mode}_p99"), s.p99);
+                    push(&format!("{name}_{mode}_p999"), s.p999);
+                    push(&format!("{name}_{mode}_per_s"), s.per_s);
+                    requests += s.requests;
+                }
+            }
+            push(
+                "cpu_s_per_10k_req",
+                (self.cpu_secs() - cpu) / requests as f64 * 10_000.0,
+            );
+        }
+        if !r.datapath.mesh {
+            // No agent carried anything: its CPU figures would only be noise.
+            r.values.retain(|k, _| !k.starts_with("cpu_"));
+        }
+        r.rss_mib.insert("loaded".into(), self.rss_mib());
+        let held = self.while_held(plan.held, || self.rss_mib())?;
+        r.rss_mib.insert("held".into(), held);
+        let after = self.counters()?;
+        r.proxy = after.since(&before);
+        if step.capture == Capture::Iptables {
+            r.proxy.iptables_redirected = Some(self.iptables_redirected()?);
+        }
+        Ok(r)
+    }
+
+    /// Runs `measure` while the client pod holds `n` connections open.
+    fn while_held<T>(&self, n: usize, measure: impl FnOnce() -> T) -> Result<T> {
+        let pod = self.cluster.pod("bench/client")?;
+        let mut child = crate::cluster::command_in(&self.opts.exe, &pod.cgroup, &pod.netns_path())?
+            .args([
+                "client",
+                self.proto.name(),
+                "hold",
+                &self.echo,
+                &n.to_string(),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("run the hold client")?;
+        let mut line = String::new();
+        let mut out = BufReader::new(child.stdout.take().context("stdout")?);
+        out.read_line(&mut line)?;
+        ensure!(line.trim() == "held", "could not hold {n} connections");
+        let v = measure();
+        drop(child.stdin.take());
+        ensure!(child.wait()?.success(), "the hold client failed");
+        Ok(v)
+    }
+
+    /// In the client pod: the proxy's own connections pass, TCP to the pod network is
+    /// redirected to the proxy's outbound listener.
+    fn iptables_redirect(&self) -> Result<()> {
+        let pod = self.cluster.pod("bench/client")?;
+        let mount = mesh_agent::cgroup::v2_mount().context("cgroup v2")?;
+        let agent_cg = &self.cluster.nodes[0].agent_cgroup;
+        let rel = agent_cg.strip_prefix(&mount).context("agent cgroup")?;
+        let ports: Vec<String> = PORTS.iter().map(u16::to_string).collect();
+        let (rel, ports) = (rel.display().to_string(), ports.join(","));
+        for rule in [
+            &["-m", "cgroup", "--path", &rel, "-j", "RETURN"][..],
+            &[
+                "-m",
+                "multiport",
+                "--dports",
+                &ports,
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                "15001",
+            ],
+        ] {
+            let mut argv = vec!["ip", "netns", "exec", &pod.netns, "iptables", "-t", "nat"];
+            argv.extend(["-A", "OUTPUT", "-p", "tcp", "-d", "10.244.0.0/16"]);
+            argv.extend_from_slice(rule);
+            sh(&argv)?;
+        }
+        Ok(())
+    }
+
+    fn iptables_redirected(&self) -> Result<u64> {
+        let pod = self.cluster.pod("bench/client")?;
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &pod.netns, "iptables", "-t", "nat"])
+            .args(["-L", "OUTPUT", "-n", "-v", "-x"])
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .find(|l| l.contains("REDIRECT"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .context("no REDIRECT rule in the client pod")
+    }
+}
+
+fn strings(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}
+
+fn sh(argv: &[&str]) -> Result<()> {
+    let out = std::process::Command::new(argv[0])
+        .args(&argv[1..])
+        .output()
+        .with_context(|| format!("run {}", argv[0]))?;
+    if !out.status.success() {
+        bail!(
+            "`{}`: {}",
+            argv.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// User plus system CPU seconds of a process, all its threads (`/proc/<pid>/stat`).
+pub fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may hold spaces: state is field 3, utime 14.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf(3) has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Some(ticks / if hz > 0 { hz as f64 } else { 100.0 })
+}
+
+/// Resident memory of a process, MiB.
+pub fn rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Sums of the agents' Prometheus counters that show traffic through the proxy.
+#[derive(Debug, Default)]
+struct Counters {
+    connections: f64,
+    bytes: f64,
+    requests: f64,
+    /// Connections opened and requests by `mesh_path` label.
+    paths: BTreeMap<String, f64>,
+    /// Requests by `route` label (the policy rule that admitted them).
+    routes: BTreeMap<String, f64>,
+}
+
+impl Counters {
+    fn add(&mut self, text: &str) {
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(v) = value.parse::<f64>() else {
+                continue;
+            };
+            let name = series.split('{').next().unwrap_or_default();
+            match name {
+                "istio_tcp_connections_opened_total" => {
+                    self.connections += v;
+                    let path = label(series, "mesh_path").unwrap_or("unknown");
+                    *self.paths.entry(path.to_string()).or_default() += v;
+                }
+                "istio_tcp_received_bytes_total" | "istio_tcp_sent_bytes_total" => {
+                    self.bytes += v;
+                }
+                "istio_requests_total" => {
+                    self.requests += v;
+                    let path = label(series, "mesh_path").unwrap_or("unknown");
+                    *self.paths.entry(path.to_string()).or_default() += v;
+                    let route = label(series, "route").unwrap_or("unknown");
+                    *self.routes.entry(route.to_string()).or_default() += v;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn since(&self, before: &Counters) -> ProxyCounters {
+        let grew = |now: &BTreeMap<String, f64>, then: &BTreeMap<String, f64>| {
+            now.iter()
+                .filter(|(k, v)| **v > then.get(*k).copied().unwrap_or(0.0))
+                .map(|(k, _)| k.clone())
+                .collect::<BTreeSet<String>>()
+                .into_iter()
+                .filter(|k| k != "unknown")
+                .collect()
+        };
+        ProxyCounters {
+            connections: (self.connections - before.connections) as u64,
+            bytes: (self.bytes - before.bytes) as u64,
+            requests: (self.requests - before.requests) as u64,
+            paths: grew(&self.paths, &before.paths),
+            routes: grew(&self.routes, &before.routes),
+            iptables_redirected: None,
+        }
+    }
+}
+
+fn label<'a>(series: &'a str, name: &str) -> Option<&'a str> {
+    let start = series.find(&format!("{name}=\""))? + name.len() + 2;
+    let len = series[start..].find('"')?;
+    Some(&series[start..start + len])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_sum_every_series_and_name_the_paths() {
+        let mut before = Counters::default();
+        before
+            .add("istio_tcp_connections_opened_total{reporter=\"source\",mesh_path=\"hbone\"} 2\n");
+        let mut after = Counters::default();
+        after.add(
+            "# TYPE istio_tcp_connections_opened_total counter\n\
+             istio_tcp_connections_opened_total{reporter=\"source\",mesh_path=\"hbone\"} 5\n\
+             istio_tcp_connections_opened_total{reporter=\"destination\",mesh_path=\"same_node\"} 0\n\
+             istio_tcp_received_bytes_total{reporter=\"source\"} 100\n\
+             istio_tcp_sent_bytes_total{reporter=\"source\"} 20\n",
+        );
+        let d = after.since(&before);
+        assert_eq!((d.connections, d.bytes, d.requests), (3, 120, 0));
+        assert_eq!(d.paths, ["hbone"]);
+    }
+
+    #[test]
+    fn every_step_has_its_own_number_and_key() {
+        let ids: BTreeSet<u8> = STEPS.iter().map(|s| s.id).collect();
+        let keys: BTreeSet<&str> = STEPS.iter().map(|s| s.key).collect();
+        assert_eq!((ids.len(), keys.len()), (STEPS.len(), STEPS.len()));
+        assert!(STEPS.iter().filter(|s| !s.extra).count() == 8);
+    }
+}

@@ -1,0 +1,196 @@
+//! The performance ladder: what the mesh costs, hop by hop, on this machine (root).
+//!
+//! ```text
+//! mesh-bench run [--fast] [--steps 1,2,...] [--json FILE] [--markdown FILE] [--compare OLD.json]
+//! mesh-bench compare OLD.json NEW.json
+//! ```
+//!
+//! `client` and `serve` are the halves that run inside the pods. See `benches/README.md`.
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use mesh_tests::bench::{
+    client,
+    env::Environment,
+    ladder::{self, Options, Plan, STEPS},
+    report::{self, Report},
+    server,
+};
+use mesh_tests::cluster::Binaries;
+
+#[derive(Parser)]
+#[command(
+    name = "mesh-bench",
+    about = "The mesh's performance ladder on this machine"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the ladder (root): each step on a fresh simulated cluster.
+    Run {
+        /// The fast mode (under 2 minutes): fewer repetitions, shorter runs.
+        #[arg(long)]
+        fast: bool,
+        /// Only these steps (numbers, comma-separated); default: 1-8, plus 9 in the full mode.
+        #[arg(long, value_delimiter = ',')]
+        steps: Vec<u8>,
+        /// Override the plan's number of repetitions.
+        #[arg(long)]
+        reps: Option<usize>,
+        /// Write the results as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write the markdown report here (it is printed either way).
+        #[arg(long)]
+        markdown: Option<PathBuf>,
+        /// Print ratios against an earlier run's JSON.
+        #[arg(long)]
+        compare: Option<PathBuf>,
+        /// Prefix of the clusters' namespaces, cgroups and pins (each step appends its number).
+        #[arg(long, default_value = "mbench")]
+        prefix: String,
+    },
+    /// Print the ratios of a run's medians to an earlier run's.
+    Compare { old: PathBuf, new: PathBuf },
+    /// The load generator, inside the client pod.
+    #[command(hide = true)]
+    Client {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// The server, the server pod's application.
+    #[command(hide = true)]
+    Serve {
+        #[arg(long)]
+        ip: String,
+        #[arg(long)]
+        name: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(64)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let result = match cli.command {
+        Command::Client { args } => client::main(&args),
+        Command::Serve { ip, name } => server::serve(&ip, &name),
+        Command::Compare { old, new } => {
+            read(&old).and_then(|o| read(&new).map(|n| print!("{}", report::compare(&o, &n))))
+        }
+        Command::Run {
+            fast,
+            steps,
+            reps,
+            json,
+            markdown,
+            compare,
+            prefix,
+        } => {
+            if !nix::unistd::geteuid().is_root() {
+                eprintln!(
+                    "mesh-bench: needs root: each step builds a simulated cluster (network \
+                     namespaces, cgroups, eBPF programs). Run it with sudo."
+                );
+                return ExitCode::from(77);
+            }
+            let mut plan = if fast { Plan::fast() } else { Plan::full() };
+            if let Some(r) = reps {
+                plan.reps = r.max(1);
+            }
+            run(plan, &steps, &prefix).and_then(|r| {
+                let md = r.markdown();
+                print!("{md}");
+                if let Some(path) = json {
+                    std::fs::write(&path, serde_json::to_string_pretty(&r)?)
+                        .with_context(|| format!("write {}", path.display()))?;
+                }
+                if let Some(path) = markdown {
+                    std::fs::write(&path, &md)
+                        .with_context(|| format!("write {}", path.display()))?;
+                }
+                if let Some(old) = compare {
+                    print!("\n{}", report::compare(&read(&old)?, &r));
+                }
+                Ok(())
+            })
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mesh-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn read(path: &PathBuf) -> Result<Report> {
+    let text = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+    serde_json::from_slice(&text)
+        .with_context(|| format!("{} is not a ladder report", path.display()))
+}
+
+fn run(plan: Plan, only: &[u8], prefix: &str) -> Result<Report> {
+    if let Some(bad) = only.iter().find(|id| !STEPS.iter().any(|s| s.id == **id)) {
+        bail!("there is no step {bad} (steps 1 to {})", STEPS.len());
+    }
+    let full = plan.name == "full";
+    let steps: Vec<_> = STEPS
+        .iter()
+        .filter(|s| {
+            if only.is_empty() {
+                full || !s.extra
+            } else {
+                only.contains(&s.id)
+            }
+        })
+        .collect();
+    let exe = std::env::current_exe().context("this binary's path")?;
+    let dir = exe.parent().context("this binary's directory")?;
+    let bins = Binaries {
+        agent: dir.join("mesh-agent"),
+        controller: dir.join("mesh-controller"),
+        apps: dir.to_path_buf(),
+    };
+    for b in [&bins.agent, &bins.controller] {
+        if !b.exists() {
+            bail!(
+                "{} is missing: build it with `cargo build -p mesh-tests --bins` (add --release \
+                 for the figures worth keeping)",
+                b.display()
+            );
+        }
+    }
+    let mut environment = Environment::record();
+    let opts = Options {
+        plan,
+        bins,
+        exe: exe.clone(),
+        prefix: prefix.into(),
+    };
+    let mut results = Vec::new();
+    for step in steps {
+        results.push(ladder::run_step(step, &opts)?);
+    }
+    environment.finish();
+    Ok(Report {
+        environment,
+        plan: opts.plan,
+        steps: results,
+    })
+}

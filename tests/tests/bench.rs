@@ -1,0 +1,100 @@
+//! The performance ladder's fast mode as a privileged test: every step produces plausible
+//! figures, and the mesh steps went through the proxy as the agents' counters show. The
+//! figures themselves are not asserted (this is a debug build on a shared machine).
+use std::process::Command;
+
+use mesh_tests::bench::report::{Report, StepResult, median};
+use mesh_tests::privileged;
+
+fn values<'a>(s: &'a StepResult, key: &str) -> &'a [f64] {
+    s.values
+        .get(key)
+        .unwrap_or_else(|| panic!("step {} has no {key}", s.id))
+}
+
+#[test]
+fn the_fast_ladder_measures_every_step_and_the_mesh_steps_cross_the_proxy() {
+    if !privileged("the_fast_ladder_measures_every_step_and_the_mesh_steps_cross_the_proxy") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("ladder.json");
+    // One repetition keeps the debug build's run short; the plan is otherwise the fast mode's.
+    let out = Command::new(env!("CARGO_BIN_EXE_mesh-bench"))
+        .args(["run", "--fast", "--reps", "1", "--prefix"])
+        .arg(format!("{}b", mesh_tests::prefix()))
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .expect("run mesh-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "mesh-bench failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("| kernel |"),
+        "no environment header:\n{stdout}"
+    );
+    let report: Report =
+        serde_json::from_slice(&std::fs::read(&json).expect("the JSON")).expect("a report");
+    let ids: Vec<u8> = report.steps.iter().map(|s| s.id).collect();
+    assert_eq!(
+        ids,
+        [1, 2, 3, 4, 5, 6, 7, 8],
+        "the fast mode runs the eight steps"
+    );
+    assert!(!report.environment.kernel.is_empty() && report.environment.cpus > 0);
+
+    for s in &report.steps {
+        let bulk = median(values(s, "bulk_mb_s")).expect("a throughput");
+        assert!(bulk > 0.0, "step {}: throughput {bulk}", s.id);
+        for series in ["1b_fixed", "1b_max", "1kb_fixed", "1kb_max"] {
+            let p50 = values(s, &format!("{series}_p50"));
+            let p99 = values(s, &format!("{series}_p99"));
+            for (a, b) in p50.iter().zip(p99) {
+                assert!(
+                    *a > 0.0 && a <= b,
+                    "step {} {series}: p50 {a} p99 {b}",
+                    s.id
+                );
+            }
+            let rate = median(values(s, &format!("{series}_per_s"))).expect("a rate");
+            assert!(rate > 0.0, "step {} {series}: {rate} req/s", s.id);
+        }
+        let p = &s.proxy;
+        if !s.datapath.mesh {
+            assert_eq!(p.connections + p.requests, 0, "step {} is not meshed", s.id);
+            continue;
+        }
+        assert!(
+            p.connections + p.requests > 0 && p.bytes + p.requests > 0,
+            "step {}: the agents counted nothing: {p:?}",
+            s.id
+        );
+        let expected = if s.datapath.cross_node {
+            "hbone"
+        } else {
+            "same_node"
+        };
+        assert!(
+            p.paths.iter().any(|x| x == expected),
+            "step {}: no {expected} traffic in the agents' counters: {p:?}",
+            s.id
+        );
+        let cpu = median(values(s, "cpu_s_per_10k_req")).expect("CPU per request");
+        assert!(cpu >= 0.0, "step {}: CPU {cpu}", s.id);
+        assert!(
+            s.rss_mib.get("idle").is_some_and(|m| *m > 0.0),
+            "step {}: RSS",
+            s.id
+        );
+    }
+    let iptables = report.step(3).expect("step 3");
+    assert!(
+        iptables.proxy.iptables_redirected.is_some_and(|n| n > 0),
+        "the iptables step's REDIRECT rule matched nothing: {:?}",
+        iptables.proxy
+    );
+}
