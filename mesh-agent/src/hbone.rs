@@ -33,8 +33,8 @@ mod tests;
 
 pub use authority::{AuthorityError, parse_authority};
 pub use pool::{Dialer, HbonePool, PoolConfig};
-pub use server::{ConnectHandler, HboneServer, Refusal, ServerConfig};
-pub use stream::HboneStream;
+pub use server::{Carry, ConnectHandler, HboneServer, Refusal, ServerConfig};
+pub use stream::{HboneStream, ServerStream};
 
 /// The port destination pods accept HBONE on.
 pub const HBONE_PORT: u16 = 15008;

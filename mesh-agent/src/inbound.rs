@@ -23,7 +23,7 @@ use mesh_core::policy::{Conn, Permit, authorize};
 use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::hbone::{ConnectHandler, Refusal};
+use crate::hbone::{Carry, ConnectHandler, Refusal};
 use crate::l7::{is_l7, pod_port_protocol};
 use crate::proxy::{RelayError, relay};
 use crate::state::StateStore;
@@ -227,6 +227,24 @@ impl PodInbound {
         caller: Caller,
         authority: SocketAddr,
     ) -> Result<InboundStream, Rejection> {
+        match self.admit_carried(caller, authority).await? {
+            Admitted::App(app) => Ok(InboundStream::Tcp(app)),
+            Admitted::Http(http) => {
+                let (near, far) = tokio::io::duplex(HTTP_PIPE_BUFFER);
+                let (http, guard) = *http;
+                tokio::spawn(http.serve(Metered::new(far, guard, Side::Source)));
+                Ok(InboundStream::Http(near))
+            }
+        }
+    }
+
+    /// [`PodInbound::admit`] up to how the connection is carried: to the application it is
+    /// connected to, or by the pod's [`InboundHttp`] with the connection's accounting.
+    async fn admit_carried(
+        &self,
+        caller: Caller,
+        authority: SocketAddr,
+    ) -> Result<Admitted, Rejection> {
         let config = self.store.current();
         let mut meta = ConnMeta::new(
             self.pod.clone(),
@@ -250,8 +268,7 @@ impl PodInbound {
             &self.pod,
             target.port(),
         )) {
-            let (near, far) = tokio::io::duplex(HTTP_PIPE_BUFFER);
-            let far = Metered::new(far, self.telemetry.open(meta.clone()), Side::Source);
+            let guard = self.telemetry.open(meta.clone());
             let http = InboundHttp::new(
                 self.pod.clone(),
                 self.store.clone(),
@@ -261,8 +278,7 @@ impl PodInbound {
                 target,
                 meta,
             );
-            tokio::spawn(http.serve(far));
-            return Ok(InboundStream::Http(near));
+            return Ok(Admitted::Http(Box::new((http, guard))));
         }
         let mut guard = self.telemetry.open(meta);
         let dialed = tokio::time::timeout(APP_CONNECT_TIMEOUT, (self.dial)(target))
@@ -274,11 +290,7 @@ impl PodInbound {
                 ))
             });
         match dialed {
-            Ok(app) => Ok(InboundStream::Tcp(Metered::new(
-                app,
-                guard,
-                Side::Destination,
-            ))),
+            Ok(app) => Ok(Admitted::App(Metered::new(app, guard, Side::Destination))),
             Err(e) => {
                 let rejection = Rejection::new(
                     UNAVAILABLE,
@@ -294,6 +306,68 @@ impl PodInbound {
             }
         }
     }
+}
+
+/// An admitted connection, before it is carried.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // One per connection, moved once.
+pub enum Admitted {
+    /// Connected to the application (L4).
+    App(Metered<TcpStream>),
+    /// For the pod's request handler (L7), with the connection's accounting.
+    Http(Box<(InboundHttp, ConnGuard)>),
+}
+
+/// Only [`Admitted::App`] carries bytes itself; an HBONE stream for [`Admitted::Http`] is
+/// handed to the request handler by [`ConnectHandler::carry`] and never read through this.
+impl AsyncRead for Admitted {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Admitted::App(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Admitted::Http(_) => std::task::Poll::Ready(Err(not_a_stream())),
+        }
+    }
+}
+
+impl AsyncWrite for Admitted {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Admitted::App(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Admitted::Http(_) => std::task::Poll::Ready(Err(not_a_stream())),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Admitted::App(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Admitted::Http(_) => std::task::Poll::Ready(Err(not_a_stream())),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Admitted::App(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Admitted::Http(_) => std::task::Poll::Ready(Err(not_a_stream())),
+        }
+    }
+}
+
+fn not_a_stream() -> std::io::Error {
+    std::io::Error::other("an L7 connection is served by its request handler, not copied")
 }
 
 /// Buffer of the in-memory pipe between an admitted connection and its [`InboundHttp`].
@@ -364,12 +438,23 @@ impl AsyncWrite for InboundStream {
 }
 
 impl ConnectHandler for PodInbound {
-    type Io = InboundStream;
+    type Io = Admitted;
 
     async fn connect(&self, peer: SpiffeId, authority: SocketAddr) -> Result<Self::Io, Refusal> {
-        self.admit(Caller::hbone(peer), authority)
+        self.admit_carried(Caller::hbone(peer), authority)
             .await
             .map_err(Refusal::from)
+    }
+
+    /// Requests on an L7 port are read straight off the HBONE stream.
+    fn carry(io: Admitted) -> Carry<Admitted> {
+        match io {
+            Admitted::Http(http) => Carry::Serve(Box::new(move |stream| {
+                let (http, guard) = *http;
+                Box::pin(http.serve(Metered::new(stream, guard, Side::Source)))
+            })),
+            app @ Admitted::App(_) => Carry::Splice(app),
+        }
     }
 }
 

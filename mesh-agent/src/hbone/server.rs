@@ -26,7 +26,7 @@ use tokio_rustls::server::TlsStream;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::pool::MAX_WINDOW;
-use super::stream::{RecvHalf, SendHalf, splice};
+use super::stream::{RecvHalf, SendHalf, ServerStream, splice};
 use super::{
     DEFAULT_CONNECTION_WINDOW, DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_HEADER_LIST_SIZE,
     DEFAULT_MAX_SEND_BUFFER, DEFAULT_STREAM_WINDOW, HboneError, REASON_HEADER, Stats,
@@ -66,6 +66,21 @@ pub trait ConnectHandler: Send + Sync + 'static {
         peer: SpiffeId,
         authority: SocketAddr,
     ) -> impl Future<Output = Result<Self::Io, Refusal>> + Send;
+
+    /// How an admitted stream is carried once answered 200: copied both ways to `io` (the
+    /// default), or served by the handler itself (the L7 proxy reads requests straight off
+    /// the stream).
+    fn carry(io: Self::Io) -> Carry<Self::Io> {
+        Carry::Splice(io)
+    }
+}
+
+/// What the server does with an admitted stream (see [`ConnectHandler::carry`]).
+pub enum Carry<Io> {
+    /// Copy between the stream and `Io` until both sides ended.
+    Splice(Io),
+    /// Hand the stream over: the future serves it to its end.
+    Serve(Box<dyn FnOnce(ServerStream) -> futures::future::BoxFuture<'static, ()> + Send>),
 }
 
 impl<F, Fut, Io> ConnectHandler for F
@@ -420,7 +435,15 @@ impl<H: ConnectHandler> Tunnel<H> {
         Stats::inc(&self.stats.streams_opened);
         debug!(src.id = %peer, dst = %authority, "HBONE tunnel open");
         let (send, recv) = (SendHalf::new(send), RecvHalf::new(request.into_body()));
-        let copied = splice(send, recv, app, self.config.idle_timeout, &self.stats).await;
+        let copied = match H::carry(app) {
+            Carry::Splice(app) => {
+                splice(send, recv, app, self.config.idle_timeout, &self.stats).await
+            }
+            Carry::Serve(serve) => {
+                serve(ServerStream::new(send, recv, self.stats.clone())).await;
+                Ok(())
+            }
+        };
         Stats::inc(&self.stats.streams_closed);
         match copied {
             Ok(()) => debug!(src.id = %peer, dst = %authority, "HBONE tunnel closed"),

@@ -263,6 +263,65 @@ impl AsyncWrite for HboneStream {
     }
 }
 
+// === ServerStream ===
+
+/// An accepted stream as bytes, for a handler that serves it itself (see
+/// [`super::server::Carry::Serve`]): reads what the caller sends, writes the answer.
+/// `shutdown` sends END_STREAM; dropping it before both sides ended resets the stream.
+pub struct ServerStream {
+    send: SendHalf,
+    recv: RecvHalf,
+    stats: Arc<Stats>,
+}
+
+impl ServerStream {
+    pub(super) fn new(send: SendHalf, recv: RecvHalf, stats: Arc<Stats>) -> Self {
+        ServerStream { send, recv, stats }
+    }
+}
+
+impl std::fmt::Debug for ServerStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerStream")
+            .field("stream_id", &self.send.inner.stream_id().as_u32())
+            .finish()
+    }
+}
+
+impl AsyncRead for ServerStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let n = ready!(this.recv.poll_read(cx, buf))?;
+        Stats::add(&this.stats.bytes_received, n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for ServerStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let n = ready!(this.send.poll_write(cx, buf))?;
+        Stats::add(&this.stats.bytes_sent, n);
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(self.get_mut().send.shutdown())
+    }
+}
+
 // === splice ===
 
 /// Copies between a server-side stream and the application connection until both directions

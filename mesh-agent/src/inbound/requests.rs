@@ -46,6 +46,16 @@ pub struct InboundHttp {
     app: Upstreams,
 }
 
+impl std::fmt::Debug for InboundHttp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InboundHttp")
+            .field("pod", &self.pod)
+            .field("caller", &self.caller)
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
 impl InboundHttp {
     pub fn new(
         pod: NamespacedName,

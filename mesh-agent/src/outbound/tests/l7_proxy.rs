@@ -133,10 +133,16 @@ struct Mesh {
     hits: Hits,
     source_metrics: Registry,
     destination_metrics: Registry,
+    _registrations: Vec<crate::local::Registration>,
 }
 
 /// The two-node mesh; `routes` are node-a's Gateway API routes (none: the 90/10 split applies).
 async fn mesh(routes: Vec<Route>) -> Mesh {
+    mesh_with(routes, false).await
+}
+
+/// `same_node`: the api pods are pods of web-0's agent, reached in process.
+async fn mesh_with(routes: Vec<Route>, same_node: bool) -> Mesh {
     let ca = TestCa::new("l7-test-ca");
     let hour = Duration::from_secs(3600);
     let (a_mgr, _) = manager(&TestSigner::new(ca.clone(), hour));
@@ -246,6 +252,8 @@ async fn mesh(routes: Vec<Route>) -> Mesh {
     let destination = Telemetry::new(&mut destination_metrics);
     let store = crate::state::holding(&node_b);
     let mut hbone = std::collections::HashMap::new();
+    let local = Arc::new(crate::local::LocalPods::default());
+    let mut registrations = vec![];
     for pod in [&v1, &v2] {
         let inbound = PodInbound {
             pod: pod.name.clone(),
@@ -253,6 +261,12 @@ async fn mesh(routes: Vec<Route>) -> Mesh {
             dial: Arc::new(|addr| Box::pin(TcpStream::connect(addr))),
             telemetry: destination.clone(),
         };
+        if same_node {
+            registrations.push(local.register(crate::local::LocalPod {
+                ip: pod.ips[0],
+                inbound: inbound.clone(),
+            }));
+        }
         let tls = tls::server_config(b_mgr.clone(), id(API)).expect("server TLS");
         let server =
             Arc::new(HboneServer::new(tls, inbound, ServerConfig::default()).expect("server"));
@@ -271,14 +285,17 @@ async fn mesh(routes: Vec<Route>) -> Mesh {
     });
     let pool = HbonePool::with_dialer(a_mgr, PoolConfig::default(), dialer).expect("pool");
     let mut source_metrics = Registry::default();
-    let outbound = Arc::new(PodOutbound::new(
-        web0.name.clone(),
-        crate::state::holding(&node_a),
-        pool,
-        Arc::new(|addr| Box::pin(TcpStream::connect(addr))),
-        OutboundConfig::default(),
-        Telemetry::new(&mut source_metrics),
-    ));
+    let outbound = Arc::new(
+        PodOutbound::new(
+            web0.name.clone(),
+            crate::state::holding(&node_a),
+            pool,
+            Arc::new(|addr| Box::pin(TcpStream::connect(addr))),
+            OutboundConfig::default(),
+            Telemetry::new(&mut source_metrics),
+        )
+        .with_local_pods(local),
+    );
     let mut captures = vec![];
     for dst in [HTTP_VIP, GRPC_VIP] {
         let capture = TcpListener::bind("127.0.0.1:0").await.expect("bind 15001");
@@ -297,6 +314,7 @@ async fn mesh(routes: Vec<Route>) -> Mesh {
         hits,
         source_metrics,
         destination_metrics,
+        _registrations: registrations,
     }
 }
 
@@ -701,5 +719,30 @@ async fn malformed_requests_are_refused_and_never_reach_the_app() {
     assert_eq!(
         call(&mut c, Method::GET, "/api/ok", &[]).await.0,
         StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn requests_to_a_pod_of_the_same_agent_are_checked_the_same_way() {
+    let mesh = mesh_with(vec![], true).await;
+    let mut c = client(mesh.http).await;
+    let (status, body) = call(&mut c, Method::GET, "/api/local", &[]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains(&format!("xfcc=By={API};URI={WEB}")), "{body}");
+    let (status, body) = call(&mut c, Method::GET, "/admin", &[]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(hits_of(&mesh, "GET /admin"), 0);
+    let source = encode(&mesh.source_metrics);
+    assert_eq!(
+        sample(
+            &source,
+            "istio_requests_total",
+            &[
+                ("mesh_path", "same_node"),
+                ("connection_security_policy", "node_local")
+            ]
+        ),
+        2,
+        "{source}"
     );
 }
