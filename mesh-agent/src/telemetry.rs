@@ -22,6 +22,13 @@
 //! - `mesh_tcp_connections_denied_total{reporter, source_principal, destination_workload,
 //!   destination_workload_namespace, reason}`: refusals by policy; `reason` is a stable kind.
 //!
+//! On HTTP ports each request is also recorded ([`Telemetry::request`]):
+//! `istio_requests_total` and `istio_request_duration_milliseconds` (from the request's head
+//! to the response's head), with the labels above plus `request_protocol` (`http`, `grpc`),
+//! `response_code`, `grpc_response_status` (from a trailers-only answer, else empty) and
+//! `route` (the HTTPRoute rule or TrafficSplit that routed it on the source's side, the
+//! TrafficTarget match that allowed it on the destination's).
+//!
 //! `mesh_path` says how the bytes travelled and `connection_security_policy` what protected
 //! them:
 //!
@@ -70,6 +77,12 @@
 //! `bytes.to_dst`, `bytes.to_src`, `duration_ms`, `verdict` (`allowed` or `denied`), `reason`
 //! (the stable kind of a denial or failure, else `-`), `flags` (the response flag) and
 //! `detail` (the human-readable cause, else `-`).
+//!
+//! Each request on an HTTP port writes one more `INFO` event with target [`ACCESS_LOG`]
+//! (message `request`): `pod`, `direction`, `path`, the peers' identities, workloads and
+//! service, `http.method`, `http.path`, `http.protocol`, `http.status`, `grpc.status`,
+//! `route`, `attempts`, `duration_ms`, `flags`, `reason` and `detail`; one request in
+//! [`Telemetry::log_requests_every`] when sampled.
 //!
 //! The same record is also kept in memory: the last [`RECENT_CONNECTIONS`] ended connections,
 //! numbered in order ([`Telemetry::recent`]), for `/debug/flows`.
