@@ -232,7 +232,7 @@ impl PodInbound {
             Admitted::Http(http) => {
                 let (near, far) = tokio::io::duplex(HTTP_PIPE_BUFFER);
                 let (http, guard) = *http;
-                tokio::spawn(http.serve(Metered::new(far, guard, Side::Source)));
+                tokio::spawn(http.serve(Metered::new(far, guard, Side::Source), L7_IDLE_TIMEOUT));
                 Ok(InboundStream::Http(near))
             }
         }
@@ -370,6 +370,10 @@ fn not_a_stream() -> std::io::Error {
     std::io::Error::other("an L7 connection is served by its request handler, not copied")
 }
 
+/// How long an HTTP connection admitted from another pod may stay without a byte either way
+/// (the source's proxy applies the operator's `--idle-timeout` to its side).
+const L7_IDLE_TIMEOUT: Duration = crate::config::DEFAULT_IDLE_TIMEOUT;
+
 /// Buffer of the in-memory pipe between an admitted connection and its [`InboundHttp`].
 const HTTP_PIPE_BUFFER: usize = 256 * 1024;
 
@@ -451,7 +455,7 @@ impl ConnectHandler for PodInbound {
         match io {
             Admitted::Http(http) => Carry::Serve(Box::new(move |stream| {
                 let (http, guard) = *http;
-                Box::pin(http.serve(Metered::new(stream, guard, Side::Source)))
+                Box::pin(http.serve(Metered::new(stream, guard, Side::Source), L7_IDLE_TIMEOUT))
             })),
             app @ Admitted::App(_) => Carry::Splice(app),
         }
@@ -529,7 +533,7 @@ impl PlaintextInbound {
                 dst,
                 meta,
             );
-            http.serve(conn).await;
+            http.serve(conn, self.idle_timeout).await;
             return Ok((0, 0));
         }
         let mut conn = Metered::new(conn, self.telemetry.open(meta), Side::Source);

@@ -40,12 +40,14 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use mesh_core::model::{NamespacedName, NodeSnapshot, Protocol};
 use mesh_core::policy::HeaderLookup;
 use std::net::SocketAddrV4;
 use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::telemetry::{Ended, Metered, Telemetry};
 
 pub(crate) mod retry;
 pub(crate) mod upstream;
@@ -114,6 +116,49 @@ pub(crate) fn server() -> auto::Builder<TokioExecutor> {
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW);
     builder
+}
+
+/// Serves `service` on the application connection `io` until it ends. It also ends when it
+/// carried no byte either way for `idle`, or when the drain cuts it; when the drain starts,
+/// it is asked to finish (HTTP/1.1: closes after the response in flight; HTTP/2: GOAWAY, the
+/// streams in flight complete).
+pub(crate) async fn serve<I, S>(
+    io: Metered<I>,
+    service: S,
+    idle: Duration,
+    telemetry: &Telemetry,
+) -> Result<(), String>
+where
+    I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    S: hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = Response<Body>,
+            Error = Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let activity = io.guard().activity();
+    let builder = server();
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let mut draining = std::pin::pin!(telemetry.draining());
+    let mut asked = false;
+    loop {
+        tokio::select! {
+            served = conn.as_mut() => return served.map_err(|e| e.to_string()),
+            () = &mut draining, if !asked => {
+                asked = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            ended = activity.watchdog(idle) => {
+                return Err(match ended {
+                    Ended::Idle(after) => format!("idle for {after:?}"),
+                    Ended::Cut => "cut at the end of the drain".to_string(),
+                });
+            }
+        }
+    }
 }
 
 /// An empty body.

@@ -618,6 +618,7 @@ pub async fn drain<'a>(
     for proxy in proxies {
         proxy.stop_accepting();
     }
+    telemetry.start_drain();
     let open = telemetry.live();
     info!(open, grace = ?grace, "draining: no new connections, waiting for the open ones");
     if tokio::time::timeout(grace, telemetry.idle()).await.is_ok() {

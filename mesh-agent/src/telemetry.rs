@@ -385,6 +385,8 @@ struct Inner {
     next_id: AtomicU64,
     /// Connections in the table plus accepted connections not yet in it ([`Pending`]).
     busy: watch::Sender<usize>,
+    /// Set when the drain starts: request-level connections finish their requests and close.
+    draining: watch::Sender<bool>,
     /// The last ended connections, oldest first.
     recent: Mutex<VecDeque<Arc<ConnEvent>>>,
     next_seq: AtomicU64,
@@ -408,6 +410,7 @@ impl Telemetry {
                 table: Mutex::new(BTreeMap::new()),
                 next_id: AtomicU64::new(1),
                 busy: watch::Sender::new(0),
+                draining: watch::Sender::new(false),
                 recent: Mutex::new(VecDeque::with_capacity(RECENT_CONNECTIONS)),
                 next_seq: AtomicU64::new(1),
             }),
@@ -508,6 +511,19 @@ impl Telemetry {
         let mut busy = self.inner.busy.subscribe();
         // The sender lives in `self`: waiting cannot fail.
         let _ = busy.wait_for(|n| *n == 0).await;
+    }
+
+    /// Marks the start of a drain: connections served request by request are asked to finish
+    /// ([`Telemetry::draining`]); the others run on until they end or are cut.
+    pub fn start_drain(&self) {
+        self.inner.draining.send_replace(true);
+    }
+
+    /// Resolves once the drain started.
+    pub async fn draining(&self) {
+        let mut rx = self.inner.draining.subscribe();
+        // The sender lives in `self`: waiting cannot fail.
+        let _ = rx.wait_for(|d| *d).await;
     }
 
     /// Ends every open connection (at the end of a drain). Connections carried by the proxy's

@@ -10,12 +10,12 @@
 use std::convert::Infallible;
 use std::net::SocketAddrV4;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use mesh_core::SpiffeId;
 use mesh_core::model::NamespacedName;
 use mesh_core::policy::{self, Conn, Permit, authorize};
@@ -25,11 +25,10 @@ use tracing::debug;
 use super::AppDialer;
 use crate::l7::upstream::{UpstreamError, Upstreams};
 use crate::l7::{
-    Body, BoxIo, Headers, IDENTITY_HEADER, Io, grpc_status, is_grpc, local_reply, server,
-    strip_hop_by_hop,
+    Body, BoxIo, Headers, IDENTITY_HEADER, Io, grpc_status, is_grpc, local_reply, strip_hop_by_hop,
 };
 use crate::state::StateStore;
-use crate::telemetry::{ConnMeta, RequestRecord, ResponseFlag, Telemetry};
+use crate::telemetry::{ConnMeta, Metered, RequestRecord, ResponseFlag, Telemetry};
 
 /// The L7 side of one admitted connection to a pod's port.
 pub struct InboundHttp {
@@ -78,15 +77,16 @@ impl InboundHttp {
         }
     }
 
-    /// Serves the caller's requests on `io` until the caller closes it.
-    pub async fn serve<I: Io>(self, io: I) {
+    /// Serves the caller's requests on `io` until the caller closes it, it stays idle for
+    /// `idle`, or the drain ends it (see [`crate::l7::serve`]).
+    pub async fn serve<I: Io>(self, io: Metered<I>, idle: Duration) {
         let this = Arc::new(self);
         let handler = this.clone();
         let service = service_fn(move |request| {
             let handler = handler.clone();
             async move { Ok::<_, Infallible>(handler.handle(request).await) }
         });
-        if let Err(e) = server().serve_connection(TokioIo::new(io), service).await {
+        if let Err(e) = crate::l7::serve(io, service, idle, &this.telemetry).await {
             debug!(pod = %this.pod, dst = %this.target, error = %e, "inbound HTTP connection ended");
         }
     }

@@ -24,7 +24,6 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use mesh_core::SpiffeId;
 use mesh_core::model::NamespacedName;
 use mesh_core::policy;
@@ -39,7 +38,7 @@ use crate::inbound::{AppDialer, Caller, DENIED, Rejection};
 use crate::l7::retry::{MAX_RETRIES, RetryBudget, idempotent, retriable_status};
 use crate::l7::upstream::{UpstreamError, Upstreams};
 use crate::l7::{
-    Body, BoxIo, Headers, IDENTITY_HEADER, empty, grpc_status, is_grpc, local_reply, server,
+    Body, BoxIo, Headers, IDENTITY_HEADER, empty, grpc_status, is_grpc, local_reply,
     strip_hop_by_hop,
 };
 use crate::local::LocalPods;
@@ -168,7 +167,7 @@ impl PodOutbound {
             let handler = handler.clone();
             async move { Ok::<_, Infallible>(handler.handle(request).await) }
         });
-        if let Err(e) = server().serve_connection(TokioIo::new(conn), service).await {
+        if let Err(e) = crate::l7::serve(conn, service, self.idle_timeout, &self.telemetry).await {
             debug!(pod = %http.pod, dst = %dst, error = %e, "outbound HTTP connection ended");
         }
     }

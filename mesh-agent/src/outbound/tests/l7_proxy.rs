@@ -132,6 +132,8 @@ struct Mesh {
     grpc: SocketAddr,
     hits: Hits,
     source_metrics: Registry,
+    /// web-0's telemetry.
+    source: Telemetry,
     destination_metrics: Registry,
     _registrations: Vec<crate::local::Registration>,
 }
@@ -285,6 +287,7 @@ async fn mesh_with(routes: Vec<Route>, same_node: bool) -> Mesh {
     });
     let pool = HbonePool::with_dialer(a_mgr, PoolConfig::default(), dialer).expect("pool");
     let mut source_metrics = Registry::default();
+    let source = Telemetry::new(&mut source_metrics);
     let outbound = Arc::new(
         PodOutbound::new(
             web0.name.clone(),
@@ -292,7 +295,7 @@ async fn mesh_with(routes: Vec<Route>, same_node: bool) -> Mesh {
             pool,
             Arc::new(|addr| Box::pin(TcpStream::connect(addr))),
             OutboundConfig::default(),
-            Telemetry::new(&mut source_metrics),
+            source.clone(),
         )
         .with_local_pods(local),
     );
@@ -313,6 +316,7 @@ async fn mesh_with(routes: Vec<Route>, same_node: bool) -> Mesh {
         grpc: captures[1],
         hits,
         source_metrics,
+        source,
         destination_metrics,
         _registrations: registrations,
     }
@@ -744,5 +748,32 @@ async fn requests_to_a_pod_of_the_same_agent_are_checked_the_same_way() {
         ),
         2,
         "{source}"
+    );
+}
+
+#[tokio::test]
+async fn the_drain_closes_kept_alive_http_connections_at_once() {
+    let mesh = mesh(vec![]).await;
+    let mut c = client(mesh.http).await;
+    assert_eq!(
+        call(&mut c, Method::GET, "/api/a", &[]).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        mesh.source.live(),
+        1,
+        "the application's connection is kept"
+    );
+    mesh.source.start_drain();
+    tokio::time::timeout(Duration::from_secs(5), mesh.source.idle())
+        .await
+        .expect("an idle kept-alive connection closes when the drain starts, not at its end");
+    let request = HttpRequest::get("/api/b")
+        .header("host", "api.shop")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    assert!(
+        c.send_request(request).await.is_err(),
+        "the application finds the connection closed"
     );
 }
