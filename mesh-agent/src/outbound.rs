@@ -311,9 +311,14 @@ impl PodOutbound {
         let mut lease = resolution.lease;
         let _ = conn.set_nodelay(true);
         match resolution.target {
-            Target::Mesh { protocol, .. } if is_l7(protocol) => {
-                // Each request is routed and balanced on its own.
+            Target::Mesh { protocol, addr, .. } if is_l7(protocol) => {
+                // Each request is routed and balanced on its own; the connection is labelled
+                // by the way the first endpoint the service resolved to is reached.
                 drop(lease.take());
+                meta.path = match self.local_pod(*addr.ip()) {
+                    Some(_) => MeshPath::SameNode,
+                    None => MeshPath::Hbone,
+                };
                 meta.service = resolver_service(snapshot, dst);
                 let conn = Metered::new(conn, self.telemetry.open(meta.clone()), Side::Source);
                 self.http(conn, dst, src, resolver.clone(), applied.clone(), meta)

@@ -425,6 +425,20 @@ async fn each_request_is_authorized_on_its_own_and_the_app_sees_the_verified_cal
         1,
         "{source}"
     );
+    // The application's connection is labelled by how its requests travel.
+    assert_eq!(
+        sample(
+            &source,
+            "istio_tcp_connections_opened_total",
+            &[
+                ("reporter", "source"),
+                ("mesh_path", "hbone"),
+                ("connection_security_policy", "mutual_tls")
+            ]
+        ),
+        1,
+        "{source}"
+    );
 }
 
 #[tokio::test]
