@@ -34,7 +34,7 @@ mod tests;
 pub use authority::{AuthorityError, parse_authority};
 pub use pool::{Dialer, HbonePool, PoolConfig};
 pub use server::{Carry, ConnectHandler, HboneServer, Refusal, ServerConfig};
-pub use stream::{HboneStream, ServerStream};
+pub use stream::{HboneStream, TunnelStream};
 
 /// The port destination pods accept HBONE on.
 pub const HBONE_PORT: u16 = 15008;

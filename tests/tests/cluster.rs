@@ -401,9 +401,11 @@ fn a_pod_added_while_the_mesh_runs_joins_its_service_and_leaves_it_when_removed(
         )
         .expect("run the demo client")
     };
+    let out = web("demo/client");
     assert!(
-        web("demo/client").status.success(),
-        "the client reaches web"
+        out.status.success(),
+        "the client reaches web: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
     let out = web("demo/echo-2");
     assert!(

@@ -26,7 +26,7 @@ use tokio_rustls::server::TlsStream;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::pool::MAX_WINDOW;
-use super::stream::{RecvHalf, SendHalf, ServerStream, splice};
+use super::stream::{RecvHalf, SendHalf, TunnelStream, splice};
 use super::{
     DEFAULT_CONNECTION_WINDOW, DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_HEADER_LIST_SIZE,
     DEFAULT_MAX_SEND_BUFFER, DEFAULT_STREAM_WINDOW, HboneError, REASON_HEADER, Stats,
@@ -80,7 +80,7 @@ pub enum Carry<Io> {
     /// Copy between the stream and `Io` until both sides ended.
     Splice(Io),
     /// Hand the stream over: the future serves it to its end.
-    Serve(Box<dyn FnOnce(ServerStream) -> futures::future::BoxFuture<'static, ()> + Send>),
+    Serve(Box<dyn FnOnce(TunnelStream) -> futures::future::BoxFuture<'static, ()> + Send>),
 }
 
 impl<F, Fut, Io> ConnectHandler for F
@@ -440,7 +440,7 @@ impl<H: ConnectHandler> Tunnel<H> {
                 splice(send, recv, app, self.config.idle_timeout, &self.stats).await
             }
             Carry::Serve(serve) => {
-                serve(ServerStream::new(send, recv, self.stats.clone())).await;
+                serve(TunnelStream::new(send, recv, self.stats.clone())).await;
                 Ok(())
             }
         };

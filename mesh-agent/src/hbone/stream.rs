@@ -188,9 +188,7 @@ impl RecvHalf {
 /// `shutdown` sends END_STREAM (the far application reads EOF) and reading goes on until the
 /// far side ends too. Dropping the stream before both sides ended resets it.
 pub struct HboneStream {
-    send: SendHalf,
-    recv: RecvHalf,
-    stats: Arc<Stats>,
+    io: TunnelStream,
     /// Gives the stream's place back to the pool on drop.
     _lease: Lease,
 }
@@ -203,9 +201,7 @@ impl HboneStream {
         lease: Lease,
     ) -> Self {
         HboneStream {
-            send: SendHalf::new(send),
-            recv: RecvHalf::new(recv),
-            stats,
+            io: TunnelStream::new(SendHalf::new(send), RecvHalf::new(recv), stats),
             _lease: lease,
         }
     }
@@ -214,20 +210,74 @@ impl HboneStream {
 impl std::fmt::Debug for HboneStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HboneStream")
-            .field("stream_id", &self.send.inner.stream_id().as_u32())
-            .field("write_closed", &self.send.closed)
-            .field("read_eof", &self.recv.eof)
+            .field("stream_id", &self.io.send.inner.stream_id().as_u32())
+            .field("write_closed", &self.io.send.closed)
+            .field("read_eof", &self.io.recv.eof)
             .finish()
     }
 }
 
 impl Drop for HboneStream {
     fn drop(&mut self) {
-        Stats::inc(&self.stats.streams_closed);
+        Stats::inc(&self.io.stats.streams_closed);
     }
 }
 
 impl AsyncRead for HboneStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for HboneStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+// === TunnelStream ===
+
+/// One CONNECT stream as bytes, at either end: the client's [`HboneStream`] is one, and a
+/// handler that serves an accepted stream itself gets one (see
+/// [`super::server::Carry::Serve`]). `shutdown` sends END_STREAM; dropping it before both
+/// sides ended resets the stream.
+pub struct TunnelStream {
+    send: SendHalf,
+    recv: RecvHalf,
+    stats: Arc<Stats>,
+}
+
+impl TunnelStream {
+    pub(super) fn new(send: SendHalf, recv: RecvHalf, stats: Arc<Stats>) -> Self {
+        TunnelStream { send, recv, stats }
+    }
+}
+
+impl std::fmt::Debug for TunnelStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelStream")
+            .field("stream_id", &self.send.inner.stream_id().as_u32())
+            .finish()
+    }
+}
+
+impl AsyncRead for TunnelStream {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -240,7 +290,7 @@ impl AsyncRead for HboneStream {
     }
 }
 
-impl AsyncWrite for HboneStream {
+impl AsyncWrite for TunnelStream {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -254,65 +304,6 @@ impl AsyncWrite for HboneStream {
 
     /// h2 writes buffered frames out as the connection task runs; there is nothing to wait
     /// for here.
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(self.get_mut().send.shutdown())
-    }
-}
-
-// === ServerStream ===
-
-/// An accepted stream as bytes, for a handler that serves it itself (see
-/// [`super::server::Carry::Serve`]): reads what the caller sends, writes the answer.
-/// `shutdown` sends END_STREAM; dropping it before both sides ended resets the stream.
-pub struct ServerStream {
-    send: SendHalf,
-    recv: RecvHalf,
-    stats: Arc<Stats>,
-}
-
-impl ServerStream {
-    pub(super) fn new(send: SendHalf, recv: RecvHalf, stats: Arc<Stats>) -> Self {
-        ServerStream { send, recv, stats }
-    }
-}
-
-impl std::fmt::Debug for ServerStream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerStream")
-            .field("stream_id", &self.send.inner.stream_id().as_u32())
-            .finish()
-    }
-}
-
-impl AsyncRead for ServerStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let n = ready!(this.recv.poll_read(cx, buf))?;
-        Stats::add(&this.stats.bytes_received, n);
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for ServerStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let n = ready!(this.send.poll_write(cx, buf))?;
-        Stats::add(&this.stats.bytes_sent, n);
-        Poll::Ready(Ok(n))
-    }
-
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
     }
