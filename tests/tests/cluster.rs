@@ -3,74 +3,18 @@
 //! inside the node's namespace, the demo applications in the pods. Privileged.
 use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
-use std::process::{Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use mesh_tests::cluster::{Binaries, Cluster, ClusterSpec, demo_dir};
+mod common;
+
+use common::{ECHO_VIP, bins, call, up, up_with, wait_until_ok};
+use mesh_tests::cluster::{Cluster, demo_dir};
 use mesh_tests::privileged;
 use mesh_tests::sniff::Sniffer;
 
-const ECHO_VIP: &str = "10.96.0.20:9000";
 const ECHO_LOCAL_VIP: &str = "10.96.0.21:9000";
 const WEB_VIP: &str = "10.96.0.10:80";
-
-static SEQ: AtomicU32 = AtomicU32::new(0);
-
-fn bins() -> Binaries {
-    Binaries::with_apps_beside(
-        env!("CARGO_BIN_EXE_mesh-agent").into(),
-        env!("CARGO_BIN_EXE_mesh-controller").into(),
-    )
-    .expect("the binaries")
-}
-
-/// The demo cluster under a prefix unique to this test.
-fn up(controller_args: &[&str]) -> Cluster {
-    up_with(&demo_dir().join("resources"), controller_args)
-}
-
-/// The demo cluster with the Kubernetes and SMI objects of `resources`.
-fn up_with(resources: &std::path::Path, controller_args: &[&str]) -> Cluster {
-    let prefix = format!(
-        "{}c{}",
-        mesh_tests::prefix(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    );
-    let text = std::fs::read_to_string(demo_dir().join("cluster.yaml")).expect("cluster.yaml");
-    let spec = ClusterSpec::parse(&text).expect("the demo description parses");
-    let args: Vec<String> = controller_args.iter().map(|s| s.to_string()).collect();
-    let cluster = Cluster::up(&prefix, &spec, resources, bins(), &[], &args, &mut |step| {
-        eprintln!("[{prefix}] {step}")
-    })
-    .unwrap_or_else(|e| panic!("cluster up: {e:#}"));
-    wait_until_ok(&cluster, "demo/client", ECHO_VIP);
-    cluster
-}
-
-fn call(c: &Cluster, pod: &str, target: &str) -> Output {
-    c.exec(
-        pod,
-        &["mesh-demo", "call", "--target", target, "--mode", "tcp"],
-    )
-    .expect("run the demo client")
-}
-
-fn wait_until_ok(c: &Cluster, pod: &str, target: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = call(c, pod, target);
-        if out.status.success() {
-            return String::from_utf8_lossy(&out.stdout).into_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{pod} -> {target} never worked: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 fn sniff_fabric(c: &Cluster, iface: &str) -> Sniffer {
     let ns = std::fs::File::open(PathBuf::from("/run/netns").join(c.names.fabric()))
@@ -431,11 +375,7 @@ fn the_demo_runs_to_its_report_twice_in_a_row_and_tells_a_non_root_user_what_it_
     ) {
         return;
     }
-    let prefix = format!(
-        "{}c{}",
-        mesh_tests::prefix(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    );
+    let prefix = common::cluster_prefix();
     let sim = env!("CARGO_BIN_EXE_mesh-sim");
     let dir = demo_dir();
     for run in 1..=2 {

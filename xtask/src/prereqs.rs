@@ -4,10 +4,20 @@
 //!   `-Z build-std=core` for `bpfel-unknown-none`);
 //! - `bpf-linker`, built against the LLVM whose major version matches the nightly rustc's
 //!   (Debian's `llvm-N-dev`), since a mismatch fails at link time;
-//! - iproute2 for the privileged tests.
+//! - the programs the privileged tests, the demo and the ladder run: iproute2 (`ip`), procps
+//!   (`sysctl`), iptables (the ladder's REDIRECT step) and curl (the end-to-end tests).
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
+
+/// Programs the tests, the demo and the ladder run: (program, a harmless invocation, the
+/// Debian package that has it).
+const PROGRAMS: &[(&str, &[&str], &str)] = &[
+    ("ip", &["-V"], "iproute2"),
+    ("sysctl", &["--version"], "procps"),
+    ("iptables", &["--version"], "iptables"),
+    ("curl", &["--version"], "curl"),
+];
 
 fn ok(cmd: &mut Command) -> bool {
     cmd.stdout(Stdio::null())
@@ -35,8 +45,10 @@ pub fn ensure() -> Result<()> {
     nightly_rust_src()?;
     let llvm = nightly_llvm_major()?;
     let mut apt = Vec::new();
-    if !ok(Command::new("ip").arg("-V")) {
-        apt.push("iproute2".to_string());
+    for (program, args, package) in PROGRAMS {
+        if !ok(Command::new(program).args(*args)) {
+            apt.push((*package).to_string());
+        }
     }
     let linker = bpf_linker_present();
     if !linker {

@@ -1,0 +1,73 @@
+//! What the end-to-end suites on the single-machine mesh share: the binaries, the demo
+//! cluster under a prefix unique to each test, and the demo client.
+
+use std::process::Output;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use mesh_tests::cluster::{Binaries, Cluster, ClusterSpec, demo_dir};
+
+pub const ECHO_VIP: &str = "10.96.0.20:9000";
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A prefix for one simulated cluster, unique in this run.
+pub fn cluster_prefix() -> String {
+    format!(
+        "{}c{}",
+        mesh_tests::prefix(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub fn bins() -> Binaries {
+    Binaries::with_apps_beside(
+        env!("CARGO_BIN_EXE_mesh-agent").into(),
+        env!("CARGO_BIN_EXE_mesh-controller").into(),
+    )
+    .expect("the binaries")
+}
+
+/// The demo cluster under a prefix unique to this test.
+pub fn up(controller_args: &[&str]) -> Cluster {
+    up_with(&demo_dir().join("resources"), controller_args)
+}
+
+/// The demo cluster with the Kubernetes and SMI objects of `resources`.
+pub fn up_with(resources: &std::path::Path, controller_args: &[&str]) -> Cluster {
+    let prefix = cluster_prefix();
+    let text = std::fs::read_to_string(demo_dir().join("cluster.yaml")).expect("cluster.yaml");
+    let spec = ClusterSpec::parse(&text).expect("the demo description parses");
+    let args: Vec<String> = controller_args.iter().map(|s| s.to_string()).collect();
+    let cluster = Cluster::up(&prefix, &spec, resources, bins(), &[], &args, &mut |step| {
+        eprintln!("[{prefix}] {step}")
+    })
+    .unwrap_or_else(|e| panic!("cluster up: {e:#}"));
+    wait_until_ok(&cluster, "demo/client", ECHO_VIP);
+    cluster
+}
+
+pub fn call(c: &Cluster, pod: &str, target: &str) -> Output {
+    c.exec(
+        pod,
+        &["mesh-demo", "call", "--target", target, "--mode", "tcp"],
+    )
+    .expect("run the demo client")
+}
+
+pub fn wait_until_ok(c: &Cluster, pod: &str, target: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = call(c, pod, target);
+        if out.status.success() {
+            return String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{pod} -> {target} never worked: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
