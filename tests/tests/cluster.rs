@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+#[allow(dead_code, reason = "each suite uses a subset")]
 mod common;
 
-use common::{ECHO_VIP, bins, call, up, up_with, wait_until_ok};
+use common::{ECHO_VIP, call, up, up_with, wait_until_ok};
 use mesh_tests::cluster::{Cluster, demo_dir};
 use mesh_tests::privileged;
 use mesh_tests::sniff::Sniffer;

@@ -3,4 +3,5 @@
 //! the attack is on one component, against that component in process), asserting that it
 //! fails. Privileged where it needs the simulated cluster.
 
+#[allow(dead_code, reason = "each suite uses a subset")]
 mod common;
