@@ -3,4 +3,7 @@
 //! the attack is on one component, against that component in process), asserting that it
 //! fails. Privileged where it needs the simulated cluster.
 
+#[allow(dead_code, reason = "each attack module uses the helpers it needs")]
 mod common;
+#[path = "hostile/revoke.rs"]
+mod revoke;
