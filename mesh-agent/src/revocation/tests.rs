@@ -15,7 +15,7 @@ use crate::identity::testing::{TestCa, TestSigner, id, manager};
 use crate::inbound::{Caller, InboundStream, PlaintextInbound, PodInbound};
 use crate::proxy::{RelayError, relay_watching};
 use crate::telemetry::testing::{encode, sample};
-use crate::telemetry::{ConnEvent, ConnMeta, MeshPath, Metered, Peer, Reporter, Side};
+use crate::telemetry::{Admission, ConnEvent, ConnMeta, MeshPath, Metered, Peer, Reporter, Side};
 use crate::tls;
 
 const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
@@ -189,21 +189,122 @@ fn only_pods_whose_workload_or_policy_changed_are_rechecked() {
     assert_eq!(changed_pods(&one, &gone), [pod()].into());
 }
 
+/// api-0's HBONE side on a node holding `config`, with revocation running, and pools of
+/// web and admin to call it.
+struct Tunnels {
+    store: Arc<StateStore>,
+    registry: Registry,
+    telemetry: Telemetry,
+    hbone: SocketAddr,
+    web: HbonePool,
+    admin: HbonePool,
+}
+
+impl Tunnels {
+    async fn start(config: &NodeSnapshot) -> Tunnels {
+        let ca = TestCa::new("revocation-test-ca");
+        let hour = Duration::from_secs(3600);
+        let (api_mgr, _) = manager(&TestSigner::new(ca.clone(), hour));
+        let (web_mgr, _) = manager(&TestSigner::new(ca.clone(), hour));
+        let (admin_mgr, _) = manager(&TestSigner::new(ca, hour));
+        api_mgr.fetch(&id(API)).await.expect("api certificate");
+        web_mgr.fetch(&id(WEB)).await.expect("web certificate");
+        admin_mgr
+            .fetch(&id(ADMIN))
+            .await
+            .expect("admin certificate");
+        let store = crate::state::holding(config);
+        let mut registry = Registry::default();
+        let telemetry = Telemetry::new(&mut registry);
+        tokio::spawn(watch(store.clone(), telemetry.clone()));
+        let handler = PodInbound {
+            pod: pod(),
+            store: store.clone(),
+            dial: Arc::new(|addr| Box::pin(TcpStream::connect(addr))),
+            telemetry: telemetry.clone(),
+        };
+        let tls = tls::server_config(api_mgr, id(API)).expect("server TLS");
+        let server =
+            Arc::new(HboneServer::new(tls, handler, ServerConfig::default()).expect("server"));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 15008");
+        let hbone = listener.local_addr().expect("address");
+        tokio::spawn(server.serve(listener));
+        Tunnels {
+            store,
+            registry,
+            telemetry,
+            hbone,
+            web: HbonePool::new(web_mgr, PoolConfig::default()).expect("pool"),
+            admin: HbonePool::new(admin_mgr, PoolConfig::default()).expect("pool"),
+        }
+    }
+}
+
+#[test]
+fn a_recheck_decides_as_the_admission_did_on_the_recorded_caller_and_port() {
+    use mesh_core::policy::{AnchoredRegex, HttpMatch};
+    let deny = TrafficPolicyMode::DefaultDeny;
+    let c = config(TlsMode::Strict, deny, vec![rule("web", WEB, 8080)]);
+    let at = |port| SocketAddr::from((POD_IP, port));
+    let web = Admission {
+        caller: Some(id(WEB)),
+        requests_checked: false,
+    };
+    let admin = Admission {
+        caller: Some(id(ADMIN)),
+        ..web.clone()
+    };
+    let plaintext = Admission {
+        caller: None,
+        requests_checked: false,
+    };
+    let kind = |r: Result<(), crate::inbound::Rejection>| r.err().map(|r| r.kind);
+    assert_eq!(kind(recheck(&c, &pod(), at(8080), &web)), None);
+    assert_eq!(
+        kind(recheck(&c, &pod(), at(9090), &web)),
+        Some("port_not_covered")
+    );
+    assert_eq!(
+        kind(recheck(&c, &pod(), at(8080), &admin)),
+        Some("no_traffic_target")
+    );
+    assert_eq!(
+        kind(recheck(&c, &pod(), at(8080), &plaintext)),
+        Some("plaintext_strict")
+    );
+    let gone = NodeSnapshot {
+        node: "node-b".into(),
+        ..NodeSnapshot::default()
+    };
+    assert_eq!(
+        kind(recheck(&gone, &pod(), at(8080), &web)),
+        Some("unknown_pod")
+    );
+
+    // Allowed request by request on a port no service declares HTTP: refused to a connection
+    // carried whole, kept for one whose requests are each checked.
+    let mut by_request = c.clone();
+    by_request.policies.get_mut(&pod()).expect("policy").rules[0].route =
+        RouteMatch::Http(vec![HttpMatch {
+            name: "read".into(),
+            path: Some(AnchoredRegex::new("/.*").expect("regex")),
+            methods: vec!["GET".into()],
+            headers: vec![],
+        }]);
+    assert_eq!(
+        kind(recheck(&by_request, &pod(), at(8080), &web)),
+        Some("http_rules_on_l4_port")
+    );
+    let checked = Admission {
+        requests_checked: true,
+        ..web
+    };
+    assert_eq!(kind(recheck(&by_request, &pod(), at(8080), &checked)), None);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tunnel_whose_traffic_target_is_deleted_is_closed_and_the_others_stay_open() {
-    let ca = TestCa::new("revocation-test-ca");
-    let hour = Duration::from_secs(3600);
-    let (api_mgr, _) = manager(&TestSigner::new(ca.clone(), hour));
-    let (web_mgr, _) = manager(&TestSigner::new(ca.clone(), hour));
-    let (admin_mgr, _) = manager(&TestSigner::new(ca, hour));
-    api_mgr.fetch(&id(API)).await.expect("api certificate");
-    web_mgr.fetch(&id(WEB)).await.expect("web certificate");
-    admin_mgr
-        .fetch(&id(ADMIN))
-        .await
-        .expect("admin certificate");
     let app = echo_app().await;
-
     let deny = TrafficPolicyMode::DefaultDeny;
     let both = config(
         TlsMode::Strict,
@@ -213,24 +314,15 @@ async fn a_tunnel_whose_traffic_target_is_deleted_is_closed_and_the_others_stay_
             rule("admin-to-api", ADMIN, app.port()),
         ],
     );
-    let store = crate::state::holding(&both);
-    let mut registry = Registry::default();
-    let telemetry = Telemetry::new(&mut registry);
-    tokio::spawn(watch(store.clone(), telemetry.clone()));
-    let handler = PodInbound {
-        pod: pod(),
-        store: store.clone(),
-        dial: Arc::new(|addr| Box::pin(TcpStream::connect(addr))),
-        telemetry: telemetry.clone(),
-    };
-    let tls = tls::server_config(api_mgr, id(API)).expect("server TLS");
-    let server = Arc::new(HboneServer::new(tls, handler, ServerConfig::default()).expect("server"));
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 15008");
-    let hbone = listener.local_addr().expect("address");
-    tokio::spawn(server.serve(listener));
+    let Tunnels {
+        store,
+        registry,
+        telemetry,
+        hbone,
+        web,
+        admin,
+    } = Tunnels::start(&both).await;
 
-    let web = HbonePool::new(web_mgr, PoolConfig::default()).expect("pool");
-    let admin = HbonePool::new(admin_mgr, PoolConfig::default()).expect("pool");
     let authority = SocketAddr::V4(app);
     let mut web_conn = web
         .connect(&id(WEB), hbone, &id(API), authority)
@@ -411,4 +503,99 @@ async fn a_same_node_connection_closes_on_both_sides_when_the_destination_revoke
     assert_revoked(&destination, "no_traffic_target");
     let source = ended(&telemetry, "source", Some(WEB)).await;
     assert_revoked(&source, "no_traffic_target");
+}
+
+/// An HTTP/1.1 application: answers every request of a connection with `200 ok`, keeping
+/// the connection open.
+async fn http_app() -> SocketAddrV4 {
+    let app = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+    let SocketAddr::V4(addr) = app.local_addr().expect("app address") else {
+        unreachable!("bound to IPv4")
+    };
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = app.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0; 1024];
+                while let Ok(n @ 1..) = s.read(&mut buf).await {
+                    head.extend_from_slice(&buf[..n]);
+                    while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                        head.drain(..end + 4);
+                        let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if s.write_all(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Sends one keep-alive request on `s` and expects `200 ok`.
+async fn get<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) {
+    s.write_all(b"GET /x HTTP/1.1\r\nhost: api\r\n\r\n")
+        .await
+        .expect("write the request");
+    let mut answer = Vec::new();
+    let mut buf = [0; 1024];
+    while !answer.ends_with(b"\r\n\r\nok") {
+        let n = tokio::time::timeout(PROMPTLY, s.read(&mut buf))
+            .await
+            .expect("the answer in time")
+            .expect("read the answer");
+        assert!(n > 0, "closed before the answer: {answer:?}");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_connection_is_closed_when_nothing_admits_the_connection_any_more() {
+    use mesh_core::model::{Protocol, Service, ServicePort};
+    let app = http_app().await;
+    let deny = TrafficPolicyMode::DefaultDeny;
+    // The port is HTTP: the connection is served request by request.
+    let declared = |mut c: NodeSnapshot| {
+        let service = Service {
+            name: NamespacedName::new("shop", "api"),
+            vip: Some(Ipv4Addr::new(10, 96, 0, 1)),
+            ports: vec![ServicePort {
+                name: "http".into(),
+                port: 80,
+                target_port: app.port(),
+                protocol: Protocol::Http,
+            }],
+            endpoints: vec![],
+        };
+        c.services = Arc::new([(service.name.clone(), Arc::new(service))].into());
+        c
+    };
+    let allowed = declared(config(
+        TlsMode::Strict,
+        deny,
+        vec![rule("web-to-api", WEB, app.port())],
+    ));
+    let t = Tunnels::start(&allowed).await;
+    let mut conn = t
+        .web
+        .connect(&id(WEB), t.hbone, &id(API), SocketAddr::V4(app))
+        .await
+        .expect("web admitted");
+    get(&mut conn).await;
+    get(&mut conn).await;
+
+    let revoked = declared(config(TlsMode::Strict, deny, vec![]));
+    swap(&t.store, &allowed, &revoked, 2);
+    closed_promptly(&mut conn, "web's HTTP connection").await;
+    let event = ended(&t.telemetry, "destination", Some(WEB)).await;
+    assert_revoked(&event, "no_traffic_target");
+    let text = encode(&t.registry);
+    let counted = [("source_principal", WEB), ("reason", "policy_revoked")];
+    assert_eq!(
+        sample(&text, "mesh_tcp_connections_denied_total", &counted),
+        1,
+        "{text}"
+    );
 }
