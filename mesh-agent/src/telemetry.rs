@@ -908,14 +908,14 @@ impl ConnGuard {
 
     /// Records why the connection was cut, if it was: a revocation (see
     /// [`Telemetry::revoke_where`]) replaces whatever its end was recorded as before (a copy
-    /// error the cut itself caused), a drain ends it with `DRAIN` unless an outcome is
-    /// recorded already. Done anyway when the guard is dropped.
+    /// error the cut itself caused) unless a denial is recorded already (it counts once), a
+    /// drain ends it with `DRAIN` unless an outcome is recorded already. Done anyway when the
+    /// guard is dropped.
     pub fn record_cut(&mut self) {
         match self.live.cut.get() {
-            Some(Cut::Revoked(detail)) if !(self.denied && self.reason == Some(POLICY_REVOKED)) => {
+            Some(Cut::Revoked(detail)) if !self.denied => {
                 let detail = detail.clone();
                 self.flag = ResponseFlag::None;
-                self.denied = false;
                 self.deny(POLICY_REVOKED, detail);
             }
             Some(Cut::Drain) if self.flag == ResponseFlag::None => {
