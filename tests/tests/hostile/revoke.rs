@@ -3,7 +3,7 @@
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::path::Path;
-use std::process::{Child, ChildStdin, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -29,25 +29,35 @@ struct Held {
     what: String,
 }
 
-impl Held {
-    fn open(c: &Cluster, pod: &str, target: &str) -> Held {
-        let (host, port) = target.split_once(':').expect("HOST:PORT");
-        let p = c.pod(pod).expect("pod");
-        let mut cmd =
-            command_in(Path::new("/bin/bash"), &p.cgroup, &p.netns_path()).expect("bash in pod");
-        cmd.args([
-            "-c",
-            r#"exec 3<>"/dev/tcp/$1/$2" || exit 2
+/// The script of a held connection, for `bash -c SCRIPT held HOST PORT`.
+const HOLD: &str = r#"exec 3<>"/dev/tcp/$1/$2" || exit 2
 echo connected
 (cat <&3; echo closed) &
-exec cat >&3"#,
-            "held",
-            host,
-            port,
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+exec cat >&3"#;
+
+impl Held {
+    /// A connection from `pod` (its cgroup and network namespace: the mesh captures it).
+    fn open(c: &Cluster, pod: &str, target: &str) -> Held {
+        let p = c.pod(pod).expect("pod");
+        let cmd =
+            command_in(Path::new("/bin/bash"), &p.cgroup, &p.netns_path()).expect("bash in pod");
+        Held::start(cmd, target, format!("{pod} -> {target}"))
+    }
+
+    /// A connection from `node`'s network namespace, outside the mesh: plaintext.
+    fn from_node(c: &Cluster, node: &str, target: &str) -> Held {
+        let n = &c.nodes[c.node_index(node).expect("node")];
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &n.netns, "bash"]);
+        Held::start(cmd, target, format!("{node} -> {target}"))
+    }
+
+    fn start(mut cmd: Command, target: &str, what: String) -> Held {
+        let (host, port) = target.split_once(':').expect("HOST:PORT");
+        cmd.args(["-c", HOLD, "held", host, port])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
         let mut child = cmd.spawn().expect("spawn bash");
         let stdin = child.stdin.take().expect("stdin");
         let stdout = child.stdout.take().expect("stdout");
@@ -64,7 +74,7 @@ exec cat >&3"#,
             child,
             stdin,
             lines,
-            what: format!("{pod} -> {target}"),
+            what,
         };
         held.expect_line("connected", Duration::from_secs(10));
         held
@@ -204,4 +214,59 @@ fn deleting_a_traffic_target_closes_the_connections_it_admitted() {
             "{node}'s access log does not give the reason"
         );
     }
+}
+
+#[test]
+fn turning_a_pod_strict_closes_its_plaintext_connections() {
+    if !privileged("turning_a_pod_strict_closes_its_plaintext_connections") {
+        return;
+    }
+    // The permissive traffic policy lets plaintext callers through where TLS mode allows:
+    // legacy (PERMISSIVE) takes plaintext from outside the mesh.
+    let mut c = up_with(
+        &demo_dir().join("resources"),
+        &["--traffic-policy", "permissive"],
+    );
+    wait_until_ok(&c, "demo/client", LEGACY_VIP);
+    let legacy_ip = c.pod("demo/legacy").expect("legacy").ip;
+    let legacy_addr = format!("{legacy_ip}:9000");
+    let mut plaintext = Held::from_node(&c, "node-1", &legacy_addr);
+    let mut meshed = Held::open(&c, "demo/client", LEGACY_VIP);
+    plaintext.echo("legacy", "before");
+    meshed.echo("legacy", "before");
+
+    // legacy becomes STRICT: its pod object says so now.
+    let j = c
+        .pods
+        .iter()
+        .position(|p| p.key() == "demo/legacy")
+        .expect("legacy");
+    c.pods[j].spec.tls_mode = Some("strict".into());
+    let dir = c.state.join("resources");
+    let tmp = dir.join(".revoke-pods.tmp");
+    std::fs::write(&tmp, c.pods_yaml()).expect("write the pods");
+    std::fs::rename(&tmp, dir.join("zz-cluster-pods.yaml")).expect("replace the pods");
+    let changed = Instant::now();
+
+    let closed = plaintext.closed_within(changed, REVOKED_WITHIN);
+    eprintln!("plaintext closed after the change: {closed:?}");
+    assert!(
+        closed.is_some(),
+        "plaintext into legacy still open {REVOKED_WITHIN:?} after legacy turned STRICT"
+    );
+    // The meshed caller's connection is mutual TLS: STRICT allows it.
+    meshed.echo("legacy", "after");
+
+    let metrics = c.agent_admin("node-2", "/metrics").expect("metrics");
+    let revoked = metrics.lines().any(|l| {
+        l.starts_with("mesh_tcp_connections_denied_total{")
+            && l.contains("source_principal=\"unknown\"")
+            && l.contains("destination_workload=\"legacy\"")
+            && l.contains("reason=\"policy_revoked\"")
+            && !l.ends_with(" 0")
+    });
+    assert!(
+        revoked,
+        "node-2 does not count the revoked plaintext connection:\n{metrics}"
+    );
 }
