@@ -72,6 +72,13 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             .map(|c| crate::control::start(c, &mut registry))
             .transpose()
             .context("start the controller connection")?;
+        // Policy changes reach the connections open when they arrive.
+        let revocation = control.as_ref().map(|c| {
+            tokio::spawn(crate::revocation::watch(
+                c.store.clone(),
+                telemetry.clone(),
+            ))
+        });
         let mesh = control
             .as_ref()
             .zip(cfg.controller.as_ref())
@@ -190,7 +197,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             "drained"
         );
         drop(proxies);
-        for task in endpoints {
+        for task in endpoints.into_iter().chain(revocation) {
             task.abort();
         }
         if cfg.unenroll_on_exit {

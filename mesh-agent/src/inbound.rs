@@ -11,7 +11,9 @@
 //! admitted exactly as HBONE tunnels are, with the identity configured for the calling pod.
 //!
 //! All count their connections in [`Telemetry`] as `reporter="destination"`; refusals count
-//! as denied with the [`Rejection`]'s kind.
+//! as denied with the [`Rejection`]'s kind. Each admitted connection records what it was
+//! admitted on ([`Admission`]), so that when the configuration changes, [`recheck`] decides
+//! again, the same way, whether it may stay open (see [`crate::revocation`]).
 
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
@@ -26,9 +28,10 @@ use tokio::net::TcpStream;
 use crate::hbone::{Carry, ConnectHandler, Refusal};
 use crate::l7::{is_l7, pod_port_protocol};
 use crate::proxy::{RelayError, relay};
-use crate::state::StateStore;
+use crate::state::{Applied, StateStore};
 use crate::telemetry::{
-    ConnGuard, ConnMeta, MeshPath, Metered, Peer, Reporter, ResponseFlag, Side, Telemetry,
+    Admission, ConnGuard, ConnMeta, MeshPath, Metered, Peer, Reporter, ResponseFlag, Side,
+    Telemetry,
 };
 
 mod requests;
@@ -41,6 +44,10 @@ pub const DENIED: u16 = 403;
 pub const UNAVAILABLE: u16 = 503;
 /// HTTP status for a CONNECT to an address that is not this pod's.
 pub const MISDIRECTED: u16 = 421;
+
+/// The [`Rejection`] kind of a connection allowed only request by request on a port whose
+/// requests the proxy does not parse.
+pub const HTTP_RULES_ON_L4_PORT: &str = "http_rules_on_l4_port";
 
 /// How long an admitted connection waits for the application to accept. Shorter than the
 /// HBONE server's bound on the whole CONNECT, so the refusal is recorded with its reason.
@@ -132,7 +139,7 @@ fn check_requests_checkable(
     }
     Err(Rejection::new(
         DENIED,
-        "http_rules_on_l4_port",
+        HTTP_RULES_ON_L4_PORT,
         format!(
             "{permit}, but port {port} of {pod} is not declared HTTP, HTTP/2 or gRPC (service \
              appProtocol or port name), so its requests cannot be checked"
@@ -158,6 +165,51 @@ pub fn admit_plaintext(
     let permit = authorize(policy, &conn)
         .map_err(|denied| Rejection::new(DENIED, denied.kind(), denied.to_string()))?;
     check_requests_checkable(config, pod, dst.port(), &permit)
+}
+
+/// Decides again, on the configuration `config`, whether a connection to `pod` admitted on
+/// `admission` (by [`admit_hbone`] or [`admit_plaintext`]) with the destination `authority`
+/// may stay open: the same decision, with the caller's recorded identity (none for
+/// plaintext) and port. A connection whose requests are checked one by one keeps being
+/// carried that way, so a port's declared protocol is not asked again.
+pub fn recheck(
+    config: &NodeSnapshot,
+    pod: &NamespacedName,
+    authority: SocketAddr,
+    admission: &Admission,
+) -> Result<(), Rejection> {
+    let decided = match (&admission.caller, authority) {
+        (Some(caller), _) => admit_hbone(config, pod, caller, authority).map(drop),
+        (None, SocketAddr::V4(dst)) => admit_plaintext(config, pod, dst),
+        (None, SocketAddr::V6(_)) => Err(Rejection::new(
+            MISDIRECTED,
+            "not_ipv4",
+            "IPv4 destinations only",
+        )),
+    };
+    match decided {
+        Err(r) if r.kind == HTTP_RULES_ON_L4_PORT && admission.requests_checked => Ok(()),
+        other => other,
+    }
+}
+
+/// Confirms a connection just registered in the telemetry table (`guard`) on the configuration
+/// in force now, when that is not `decided_on`, the one its admission was decided on: the
+/// re-check of a change applied in between could not see the connection yet
+/// ([`crate::revocation`]). Refused, it is recorded as denied.
+fn confirm(
+    store: &StateStore,
+    decided_on: &Arc<Applied>,
+    guard: &mut ConnGuard,
+    pod: &NamespacedName,
+    authority: SocketAddr,
+    admission: &Admission,
+) -> Result<(), Rejection> {
+    let now = store.current();
+    if Arc::ptr_eq(&now, decided_on) {
+        return Ok(());
+    }
+    recheck(&now.snapshot, pod, authority, admission).inspect_err(|r| guard.deny(r.kind, &r.reason))
 }
 
 /// How the inbound handler reaches the application (in production: a socket made in the
@@ -263,12 +315,26 @@ impl PodInbound {
                 return Err(rejection);
             }
         };
-        if is_l7(pod_port_protocol(
+        let l7 = is_l7(pod_port_protocol(
             &config.snapshot,
             &self.pod,
             target.port(),
-        )) {
-            let guard = self.telemetry.open(meta.clone());
+        ));
+        let admission = Admission {
+            caller: Some(caller.identity.clone()),
+            requests_checked: l7,
+        };
+        meta.admission = Some(admission.clone());
+        if l7 {
+            let mut guard = self.telemetry.open(meta.clone());
+            confirm(
+                &self.store,
+                &config,
+                &mut guard,
+                &self.pod,
+                authority,
+                &admission,
+            )?;
             let http = InboundHttp::new(
                 self.pod.clone(),
                 self.store.clone(),
@@ -281,6 +347,14 @@ impl PodInbound {
             return Ok(Admitted::Http(Box::new((http, guard))));
         }
         let mut guard = self.telemetry.open(meta);
+        confirm(
+            &self.store,
+            &config,
+            &mut guard,
+            &self.pod,
+            authority,
+            &admission,
+        )?;
         let dialed = tokio::time::timeout(APP_CONNECT_TIMEOUT, (self.dial)(target))
             .await
             .unwrap_or_else(|_| {
@@ -450,14 +524,21 @@ impl ConnectHandler for PodInbound {
             .map_err(Refusal::from)
     }
 
-    /// Requests on an L7 port are read straight off the HBONE stream.
+    /// Requests on an L7 port are read straight off the HBONE stream. Other connections are
+    /// spliced to the application until they end or are cut (the drain, a policy change).
     fn carry(io: Admitted) -> Carry<Admitted> {
         match io {
             Admitted::Http(http) => Carry::Serve(Box::new(move |stream| {
                 let (http, guard) = *http;
                 Box::pin(http.serve(Metered::new(stream, guard, Side::Source), L7_IDLE_TIMEOUT))
             })),
-            app @ Admitted::App(_) => Carry::Splice(app),
+            Admitted::App(app) => {
+                let activity = app.guard().activity();
+                let cut = Box::pin(async move {
+                    activity.cut().await;
+                });
+                Carry::SpliceUntil(Admitted::App(app), cut)
+            }
         }
     }
 }
@@ -522,8 +603,25 @@ impl PlaintextInbound {
                 .denied(meta, rejection.kind, &rejection.reason);
             return Err(PlaintextError::Refused(rejection));
         }
-        if is_l7(pod_port_protocol(&config.snapshot, &self.pod, dst.port())) {
-            let conn = Metered::new(conn, self.telemetry.open(meta.clone()), Side::Source);
+        let l7 = is_l7(pod_port_protocol(&config.snapshot, &self.pod, dst.port()));
+        let admission = Admission {
+            caller: None,
+            requests_checked: l7,
+        };
+        meta.admission = Some(admission.clone());
+        let authority = SocketAddr::V4(dst);
+        if l7 {
+            let mut conn = Metered::new(conn, self.telemetry.open(meta.clone()), Side::Source);
+            let guard = conn.guard_mut();
+            confirm(
+                &self.store,
+                &config,
+                guard,
+                &self.pod,
+                authority,
+                &admission,
+            )
+            .map_err(PlaintextError::Refused)?;
             let http = InboundHttp::new(
                 self.pod.clone(),
                 self.store.clone(),
@@ -537,6 +635,16 @@ impl PlaintextInbound {
             return Ok((0, 0));
         }
         let mut conn = Metered::new(conn, self.telemetry.open(meta), Side::Source);
+        let guard = conn.guard_mut();
+        confirm(
+            &self.store,
+            &config,
+            guard,
+            &self.pod,
+            authority,
+            &admission,
+        )
+        .map_err(PlaintextError::Refused)?;
         let mut app = match (self.dial)(dst).await {
             Ok(app) => app,
             Err(source) => {

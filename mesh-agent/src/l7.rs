@@ -155,6 +155,10 @@ where
                 return Err(match ended {
                     Ended::Idle(after) => format!("idle for {after:?}"),
                     Ended::Cut => "cut at the end of the drain".to_string(),
+                    Ended::Revoked => format!(
+                        "closed: {}",
+                        activity.revoked().unwrap_or("the policy no longer allows it")
+                    ),
                 });
             }
         }

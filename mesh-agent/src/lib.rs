@@ -19,6 +19,7 @@ pub mod local;
 pub mod netns;
 pub mod outbound;
 pub mod proxy;
+pub mod revocation;
 pub mod state;
 pub mod telemetry;
 pub mod tls;

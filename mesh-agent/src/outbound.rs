@@ -31,7 +31,7 @@ use crate::hbone::{HBONE_PORT, HboneError, HbonePool};
 use crate::inbound::{AppDialer, Caller, Rejection};
 use crate::l7::is_l7;
 use crate::local::{LocalPod, LocalPods};
-use crate::proxy::{RelayError, relay};
+use crate::proxy::{RelayError, relay, relay_watching};
 use crate::state::{StateStore, Version};
 use crate::telemetry::{
     ConnMeta, MeshPath, Metered, Peer, Reporter, ResponseFlag, Side, Telemetry, endpoint_pod,
@@ -449,7 +449,9 @@ impl PodOutbound {
             }
         };
         debug!(pod = %self.pod, endpoint = %addr, dst.id = %identity, "same-node connection admitted");
-        match relay(&mut conn, &mut app, self.idle_timeout).await {
+        // A revocation at the destination closes the caller's side too.
+        let destination = app.guard_mut().map(|g| g.activity());
+        match relay_watching(&mut conn, &mut app, self.idle_timeout, destination).await {
             Ok((sent, received)) => Ok(Carried {
                 path: Path::SameNode,
                 sent,

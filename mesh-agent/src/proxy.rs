@@ -48,7 +48,7 @@ use crate::netns::Worker;
 use crate::outbound::{Egress, OutboundConfig, PodOutbound};
 use crate::state::StateStore;
 use crate::telemetry::{
-    ConnMeta, Ended, MeshPath, Metered, Peer, Reporter, ResponseFlag, Side, Telemetry,
+    Activity, ConnMeta, Ended, MeshPath, Metered, Peer, Reporter, ResponseFlag, Side, Telemetry,
 };
 
 /// After the grace period, how long cut connections get to record their end.
@@ -96,6 +96,9 @@ pub enum RelayError {
     Idle(Duration),
     #[error("cut at the end of the shutdown grace period")]
     Drained,
+    /// The destination's policy no longer allows the connection; the cause.
+    #[error("closed: {0}")]
+    Revoked(String),
 }
 
 impl RelayError {
@@ -104,6 +107,7 @@ impl RelayError {
             RelayError::Io(_) => "copy",
             RelayError::Idle(_) => "idle_timeout",
             RelayError::Drained => "drained",
+            RelayError::Revoked(_) => crate::telemetry::POLICY_REVOKED,
         }
     }
 
@@ -112,14 +116,16 @@ impl RelayError {
             RelayError::Io(_) => ResponseFlag::Io,
             RelayError::Idle(_) => ResponseFlag::IdleTimeout,
             RelayError::Drained => ResponseFlag::Drained,
+            RelayError::Revoked(_) => ResponseFlag::Denied,
         }
     }
 }
 
 /// Copies both ways between `app` and `upstream` ([`crate::copy::copy_both`]: buffers grow
 /// with the traffic) until both directions ended (each is shut down on its own when its reader
-/// ends), the connection carried nothing for `idle`, or the drain cut it. Returns the bytes copied from `app` and to it; an early end is recorded on
-/// the connection's guard.
+/// ends), the connection carried nothing for `idle`, or it was cut (by the drain, or by a
+/// policy change that no longer allows it). Returns the bytes copied from `app` and to it; an
+/// early end is recorded on the connection's guard.
 pub async fn relay<S, U>(
     app: &mut Metered<S>,
     upstream: &mut U,
@@ -129,7 +135,29 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
+    relay_watching(app, upstream, idle, None).await
+}
+
+/// [`relay`], also ended when `peer` (the accounting of the same connection at its other
+/// end, when this agent carries both) is cut: a same-node connection the destination's
+/// policy no longer allows closes on the caller's side too, denied with the same cause.
+pub async fn relay_watching<S, U>(
+    app: &mut Metered<S>,
+    upstream: &mut U,
+    idle: Duration,
+    peer: Option<Activity>,
+) -> Result<(u64, u64), RelayError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
     let activity = app.guard().activity();
+    let peer_cut = async {
+        match &peer {
+            Some(p) => (p.cut().await, p.revoked().map(str::to_owned)),
+            None => std::future::pending().await,
+        }
+    };
     let result = tokio::select! {
         copied = crate::copy::copy_both(app, upstream) => {
             copied.map_err(RelayError::Io)
@@ -137,10 +165,22 @@ where
         ended = activity.watchdog(idle) => Err(match ended {
             Ended::Idle(after) => RelayError::Idle(after),
             Ended::Cut => RelayError::Drained,
+            Ended::Revoked => {
+                RelayError::Revoked(activity.revoked().unwrap_or_default().to_owned())
+            }
+        }),
+        (ended, cause) = peer_cut => Err(match ended {
+            Ended::Revoked => RelayError::Revoked(cause.unwrap_or_default()),
+            Ended::Cut | Ended::Idle(_) => RelayError::Drained,
         }),
     };
-    if let Err(e) = &result {
-        app.guard_mut().fail(e.flag(), e.kind(), e);
+    let guard = app.guard_mut();
+    match &result {
+        // This connection's own revocation is recorded from its cut.
+        Err(RelayError::Revoked(_)) if activity.revoked().is_some() => guard.record_cut(),
+        Err(e @ RelayError::Revoked(cause)) => guard.deny(e.kind(), cause),
+        Err(e) => guard.fail(e.flag(), e.kind(), e),
+        Ok(_) => {}
     }
     result
 }

@@ -21,6 +21,8 @@
 //!   destination) and `sent` the response direction (destination to source).
 //! - `mesh_tcp_connections_denied_total{reporter, source_principal, destination_workload,
 //!   destination_workload_namespace, reason}`: refusals by policy; `reason` is a stable kind.
+//!   An open connection that a policy change no longer allows is closed and counted here with
+//!   `reason="policy_revoked"` ([`POLICY_REVOKED`], see [`Telemetry::revoke_where`]).
 //!
 //! On HTTP ports each request is also recorded ([`Telemetry::request`]):
 //! `istio_requests_total` and `istio_request_duration_milliseconds` (from the request's head
@@ -59,7 +61,8 @@
 //! | flag      | meaning                                                                     |
 //! |-----------|-----------------------------------------------------------------------------|
 //! | `-`       | the connection ended normally (both sides closed)                           |
-//! | `DENY`    | refused by policy (here or, for the source, by the destination: HTTP 403)  |
+//! | `DENY`    | refused by policy (here or, for the source, by the destination: HTTP 403), |
+//! |           | or closed because a policy change no longer allows it (`policy_revoked`)    |
 //! | `CONNECT` | the destination (tunnel or application) could not be reached               |
 //! | `NR`      | no route: the destination did not resolve, or the pod is not configured     |
 //! | `UO`      | overflow: the pod's cap on open connections was reached                     |
@@ -90,8 +93,8 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use mesh_core::SpiffeId;
@@ -126,6 +129,10 @@ pub const CLUSTER_DOMAIN: &str = "cluster.local";
 
 /// How many ended connections [`Telemetry::recent`] remembers.
 pub const RECENT_CONNECTIONS: usize = 4096;
+
+/// The `reason` of a connection closed because the configuration in force no longer admits
+/// it (flag `DENY`, verdict `denied`).
+pub const POLICY_REVOKED: &str = "policy_revoked";
 
 // === Label values ===
 
@@ -347,6 +354,31 @@ pub struct ConnMeta {
     pub dst_addr: SocketAddr,
     /// The DNS name of the service the caller addressed.
     pub service: Option<String>,
+    /// What an inbound connection was admitted on (`reporter="destination"` only), so that a
+    /// policy change can be checked against it ([`Telemetry::revoke_where`]).
+    pub admission: Option<Admission>,
+}
+
+/// What the destination admitted a connection on: with the pod (`ConnMeta::pod`) and the
+/// address the caller asked for (`ConnMeta::dst_addr`, its port), all that the policy decides
+/// on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admission {
+    /// The identity admission decided on: the one the caller's certificate proves (HBONE),
+    /// the one configured for the calling pod (same node), or none (plaintext).
+    pub caller: Option<SpiffeId>,
+    /// The connection's requests are checked one by one (an L7 port).
+    pub requests_checked: bool,
+}
+
+/// Why the proxy ends a connection from outside the loop that carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cut {
+    /// The shutdown grace period ended ([`Telemetry::cut_all`]).
+    Drain,
+    /// The configuration in force no longer admits it ([`Telemetry::revoke_where`]); the
+    /// cause in words.
+    Revoked(String),
 }
 
 impl ConnMeta {
@@ -366,6 +398,7 @@ impl ConnMeta {
             src_addr: None,
             dst_addr,
             service: None,
+            admission: None,
         }
     }
 }
@@ -464,7 +497,7 @@ impl Telemetry {
             last_nanos: AtomicU64::new(0),
             to_dst_total,
             to_src_total,
-            cut: AtomicBool::new(false),
+            cut: OnceLock::new(),
             cut_notify: Notify::new(),
             meta,
         });
@@ -532,10 +565,39 @@ impl Telemetry {
     pub fn cut_all(&self) -> usize {
         let live: Vec<Arc<Live>> = self.table().values().cloned().collect();
         for l in &live {
-            l.cut.store(true, Ordering::Release);
-            l.cut_notify.notify_waiters();
+            l.cut(Cut::Drain);
         }
         live.len()
+    }
+
+    /// Closes the open connections that the configuration in force no longer admits: for
+    /// each one with an [`Admission`], `decide` returns the cause in words when it must go.
+    /// Each closes within moments, wherever it is carried (a copy loop, an HBONE splice, a
+    /// request handler), with flag `DENY`, reason [`POLICY_REVOKED`] and the cause as its
+    /// detail, and counts in `mesh_tcp_connections_denied_total{reason="policy_revoked"}`.
+    /// Returns how many were revoked.
+    ///
+    /// `decide` runs without the table's lock held.
+    pub fn revoke_where(
+        &self,
+        mut decide: impl FnMut(&ConnMeta, &Admission) -> Option<String>,
+    ) -> usize {
+        let admitted: Vec<Arc<Live>> = self
+            .table()
+            .values()
+            .filter(|l| l.meta.admission.is_some() && l.cut.get().is_none())
+            .cloned()
+            .collect();
+        let mut revoked = 0;
+        for l in admitted {
+            let Some(admission) = &l.meta.admission else {
+                continue;
+            };
+            if let Some(detail) = decide(&l.meta, admission) {
+                revoked += usize::from(l.cut(Cut::Revoked(detail)));
+            }
+        }
+        revoked
     }
 
     /// The open connections, oldest first.
@@ -571,10 +633,8 @@ impl Telemetry {
     }
 
     fn closed(&self, guard: &mut ConnGuard) {
+        guard.record_cut();
         let live = &guard.live;
-        if guard.flag == ResponseFlag::None && live.cut.load(Ordering::Acquire) {
-            guard.flag = ResponseFlag::Drained;
-        }
         guard.labels.response_flags = guard.flag;
         self.inner.metrics.closed.get_or_create(&guard.labels).inc();
         self.table().remove(&live.id);
@@ -621,11 +681,21 @@ struct Live {
     to_dst_total: Counter,
     /// `istio_tcp_sent_bytes_total` of this connection's labels.
     to_src_total: Counter,
-    cut: AtomicBool,
+    /// Set once, by the first cut.
+    cut: OnceLock<Cut>,
     cut_notify: Notify,
 }
 
 impl Live {
+    /// Cuts the connection unless it was cut already; true if this call did.
+    fn cut(&self, cut: Cut) -> bool {
+        let set = self.cut.set(cut).is_ok();
+        if set {
+            self.cut_notify.notify_waiters();
+        }
+        set
+    }
+
     fn add(&self, dir: Flow, n: usize) {
         let n = n as u64;
         match dir {
@@ -834,6 +904,25 @@ impl ConnGuard {
             .inc();
         self.denied = true;
         self.fail(ResponseFlag::Denied, reason, detail);
+    }
+
+    /// Records why the connection was cut, if it was: a revocation (see
+    /// [`Telemetry::revoke_where`]) replaces whatever its end was recorded as before (a copy
+    /// error the cut itself caused) unless a denial is recorded already (it counts once), a
+    /// drain ends it with `DRAIN` unless an outcome is recorded already. Done anyway when the
+    /// guard is dropped.
+    pub fn record_cut(&mut self) {
+        match self.live.cut.get() {
+            Some(Cut::Revoked(detail)) if !self.denied => {
+                let detail = detail.clone();
+                self.flag = ResponseFlag::None;
+                self.deny(POLICY_REVOKED, detail);
+            }
+            Some(Cut::Drain) if self.flag == ResponseFlag::None => {
+                self.flag = ResponseFlag::Drained;
+            }
+            _ => {}
+        }
     }
 
     /// The connection failed or was ended by the proxy: it closes with `flag`. The first

@@ -5,3 +5,5 @@
 
 #[allow(dead_code, reason = "each suite uses a subset")]
 mod common;
+#[path = "hostile/revoke.rs"]
+mod revoke;

@@ -79,6 +79,9 @@ pub trait ConnectHandler: Send + Sync + 'static {
 pub enum Carry<Io> {
     /// Copy between the stream and `Io` until both sides ended.
     Splice(Io),
+    /// [`Carry::Splice`], cut short (the stream reset) when the future resolves: the handler
+    /// ends the connection (a drain, a policy change that no longer allows it).
+    SpliceUntil(Io, futures::future::BoxFuture<'static, ()>),
     /// Hand the stream over: the future serves it to its end.
     Serve(Box<dyn FnOnce(TunnelStream) -> futures::future::BoxFuture<'static, ()> + Send>),
 }
@@ -437,7 +440,19 @@ impl<H: ConnectHandler> Tunnel<H> {
         let (send, recv) = (SendHalf::new(send), RecvHalf::new(request.into_body()));
         let copied = match H::carry(app) {
             Carry::Splice(app) => {
-                splice(send, recv, app, self.config.idle_timeout, &self.stats).await
+                let never = std::future::pending();
+                splice(
+                    send,
+                    recv,
+                    app,
+                    self.config.idle_timeout,
+                    never,
+                    &self.stats,
+                )
+                .await
+            }
+            Carry::SpliceUntil(app, stop) => {
+                splice(send, recv, app, self.config.idle_timeout, stop, &self.stats).await
             }
             Carry::Serve(serve) => {
                 serve(TunnelStream::new(send, recv, self.stats.clone())).await;

@@ -317,12 +317,14 @@ impl AsyncWrite for TunnelStream {
 
 /// Copies between a server-side stream and the application connection until both directions
 /// ended, each direction half-closing on its own. Ends with `TimedOut` when no byte moved
-/// either way for `idle`. On error, the stream is reset.
+/// either way for `idle`, and with `ConnectionAborted` when `stop` resolves (the handler cut
+/// the connection). On error, the stream is reset.
 pub(super) async fn splice<A>(
     mut send: SendHalf,
     mut recv: RecvHalf,
     app: A,
     idle: Duration,
+    stop: impl Future<Output = ()>,
     stats: &Stats,
 ) -> io::Result<()>
 where
@@ -373,6 +375,7 @@ where
     let copied = tokio::select! {
         r = futures::future::try_join(inbound, outbound) => r.map(|_| ()),
         () = watchdog => Err(io::Error::new(io::ErrorKind::TimedOut, "idle")),
+        () = stop => Err(io::Error::new(io::ErrorKind::ConnectionAborted, "cut")),
     };
     if copied.is_err() {
         send.reset();

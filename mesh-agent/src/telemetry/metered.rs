@@ -4,13 +4,12 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::{ConnGuard, Flow, Live};
+use super::{ConnGuard, Cut, Flow, Live};
 
 // === Idle watchdog ===
 
@@ -24,7 +23,14 @@ pub enum Ended {
     /// No byte either way for this long.
     Idle(Duration),
     /// The drain grace ended ([`Telemetry::cut_all`]).
+    ///
+    /// [`Telemetry::cut_all`]: super::Telemetry::cut_all
     Cut,
+    /// A policy change no longer allows the connection ([`Telemetry::revoke_where`]; the
+    /// cause is [`Activity::revoked`]).
+    ///
+    /// [`Telemetry::revoke_where`]: super::Telemetry::revoke_where
+    Revoked,
 }
 
 impl Activity {
@@ -37,8 +43,8 @@ impl Activity {
             let cut = live.cut_notify.notified();
             tokio::pin!(cut);
             cut.as_mut().enable();
-            if live.cut.load(Ordering::Acquire) {
-                return Ended::Cut;
+            if let Some(ended) = self.ended() {
+                return ended;
             }
             let quiet = live.quiet_for();
             if quiet >= idle {
@@ -49,6 +55,36 @@ impl Activity {
                 _ = tokio::time::sleep(idle - quiet) => {}
             }
         }
+    }
+
+    /// Resolves when the connection is cut (by the drain or a revocation), whatever its
+    /// activity: for loops that keep their own idle timer.
+    pub async fn cut(&self) -> Ended {
+        let live = &self.0;
+        loop {
+            let cut = live.cut_notify.notified();
+            tokio::pin!(cut);
+            cut.as_mut().enable();
+            if let Some(ended) = self.ended() {
+                return ended;
+            }
+            cut.await;
+        }
+    }
+
+    /// Why a revoked connection was revoked.
+    pub fn revoked(&self) -> Option<&str> {
+        match self.0.cut.get() {
+            Some(Cut::Revoked(detail)) => Some(detail),
+            _ => None,
+        }
+    }
+
+    fn ended(&self) -> Option<Ended> {
+        self.0.cut.get().map(|cut| match cut {
+            Cut::Drain => Ended::Cut,
+            Cut::Revoked(_) => Ended::Revoked,
+        })
     }
 }
 

@@ -388,3 +388,75 @@ fn owner_names_drop_generated_suffixes_only() {
         assert_eq!(owner_name(pod), owner, "{pod}");
     }
 }
+
+#[tokio::test]
+async fn revoking_cuts_only_admitted_connections_and_counts_each_once() {
+    let (registry, telemetry) = telemetry();
+    let mut inbound = call();
+    inbound.reporter = Reporter::Destination;
+    inbound.admission = Some(Admission {
+        caller: Some(id(WEB)),
+        requests_checked: false,
+    });
+    let mut revoked = telemetry.open(inbound.clone());
+    let gone_caller = inbound.src_addr;
+    inbound.src_addr = Some("10.0.0.9:40000".parse().expect("addr"));
+    let kept = telemetry.open(inbound);
+    // An outbound connection records no admission: nothing to decide on.
+    let outbound = telemetry.open(call());
+    let cut = tokio::spawn({
+        let activity = revoked.activity();
+        async move { activity.cut().await }
+    });
+    let revoked_id = revoked.id();
+    let mut asked = Vec::new();
+    let n = telemetry.revoke_where(|meta, admission| {
+        assert_eq!(admission.caller, Some(id(WEB)));
+        asked.push(meta.reporter.as_str());
+        (meta.src_addr == gone_caller).then(|| "no longer allowed".to_string())
+    });
+    assert_eq!(n, 1);
+    assert_eq!(asked, ["destination", "destination"]);
+    let mut again = 0;
+    telemetry.revoke_where(|_, _| {
+        again += 1;
+        None
+    });
+    assert_eq!(again, 1, "a connection cut already is not decided again");
+    let ended = tokio::time::timeout(Duration::from_secs(5), cut)
+        .await
+        .expect("ends at once")
+        .expect("task");
+    assert_eq!(ended, Ended::Revoked);
+    assert_eq!(revoked.activity().revoked(), Some("no longer allowed"));
+    assert_eq!(kept.activity().revoked(), None);
+    // What the loop records on its way out (a copy error caused by the cut) gives way to the
+    // revocation; recorded twice, it still counts once.
+    revoked.fail(ResponseFlag::Io, "copy", "reset");
+    revoked.record_cut();
+    drop(revoked);
+    drop((kept, outbound));
+    let text = encode(&registry);
+    let denied = [("reporter", "destination"), ("reason", "policy_revoked")];
+    assert_eq!(
+        sample(&text, "mesh_tcp_connections_denied_total", &denied),
+        1,
+        "{text}"
+    );
+    let closed = [("reporter", "destination"), ("response_flags", "DENY")];
+    assert_eq!(
+        sample(&text, "istio_tcp_connections_closed_total", &closed),
+        1,
+        "{text}"
+    );
+    let events = telemetry.recent(0);
+    let event = events
+        .iter()
+        .find(|e| e.id == revoked_id)
+        .expect("the revoked connection's record");
+    assert_eq!(
+        (event.reason, event.flags, event.verdict),
+        (Some(POLICY_REVOKED), "DENY", "denied")
+    );
+    assert_eq!(event.detail.as_deref(), Some("no longer allowed"));
+}
