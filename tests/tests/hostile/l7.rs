@@ -62,26 +62,28 @@ struct Answer {
 
 /// `curl --path-as-is` from `pod` to web's VIP, the path sent exactly as given.
 fn get(c: &Cluster, pod: &str, path: &str) -> Answer {
+    get_with(c, pod, path, &[])
+}
+
+/// [`get`] with more curl arguments.
+fn get_with(c: &Cluster, pod: &str, path: &str, extra: &[&str]) -> Answer {
     let url = format!("http://{WEB_VIP}{path}");
-    let out = c
-        .exec(
-            pod,
-            &[
-                "curl",
-                "-sS",
-                "--path-as-is",
-                "--max-time",
-                "10",
-                "-D",
-                "/dev/stderr",
-                "-o",
-                "-",
-                "-w",
-                "\n%{http_code}",
-                &url,
-            ],
-        )
-        .expect("run curl");
+    let mut argv = vec![
+        "curl",
+        "-sS",
+        "--path-as-is",
+        "--max-time",
+        "10",
+        "-D",
+        "/dev/stderr",
+        "-o",
+        "-",
+        "-w",
+        "\n%{http_code}",
+    ];
+    argv.extend_from_slice(extra);
+    argv.push(&url);
+    let out = c.exec(pod, &argv).expect("run curl");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
     Answer {
@@ -184,6 +186,28 @@ fn dot_segments_cannot_leave_an_allowed_prefix_and_refusals_name_no_policy() {
             "{path} reached the application: {}",
             a.body
         );
+    }
+
+    // The same over HTTP/2 (prior knowledge: the `:path` pseudo-header) and with the
+    // absolute-form request target of a forward proxy.
+    for path in [
+        "/public/../admin/",
+        "/public/%2e%2e/admin/",
+        "/public/..%2fadmin/",
+    ] {
+        let h2 = get_with(&c, "demo/client", path, &["--http2-prior-knowledge"]);
+        let target = format!("http://{WEB_VIP}{path}");
+        let absolute = get_with(&c, "demo/client", "/", &["--request-target", &target]);
+        for (how, a) in [("HTTP/2", h2), ("absolute-form", absolute)] {
+            assert!(
+                a.status == 403 || a.status == 400,
+                "{how} {path}: {} {}{}",
+                a.status,
+                a.headers,
+                a.body
+            );
+            assert_eq!(app_path(&a), None, "{how} {path} reached the application");
+        }
     }
 
     // A refused request gets a plain refusal; the reason is only in web's node log.
