@@ -121,6 +121,9 @@ pub fn normalize_bytes<'a>(
         [b'/', ..] => {}
         _ => return Err(PathError::NotAbsolute),
     }
+    if already_normal(path, settings) {
+        return Ok(Cow::Borrowed(path));
+    }
     let decoded = decode(path, settings)?;
     let merged = if settings.merge_slashes {
         merge_slashes(&decoded)
@@ -137,6 +140,22 @@ pub fn normalize_bytes<'a>(
     } else {
         Ok(Cow::Owned(normal))
     }
+}
+
+/// Whether `path` (starting with `/`) is unchanged by every step: no `%` at all, no `//`
+/// when slashes are merged, no `.` or `..` segment when normalizing. The common case, answered
+/// without allocating.
+fn already_normal(path: &[u8], settings: &PathNormalization) -> bool {
+    if path.contains(&b'%') {
+        return false;
+    }
+    if settings.merge_slashes && path.windows(2).any(|w| w == b"//") {
+        return false;
+    }
+    !settings.normalize_path
+        || path[1..]
+            .split(|&b| b == b'/')
+            .all(|segment| segment != b"." && segment != b"..")
 }
 
 /// Characters RFC 3986 calls unreserved: never different encoded or not.

@@ -279,3 +279,44 @@ fn any_bytes_are_answered_without_a_panic() {
         }
     }
 }
+
+#[test]
+fn the_shortcut_for_normal_paths_agrees_with_the_full_steps() {
+    let settings = [
+        PathNormalization::default(),
+        PathNormalization {
+            merge_slashes: false,
+            ..PathNormalization::default()
+        },
+        PathNormalization {
+            normalize_path: false,
+            ..PathNormalization::default()
+        },
+    ];
+    let mut shortcut = 0;
+    for settings in settings {
+        for path in paths(20_000) {
+            let bytes = path.as_bytes();
+            if !bytes.starts_with(b"/") || !already_normal(bytes, &settings) {
+                continue;
+            }
+            shortcut += 1;
+            let decoded = decode(bytes, &settings).expect("no '%', nothing to refuse");
+            let merged = if settings.merge_slashes {
+                merge_slashes(&decoded)
+            } else {
+                decoded
+            };
+            let full = if settings.normalize_path {
+                remove_dot_segments(&merged)
+            } else {
+                merged
+            };
+            assert_eq!(full, bytes, "{path:?}");
+        }
+    }
+    assert!(
+        shortcut > 1_000,
+        "too few normal paths generated: {shortcut}"
+    );
+}
