@@ -406,3 +406,6 @@ impl HeaderLookup for Headers<'_> {
 pub fn authority_addr(authority: &str) -> Option<SocketAddrV4> {
     authority.parse().ok()
 }
+
+#[cfg(test)]
+mod tests;
