@@ -314,6 +314,7 @@ pub fn answer(
                     .filter_map(|h| h.split_once(':'))
                     .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
                     .collect(),
+                paths: state.config.proxy.http.paths,
             };
             if q.from.is_empty() || q.to.is_empty() {
                 return error(&DebugError::BadRequest(

@@ -15,7 +15,9 @@ use crate::{
     },
     debug::commands,
     ebpf,
+    l7::HttpConfig,
 };
+use mesh_core::http_path::{EscapedSlashes, PathNormalization};
 
 /// Exit status for bad configuration or arguments (EX_USAGE).
 const EXIT_USAGE: u8 = 64;
@@ -138,6 +140,42 @@ struct ServeArgs {
     /// request; connections are always logged).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     access_log_every: u64,
+    /// On HTTP ports, match and forward request paths as sent: no decoding of encoded
+    /// unreserved characters, no dot-segment removal (invalid encodings and encoded NUL are
+    /// still refused). Loosens security: `/public/../admin/` then passes a `/public/.*` rule.
+    #[arg(long)]
+    no_normalize_path: bool,
+    /// On HTTP ports, keep runs of `/` in request paths instead of merging them.
+    #[arg(long)]
+    no_merge_slashes: bool,
+    /// On HTTP ports, what to do with an encoded `/` or `\` (`%2F`, `%5C`) in a request path:
+    /// `reject` (400), `keep` (left encoded, not a separator for policy or routes) or
+    /// `unescape` (decoded, then normalized).
+    #[arg(long, value_enum, value_name = "ACTION", default_value = "reject")]
+    escaped_slashes: EscapedSlashesArg,
+    /// Tell refused callers why (TrafficTarget, service account, pod names) in 403 bodies,
+    /// gRPC messages and HBONE refusals; by default they get a plain `access denied` and the
+    /// reason stays in the access log and metrics. For debugging only.
+    #[arg(long)]
+    expose_refusal_reasons: bool,
+}
+
+/// `--escaped-slashes` (mesh-core's type has no clap derive).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum EscapedSlashesArg {
+    Reject,
+    Keep,
+    Unescape,
+}
+
+impl From<EscapedSlashesArg> for EscapedSlashes {
+    fn from(a: EscapedSlashesArg) -> EscapedSlashes {
+        match a {
+            EscapedSlashesArg::Reject => EscapedSlashes::Reject,
+            EscapedSlashesArg::Keep => EscapedSlashes::Keep,
+            EscapedSlashesArg::Unescape => EscapedSlashes::Unescape,
+        }
+    }
 }
 
 impl ServeArgs {
@@ -167,6 +205,14 @@ impl ServeArgs {
             drain_grace: self.drain_grace,
             same_node: self.same_node,
             access_log_every: self.access_log_every,
+            http: HttpConfig {
+                paths: PathNormalization {
+                    normalize_path: !self.no_normalize_path,
+                    merge_slashes: !self.no_merge_slashes,
+                    escaped_slashes: self.escaped_slashes.into(),
+                },
+                expose_refusal_reasons: self.expose_refusal_reasons,
+            },
         }
     }
 }
@@ -753,5 +799,36 @@ mod tests {
             let e = run(&[flag]).expect_err(flag);
             assert!(e.contains(want), "{flag}: {e}");
         }
+    }
+
+    #[test]
+    fn http_paths_are_normalized_and_refusals_plain_unless_told_otherwise() {
+        let cfg = run(&[]).expect("defaults");
+        assert_eq!(cfg.proxy.http.paths, PathNormalization::default());
+        assert!(cfg.proxy.http.paths.normalize_path && cfg.proxy.http.paths.merge_slashes);
+        assert_eq!(cfg.proxy.http.paths.escaped_slashes, EscapedSlashes::Reject);
+        assert!(!cfg.proxy.http.expose_refusal_reasons);
+
+        let cfg = run(&[
+            "--no-normalize-path",
+            "--no-merge-slashes",
+            "--escaped-slashes=unescape",
+            "--expose-refusal-reasons",
+        ])
+        .expect("valid flags");
+        assert_eq!(
+            cfg.proxy.http.paths,
+            PathNormalization {
+                normalize_path: false,
+                merge_slashes: false,
+                escaped_slashes: EscapedSlashes::Unescape,
+            }
+        );
+        assert!(cfg.proxy.http.expose_refusal_reasons);
+        let text = serde_json::to_string(&cfg.proxy).expect("serializes");
+        assert!(text.contains(r#""expose_refusal_reasons":true"#), "{text}");
+
+        let err = run(&["--escaped-slashes=decode"]).expect_err("not an action");
+        assert!(err.contains("--escaped-slashes"), "{err}");
     }
 }

@@ -367,6 +367,8 @@ pub struct ProxyConfig {
     pub same_node: SameNode,
     /// On HTTP ports, one request in this many gets an access-log line.
     pub access_log_every: u64,
+    /// On HTTP ports: path normalization, and what refused callers are told.
+    pub http: crate::l7::HttpConfig,
 }
 
 impl Default for ProxyConfig {
@@ -376,6 +378,7 @@ impl Default for ProxyConfig {
             drain_grace: DEFAULT_DRAIN_GRACE,
             same_node: SameNode::InProcess,
             access_log_every: 1,
+            http: crate::l7::HttpConfig::default(),
         }
     }
 }

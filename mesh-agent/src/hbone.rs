@@ -11,7 +11,8 @@
 //!   [`ConnectHandler`] (authorize, then connect to the application), answering 200 and
 //!   copying bytes both ways, or refusing with the handler's status.
 //!
-//! Refusals carry their reason in the [`REASON_HEADER`] response header. Status codes:
+//! Refusals may carry a reason in the [`REASON_HEADER`] response header (the proxy's
+//! policy refusals do not, unless the operator exposes them). Status codes:
 //! 400 bad request (authority), 405 not CONNECT, 403 denied by policy, 502/503 the
 //! application is unreachable, 504 the handler did not answer in time.
 

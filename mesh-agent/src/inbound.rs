@@ -26,7 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::hbone::{Carry, ConnectHandler, Refusal};
-use crate::l7::{is_l7, pod_port_protocol};
+use crate::l7::{HttpConfig, is_l7, pod_port_protocol};
 use crate::proxy::{RelayError, relay};
 use crate::state::{Applied, StateStore};
 use crate::telemetry::{
@@ -76,9 +76,14 @@ impl Rejection {
     }
 }
 
-impl From<Rejection> for Refusal {
-    fn from(r: Rejection) -> Refusal {
-        Refusal::new(r.status, r.reason)
+impl Rejection {
+    /// The HBONE refusal the caller gets: the status, and the reason only when `expose` (see
+    /// [`HttpConfig::expose_refusal_reasons`]); the destination records it either way.
+    pub fn refusal(self, expose: bool) -> Refusal {
+        Refusal::new(
+            self.status,
+            if expose { self.reason } else { String::new() },
+        )
     }
 }
 
@@ -239,6 +244,7 @@ pub struct PodInbound {
     pub store: Arc<StateStore>,
     pub dial: AppDialer,
     pub telemetry: Telemetry,
+    pub http: HttpConfig,
 }
 
 /// Who is calling, as the destination reports it.
@@ -343,7 +349,8 @@ impl PodInbound {
                 Some(caller.identity),
                 target,
                 meta,
-            );
+            )
+            .with_http(self.http);
             return Ok(Admitted::Http(Box::new((http, guard))));
         }
         let mut guard = self.telemetry.open(meta);
@@ -519,9 +526,10 @@ impl ConnectHandler for PodInbound {
     type Io = Admitted;
 
     async fn connect(&self, peer: SpiffeId, authority: SocketAddr) -> Result<Self::Io, Refusal> {
+        let expose = self.http.expose_refusal_reasons;
         self.admit_carried(Caller::hbone(peer), authority)
             .await
-            .map_err(Refusal::from)
+            .map_err(|r| r.refusal(expose))
     }
 
     /// Requests on an L7 port are read straight off the HBONE stream. Other connections are
@@ -580,6 +588,7 @@ pub struct PlaintextInbound {
     pub dial: AppDialer,
     pub telemetry: Telemetry,
     pub idle_timeout: Duration,
+    pub http: HttpConfig,
 }
 
 impl PlaintextInbound {
@@ -630,7 +639,8 @@ impl PlaintextInbound {
                 None,
                 dst,
                 meta,
-            );
+            )
+            .with_http(self.http);
             http.serve(conn, self.idle_timeout).await;
             return Ok((0, 0));
         }

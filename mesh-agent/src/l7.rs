@@ -31,19 +31,37 @@
 //! wins, `Content-Length` is dropped and the connection is closed after the answer, so bytes
 //! after the body are never read as another request (the ambiguity request smuggling relies
 //! on). Requests always leave the proxy framed anew by it.
+//!
+//! # Paths
+//!
+//! Before any policy or route looks at a request, its path is normalized with
+//! `mesh_core::http_path::normalize` ([`HttpConfig::paths`]: decoded unreserved characters,
+//! merged slashes, no dot segments) and the request goes on with the normalized path, so the
+//! destination's policy and its application see the same request. A path that cannot be
+//! normalized safely (an encoded `/`, `\` or NUL, an invalid encoding) is answered 400
+//! (gRPC: `INVALID_ARGUMENT`) and goes nowhere.
+//!
+//! # Refusals
+//!
+//! The proxy's own answers (403, 404, 400, 503, 504) tell the caller only what happened
+//! (`access denied`, `no route`, ...); why (the policy that denied, a service or pod name, an
+//! address) goes to the access log and metrics of the proxy that refused, unless
+//! [`HttpConfig::expose_refusal_reasons`] is set.
 
 use std::convert::Infallible;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Response, StatusCode};
+use http::{Method, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use mesh_core::http_path::{self, PathError, PathNormalization};
 use mesh_core::model::{NamespacedName, NodeSnapshot, Protocol};
 use mesh_core::policy::HeaderLookup;
+use serde::Serialize;
 use std::net::SocketAddrV4;
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -78,6 +96,77 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 256;
 /// The flow-control windows of HTTP/2 connections to and from applications.
 const STREAM_WINDOW: u32 = 1 << 20;
 const CONNECTION_WINDOW: u32 = 4 << 20;
+
+/// How the proxy treats requests on L7 ports, on both sides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct HttpConfig {
+    /// How request paths are normalized before any match and forwarded.
+    pub paths: PathNormalization,
+    /// Tell a refused caller why (the policy's words, which name TrafficTargets, service
+    /// accounts, pods, addresses) in the response body, the gRPC message and the HBONE
+    /// refusal header. Off: a plain refusal; the reason is only in the access log and metrics.
+    pub expose_refusal_reasons: bool,
+}
+
+/// Why a request's path was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum BadPath {
+    #[error("{method} with the asterisk-form request target: only OPTIONS may use '*'")]
+    Asterisk { method: Method },
+    #[error("{0}")]
+    Path(#[from] PathError),
+    #[error("the normalized path {path:?} is not a valid request target: {source}")]
+    Target {
+        path: String,
+        #[source]
+        source: http::Error,
+    },
+}
+
+impl BadPath {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BadPath::Asterisk { .. } => "path_asterisk",
+            BadPath::Path(e) => e.kind(),
+            BadPath::Target { .. } => "path_invalid_target",
+        }
+    }
+}
+
+/// Normalizes the path of the request `parts` with `settings` and puts the normalized path
+/// (with the query unchanged) in its URI, so what matches the policy is what is forwarded.
+/// A CONNECT in authority-form has no path and is left alone.
+pub fn normalize_path(
+    parts: &mut http::request::Parts,
+    settings: &PathNormalization,
+) -> Result<(), BadPath> {
+    if parts.method == Method::CONNECT && parts.uri.path_and_query().is_none() {
+        return Ok(());
+    }
+    let path = parts.uri.path();
+    if path == "*" && parts.method != Method::OPTIONS {
+        return Err(BadPath::Asterisk {
+            method: parts.method.clone(),
+        });
+    }
+    let normal = match http_path::normalize(path, settings)? {
+        std::borrow::Cow::Borrowed(_) => return Ok(()),
+        std::borrow::Cow::Owned(normal) => normal,
+    };
+    let target = match parts.uri.query() {
+        Some(query) => format!("{normal}?{query}"),
+        None => normal.clone(),
+    };
+    let invalid = |source: http::Error| BadPath::Target {
+        path: normal.clone(),
+        source,
+    };
+    let mut uri = parts.uri.clone().into_parts();
+    uri.path_and_query =
+        Some(http::uri::PathAndQuery::from_maybe_shared(target).map_err(|e| invalid(e.into()))?);
+    parts.uri = http::Uri::from_parts(uri).map_err(|e| invalid(e.into()))?;
+    Ok(())
+}
 
 /// Whether the proxy parses requests on a port of this protocol.
 pub fn is_l7(protocol: Protocol) -> bool {
@@ -189,6 +278,7 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 
 /// gRPC status codes the proxy answers with.
 pub mod grpc_status {
+    pub const INVALID_ARGUMENT: u16 = 3;
     pub const NOT_FOUND: u16 = 5;
     pub const PERMISSION_DENIED: u16 = 7;
     pub const DEADLINE_EXCEEDED: u16 = 4;
@@ -236,6 +326,36 @@ pub fn local_reply(
         .headers_mut()
         .insert("x-mesh-proxy", HeaderValue::from_static("refused"));
     response
+}
+
+/// What a refused caller is told when the reason is not exposed: what happened, nothing of
+/// why.
+pub fn plain_refusal(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::FORBIDDEN => "access denied",
+        StatusCode::BAD_REQUEST => "bad request",
+        StatusCode::NOT_FOUND => "no route",
+        StatusCode::GATEWAY_TIMEOUT => "upstream timeout",
+        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+        other => other.canonical_reason().unwrap_or("refused"),
+    }
+}
+
+/// The proxy's refusal of a request ([`local_reply`]): with `expose`, `detail` is the message;
+/// otherwise [`plain_refusal`].
+pub fn refusal(
+    grpc: bool,
+    status: StatusCode,
+    grpc_code: u16,
+    detail: &str,
+    expose: bool,
+) -> Response<Body> {
+    let message = if expose {
+        detail
+    } else {
+        plain_refusal(status)
+    };
+    local_reply(grpc, status, grpc_code, message)
 }
 
 /// Removes the headers that describe one connection, not the message (RFC 9110 section
@@ -286,3 +406,6 @@ impl HeaderLookup for Headers<'_> {
 pub fn authority_addr(authority: &str) -> Option<SocketAddrV4> {
     authority.parse().ok()
 }
+
+#[cfg(test)]
+mod tests;

@@ -29,7 +29,7 @@ use tracing::debug;
 use crate::config::SameNode;
 use crate::hbone::{HBONE_PORT, HboneError, HbonePool};
 use crate::inbound::{AppDialer, Caller, Rejection};
-use crate::l7::is_l7;
+use crate::l7::{HttpConfig, is_l7};
 use crate::local::{LocalPod, LocalPods};
 use crate::proxy::{RelayError, relay, relay_watching};
 use crate::state::{StateStore, Version};
@@ -173,6 +173,8 @@ pub struct OutboundConfig {
     /// How a destination that is a pod of this agent is reached (in process only with the
     /// agent's [`LocalPods`], see [`PodOutbound::with_local_pods`]).
     pub same_node: SameNode,
+    /// Path normalization of L7 requests and what the pod is told of the proxy's refusals.
+    pub http: HttpConfig,
 }
 
 impl Default for OutboundConfig {
@@ -182,6 +184,7 @@ impl Default for OutboundConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             idle_timeout: crate::config::DEFAULT_IDLE_TIMEOUT,
             same_node: SameNode::InProcess,
+            http: HttpConfig::default(),
         }
     }
 }
@@ -228,7 +231,7 @@ impl PodOutbound {
             resolver: Mutex::new(None),
             slots: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
             limit: config.max_connections,
-            http: Arc::default(),
+            http: Arc::new(requests::HttpShared::new(config.http)),
         }
     }
 

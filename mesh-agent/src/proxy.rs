@@ -371,6 +371,7 @@ pub fn start(
                 egress: mesh.egress,
                 idle_timeout: idle,
                 same_node: config.same_node,
+                http: config.http,
                 ..OutboundConfig::default()
             },
             telemetry.clone(),
@@ -382,6 +383,7 @@ pub fn start(
         store: mesh.store.clone(),
         dial: dial.clone(),
         telemetry: telemetry.clone(),
+        http: config.http,
     };
     let local = mesh.local.register(LocalPod {
         ip,
@@ -393,6 +395,7 @@ pub fn start(
         dial: dial.clone(),
         telemetry: telemetry.clone(),
         idle_timeout: idle,
+        http: config.http,
     });
     let hbone_side = HboneSide {
         pod: name.clone(),

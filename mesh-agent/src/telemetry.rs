@@ -70,6 +70,7 @@
 //! | `DRAIN`   | cut when the shutdown grace period ended                                    |
 //! | `IO`      | a read or write failed while bytes were carried (for example a reset)      |
 //! | `UT`      | a request got no response head within its route's timeout (L7)             |
+//! | `DPE`     | a request refused as malformed: its path cannot be normalized safely (L7)  |
 //!
 //! # Access log
 //!
@@ -231,6 +232,8 @@ pub enum ResponseFlag {
     Io,
     /// A request got no response within its route's timeout (L7).
     UpstreamTimeout,
+    /// A request the proxy refused as malformed (L7: a path that cannot be normalized).
+    BadRequest,
 }
 
 impl ResponseFlag {
@@ -245,6 +248,7 @@ impl ResponseFlag {
             ResponseFlag::Drained => "DRAIN",
             ResponseFlag::Io => "IO",
             ResponseFlag::UpstreamTimeout => "UT",
+            ResponseFlag::BadRequest => "DPE",
         }
     }
 }

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod gateway;
+pub mod http_path;
 pub mod identity;
 pub mod model;
 pub mod policy;

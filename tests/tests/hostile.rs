@@ -5,5 +5,7 @@
 
 #[allow(dead_code, reason = "each suite uses a subset")]
 mod common;
+#[path = "hostile/l7.rs"]
+mod l7;
 #[path = "hostile/revoke.rs"]
 mod revoke;

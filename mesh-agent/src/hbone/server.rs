@@ -35,7 +35,7 @@ use super::{
 use crate::tls;
 
 /// Why the handler refused a tunnel: the response status (403 for policy, 502/503 when the
-/// application is unreachable) and a short reason for the caller.
+/// application is unreachable) and a short reason for the caller (empty: none is sent).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
     pub status: u16,
@@ -466,7 +466,7 @@ impl<H: ConnectHandler> Tunnel<H> {
         }
     }
 
-    /// Answers with `status`, the reason in [`REASON_HEADER`], and END_STREAM.
+    /// Answers with `status`, the reason (if any) in [`REASON_HEADER`], and END_STREAM.
     fn refuse(&self, respond: &mut SendResponse<Bytes>, status: StatusCode, reason: &str) {
         Stats::inc(&self.stats.streams_refused);
         let mut response = Response::new(());
@@ -476,7 +476,9 @@ impl<H: ConnectHandler> Tunnel<H> {
             .filter(|c| c.is_ascii_graphic() || *c == ' ')
             .take(256)
             .collect();
-        if let Ok(value) = HeaderValue::from_str(reason.trim()) {
+        if let Ok(value) = HeaderValue::from_str(reason.trim())
+            && !value.is_empty()
+        {
             response.headers_mut().insert(REASON_HEADER, value);
         }
         if let Err(e) = respond.send_response(response, true) {

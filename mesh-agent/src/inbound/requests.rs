@@ -2,8 +2,12 @@
 //! policy (the TrafficTarget rules whose HTTPRouteGroup matches), then passed to the
 //! application with the caller's identity in [`IDENTITY_HEADER`].
 //!
-//! A denied request gets 403 with a one-line reason (gRPC: `PERMISSION_DENIED`, 7) and never
-//! reaches the application; the connection stays open for the caller's next request. Each
+//! The request's path is normalized first ([`crate::l7::normalize_path`]): the policy matches
+//! the normalized path and the application receives it; a path that cannot be normalized
+//! safely gets 400 (gRPC: `INVALID_ARGUMENT`). A denied request gets 403 `access denied`
+//! (gRPC: `PERMISSION_DENIED`, 7; the policy's reason only with
+//! [`HttpConfig::expose_refusal_reasons`], always in the access log) and never reaches the
+//! application; the connection stays open for the caller's next request. Each
 //! caller connection has its own connection to the application, opened at its first request,
 //! so HTTP/1.1 keep-alive and HTTP/2 multiplexing carry through as the caller uses them.
 
@@ -25,7 +29,8 @@ use tracing::debug;
 use super::AppDialer;
 use crate::l7::upstream::{UpstreamError, Upstreams};
 use crate::l7::{
-    Body, BoxIo, Headers, IDENTITY_HEADER, Io, grpc_status, is_grpc, local_reply, strip_hop_by_hop,
+    Body, BoxIo, Headers, HttpConfig, IDENTITY_HEADER, Io, grpc_status, is_grpc, normalize_path,
+    refusal, strip_hop_by_hop,
 };
 use crate::state::StateStore;
 use crate::telemetry::{ConnMeta, Metered, RequestRecord, ResponseFlag, Telemetry};
@@ -42,6 +47,8 @@ pub struct InboundHttp {
     pub target: SocketAddrV4,
     /// The connection as the telemetry describes it (`reporter="destination"`).
     pub meta: ConnMeta,
+    /// Path normalization and what refused callers are told.
+    pub http: HttpConfig,
     app: Upstreams,
 }
 
@@ -73,8 +80,15 @@ impl InboundHttp {
             caller,
             target,
             meta,
+            http: HttpConfig::default(),
             app: Upstreams::new(),
         }
+    }
+
+    /// With these path normalization and refusal settings (default: [`HttpConfig::default`]).
+    pub fn with_http(mut self, http: HttpConfig) -> InboundHttp {
+        self.http = http;
+        self
     }
 
     /// Serves the caller's requests on `io` until the caller closes it, it stays idle for
@@ -94,8 +108,10 @@ impl InboundHttp {
     async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
         let grpc = is_grpc(request.headers());
-        let method = request.method().as_str().to_owned();
-        let path = request.uri().path().to_owned();
+        let (mut parts, body) = request.into_parts();
+        let method = parts.method.as_str().to_owned();
+        let normalized = normalize_path(&mut parts, &self.http.paths);
+        let path = parts.uri.path().to_owned();
         let record = |status: u16,
                       grpc_code: Option<u16>,
                       flag: ResponseFlag,
@@ -124,7 +140,13 @@ impl InboundHttp {
                       flag: ResponseFlag,
                       reason: &'static str,
                       detail: &str| {
-            let response = local_reply(grpc, status, grpc_code, detail);
+            let response = refusal(
+                grpc,
+                status,
+                grpc_code,
+                detail,
+                self.http.expose_refusal_reasons,
+            );
             let code = grpc.then_some(grpc_code);
             record(
                 response.status().as_u16(),
@@ -136,6 +158,16 @@ impl InboundHttp {
             );
             response
         };
+
+        if let Err(bad) = normalized {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                grpc_status::INVALID_ARGUMENT,
+                ResponseFlag::BadRequest,
+                bad.kind(),
+                &format!("bad path: {bad}"),
+            );
+        }
 
         let config = self.store.current();
         let snapshot = &config.snapshot;
@@ -152,7 +184,7 @@ impl InboundHttp {
             );
         };
         let decision = {
-            let headers = Headers(request.headers());
+            let headers = Headers(&parts.headers);
             let view = policy::Request {
                 method: &method,
                 path: &path,
@@ -182,7 +214,6 @@ impl InboundHttp {
         let identity = workload.identity.uri();
         drop(config);
 
-        let (mut parts, body) = request.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(IDENTITY_HEADER);
         if let Some(caller) = &self.caller {

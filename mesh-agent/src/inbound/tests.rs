@@ -189,6 +189,7 @@ async fn tunnels_are_admitted_by_the_identity_the_certificate_proves() {
         store: crate::state::holding(&cfg),
         dial: Arc::new(|addr| Box::pin(TcpStream::connect(addr))),
         telemetry: telemetry.clone(),
+        http: crate::l7::HttpConfig::default(),
     };
     let tls = tls::server_config(api_mgr, id(API)).expect("server TLS");
     let server = Arc::new(HboneServer::new(tls, handler, ServerConfig::default()).expect("server"));
@@ -220,7 +221,8 @@ async fn tunnels_are_admitted_by_the_identity_the_certificate_proves() {
     match refused {
         Err(HboneError::Refused { status, reason }) => {
             assert_eq!(status, DENIED);
-            assert!(reason.contains(ADMIN), "{reason}");
+            // A plain refusal: the caller learns nothing of the policy (no reason header).
+            assert_eq!(reason, "Forbidden");
         }
         Err(e) => panic!("expected a 403 refusal, got {e}"),
         Ok(_) => panic!("admin must not reach api"),
@@ -270,6 +272,15 @@ async fn tunnels_are_admitted_by_the_identity_the_certificate_proves() {
         1,
         "{text}"
     );
+    // The reason in words stays with the destination (`mesh-agent flows`, the access log).
+    let events = telemetry.recent(0);
+    let refusal = events
+        .iter()
+        .find(|e| e.verdict == "denied")
+        .expect("the refusal among the ended connections");
+    assert_eq!(refusal.reason, Some("no_traffic_target"));
+    let detail = refusal.detail.as_deref().unwrap_or_default();
+    assert!(detail.contains(ADMIN), "{detail}");
 }
 
 /// The metrics once no connection is open any more.
@@ -305,6 +316,7 @@ async fn plaintext_is_carried_and_counted_or_refused_by_the_tls_mode() {
             dial: Arc::new(move |_| Box::pin(TcpStream::connect(app_addr))),
             telemetry: telemetry.clone(),
             idle_timeout: Duration::from_secs(60),
+            http: crate::l7::HttpConfig::default(),
         });
         async move {
             let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 15006");

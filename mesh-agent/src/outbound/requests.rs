@@ -9,9 +9,14 @@
 //! - A route's `timeouts.request` bounds the wait for the response head: past it the caller
 //!   gets 504 (gRPC: `DEADLINE_EXCEEDED`).
 //! - Idempotent requests without a body are retried (see [`crate::l7::retry`]).
+//! - The path is normalized before routing ([`crate::l7::normalize_path`]) and the request
+//!   leaves with the normalized path; one that cannot be normalized safely gets 400 (gRPC:
+//!   `INVALID_ARGUMENT`).
 //! - A request no route matches gets 404 (gRPC: `UNIMPLEMENTED`); a destination that cannot
 //!   be reached, 503 (gRPC: `UNAVAILABLE`); a refusal by the destination's policy, 403 (gRPC:
-//!   `PERMISSION_DENIED`).
+//!   `PERMISSION_DENIED`). The body (gRPC message) says only that (`no route`, `access
+//!   denied`, ...) unless [`HttpConfig::expose_refusal_reasons`]; the reason is in this
+//!   side's access log and metrics.
 //! - [`IDENTITY_HEADER`] is removed from every request: only the destination's proxy sets it.
 
 use std::convert::Infallible;
@@ -38,8 +43,8 @@ use crate::inbound::{AppDialer, Caller, DENIED, Rejection};
 use crate::l7::retry::{MAX_RETRIES, RetryBudget, idempotent, retriable_status};
 use crate::l7::upstream::{UpstreamError, Upstreams};
 use crate::l7::{
-    Body, BoxIo, Headers, IDENTITY_HEADER, empty, grpc_status, is_grpc, local_reply,
-    strip_hop_by_hop,
+    Body, BoxIo, Headers, HttpConfig, IDENTITY_HEADER, empty, grpc_status, is_grpc, normalize_path,
+    refusal, strip_hop_by_hop,
 };
 use crate::local::LocalPods;
 use crate::state::Applied;
@@ -49,10 +54,21 @@ use crate::telemetry::{
 };
 
 /// What a pod's L7 requests share across its connections.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct HttpShared {
     upstreams: Upstreams,
     budget: RetryBudget,
+    config: HttpConfig,
+}
+
+impl HttpShared {
+    pub(super) fn new(config: HttpConfig) -> HttpShared {
+        HttpShared {
+            upstreams: Upstreams::default(),
+            budget: RetryBudget::default(),
+            config,
+        }
+    }
 }
 
 /// Why a connection to an endpoint could not be opened.
@@ -179,6 +195,7 @@ impl HttpConn {
         let grpc = is_grpc(request.headers());
         let (mut parts, body) = request.into_parts();
         let method = parts.method.clone();
+        let normalized = normalize_path(&mut parts, &self.shared.config.paths);
         let path = parts.uri.path().to_owned();
         let mut meta = self.meta.clone();
         let record = |meta: &ConnMeta,
@@ -214,7 +231,13 @@ impl HttpConn {
                       attempts: u32,
                       reason: &'static str,
                       detail: &str| {
-            let response = local_reply(grpc, status, grpc_code, detail);
+            let response = refusal(
+                grpc,
+                status,
+                grpc_code,
+                detail,
+                self.shared.config.expose_refusal_reasons,
+            );
             record(
                 meta,
                 response.status().as_u16(),
@@ -228,6 +251,18 @@ impl HttpConn {
             response
         };
 
+        if let Err(bad) = normalized {
+            return refuse(
+                &meta,
+                StatusCode::BAD_REQUEST,
+                grpc_status::INVALID_ARGUMENT,
+                ResponseFlag::BadRequest,
+                None,
+                0,
+                bad.kind(),
+                &format!("bad path: {bad}"),
+            );
+        }
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(IDENTITY_HEADER);
 

@@ -160,6 +160,7 @@ async fn two_nodes_with(allowed: &str, config: OutboundConfig) -> TwoNodes {
         store: crate::state::holding(&node_b),
         dial: Arc::new(|addr| Box::pin(TcpStream::connect(addr))),
         telemetry: Telemetry::new(&mut destination_metrics),
+        http: crate::l7::HttpConfig::default(),
     };
     let tls = tls::server_config(b_mgr, id(API)).expect("server TLS");
     let server = Arc::new(HboneServer::new(tls, inbound, ServerConfig::default()).expect("server"));
@@ -433,7 +434,7 @@ async fn a_denied_call_is_closed_promptly_and_never_reaches_the_app() {
             ..
         } => {
             assert_eq!(status, crate::inbound::DENIED);
-            assert!(reason.contains(WEB), "{reason}");
+            assert!(!reason.contains(WEB), "a plain refusal: {reason}");
         }
         other => panic!("expected a 403, got {other}"),
     }

@@ -222,6 +222,7 @@ impl Tunnels {
             store: store.clone(),
             dial: Arc::new(|addr| Box::pin(TcpStream::connect(addr))),
             telemetry: telemetry.clone(),
+            http: crate::l7::HttpConfig::default(),
         };
         let tls = tls::server_config(api_mgr, id(API)).expect("server TLS");
         let server =
@@ -402,6 +403,7 @@ async fn plaintext_connections_close_when_the_pod_turns_strict() {
         dial: Arc::new(move |_| Box::pin(TcpStream::connect(app))),
         telemetry: telemetry.clone(),
         idle_timeout: Duration::from_secs(3600),
+        http: crate::l7::HttpConfig::default(),
     });
     // "15006": every connection it accepts is handled by the pod's plaintext side.
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 15006");
@@ -452,6 +454,7 @@ async fn a_same_node_connection_closes_on_both_sides_when_the_destination_revoke
         store: store.clone(),
         dial: Arc::new(|addr| Box::pin(TcpStream::connect(addr))),
         telemetry: telemetry.clone(),
+        http: crate::l7::HttpConfig::default(),
     };
 
     // The calling application's socket, accepted by web's outbound side.

@@ -3,6 +3,7 @@
 use std::net::Ipv4Addr;
 
 use mesh_core::SpiffeId;
+use mesh_core::http_path::{self, PathNormalization};
 use mesh_core::model::{NamespacedName, NodeSnapshot, Service, TlsMode, Workload};
 use mesh_core::policy::{Conn, HeaderLookup, Permit, Request, Rule, TrafficPolicyMode, authorize};
 use serde::{Deserialize, Serialize};
@@ -22,6 +23,9 @@ pub struct CheckQuery {
     pub path: Option<String>,
     /// `name: value` headers of the request.
     pub headers: Vec<(String, String)>,
+    /// How the proxy normalizes the path before the policy sees it (the agent's own
+    /// settings), so the check answers for the path the proxy would match.
+    pub paths: PathNormalization,
 }
 
 /// The answer of `policy check`: one decision per destination pod.
@@ -106,7 +110,19 @@ pub fn check(s: &NodeSnapshot, q: &CheckQuery) -> Result<PolicyCheck, DebugError
         .clone()
         .unwrap_or_else(|| "GET".into())
         .to_ascii_uppercase();
-    let request = q.path.as_ref().map(|path| Request {
+    let path = match &q.path {
+        Some(p) => Some(
+            http_path::normalize(p, &q.paths)
+                .map_err(|e| {
+                    DebugError::BadRequest(format!(
+                        "path {p:?}: {e}; the proxy answers such a request 400"
+                    ))
+                })?
+                .into_owned(),
+        ),
+        None => None,
+    };
+    let request = path.as_ref().map(|path| Request {
         method: &method,
         path,
         headers: &headers,
@@ -135,7 +151,7 @@ pub fn check(s: &NodeSnapshot, q: &CheckQuery) -> Result<PolicyCheck, DebugError
         from: caller.map_or_else(|| "plaintext".into(), |id| id.to_string()),
         from_pod,
         to: q.to.clone(),
-        request: q.path.as_ref().map(|p| format!("{method} {p}")),
+        request: path.as_ref().map(|p| format!("{method} {p}")),
         verdict: verdict.into(),
         decisions,
     })
@@ -575,6 +591,13 @@ mod tests {
         assert_eq!(v.verdict, "denied");
         assert_eq!(v.decisions[0].kind.as_deref(), Some("no_http_match"));
         assert_eq!(v.decisions[0].rules_for_caller.len(), 1);
+        // The path as the proxy matches it: normalized, so it leaves /api/.
+        let v = ask(&client, "shop/web-0:8080", Some("/api/%2e%2e/admin")).expect("check");
+        assert_eq!(v.request.as_deref(), Some("GET /admin"));
+        assert_eq!(v.verdict, "denied");
+        let e = ask(&client, "shop/web-0:8080", Some("/api/..%2fadmin")).expect_err("400");
+        assert_eq!(e.kind(), "bad_request");
+        assert!(e.to_string().contains("%2F"), "{e}");
 
         // A pod of another node, an unmeshed service.
         let v = ask(&client, "shop/web-1:8080", None).expect("check");

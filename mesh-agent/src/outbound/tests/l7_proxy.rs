@@ -145,6 +145,17 @@ async fn mesh(routes: Vec<Route>) -> Mesh {
 
 /// `same_node`: the api pods are pods of web-0's agent, reached in process.
 async fn mesh_with(routes: Vec<Route>, same_node: bool) -> Mesh {
+    let http = crate::l7::HttpConfig::default();
+    mesh_configured(routes, same_node, http, http).await
+}
+
+/// With the L7 settings of the source (web-0) and of the destination (the api pods).
+async fn mesh_configured(
+    routes: Vec<Route>,
+    same_node: bool,
+    source_http: crate::l7::HttpConfig,
+    destination_http: crate::l7::HttpConfig,
+) -> Mesh {
     let ca = TestCa::new("l7-test-ca");
     let hour = Duration::from_secs(3600);
     let (a_mgr, _) = manager(&TestSigner::new(ca.clone(), hour));
@@ -262,6 +273,7 @@ async fn mesh_with(routes: Vec<Route>, same_node: bool) -> Mesh {
             store: store.clone(),
             dial: Arc::new(|addr| Box::pin(TcpStream::connect(addr))),
             telemetry: destination.clone(),
+            http: destination_http,
         };
         if same_node {
             registrations.push(local.register(crate::local::LocalPod {
@@ -294,7 +306,10 @@ async fn mesh_with(routes: Vec<Route>, same_node: bool) -> Mesh {
             crate::state::holding(&node_a),
             pool,
             Arc::new(|addr| Box::pin(TcpStream::connect(addr))),
-            OutboundConfig::default(),
+            OutboundConfig {
+                http: source_http,
+                ..OutboundConfig::default()
+            },
             source.clone(),
         )
         .with_local_pods(local),
@@ -387,7 +402,7 @@ async fn each_request_is_authorized_on_its_own_and_the_app_sees_the_verified_cal
     // Same connection, a path no rule allows: refused by the destination, never passed on.
     let (status, body) = call(&mut c, Method::GET, "/admin", &[]).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
-    assert!(body.contains("no HTTP match for GET /admin"), "{body}");
+    assert_eq!(body, "access denied\n", "a plain refusal, no policy names");
     assert_eq!(hits_of(&mesh, "GET /admin"), 0);
     // And the connection still carries the next request (keep-alive end to end).
     let (status, _) = call(&mut c, Method::GET, "/api/again", &[]).await;
@@ -570,11 +585,13 @@ async fn an_httproute_routes_by_header_sets_headers_and_times_out() {
         );
     }
     // Nothing matches outside /api: 404 from the source's proxy.
-    let (status, _) = call(&mut c, Method::GET, "/elsewhere", &[]).await;
+    let (status, body) = call(&mut c, Method::GET, "/elsewhere", &[]).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body, "no route\n", "the route and service are not named");
     let started = std::time::Instant::now();
     let (status, body) = call(&mut c, Method::GET, "/api/delay/5000", &[]).await;
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    assert_eq!(body, "upstream timeout\n");
     assert!(
         started.elapsed() < Duration::from_secs(4),
         "{:?}",
@@ -674,6 +691,7 @@ async fn grpc_calls_of_every_kind_pass_with_trailers_and_a_denied_call_is_permis
         .insert("x-tenant", "red".parse().expect("value"));
     let status = echo.say(request).await.expect_err("denied");
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert_eq!(status.message(), "access denied", "a plain refusal");
     let destination = encode(&mesh.destination_metrics);
     assert_eq!(
         sample(
@@ -790,4 +808,116 @@ async fn the_drain_closes_kept_alive_http_connections_at_once() {
         c.send_request(request).await.is_err(),
         "the application finds the connection closed"
     );
+}
+
+#[tokio::test]
+async fn dot_segments_and_encodings_cannot_take_a_request_out_of_an_allowed_prefix() {
+    let mesh = mesh(vec![]).await;
+    let mut c = client(mesh.http).await;
+    // The policy allows `/api/.*` only.
+    for path in [
+        "/api/../admin",
+        "/api/%2e%2e/admin",
+        "/api/%2E%2E/admin",
+        "/api//../admin",
+        "/api/./../admin",
+    ] {
+        let (status, body) = call(&mut c, Method::GET, path, &[]).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {body}");
+    }
+    for path in ["/api/..%2fadmin", "/api/..%5Cadmin", "/api/%00", "/api/%zz"] {
+        let (status, body) = call(&mut c, Method::GET, path, &[]).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {body}");
+        assert_eq!(body, "bad request\n");
+    }
+    assert!(
+        !mesh
+            .hits
+            .lock()
+            .expect("hits")
+            .iter()
+            .any(|h| h.contains("admin")),
+        "nothing reached the application: {:?}",
+        mesh.hits.lock().expect("hits")
+    );
+    // What is allowed reaches the application normalized, as the policy saw it.
+    for (path, seen) in [
+        ("/api/./x", "GET /api/x"),
+        ("/api/%78//y/", "GET /api/x/y/"),
+        ("/api/a/../b?q=/../%2e", "GET /api/b"),
+    ] {
+        let (status, body) = call(&mut c, Method::GET, path, &[]).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+        assert_eq!(hits_of(&mesh, seen), 1, "{path}");
+    }
+    let source = encode(&mesh.source_metrics);
+    assert_eq!(
+        sample(
+            &source,
+            "istio_requests_total",
+            &[("response_code", "400"), ("response_flags", "DPE")]
+        ),
+        4,
+        "{source}"
+    );
+}
+
+#[tokio::test]
+async fn the_destination_normalizes_whatever_the_source_sends() {
+    // A source that passes paths as they are (another mesh, an old agent, a hand-made
+    // client on 15008): the destination's check does not depend on it.
+    let loose = crate::l7::HttpConfig {
+        paths: mesh_core::http_path::PathNormalization {
+            normalize_path: false,
+            merge_slashes: false,
+            escaped_slashes: mesh_core::http_path::EscapedSlashes::Keep,
+        },
+        expose_refusal_reasons: false,
+    };
+    let mesh = mesh_configured(vec![], false, loose, crate::l7::HttpConfig::default()).await;
+    let mut c = client(mesh.http).await;
+    let (status, body) = call(&mut c, Method::GET, "/api/%2e%2e/admin", &[]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let (status, body) = call(&mut c, Method::GET, "/api/..%2Fadmin", &[]).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, body) = call(&mut c, Method::GET, "/api/%2e/x", &[]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(hits_of(&mesh, "GET /api/x"), 1);
+    assert!(
+        !mesh
+            .hits
+            .lock()
+            .expect("hits")
+            .iter()
+            .any(|h| h.contains("admin")),
+        "{:?}",
+        mesh.hits.lock().expect("hits")
+    );
+    let destination = encode(&mesh.destination_metrics);
+    assert_eq!(
+        sample(
+            &destination,
+            "istio_requests_total",
+            &[("reporter", "destination"), ("response_code", "400")]
+        ),
+        1,
+        "{destination}"
+    );
+}
+
+#[tokio::test]
+async fn refusal_reasons_reach_the_caller_only_when_exposed() {
+    let exposed = crate::l7::HttpConfig {
+        expose_refusal_reasons: true,
+        ..crate::l7::HttpConfig::default()
+    };
+    let mesh = mesh_configured(vec![], false, exposed, exposed).await;
+    let mut c = client(mesh.http).await;
+    let (status, body) = call(&mut c, Method::GET, "/admin", &[]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("no HTTP match for GET /admin"), "{body}");
+    assert!(body.contains(WEB), "{body}");
+    let (status, body) = call(&mut c, Method::GET, "/api/..%2fadmin", &[]).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.contains("%2F"), "{body}");
 }

@@ -149,6 +149,7 @@ async fn one_node(setup: Setup) -> OneNode {
         store: store.clone(),
         dial: Arc::new(|addr| Box::pin(TcpStream::connect(addr))),
         telemetry: telemetry.clone(),
+        http: crate::l7::HttpConfig::default(),
     };
 
     // The node registry, as the agent's proxies fill it.
