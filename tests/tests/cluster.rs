@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{ECHO_VIP, bins, call, up, up_with, wait_until_ok};
+use common::{ECHO_VIP, call, up, up_with, wait_until_ok};
 use mesh_tests::cluster::{Cluster, demo_dir};
 use mesh_tests::privileged;
 use mesh_tests::sniff::Sniffer;

@@ -3,4 +3,9 @@
 //! the attack is on one component, against that component in process), asserting that it
 //! fails. Privileged where it needs the simulated cluster.
 
+// Each attack uses the part of the shared cluster helpers it needs.
+#[allow(dead_code, reason = "shared with the other end-to-end suites")]
 mod common;
+
+#[path = "hostile/control.rs"]
+mod control;
