@@ -3,8 +3,14 @@
 
 use std::time::{Duration, Instant};
 
+use mesh_agent::control::new_key_and_csr;
+use mesh_api::v1;
+use mesh_core::SpiffeId;
 use mesh_tests::cluster::{PodSpec, demo_dir, http_get_in};
+use mesh_tests::inprocess::{ClusterDir, namespace, pod, td};
 use mesh_tests::privileged;
+use rcgen::KeyPair;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use super::common::{ECHO_VIP, call, up_with, wait_until_ok};
 
@@ -135,4 +141,138 @@ fn a_traffic_target_in_another_namespace_does_not_open_a_workload() {
         "the tenant's own TrafficTarget is valid: {rejected}"
     );
     c.down().expect("cluster down");
+}
+
+// === Node credentials ===
+
+/// A bootstrap token for `node-a` only.
+const NODE_A_TOKEN: &str = "node-a-bootstrap-token-0123456789";
+
+/// A gRPC channel to the controller, presenting `client` (chain PEM, key PEM) if given:
+/// what anyone holding a node's certificate and key can open.
+fn channel(controller: &mesh_controller::app::Controller, client: Option<(&str, &str)>) -> Channel {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&controller.roots_pem))
+        .domain_name("mesh-controller.mesh-system.svc");
+    if let Some((chain, key)) = client {
+        tls = tls.identity(Identity::from_pem(chain, key));
+    }
+    Endpoint::from_shared(format!("https://{}", controller.grpc_addr))
+        .expect("endpoint")
+        .tls_config(tls)
+        .expect("tls")
+        .connect_lazy()
+}
+
+async fn bootstrap(
+    channel: Channel,
+    token: Option<&str>,
+) -> Result<v1::CertificateResponse, tonic::Status> {
+    let node = SpiffeId::node(&td(), "node-a").expect("node id");
+    let (_, csr) = new_key_and_csr(&node).expect("csr");
+    v1::identity_client::IdentityClient::new(channel)
+        .bootstrap(v1::BootstrapRequest {
+            node: "node-a".into(),
+            csr_der: csr,
+            credential: token.map(|t| v1::bootstrap_request::Credential::BootstrapToken(t.into())),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn sign_web(channel: Channel) -> Result<v1::CertificateResponse, tonic::Status> {
+    let web = SpiffeId::workload(&td(), "shop", "web").expect("web id");
+    let (_, csr) = new_key_and_csr(&web).expect("csr");
+    v1::identity_client::IdentityClient::new(channel)
+        .sign_workload(v1::SignWorkloadRequest {
+            spiffe_id: web.to_string(),
+            csr_der: csr,
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Someone who copied node-a's certificate and key (a stolen disk, a decommissioned node)
+/// cannot keep it alive: renewing with the certificate alone is refused, renewing after
+/// the operator revoked node-a's token is refused, and once the certificate expires it opens
+/// nothing. Before, the controller renewed any still-valid node certificate without a
+/// credential, forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stolen_node_certificate_lapses_without_a_fresh_proof() {
+    let dir = ClusterDir::new();
+    dir.write("ns.yaml", &namespace("shop"));
+    dir.write(
+        "web.yaml",
+        &pod("shop", "web-0", "node-a", "10.1.0.5", "web", "web", ""),
+    );
+    let tokens = dir.dir.path().join("tokens");
+    std::fs::write(
+        &tokens,
+        format!("{NODE_A_TOKEN} node-a 2999-01-01T00:00:00Z\n"),
+    )
+    .expect("token file");
+    let controller = dir
+        .start(
+            "127.0.0.1:0".parse().expect("addr"),
+            &["--node-cert-ttl", "3s"],
+        )
+        .await;
+
+    // node-a bootstraps; the thief copies its key and certificate.
+    let node = SpiffeId::node(&td(), "node-a").expect("node id");
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let csr = {
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names =
+            vec![rcgen::SanType::URI(node.uri().try_into().expect("uri san"))];
+        params.serialize_request(&key).expect("csr").der().to_vec()
+    };
+    let issued = v1::identity_client::IdentityClient::new(channel(&controller, None))
+        .bootstrap(v1::BootstrapRequest {
+            node: "node-a".into(),
+            csr_der: csr,
+            credential: Some(v1::bootstrap_request::Credential::BootstrapToken(
+                NODE_A_TOKEN.into(),
+            )),
+        })
+        .await
+        .expect("node-a bootstraps with its token")
+        .into_inner();
+    let chain: String = issued
+        .chain_der
+        .iter()
+        .map(|der| pem::encode(&pem::Pem::new("CERTIFICATE", der.clone())))
+        .collect();
+    let key_pem = key.serialize_pem();
+    let stolen = || channel(&controller, Some((&chain, &key_pem)));
+
+    // The control: while valid, the certificate is node-a's identity.
+    sign_web(stolen())
+        .await
+        .expect("the certificate works while valid");
+
+    // Renewal with the certificate as the only proof.
+    let e = bootstrap(stolen(), None)
+        .await
+        .expect_err("renewal without a credential");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
+    assert!(e.message().contains("no bootstrap credential"), "{e}");
+
+    // The operator revokes node-a's token: the certificate no longer renews with it.
+    std::fs::write(&tokens, "").expect("revoke");
+    let e = bootstrap(stolen(), Some(NODE_A_TOKEN))
+        .await
+        .expect_err("renewal with a revoked token");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
+    assert!(e.message().contains("not known"), "{e}");
+
+    // Expired, the certificate opens nothing (the TLS handshake refuses it).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let e = sign_web(stolen()).await.expect_err("expired certificate");
+    assert_ne!(e.code(), tonic::Code::Ok);
+    let e = bootstrap(stolen(), None)
+        .await
+        .expect_err("renewal with an expired certificate");
+    assert_ne!(e.code(), tonic::Code::Ok, "{e}");
+    controller.shutdown().await;
 }
