@@ -276,3 +276,30 @@ async fn a_stolen_node_certificate_lapses_without_a_fresh_proof() {
     assert_ne!(e.code(), tonic::Code::Ok, "{e}");
     controller.shutdown().await;
 }
+
+/// A token file with a token for any node (`*`) does not start a cluster-mode controller: the
+/// operator hears why (the flag and the line) with status 64, before anything is served.
+#[test]
+fn a_wildcard_bootstrap_token_does_not_start_a_cluster_controller() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tokens = dir.path().join("tokens");
+    std::fs::write(
+        &tokens,
+        "# named tokens are fine\nnode-1-token-0123456789 node-1 2999-01-01T00:00:00Z\n\
+         any-node-token-0123456789 * 2999-01-01T00:00:00Z\n",
+    )
+    .expect("token file");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mesh-controller"))
+        .arg("--kubernetes")
+        .arg("--bootstrap-tokens")
+        .arg(&tokens)
+        .output()
+        .expect("run mesh-controller");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("--bootstrap-tokens") && stderr.contains("line 3: tokens for any node"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty(), "it must not serve");
+}
