@@ -4,8 +4,10 @@
 //! The agent first proves its node with a bootstrap credential (a token in local mode, its
 //! projected ServiceAccount token in cluster mode) and receives a node certificate for a key it
 //! generated itself. Every later call is authenticated by that certificate (mTLS). The node
-//! certificate is renewed at half life, with the current certificate as the credential; if it
-//! has expired (the controller was away too long), the bootstrap credential is used again.
+//! certificate is renewed at half life with a fresh proof, the bootstrap credential read
+//! again (the controller takes no certificate as proof of itself, so node credentials lapse
+//! with the credential they were issued for); the current certificate is still presented
+//! over mTLS while it is valid.
 //!
 //! The configuration stream reconnects with jittered exponential backoff; while the
 //! controller is away the agent keeps serving its last good configuration, and on reconnect it
@@ -32,6 +34,9 @@ use crate::state::StateStore;
 pub enum BootstrapCredential {
     /// Local mode: a token from the controller's token file.
     Token(String),
+    /// Local mode: a file holding that token, re-read at each use so that a rotated token
+    /// takes effect at the next renewal.
+    TokenFile(PathBuf),
     /// Cluster mode: a file holding the projected ServiceAccount token, re-read at each use
     /// because the kubelet rotates it.
     ServiceAccountTokenFile(PathBuf),
@@ -217,6 +222,12 @@ impl ControlClient {
         use v1::bootstrap_request::Credential as C;
         Ok(match &self.config.credential {
             BootstrapCredential::Token(t) => C::BootstrapToken(t.clone()),
+            BootstrapCredential::TokenFile(path) => {
+                let token = std::fs::read_to_string(path).map_err(|e| {
+                    ControlError::Credential(path.display().to_string(), e.to_string())
+                })?;
+                C::BootstrapToken(token.trim().to_string())
+            }
             BootstrapCredential::ServiceAccountTokenFile(path) => {
                 let token = std::fs::read_to_string(path).map_err(|e| {
                     ControlError::Credential(path.display().to_string(), e.to_string())
@@ -226,17 +237,14 @@ impl ControlClient {
         })
     }
 
-    /// Obtains (or renews) the node certificate. With a still-valid node certificate it is
-    /// the credential; otherwise the bootstrap credential is.
+    /// Obtains (or renews) the node certificate, proving the node with the bootstrap
+    /// credential each time.
     pub async fn bootstrap(&self) -> Result<(), ControlError> {
         let id = SpiffeId::node(&self.config.trust_domain, &self.config.node)
             .map_err(|e| ControlError::Key(e.to_string()))?;
         let (key, csr) = new_key_and_csr(&id)?;
         let current = self.node_certificate().filter(|c| !c.expired());
-        let credential = match current {
-            Some(_) => None,
-            None => Some(self.credential()?),
-        };
+        let credential = Some(self.credential()?);
         let channel = self.endpoint(current.as_ref())?.connect_lazy();
         let response = v1::identity_client::IdentityClient::new(channel)
             .bootstrap(v1::BootstrapRequest {
@@ -542,7 +550,9 @@ pub fn start(
     };
     let credential = match &settings.credential {
         crate::config::CredentialSource::BootstrapTokenFile(p) => {
-            BootstrapCredential::Token(read(p)?.trim().to_string())
+            // Read now so that a missing file fails the start, and again at each renewal.
+            read(p)?;
+            BootstrapCredential::TokenFile(p.clone())
         }
         crate::config::CredentialSource::ServiceAccountTokenFile(p) => {
             BootstrapCredential::ServiceAccountTokenFile(p.clone())

@@ -131,11 +131,17 @@ pub async fn start(config: Config) -> Result<Controller, StartError> {
     let ca = Arc::new(load_ca(&config).await?);
     let roots_pem = ca.roots_pem().concat();
     let auth = match &config.bootstrap {
-        Bootstrap::TokenFile(path) => Authenticator::token_file(path),
+        Bootstrap::TokenFile { path, wildcards } => Authenticator::token_file(path, *wildcards),
         Bootstrap::TokenReview {
             namespace,
             service_account,
-        } => Authenticator::token_review(kube_client().await?, namespace, service_account),
+            audiences,
+        } => Authenticator::token_review(
+            kube_client().await?,
+            namespace,
+            service_account,
+            audiences.clone(),
+        ),
     };
 
     let index = SharedIndex::new();

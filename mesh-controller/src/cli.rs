@@ -27,7 +27,10 @@ pub fn main() -> std::process::ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    let config = match config::Config::from_args(&cli.args) {
+    let config = match config::Config::from_args(&cli.args).and_then(|c| {
+        c.check_files()?;
+        Ok(c)
+    }) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("mesh-controller: {e}");

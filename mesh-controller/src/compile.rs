@@ -511,11 +511,13 @@ fn compile_service(
                 let pod_name = ep
                     .target_ref
                     .as_ref()
-                    .filter(|r| r.kind.as_deref() == Some("Pod"))
-                    .and_then(|r| {
-                        let ns = r.namespace.as_deref().unwrap_or(&name.namespace);
-                        Some(NamespacedName::new(ns, r.name.as_deref()?))
-                    });
+                    // A slice speaks for pods of its own namespace only: a targetRef into
+                    // another namespace lends the endpoint no identity.
+                    .filter(|r| {
+                        r.kind.as_deref() == Some("Pod")
+                            && r.namespace.as_deref().is_none_or(|ns| ns == name.namespace)
+                    })
+                    .and_then(|r| Some(NamespacedName::new(&name.namespace, r.name.as_deref()?)));
                 let identity = pod_name
                     .as_ref()
                     .and_then(|p| index.workload_identity(p, td));

@@ -60,16 +60,22 @@ pub struct Args {
     /// ... and the roots to distribute (default: the CA certificate itself).
     #[arg(long, requires = "ca_cert")]
     pub ca_roots: Option<PathBuf>,
-    /// Local mode: bootstrap token file (`<token> <node|*> <RFC 3339 expiry>` per line).
+    /// Bootstrap token file (`<token> <node|*> <RFC 3339 expiry>` per line). Required in
+    /// local mode; in cluster mode it replaces TokenReview and `*` (any node) is refused.
     #[arg(long)]
     pub bootstrap_tokens: Option<PathBuf>,
     /// Cluster mode: `namespace/name` of the agents' ServiceAccount.
     #[arg(long, default_value = "mesh-system/mesh-agent")]
     pub agent_service_account: String,
+    /// Cluster mode: the audiences TokenReview checks agents' tokens for, comma-separated
+    /// (the agents' projected token must request one of them).
+    #[arg(long, default_value = crate::auth::AGENT_TOKEN_AUDIENCE, value_delimiter = ',')]
+    pub token_audiences: Vec<String>,
     /// Lifetime of workload certificates (e.g. 24h, 30m, 4s).
     #[arg(long, default_value = "24h")]
     pub workload_cert_ttl: String,
-    /// Lifetime of node certificates.
+    /// Lifetime of node certificates. Each renewal needs a fresh proof (bootstrap token or
+    /// TokenReview), so a node credential lapses this long after its last proof.
     #[arg(long, default_value = "24h")]
     pub node_cert_ttl: String,
     /// SMI traffic policy: default-deny (a TrafficTarget is needed) or permissive.
@@ -109,10 +115,15 @@ pub enum CaSource {
 /// How agents bootstrap.
 #[derive(Debug, Clone, Serialize)]
 pub enum Bootstrap {
-    TokenFile(PathBuf),
+    TokenFile {
+        path: PathBuf,
+        /// `*` (any node) tokens are accepted: local mode only.
+        wildcards: bool,
+    },
     TokenReview {
         namespace: String,
         service_account: String,
+        audiences: Vec<String>,
     },
 }
 
@@ -173,7 +184,10 @@ impl Config {
             }
         };
         let bootstrap = match (&source, &args.bootstrap_tokens) {
-            (_, Some(file)) => Bootstrap::TokenFile(file.clone()),
+            (source, Some(file)) => Bootstrap::TokenFile {
+                path: file.clone(),
+                wildcards: matches!(source, Source::Local(_)),
+            },
             (Source::Local(_), None) => {
                 return Err(bad(
                     "--bootstrap-tokens",
@@ -183,9 +197,19 @@ impl Config {
             (Source::Kubernetes, None) => {
                 let (namespace, service_account) =
                     namespaced("--agent-service-account", &args.agent_service_account)?;
+                let audiences: Vec<String> = args
+                    .token_audiences
+                    .iter()
+                    .map(|a| a.trim().to_string())
+                    .filter(|a| !a.is_empty())
+                    .collect();
+                if audiences.is_empty() {
+                    return Err(bad("--token-audiences", "at least one audience is needed"));
+                }
                 Bootstrap::TokenReview {
                     namespace,
                     service_account,
+                    audiences,
                 }
             }
         };
@@ -218,6 +242,44 @@ impl Config {
         })
     }
 
+    /// Checks the files the configuration names that decide what it means (run once at
+    /// start, after [`Config::from_args`]): in cluster mode a bootstrap token file must not
+    /// hold `*` (any node) tokens. The file is read again at each bootstrap, where the same
+    /// rule holds.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        let Bootstrap::TokenFile {
+            path,
+            wildcards: false,
+        } = &self.bootstrap
+        else {
+            return Ok(());
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            bad(
+                "--bootstrap-tokens",
+                format!("read {}: {e}", path.display()),
+            )
+        })?;
+        let lines = crate::auth::wildcard_lines(&text)
+            .map_err(|e| bad("--bootstrap-tokens", format!("{}: {e}", path.display())))?;
+        match lines.as_slice() {
+            [] => Ok(()),
+            lines => Err(bad(
+                "--bootstrap-tokens",
+                format!(
+                    "{}: line {}: tokens for any node (`*`) are accepted in local mode only; \
+                     name each token's node",
+                    path.display(),
+                    lines
+                        .iter()
+                        .map(|l| l.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )),
+        }
+    }
+
     pub fn compile_options(&self) -> CompileOptions {
         CompileOptions {
             trust_domain: self.trust_domain.clone(),
@@ -245,6 +307,56 @@ mod tests {
     }
 
     #[test]
+    fn wildcard_tokens_only_in_local_mode() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tokens = dir.path().join("tokens");
+        std::fs::write(
+            &tokens,
+            "0123456789abcdef0123 node-1 2999-01-01T00:00:00Z\n\
+             0123456789abcdef0124 * 2999-01-01T00:00:00Z\n",
+        )
+        .expect("write tokens");
+        let t = tokens.to_str().expect("utf-8 path");
+        let local = args(&["--local-dir", "/cfg", "--bootstrap-tokens", t]).expect("valid");
+        assert!(matches!(
+            local.bootstrap,
+            Bootstrap::TokenFile {
+                wildcards: true,
+                ..
+            }
+        ));
+        local
+            .check_files()
+            .expect("wildcards are fine in local mode");
+
+        let cluster = args(&["--kubernetes", "--bootstrap-tokens", t]).expect("valid flags");
+        let e = cluster.check_files().expect_err("wildcard in cluster mode");
+        assert_eq!(e.flag, "--bootstrap-tokens");
+        assert!(e.reason.contains("line 2: tokens for any node"), "{e}");
+
+        std::fs::write(
+            &tokens,
+            "0123456789abcdef0123 node-1 2999-01-01T00:00:00Z\n",
+        )
+        .expect("rewrite tokens");
+        cluster.check_files().expect("named nodes only");
+    }
+
+    #[test]
+    fn token_review_audiences_default_to_the_controller() {
+        let c = args(&["--kubernetes"]).expect("valid");
+        let Bootstrap::TokenReview { audiences, .. } = &c.bootstrap else {
+            panic!("cluster mode reviews tokens: {:?}", c.bootstrap);
+        };
+        assert_eq!(audiences, &["mesh-controller"]);
+        let c = args(&["--kubernetes", "--token-audiences", "a, b"]).expect("valid");
+        let Bootstrap::TokenReview { audiences, .. } = &c.bootstrap else {
+            panic!("cluster mode reviews tokens");
+        };
+        assert_eq!(audiences, &["a", "b"]);
+    }
+
+    #[test]
     fn bad_flags_name_the_flag() {
         for (argv, flag) in [
             (vec!["--local-dir", "/c"], "--bootstrap-tokens"),
@@ -265,6 +377,10 @@ mod tests {
             (
                 vec!["--kubernetes", "--traffic-policy", "allow"],
                 "--traffic-policy",
+            ),
+            (
+                vec!["--kubernetes", "--token-audiences", ","],
+                "--token-audiences",
             ),
         ] {
             let e = args(&argv).expect_err(&format!("{argv:?}"));

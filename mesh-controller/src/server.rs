@@ -1,8 +1,9 @@
 //! The gRPC server the agents talk to: identity (bootstrap and workload signing) and the
 //! per-node configuration stream.
 //!
-//! Authorization: `Bootstrap` takes a bootstrap credential (or the caller's still-valid node
-//! certificate, to renew it); every other call needs a client certificate whose only URI SAN
+//! Authorization: `Bootstrap` takes a bootstrap credential, for a first certificate and for
+//! every renewal alike (a node certificate alone never earns the next one, so a stolen node
+//! key lapses with its certificate); every other call needs a client certificate whose only URI SAN
 //! is a node identity of this trust domain. The TLS layer has already verified that chain
 //! against the CA; here the identity is read from it.
 //!
@@ -202,25 +203,24 @@ impl v1::identity_server::Identity for IdentityService {
         dns_subdomain(&req.node).map_err(|why| {
             Status::invalid_argument(format!("node name {:?} is invalid: {why}", req.node))
         })?;
-        if renewing.as_deref() != Some(req.node.as_str()) {
-            let credential = match &req.credential {
-                Some(v1::bootstrap_request::Credential::BootstrapToken(t)) => {
-                    Some(Credential::BootstrapToken(t))
-                }
-                Some(v1::bootstrap_request::Credential::ServiceAccountToken(t)) => {
-                    Some(Credential::ServiceAccountToken(t))
-                }
-                None => None,
-            };
-            if let Err(e) = server.auth.authenticate(&req.node, credential).await {
-                warn!(node = %req.node, reason = %e, "bootstrap refused");
-                server.metrics.refused("bootstrap", e.kind());
-                return Err(if e.is_denial() {
-                    Status::unauthenticated(e.to_string())
-                } else {
-                    Status::unavailable(e.to_string())
-                });
+        // A renewal proves the node again: the current certificate is no credential.
+        let credential = match &req.credential {
+            Some(v1::bootstrap_request::Credential::BootstrapToken(t)) => {
+                Some(Credential::BootstrapToken(t))
             }
+            Some(v1::bootstrap_request::Credential::ServiceAccountToken(t)) => {
+                Some(Credential::ServiceAccountToken(t))
+            }
+            None => None,
+        };
+        if let Err(e) = server.auth.authenticate(&req.node, credential).await {
+            warn!(node = %req.node, renewal = renewing.is_some(), reason = %e, "bootstrap refused");
+            server.metrics.refused("bootstrap", e.kind());
+            return Err(if e.is_denial() {
+                Status::unauthenticated(e.to_string())
+            } else {
+                Status::unavailable(e.to_string())
+            });
         }
         let id = SpiffeId::node(server.ca.trust_domain(), &req.node)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -231,7 +231,8 @@ impl v1::identity_server::Identity for IdentityService {
                 server.metrics.refused("bootstrap", e.kind());
                 Status::invalid_argument(e.to_string())
             })?;
-        info!(node = %req.node, renewal = renewing.is_some(), "node certificate issued");
+        let renewal = renewing.as_deref() == Some(req.node.as_str());
+        info!(node = %req.node, renewal, "node certificate issued");
         server.metrics.issued("node");
         Ok(Response::new(certificate_response(issued)))
     }

@@ -18,6 +18,10 @@
 //!   weight}]` (whole, non-negative weights); v1alpha3 and v1alpha4 add `spec.matches`, a list
 //!   of HTTPRouteGroup references.
 //!
+//! A TrafficTarget applies to a destination in its own namespace: a `spec.destination.namespace`
+//! naming another namespace is refused (sources may name any namespace). Rules name
+//! HTTPRouteGroups and TCPRoutes of the TrafficTarget's namespace.
+//!
 //! Fields of another version are refused with a hint rather than silently dropped: a v1alpha3
 //! TrafficTarget with `destination.port` would otherwise allow every port. Unknown fields are
 //! ignored, as the Kubernetes API server prunes them. Every error names the field path, e.g.
@@ -241,7 +245,7 @@ pub struct TrafficTargetSpec {
 pub struct IdentityBindingSubject {
     pub kind: SubjectKind,
     pub name: String,
-    /// Defaults to the TrafficTarget's namespace.
+    /// Defaults to the TrafficTarget's namespace; a destination's is always that one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
     /// v1alpha2 `destination.port` only.
@@ -307,6 +311,23 @@ impl TrafficTarget {
         let spec = object(required(root, "", "spec")?, "spec")?;
 
         let destination = subject(required(spec, "spec", "destination")?, "spec.destination")?;
+        // SMI binds a TrafficTarget to the destination in its own namespace: whoever may
+        // write TrafficTargets in one namespace must not open another namespace's workloads.
+        if let Some(ns) = destination
+            .namespace
+            .as_deref()
+            .filter(|ns| *ns != metadata.namespace())
+        {
+            return Err(invalid(
+                "spec.destination.namespace",
+                ns,
+                format!(
+                    "the TrafficTarget's own namespace {:?} (a TrafficTarget grants access to \
+                     destinations in its namespace only)",
+                    metadata.namespace()
+                ),
+            ));
+        }
         if destination.port.is_some() && api_version == AccessVersion::V1alpha3 {
             return Err(SmiError::NotInVersion {
                 path: "spec.destination.port".to_string(),
@@ -353,9 +374,11 @@ impl TrafficTarget {
         self.metadata.namespace()
     }
 
-    /// The destination service account as `(namespace, name)`.
+    /// The destination service account as `(namespace, name)`: always in the TrafficTarget's
+    /// own namespace (the reader refuses any other `destination.namespace`, and a value built
+    /// by hand with another one still binds nothing outside it).
     pub fn destination(&self) -> (&str, &str) {
-        self.subject_parts(&self.spec.destination)
+        (self.namespace(), &self.spec.destination.name)
     }
 
     /// The namespace and name of a subject; the namespace defaults to the TrafficTarget's.

@@ -5,6 +5,8 @@
 
 #[allow(dead_code, reason = "each suite uses a subset")]
 mod common;
+#[path = "hostile/control.rs"]
+mod control;
 #[path = "hostile/l7.rs"]
 mod l7;
 #[path = "hostile/revoke.rs"]

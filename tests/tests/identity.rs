@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mesh_agent::control::{ControlClient, ControlError, GrpcSigner, new_key_and_csr};
+use mesh_agent::control::{
+    BootstrapCredential, ControlClient, ControlError, GrpcSigner, new_key_and_csr,
+};
 use mesh_agent::identity::{CertConfig, CertManager};
 use mesh_agent::tls;
 use mesh_core::SpiffeId;
@@ -471,5 +473,53 @@ async fn an_agent_holds_certificates_for_the_workloads_of_its_node() {
     })
     .await;
     drop(plane);
+    controller.shutdown().await;
+}
+
+/// The agent renews its node certificate by proving its node again with the bootstrap token
+/// it re-reads from its file; once the operator revokes the token, renewal stops and the node
+/// certificate lapses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_renews_its_node_certificate_with_a_fresh_proof() {
+    const NODE_TOKEN: &str = "node-a-only-token-0123456789";
+    let dir = cluster();
+    let tokens = dir.dir.path().join("tokens");
+    std::fs::write(
+        &tokens,
+        format!("{NODE_TOKEN} node-a 2999-01-01T00:00:00Z\n"),
+    )
+    .expect("controller token file");
+    let agent_token = dir.dir.path().join("agent-token");
+    std::fs::write(&agent_token, format!("{NODE_TOKEN}\n")).expect("agent token file");
+    let controller = dir
+        .start(
+            "127.0.0.1:0".parse().expect("addr"),
+            &["--node-cert-ttl", "2s"],
+        )
+        .await;
+    let mut config = control_config(&controller, "node-a", NODE_TOKEN);
+    config.credential = BootstrapCredential::TokenFile(agent_token);
+    let client = ControlClient::new(config);
+    client.bootstrap().await.expect("bootstrap");
+    let first = client.node_certificate().expect("node certificate");
+    let renewal = tokio::spawn(client.clone().run_node_renewal());
+
+    // Renewed (at half life) with the token, before the first one expires.
+    let renewed = eventually(Duration::from_secs(5), "a renewed node certificate", || {
+        client
+            .node_certificate()
+            .filter(|c| c.not_after > first.not_after)
+    })
+    .await;
+    assert!(!renewed.expired());
+
+    // Revoked: renewals are refused and the certificate runs out.
+    std::fs::write(&tokens, "").expect("revoke");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let last = client.node_certificate().expect("node certificate");
+    assert!(last.expired(), "renewed without a valid token");
+    let error = client.status().last_error.unwrap_or_default();
+    assert!(error.contains("not known"), "{error}");
+    renewal.abort();
     controller.shutdown().await;
 }

@@ -3,7 +3,7 @@ use mesh_core::policy::{Conn, Denied, Permit, Request, authorize};
 
 use super::*;
 use crate::index::SharedIndex;
-use crate::resource::{Kind, ResourceKey, parse_yaml_stream};
+use crate::resource::{Kind, Resource, ResourceKey, parse_yaml_stream};
 
 const NO_HEADERS: [(&str, &str); 0] = [];
 
@@ -439,6 +439,119 @@ fn missing_references_reject_only_that_resource() {
     );
     assert!(ix.is_rejected(&ResourceKey::new(Kind::TrafficTarget, "shop", "no-group")));
     assert!(!ix.is_rejected(&ResourceKey::new(Kind::TrafficTarget, "shop", "good")));
+}
+
+/// The `evil` tenant's TrafficTarget for `shop/api`, its TCPRoute and an EndpointSlice
+/// borrowing `shop/api-0`'s identity.
+const EVIL: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: evil, labels: {mesh.io/enrolled: "true"}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: mallory-0, namespace: evil}
+spec: {serviceAccountName: mallory, nodeName: n1, containers: [{name: m, image: m}]}
+status: {podIP: 10.0.6.6}
+---
+apiVersion: specs.smi-spec.io/v1alpha4
+kind: TCPRoute
+metadata: {name: all-ports, namespace: evil}
+spec: {matches: {ports: []}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: decoy, namespace: evil}
+spec: {clusterIP: 10.96.6.6, ports: [{name: http, port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: decoy-1
+  namespace: evil
+  labels: {kubernetes.io/service-name: decoy}
+addressType: IPv4
+endpoints:
+- addresses: [10.0.6.6]
+  targetRef: {kind: Pod, name: api-0, namespace: shop}
+"#;
+
+const EVIL_TARGET: &str = r#"
+apiVersion: access.smi-spec.io/v1alpha3
+kind: TrafficTarget
+metadata: {name: mallory-to-api, namespace: evil}
+spec:
+  destination: {kind: ServiceAccount, name: api, namespace: shop}
+  rules: [{kind: TCPRoute, name: all-ports}]
+  sources: [{kind: ServiceAccount, name: mallory, namespace: evil}]
+"#;
+
+#[test]
+fn another_namespace_cannot_open_a_workload() {
+    // The reader refuses the TrafficTarget, naming the field: it never reaches the index.
+    let refused = parse_yaml_stream(EVIL_TARGET)
+        .pop()
+        .expect("one document")
+        .expect_err("cross-namespace destination");
+    assert_eq!(
+        refused.to_string(),
+        "document 1: TrafficTarget evil/mallory-to-api: spec.destination.namespace: \"shop\" is \
+         not the TrafficTarget's own namespace \"evil\" (a TrafficTarget grants access to \
+         destinations in its namespace only)"
+    );
+
+    // Built by hand past the reader, it still binds only `evil/api`.
+    let mut tt =
+        match parse_yaml_stream(&EVIL_TARGET.replace("name: api, namespace: shop", "name: api"))
+            .pop()
+            .expect("one document")
+            .expect("valid in its own namespace")
+        {
+            Resource::TrafficTarget(tt) => tt,
+            other => panic!("not a TrafficTarget: {other:?}"),
+        };
+    tt.spec.destination.namespace = Some("shop".to_string());
+    // A rule naming shop's TCPRoute looks it up in evil, where it does not exist.
+    let mut borrowed = tt.clone();
+    borrowed.metadata.name = "borrowed-route".to_string();
+    borrowed.spec.rules[0].name = "api-port".to_string();
+
+    let shared = index(&[&cluster(), ROUTES, EVIL]);
+    shared.update(|ix| {
+        ix.apply("evil.yaml", Resource::TrafficTarget(tt));
+        ix.apply("evil.yaml", Resource::TrafficTarget(borrowed));
+        ix.revalidate();
+    });
+    let ix = shared.read();
+    let mallory = id("evil", "mallory");
+    for (node, pod) in [("n1", "api-1"), ("n2", "api-0")] {
+        let snapshot = compile_node(&ix, &deny(), node);
+        let p = policy(&snapshot, pod);
+        assert!(p.rules.is_empty(), "{pod}: {:?}", p.rules);
+        assert!(matches!(
+            authorize(p, &conn(&mallory, 8080, None)),
+            Err(Denied::NoTrafficTarget { .. })
+        ));
+    }
+    let rejections: Vec<_> = ix
+        .rejections()
+        .into_iter()
+        .map(|r| (r.key.expect("keyed").to_string(), r.reason))
+        .collect();
+    assert_eq!(
+        rejections,
+        [(
+            "TrafficTarget evil/borrowed-route".to_string(),
+            "spec.rules[0]: TCPRoute evil/api-port does not exist".to_string()
+        )]
+    );
+
+    // The decoy's endpoint names shop's pod but gets no identity from it.
+    let n1 = compile_node(&ix, &deny(), "n1");
+    let decoy = &n1.services[&nn("evil", "decoy")];
+    assert_eq!(decoy.endpoints.len(), 1);
+    assert_eq!(decoy.endpoints[0].identity, None);
+    assert_eq!(decoy.endpoints[0].workload, None);
 }
 
 #[test]

@@ -64,6 +64,43 @@ fn traffic_target_v1alpha3() {
 }
 
 #[test]
+fn a_traffic_target_cannot_name_a_destination_in_another_namespace() {
+    // An `evil` tenant's TrafficTarget naming `demo`'s service account is refused whole.
+    let evil = TT_V1ALPHA3.replace("  namespace: default\nspec:", "  namespace: evil\nspec:");
+    let e = tt_err(&evil);
+    assert_eq!(e.kind(), "invalid");
+    assert_eq!(
+        e.to_string(),
+        r#"spec.destination.namespace: "default" is not the TrafficTarget's own namespace "evil" (a TrafficTarget grants access to destinations in its namespace only)"#
+    );
+    // The same without `metadata.namespace`: the TrafficTarget is in `default`.
+    let unnamed = TT_V1ALPHA3.replace("  namespace: default\nspec:", "spec:");
+    let tt = TrafficTarget::from_value(&doc(&unnamed)).expect("same namespace");
+    assert_eq!(tt.destination(), ("default", "api-service"));
+    let e = tt_err(&unnamed.replace(
+        "    name: api-service\n    namespace: default\n",
+        "    name: api-service\n    namespace: demo\n",
+    ));
+    assert!(
+        e.to_string()
+            .starts_with("spec.destination.namespace: \"demo\""),
+        "{e}"
+    );
+    // Without a destination namespace the TrafficTarget's own applies; sources may still
+    // name other namespaces (`monitoring/prometheus`).
+    let implicit = evil.replace(
+        "    name: api-service\n    namespace: default\n",
+        "    name: api-service\n",
+    );
+    let tt = TrafficTarget::from_value(&doc(&implicit)).expect("valid in evil");
+    assert_eq!(tt.destination(), ("evil", "api-service"));
+    assert_eq!(
+        tt.subject_parts(&tt.spec.sources[0]),
+        ("monitoring", "prometheus")
+    );
+}
+
+#[test]
 fn traffic_target_v1alpha2_has_a_destination_port() {
     let tt = TrafficTarget::from_value(&doc(r#"
 apiVersion: access.smi-spec.io/v1alpha2

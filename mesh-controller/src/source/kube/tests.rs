@@ -448,6 +448,11 @@ fn list_items_without_type_meta_parse_and_bad_ones_are_rejected() {
     feed.event(Event::Apply(dynamic(item)));
     let mut bad = traffic_target("shop", "bad", ("Foo", "tcp"), "web", "api");
     bad["metadata"]["namespace"] = Value::Null;
+    // In `default`, the destination is `default/api`.
+    bad["spec"]["destination"]
+        .as_object_mut()
+        .expect("destination")
+        .remove("namespace");
     feed.event(Event::Apply(dynamic(bad)));
     feed.event(Event::Delete(dynamic(json!({"metadata": {"name": "old"}}))));
     let changes = feed.take().expect("changes");
