@@ -34,7 +34,9 @@ mod tests;
 
 pub use authority::{AuthorityError, parse_authority};
 pub use pool::{Dialer, HbonePool, PoolConfig};
-pub use server::{Carry, ConnectHandler, HboneServer, Refusal, ServerConfig};
+pub use server::{
+    Carry, ConnectHandler, HboneServer, Refusal, RequestError, ServerConfig, connect_target,
+};
 pub use stream::{HboneStream, TunnelStream};
 
 /// The port destination pods accept HBONE on.

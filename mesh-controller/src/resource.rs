@@ -445,14 +445,29 @@ pub fn parse(mut value: Value) -> Result<Resource, ResourceError> {
     Ok(resource)
 }
 
+/// The deepest nesting of flow collections (`[` and `{`) a YAML stream may have. libyaml,
+/// under serde_yaml_ng, looks at every open flow level on each token, so reading time grows
+/// with the square of the depth: 4,000 opening brackets (4 KB) took seconds. Kubernetes
+/// objects nest a few levels, and serde_yaml_ng refuses documents nested deeper than 128
+/// levels anyway. Every bracket counts, also inside strings and comments, so the count is an
+/// upper bound of the real depth.
+pub const MAX_FLOW_DEPTH: usize = 512;
+
 /// Parses a multi-document YAML stream (`---` separated). Empty documents are skipped; a
 /// `kind: List` document (as `kubectl get -o yaml` writes) yields its items. Errors carry the
 /// document's number (from 1). After invalid YAML the rest of the stream cannot be read, so
-/// the YAML error is the last element.
+/// the YAML error is the last element; so is a document nested deeper than
+/// [`MAX_FLOW_DEPTH`], which is refused before it is parsed.
 pub fn parse_yaml_stream(text: &str) -> Vec<Result<Resource, ResourceError>> {
+    let (readable, too_deep) = match flow_depth_exceeded(text) {
+        Some(offset) => (&text[..document_start(text, offset)], true),
+        None => (text, false),
+    };
     let mut out = Vec::new();
-    for (i, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+    let mut documents = 0;
+    for (i, document) in serde_yaml_ng::Deserializer::from_str(readable).enumerate() {
         let index = i + 1;
+        documents = index;
         let value = match Value::deserialize(document) {
             Ok(Value::Null) => continue,
             Ok(v) => v,
@@ -461,7 +476,7 @@ pub fn parse_yaml_stream(text: &str) -> Vec<Result<Resource, ResourceError>> {
                     index,
                     reason: e.to_string(),
                 }));
-                break;
+                return out;
             }
         };
         let in_document = |e| ResourceError::Document {
@@ -485,7 +500,50 @@ pub fn parse_yaml_stream(text: &str) -> Vec<Result<Resource, ResourceError>> {
             value => out.push(parse(value).map_err(in_document)),
         }
     }
+    if too_deep {
+        out.push(Err(ResourceError::Yaml {
+            index: documents + 1,
+            reason: format!(
+                "flow collections ('[' and '{{') nested more than {MAX_FLOW_DEPTH} levels deep"
+            ),
+        }));
+    }
     out
+}
+
+/// The offset of the bracket that takes the nesting of `[` and `{` past [`MAX_FLOW_DEPTH`].
+fn flow_depth_exceeded(text: &str) -> Option<usize> {
+    let mut depth = 0usize;
+    for (offset, b) in text.bytes().enumerate() {
+        match b {
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_FLOW_DEPTH {
+                    return Some(offset);
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The start of the document holding `offset`: its `---` line, or the start of the stream.
+fn document_start(text: &str, offset: usize) -> usize {
+    text[..offset]
+        .match_indices("---")
+        .map(|(i, _)| i)
+        .filter(|&i| {
+            let at_line_start = i == 0 || text.as_bytes()[i - 1] == b'\n';
+            let ends_marker = text[i + 3..]
+                .bytes()
+                .next()
+                .is_none_or(|b| b.is_ascii_whitespace());
+            at_line_start && ends_marker
+        })
+        .last()
+        .unwrap_or(0)
 }
 
 fn json_type(v: &Value) -> &'static str {

@@ -1,7 +1,8 @@
 //! Developer and CI tasks that cargo alone cannot do.
 //!
 //! - `cargo xtask prereqs`: install what the build needs, only what is missing.
-//! - `cargo xtask test`: the project's test command (format, lints, every test tier).
+//! - `cargo xtask test`: the project's test command (format, lints, every test tier, then
+//!   every fuzz target for a bounded time).
 //! - `cargo xtask demo`: the single-machine mesh: a simulated cluster and the demo scenario.
 //! - `cargo xtask clean`: remove what an interrupted test run left behind.
 use std::{
@@ -15,6 +16,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod fuzz;
 mod prereqs;
 
 #[derive(Parser)]
@@ -26,13 +28,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install missing prerequisites (apt packages, nightly rust-src, bpf-linker).
+    /// Install missing prerequisites (apt packages, nightly rust-src, bpf-linker, cargo-fuzz).
     Prereqs,
     /// Run formatting and lint checks and all tests; prints "N passed, N failed, N skipped".
     Test {
         /// Skip `cargo fmt --check` and clippy.
         #[arg(long)]
         no_lint: bool,
+        /// Seconds each fuzz target runs (default: MESH_FUZZ_SECONDS, else 30). 0 skips
+        /// fuzzing, except in CI (CI=true), where that is an error.
+        #[arg(long, value_name = "N")]
+        fuzz_seconds: Option<u64>,
         /// Extra arguments for `cargo test` (after `--`: a test name filter, ...).
         #[arg(last = true)]
         rest: Vec<String>,
@@ -75,7 +81,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Task::Prereqs => prereqs::ensure(),
-        Task::Test { no_lint, rest } => test(no_lint, &rest),
+        Task::Test {
+            no_lint,
+            fuzz_seconds,
+            rest,
+        } => test(no_lint, fuzz_seconds, &rest),
         Task::Demo { keep, down } => demo(keep, down),
         Task::Clean => clean().map(|n| println!("removed {n} leftover objects")),
         Task::Bench {
@@ -148,14 +158,32 @@ impl Totals {
     }
 }
 
-fn test(no_lint: bool, rest: &[String]) -> Result<()> {
+fn test(no_lint: bool, fuzz_seconds: Option<u64>, rest: &[String]) -> Result<()> {
     let started = Instant::now();
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    let fuzz_seconds = fuzz::seconds(
+        fuzz_seconds,
+        std::env::var("MESH_FUZZ_SECONDS").ok().as_deref(),
+        ci,
+    )?;
     prereqs::ensure()?;
     if !no_lint {
         step("cargo fmt --check");
         run(
             cargo().args(["fmt", "--all", "--", "--check"]),
             "cargo fmt --check",
+        )?;
+        // fuzz/ is its own workspace: `cargo fmt --all` does not reach it.
+        run(
+            cargo().args([
+                "fmt",
+                "--manifest-path",
+                "fuzz/Cargo.toml",
+                "--all",
+                "--",
+                "--check",
+            ]),
+            "cargo fmt --check (fuzz)",
         )?;
         step("cargo clippy --all-targets -- -D warnings");
         run(
@@ -184,6 +212,21 @@ fn test(no_lint: bool, rest: &[String]) -> Result<()> {
         totals.add_line(&line);
     }
     let status = child.wait().context("wait for cargo test")?;
+
+    // Each fuzz target counts as one test: passed when it ran its time without a finding.
+    if fuzz_seconds == 0 {
+        println!("\n==> fuzzing skipped (--fuzz-seconds 0)");
+    } else {
+        step(&format!("fuzzing: every target for {fuzz_seconds}s"));
+        let fuzz_started = Instant::now();
+        for (_, outcome) in fuzz::run_all(&root(), fuzz_seconds)? {
+            match outcome {
+                fuzz::Outcome::Clean { .. } => totals.passed += 1,
+                fuzz::Outcome::Found { .. } => totals.failed += 1,
+            }
+        }
+        println!("fuzzing took {:.0}s", fuzz_started.elapsed().as_secs_f64());
+    }
 
     let skipped: Vec<String> = fs::read_to_string(&skip_log)
         .unwrap_or_default()

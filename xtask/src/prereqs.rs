@@ -4,19 +4,24 @@
 //!   `-Z build-std=core` for `bpfel-unknown-none`);
 //! - `bpf-linker`, built against the LLVM whose major version matches the nightly rustc's
 //!   (Debian's `llvm-N-dev`), since a mismatch fails at link time;
+//! - `cargo-fuzz`, which builds and runs the fuzz targets in `fuzz/` on the nightly toolchain
+//!   (`cargo xtask test` runs each for a bounded time);
 //! - the programs the privileged tests, the demo and the ladder run: iproute2 (`ip`), procps
-//!   (`sysctl`), iptables (the ladder's REDIRECT step) and curl (the end-to-end tests).
+//!   (`sysctl`), iptables (the ladder's REDIRECT step), curl (the end-to-end tests) and a C++
+//!   compiler (g++, for libFuzzer).
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-/// Programs the tests, the demo and the ladder run: (program, a harmless invocation, the
+/// Programs the tests, the demo, the ladder and the fuzz build run: (program, a harmless invocation, the
 /// Debian package that has it).
 const PROGRAMS: &[(&str, &[&str], &str)] = &[
     ("ip", &["-V"], "iproute2"),
     ("sysctl", &["--version"], "procps"),
     ("iptables", &["--version"], "iptables"),
     ("curl", &["--version"], "curl"),
+    // libfuzzer-sys compiles libFuzzer (C++) for the fuzz targets.
+    ("c++", &["--version"], "g++"),
 ];
 
 fn ok(cmd: &mut Command) -> bool {
@@ -67,6 +72,9 @@ pub fn ensure() -> Result<()> {
     }
     if !linker {
         install_bpf_linker(llvm)?;
+    }
+    if !cargo_fuzz_present() {
+        install_cargo_fuzz()?;
     }
     say("all present");
     Ok(())
@@ -178,6 +186,25 @@ fn install_bpf_linker(llvm: u32) -> Result<()> {
     }
     if !bpf_linker_present() {
         bail!("bpf-linker was installed but is not on PATH (add ~/.cargo/bin to PATH)");
+    }
+    Ok(())
+}
+
+fn cargo_fuzz_present() -> bool {
+    ok(Command::new("cargo-fuzz").args(["fuzz", "--version"]))
+}
+
+fn install_cargo_fuzz() -> Result<()> {
+    say("installing cargo-fuzz (about a minute)");
+    let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["install", "cargo-fuzz", "--locked"])
+        .status()
+        .context("run cargo install cargo-fuzz")?;
+    if !st.success() {
+        bail!("cargo install cargo-fuzz failed");
+    }
+    if !cargo_fuzz_present() {
+        bail!("cargo-fuzz was installed but is not on PATH (add ~/.cargo/bin to PATH)");
     }
     Ok(())
 }

@@ -28,9 +28,9 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::pool::MAX_WINDOW;
 use super::stream::{RecvHalf, SendHalf, TunnelStream, splice};
 use super::{
-    DEFAULT_CONNECTION_WINDOW, DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_HEADER_LIST_SIZE,
-    DEFAULT_MAX_SEND_BUFFER, DEFAULT_STREAM_WINDOW, HboneError, REASON_HEADER, Stats,
-    TLS_READ_BUFFER, parse_authority,
+    AuthorityError, DEFAULT_CONNECTION_WINDOW, DEFAULT_MAX_FRAME_SIZE,
+    DEFAULT_MAX_HEADER_LIST_SIZE, DEFAULT_MAX_SEND_BUFFER, DEFAULT_STREAM_WINDOW, HboneError,
+    REASON_HEADER, Stats, TLS_READ_BUFFER, parse_authority,
 };
 use crate::tls;
 
@@ -103,6 +103,57 @@ where
     }
 }
 
+/// Why a stream's request is not a CONNECT the server serves.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("the request method is {0}, not CONNECT")]
+    NotConnect(Method),
+    #[error(transparent)]
+    Authority(#[from] AuthorityError),
+}
+
+impl RequestError {
+    /// A short stable label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RequestError::NotConnect(_) => "not_connect",
+            RequestError::Authority(_) => "authority",
+        }
+    }
+
+    /// The response status: 405 for another method, 400 for a bad authority.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            RequestError::NotConnect(_) => StatusCode::METHOD_NOT_ALLOWED,
+            RequestError::Authority(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The short reason the caller is told.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            RequestError::NotConnect(_) => "only CONNECT",
+            RequestError::Authority(e) => e.reason(),
+        }
+    }
+}
+
+/// The destination a stream's request asks for: it must be a CONNECT whose `:authority` is a
+/// canonical IPv4 `ip:port` ([`parse_authority`]). Headers other than the pseudo-headers are
+/// not read. h2 has already refused malformed header blocks and header lists larger than
+/// [`ServerConfig::max_header_list_size`].
+pub fn connect_target<B>(request: &Request<B>) -> Result<SocketAddr, RequestError> {
+    if request.method() != Method::CONNECT {
+        return Err(RequestError::NotConnect(request.method().clone()));
+    }
+    let raw = request
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .unwrap_or_default();
+    Ok(parse_authority(raw.as_bytes())?)
+}
+
 /// Settings of an [`HboneServer`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ServerConfig {
@@ -137,6 +188,19 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
+    /// The HTTP/2 server settings of every HBONE connection.
+    pub fn h2_builder(&self) -> h2::server::Builder {
+        let mut builder = h2::server::Builder::new();
+        builder
+            .initial_window_size(self.stream_window)
+            .initial_connection_window_size(self.connection_window)
+            .max_concurrent_streams(self.max_concurrent_streams)
+            .max_header_list_size(self.max_header_list_size)
+            .max_frame_size(DEFAULT_MAX_FRAME_SIZE)
+            .max_send_buffer_size(DEFAULT_MAX_SEND_BUFFER);
+        builder
+    }
+
     pub fn validate(&self) -> Result<(), HboneError> {
         let check = |ok: bool, what: &'static str| {
             if ok {
@@ -296,14 +360,7 @@ impl<H: ConnectHandler> HboneServer<H> {
             }
         };
         let config = &self.config;
-        let handshake = h2::server::Builder::new()
-            .initial_window_size(config.stream_window)
-            .initial_connection_window_size(config.connection_window)
-            .max_concurrent_streams(config.max_concurrent_streams)
-            .max_header_list_size(config.max_header_list_size)
-            .max_frame_size(DEFAULT_MAX_FRAME_SIZE)
-            .max_send_buffer_size(DEFAULT_MAX_SEND_BUFFER)
-            .handshake::<_, Bytes>(tls);
+        let handshake = config.h2_builder().handshake::<_, Bytes>(tls);
         let mut h2 = match tokio::time::timeout_at(deadline, handshake).await {
             Ok(Ok(h2)) => h2,
             Ok(Err(e)) => {
@@ -384,21 +441,12 @@ struct Tunnel<H> {
 impl<H: ConnectHandler> Tunnel<H> {
     async fn run(self, request: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
         let peer = &self.peer;
-        if request.method() != Method::CONNECT {
-            warn!(src.id = %peer, method = %request.method(), "HBONE request is not CONNECT");
-            self.refuse(&mut respond, StatusCode::METHOD_NOT_ALLOWED, "only CONNECT");
-            return;
-        }
-        let raw = request
-            .uri()
-            .authority()
-            .map(|a| a.as_str())
-            .unwrap_or_default();
-        let authority = match parse_authority(raw.as_bytes()) {
+        let authority = match connect_target(&request) {
             Ok(a) => a,
             Err(e) => {
-                warn!(src.id = %peer, authority = ?raw, reason = e.reason(), "HBONE CONNECT to a bad authority");
-                self.refuse(&mut respond, StatusCode::BAD_REQUEST, e.reason());
+                let raw = request.uri().authority().map(|a| a.as_str());
+                warn!(src.id = %peer, method = %request.method(), authority = ?raw, reason = e.reason(), "HBONE request refused");
+                self.refuse(&mut respond, e.status(), e.reason());
                 return;
             }
         };

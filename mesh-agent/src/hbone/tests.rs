@@ -558,6 +558,26 @@ async fn idle_tunnels_are_reset() {
 }
 
 #[test]
+fn only_a_connect_to_a_canonical_address_is_a_target() {
+    let request = |method: Method, uri: &str| {
+        http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(())
+            .expect("a request")
+    };
+    let target = connect_target(&request(Method::CONNECT, "10.1.2.3:8080")).expect("valid");
+    assert_eq!(target, "10.1.2.3:8080".parse::<SocketAddr>().expect("addr"));
+
+    let e = connect_target(&request(Method::GET, "http://10.1.2.3:8080/")).expect_err("GET");
+    assert_eq!((e.kind(), e.status().as_u16()), ("not_connect", 405));
+    for uri in ["10.1.2.3:080", "localhost:80", "[::1]:80", "10.1.2.3:0"] {
+        let e = connect_target(&request(Method::CONNECT, uri)).expect_err(uri);
+        assert_eq!((e.kind(), e.status().as_u16()), ("authority", 400), "{uri}");
+    }
+}
+
+#[test]
 fn configurations_are_validated() {
     let bad_pool = PoolConfig {
         stream_window: u32::MAX,

@@ -87,6 +87,44 @@ fn invalid_yaml_names_the_document_and_ends_the_stream() {
     );
 }
 
+/// Found by the resource_yaml fuzz target: deeply nested flow collections made libyaml's
+/// reading time grow with the square of the depth (16,000 brackets, 16 KB: about a minute
+/// in a debug build). They are refused before the parser sees them, and the documents
+/// before them still count.
+#[test]
+fn deeply_nested_flow_collections_are_refused_quickly() {
+    let text = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{name: deep}}\nspec: {}\n",
+        "[".repeat(16_000)
+    );
+    let started = std::time::Instant::now();
+    let out = parse_yaml_stream(&text);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert!(
+        matches!(&out[0], Ok(Resource::Namespace(_))),
+        "{:?}",
+        out[0]
+    );
+    let err = out[1].as_ref().expect_err("too deep");
+    assert_eq!(err.document(), Some(2));
+    assert!(err.to_string().contains("nested more than 512"), "{err}");
+
+    // Nesting a real document could have is still read.
+    let shallow = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop}}\nx: {}{}\n",
+        "[".repeat(100),
+        "]".repeat(100)
+    );
+    let out = parse_yaml_stream(&shallow);
+    assert!(matches!(&out[..], [Ok(Resource::Namespace(_))]), "{out:?}");
+}
+
 #[test]
 fn smi_errors_keep_the_key_and_the_field_path() {
     let text = r#"
