@@ -106,6 +106,14 @@ impl ControllerArgs {
     }
 }
 
+/// `--max-inbound-ports-per-pod`: 1 to 4096.
+fn max_inbound_ports(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=4096).contains(&n) => Ok(n),
+        _ => Err(format!("{s:?} is not a number from 1 to 4096")),
+    }
+}
+
 /// `--metrics`: an address or `off`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct MetricsListen(Option<SocketAddr>);
@@ -176,7 +184,7 @@ struct RunArgs {
     #[command(flatten)]
     instance: InstanceArgs,
     /// A pod to enroll: name=NS/POD,cgroup=PATH,netns=PATH,ip=A.B.C.D[,iface=eth0]
-    /// [,inbound=PORT+PORT][,mode=strict|permissive]. Repeatable.
+    /// [,inbound=PORT+PORT][,exclude=PORT+PORT][,mode=strict|permissive]. Repeatable.
     #[arg(long = "pod")]
     pods: Vec<PodSpec>,
     /// Destination prefix the mesh captures (pod CIDRs, service VIPs). Repeatable.
@@ -188,6 +196,11 @@ struct RunArgs {
     /// Turn off sk_msg acceleration of the app <-> proxy hop.
     #[arg(long)]
     no_skmsg: bool,
+    /// Most inbound port entries (declared plus excluded ports) one pod may take in the
+    /// node-wide inbound map (1-4096); a pod asking for more is refused enrollment.
+    #[arg(long, default_value_t = crate::config::DEFAULT_MAX_INBOUND_PORTS,
+          value_parser = max_inbound_ports)]
+    max_inbound_ports_per_pod: usize,
     /// cgroup v2 directory the agent moves itself into.
     #[arg(long)]
     cgroup: Option<PathBuf>,
@@ -212,6 +225,9 @@ impl RunArgs {
         datapath.capture = self.capture;
         datapath.excluded_ports = self.excluded_ports;
         datapath.skmsg = !self.no_skmsg;
+        datapath.max_inbound_ports = self.max_inbound_ports_per_pod;
+        datapath.refuse_native_ipv6 = self.controller.controller.is_some()
+            && self.controller.egress == crate::outbound::Egress::Deny;
         let cfg = Config {
             datapath,
             controller: self.controller.settings()?,

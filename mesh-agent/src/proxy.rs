@@ -281,6 +281,7 @@ pub fn start(
     let Some(mesh) = mesh else {
         let forward = Forward {
             pod: name.clone(),
+            ip,
             net,
             telemetry: telemetry.clone(),
             idle,
@@ -349,6 +350,7 @@ pub fn start(
     });
     let plaintext = Arc::new(PlaintextInbound {
         pod: name.clone(),
+        ip,
         store: mesh.store.clone(),
         dial: dial.clone(),
         telemetry: telemetry.clone(),
@@ -440,7 +442,9 @@ async fn mesh_outbound(out: &PodOutbound, conn: TcpStream) {
     let dst = match ebpf::original_dst(&conn) {
         Ok(d) => d,
         Err(e) => {
-            warn!(pod = %out.pod, peer = ?conn.peer_addr().ok(), error = %e, "no original destination");
+            // Made to the outbound listener directly, not captured: nowhere to go.
+            crate::inbound::refuse_now(&conn);
+            debug!(pod = %out.pod, peer = ?conn.peer_addr().ok(), error = %e, "no original destination: refused");
             return;
         }
     };
@@ -539,6 +543,8 @@ impl HboneSide {
 #[derive(Clone)]
 struct Forward {
     pod: NamespacedName,
+    /// The pod's address: where every steered inbound connection was going.
+    ip: std::net::Ipv4Addr,
     net: PodNet,
     telemetry: Telemetry,
     idle: Duration,
@@ -554,21 +560,23 @@ impl Forward {
                 self.forward(conn, meta, dst).await;
             }
             Err(e) => {
-                warn!(pod = %self.pod, peer = ?conn.peer_addr().ok(), error = %e, "no original destination")
+                crate::inbound::refuse_now(&conn);
+                debug!(pod = %self.pod, peer = ?conn.peer_addr().ok(), error = %e, "no original destination: refused")
             }
         }
     }
 
     async fn inbound(&self, conn: TcpStream) {
-        match conn.local_addr() {
-            Ok(SocketAddr::V4(dst)) => {
+        match crate::inbound::steered_destination(conn.local_addr().ok(), self.ip) {
+            Ok(dst) => {
                 let mut meta = self.meta(Reporter::Destination, MeshPath::Plaintext, dst);
                 meta.dst = Peer::of_pod(&self.pod);
                 meta.src_addr = conn.peer_addr().ok();
                 self.forward(conn, meta, dst).await;
             }
-            other => {
-                warn!(pod = %self.pod, local = ?other, "inbound connection without an IPv4 address")
+            Err(e) => {
+                crate::inbound::refuse_now(&conn);
+                debug!(pod = %self.pod, reason = e.kind(), error = %e, "inbound connection refused")
             }
         }
     }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{ECHO_VIP, bins, call, up, up_with, wait_until_ok};
+use common::{ECHO_VIP, call, up, up_with, wait_until_ok};
 use mesh_tests::cluster::{Cluster, demo_dir};
 use mesh_tests::privileged;
 use mesh_tests::sniff::Sniffer;
@@ -320,6 +320,7 @@ fn a_pod_added_while_the_mesh_runs_joins_its_service_and_leaves_it_when_removed(
         labels: [("app".to_string(), "echo".to_string())].into(),
         tls_mode: None,
         ports: vec![9000],
+        annotations: Default::default(),
         run: [
             "mesh-demo",
             "tcp-echo",

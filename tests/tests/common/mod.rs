@@ -70,4 +70,3 @@ pub fn wait_until_ok(c: &Cluster, pod: &str, target: &str) -> String {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
-
