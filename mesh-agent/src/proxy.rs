@@ -438,8 +438,24 @@ async fn accept_loop<F, Fut>(
     }
 }
 
+/// The original destination of a connection accepted on the outbound listener. One made to
+/// the listener directly (`127.0.0.1:15001`) has none from the mesh; where the kernel's
+/// conntrack is loaded it answers with the connection's own destination, the listener
+/// itself, and carrying the connection there would make the proxy dial itself in a loop until
+/// the agent runs out of descriptors. Both are refused.
+fn captured_destination(conn: &TcpStream) -> std::io::Result<SocketAddrV4> {
+    let dst = ebpf::original_dst(conn)?;
+    if conn.local_addr().ok() == Some(SocketAddr::V4(dst)) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("the original destination {dst} is the outbound listener itself"),
+        ));
+    }
+    Ok(dst)
+}
+
 async fn mesh_outbound(out: &PodOutbound, conn: TcpStream) {
-    let dst = match ebpf::original_dst(&conn) {
+    let dst = match captured_destination(&conn) {
         Ok(d) => d,
         Err(e) => {
             // Made to the outbound listener directly, not captured: nowhere to go.
@@ -552,7 +568,7 @@ struct Forward {
 
 impl Forward {
     async fn outbound(&self, conn: TcpStream) {
-        match ebpf::original_dst(&conn) {
+        match captured_destination(&conn) {
             Ok(dst) => {
                 let mut meta = self.meta(Reporter::Source, MeshPath::Direct, dst);
                 meta.src = Peer::of_pod(&self.pod);

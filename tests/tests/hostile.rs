@@ -4,3 +4,5 @@
 //! fails. Privileged where it needs the simulated cluster.
 
 mod common;
+#[path = "hostile/datapath.rs"]
+mod datapath;
