@@ -757,6 +757,44 @@ mod tests {
     }
 
     #[test]
+    fn the_inbound_cap_and_the_ipv6_egress_refusal_come_from_the_flags() {
+        let cfg = run(&[]).expect("defaults");
+        assert_eq!(
+            cfg.datapath.max_inbound_ports,
+            crate::config::DEFAULT_MAX_INBOUND_PORTS
+        );
+        assert!(
+            !cfg.datapath.refuse_native_ipv6,
+            "egress allowed by default"
+        );
+        let cfg = run(&["--max-inbound-ports-per-pod=200"]).expect("cap");
+        assert_eq!(cfg.datapath.max_inbound_ports, 200);
+        for bad in ["0", "4097", "many"] {
+            let e = run(&[&format!("--max-inbound-ports-per-pod={bad}")]).expect_err(bad);
+            assert!(e.contains("--max-inbound-ports-per-pod"), "{e}");
+            assert!(e.contains("1 to 4096"), "{e}");
+        }
+        let controller = [
+            "--controller=https://127.0.0.1:15012",
+            "--bootstrap-token-file=/dev/null",
+            "--controller-ca=/dev/null",
+            "--node=n1",
+        ];
+        let cfg = run(&controller).expect("egress allowed");
+        assert!(!cfg.datapath.refuse_native_ipv6);
+        let deny: Vec<&str> = controller
+            .iter()
+            .copied()
+            .chain(["--egress=deny"])
+            .collect();
+        let cfg = run(&deny).expect("egress denied");
+        assert!(
+            cfg.datapath.refuse_native_ipv6,
+            "denied egress must cover native IPv6"
+        );
+    }
+
+    #[test]
     fn bad_serving_flags_are_usage_errors() {
         for (flag, want) in [
             ("--admin=localhost", "--admin"),
