@@ -89,6 +89,8 @@ pub struct AdminState {
     /// One `/debug/status` at a time: each starts a probe process per pod.
     status: std::sync::Mutex<()>,
     draining: AtomicBool,
+    /// Pods whose enrollment failed, with why.
+    pub enroll_failures: Arc<crate::enroll::EnrollFailures>,
 }
 
 impl AdminState {
@@ -97,8 +99,9 @@ impl AdminState {
         store: Option<Arc<StateStore>>,
         certs: Option<Arc<CertManager>>,
         telemetry: Telemetry,
-        registry: Registry,
+        mut registry: Registry,
     ) -> AdminState {
+        let enroll_failures = Arc::new(crate::enroll::EnrollFailures::register(&mut registry));
         let flows = FlowLog::new(config.datapath.pin_dir(), telemetry.clone());
         AdminState {
             config,
@@ -107,6 +110,7 @@ impl AdminState {
             telemetry,
             registry,
             control: None,
+            enroll_failures,
             started: SystemTime::now(),
             flows,
             status: std::sync::Mutex::new(()),

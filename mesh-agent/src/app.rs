@@ -100,6 +100,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         }
         let admin = Arc::new(admin);
         let endpoints = admin::start(&cfg.admin, &admin).await?;
+        let failures = admin.enroll_failures.clone();
         let start_pod = |datapath: &mut Datapath, pod: &PodSpec| -> anyhow::Result<proxy::PodProxy> {
             let sockets = datapath
                 .enroll(pod)
@@ -157,19 +158,30 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                     }
                     tracing::info!(pod = %name, "unenrolled: no longer in the configuration as it was");
                 }
+                // Pods no longer wanted have nothing left to retry.
+                failures.retain(|name| wanted.contains_key(name));
                 for (name, spec) in wanted {
                     if dynamic.contains_key(&name) {
                         continue;
                     }
                     match start_pod(&mut datapath, &spec) {
                         Ok(p) => {
+                            failures.clear(&name);
                             proxies.insert(name.clone(), p);
                             dynamic.insert(name, spec);
                         }
-                        // Retried at the next configuration change.
-                        Err(e) => tracing::warn!(pod = %name, error = %format!("{e:#}"), "enroll failed"),
+                        // Retried after RETRY_AFTER or at the next configuration change.
+                        Err(e) => {
+                            let reason = e
+                                .downcast_ref::<crate::ebpf::DatapathError>()
+                                .map_or("proxy", |d| d.kind());
+                            let error = format!("{e:#}");
+                            tracing::warn!(pod = %name, reason, %error, "enroll failed: the pod is not meshed; retrying");
+                            failures.failed(&name, reason, error);
+                        }
                     }
                 }
+
             }
             let changed = async {
                 match changes.as_mut() {
@@ -177,9 +189,17 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                     None => std::future::pending().await,
                 }
             };
+            let retry = async {
+                if failures.any() {
+                    tokio::time::sleep(crate::enroll::RETRY_AFTER).await
+                } else {
+                    std::future::pending().await
+                }
+            };
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => break,
                 _ = term.recv() => break,
+                () = retry => {}
                 alive = changed => {
                     if !alive {
                         changes = None;

@@ -108,6 +108,14 @@ impl ControllerArgs {
     }
 }
 
+/// `--max-inbound-ports-per-pod`: 1 to 4096.
+fn max_inbound_ports(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=4096).contains(&n) => Ok(n),
+        _ => Err(format!("{s:?} is not a number from 1 to 4096")),
+    }
+}
+
 /// `--metrics`: an address or `off`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct MetricsListen(Option<SocketAddr>);
@@ -222,7 +230,7 @@ struct RunArgs {
     #[command(flatten)]
     instance: InstanceArgs,
     /// A pod to enroll: name=NS/POD,cgroup=PATH,netns=PATH,ip=A.B.C.D[,iface=eth0]
-    /// [,inbound=PORT+PORT][,mode=strict|permissive]. Repeatable.
+    /// [,inbound=PORT+PORT][,exclude=PORT+PORT][,mode=strict|permissive]. Repeatable.
     #[arg(long = "pod")]
     pods: Vec<PodSpec>,
     /// Destination prefix the mesh captures (pod CIDRs, service VIPs). Repeatable.
@@ -234,6 +242,11 @@ struct RunArgs {
     /// Turn off sk_msg acceleration of the app <-> proxy hop.
     #[arg(long)]
     no_skmsg: bool,
+    /// Most inbound port entries (declared plus excluded ports) one pod may take in the
+    /// node-wide inbound map (1-4096); a pod asking for more is refused enrollment.
+    #[arg(long, default_value_t = crate::config::DEFAULT_MAX_INBOUND_PORTS,
+          value_parser = max_inbound_ports)]
+    max_inbound_ports_per_pod: usize,
     /// cgroup v2 directory the agent moves itself into.
     #[arg(long)]
     cgroup: Option<PathBuf>,
@@ -258,6 +271,9 @@ impl RunArgs {
         datapath.capture = self.capture;
         datapath.excluded_ports = self.excluded_ports;
         datapath.skmsg = !self.no_skmsg;
+        datapath.max_inbound_ports = self.max_inbound_ports_per_pod;
+        datapath.refuse_native_ipv6 = self.controller.controller.is_some()
+            && self.controller.egress == crate::outbound::Egress::Deny;
         let cfg = Config {
             datapath,
             controller: self.controller.settings()?,
@@ -784,6 +800,44 @@ mod tests {
         assert_eq!(cfg.proxy.same_node, SameNode::Hbone);
         let cfg = run(&["--same-node", "in-process"]).expect("in-process");
         assert_eq!(cfg.proxy.same_node, SameNode::InProcess);
+    }
+
+    #[test]
+    fn the_inbound_cap_and_the_ipv6_egress_refusal_come_from_the_flags() {
+        let cfg = run(&[]).expect("defaults");
+        assert_eq!(
+            cfg.datapath.max_inbound_ports,
+            crate::config::DEFAULT_MAX_INBOUND_PORTS
+        );
+        assert!(
+            !cfg.datapath.refuse_native_ipv6,
+            "egress allowed by default"
+        );
+        let cfg = run(&["--max-inbound-ports-per-pod=200"]).expect("cap");
+        assert_eq!(cfg.datapath.max_inbound_ports, 200);
+        for bad in ["0", "4097", "many"] {
+            let e = run(&[&format!("--max-inbound-ports-per-pod={bad}")]).expect_err(bad);
+            assert!(e.contains("--max-inbound-ports-per-pod"), "{e}");
+            assert!(e.contains("1 to 4096"), "{e}");
+        }
+        let controller = [
+            "--controller=https://127.0.0.1:15012",
+            "--bootstrap-token-file=/dev/null",
+            "--controller-ca=/dev/null",
+            "--node=n1",
+        ];
+        let cfg = run(&controller).expect("egress allowed");
+        assert!(!cfg.datapath.refuse_native_ipv6);
+        let deny: Vec<&str> = controller
+            .iter()
+            .copied()
+            .chain(["--egress=deny"])
+            .collect();
+        let cfg = run(&deny).expect("egress denied");
+        assert!(
+            cfg.datapath.refuse_native_ipv6,
+            "denied egress must cover native IPv6"
+        );
     }
 
     #[test]

@@ -64,6 +64,10 @@ pub fn validate_instance(name: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// Default cap on the inbound port entries of one pod (the node-wide map holds
+/// `mesh_common::INBOUND_ENTRIES`).
+pub const DEFAULT_MAX_INBOUND_PORTS: usize = 64;
+
 /// The datapath's parameters.
 #[derive(Debug, Clone, Serialize)]
 pub struct DatapathConfig {
@@ -81,6 +85,12 @@ pub struct DatapathConfig {
     pub capture: Vec<Cidr>,
     /// Destination ports never captured (15008 always).
     pub excluded_ports: Vec<u16>,
+    /// Most inbound port entries (declared plus excluded ports) one pod may take in the
+    /// node-wide inbound map; a pod asking for more is refused enrollment.
+    pub max_inbound_ports: usize,
+    /// connect6 refuses native IPv6 destinations (set when egress is denied: the mesh carries
+    /// IPv4 only, so IPv6 would leave the pod unchecked).
+    pub refuse_native_ipv6: bool,
 }
 
 impl DatapathConfig {
@@ -94,6 +104,8 @@ impl DatapathConfig {
             skmsg: true,
             capture: Vec::new(),
             excluded_ports: Vec::new(),
+            max_inbound_ports: DEFAULT_MAX_INBOUND_PORTS,
+            refuse_native_ipv6: false,
         })
     }
 
@@ -147,7 +159,7 @@ pub enum Mode {
 /// A pod to enroll: its cgroup v2 directory, its network namespace and its address.
 ///
 /// On the command line: `name=NS/POD,cgroup=PATH,netns=PATH,ip=A.B.C.D[,iface=eth0]
-/// [,inbound=8080+9090][,mode=permissive]`.
+/// [,inbound=8080+9090][,exclude=9100+9101][,mode=permissive]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PodSpec {
     pub name: String,
@@ -156,8 +168,12 @@ pub struct PodSpec {
     pub ip: Ipv4Addr,
     /// The pod's interface to its node (tc counters).
     pub iface: String,
-    /// Application ports whose inbound TCP is steered to the proxy.
+    /// Declared application ports. A PERMISSIVE pod's inbound TCP is steered to the proxy on
+    /// these only; a STRICT pod's on every port.
     pub inbound_ports: Vec<u16>,
+    /// Ports the operator excluded (`mesh.io/exclude-inbound-ports`): never steered, the
+    /// application answers them directly whatever the mode.
+    pub excluded_inbound_ports: Vec<u16>,
     pub mode: Mode,
 }
 
@@ -196,6 +212,7 @@ impl FromStr for PodSpec {
         let (mut name, mut cgroup, mut netns, mut ip) = (None, None, None, None);
         let mut iface = "eth0".to_string();
         let mut inbound_ports = Vec::new();
+        let mut excluded_inbound_ports = Vec::new();
         let mut mode = Mode::Strict;
         for field in spec.split(',') {
             let (k, v) = field
@@ -232,6 +249,15 @@ impl FromStr for PodSpec {
                         inbound_ports.push(port);
                     }
                 }
+                "exclude" => {
+                    for p in v.split('+').filter(|p| !p.is_empty()) {
+                        let port: u16 =
+                            p.parse().ok().filter(|p| *p != 0).ok_or_else(|| {
+                                err(&format!("excluded port {p:?} is not 1-65535"))
+                            })?;
+                        excluded_inbound_ports.push(port);
+                    }
+                }
                 "mode" => {
                     mode = match v.to_ascii_lowercase().as_str() {
                         "strict" => Mode::Strict,
@@ -257,6 +283,7 @@ impl FromStr for PodSpec {
             ip: ip.ok_or_else(|| err("missing ip="))?,
             iface,
             inbound_ports,
+            excluded_inbound_ports,
             mode,
         })
     }

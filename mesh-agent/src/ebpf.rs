@@ -33,9 +33,10 @@ use aya::{
 };
 use mesh_common::{
     CAPTURE_MAP, CAPTURE_REDIRECT, COUNTERS_MAP, CaptureRule, Counter, EXCLUDED_PORTS_MAP,
-    FLOWS_MAP, FlowEvent, INBOUND_MAP, InboundKey, LISTENERS_MAP, POD_COUNTERS_MAP,
-    POD_FLAG_PERMISSIVE, PODS_MAP, PROG_CONNECT4, PROG_GETSOCKOPT, PROG_SK_LOOKUP, PROG_SKMSG,
-    PROG_SOCKOPS, PROG_TC_INGRESS, PodCounters, PodEntry, SOCKS_MAP,
+    FLOWS_MAP, FlowEvent, INBOUND_EXCLUDE, INBOUND_MAP, INBOUND_STEER, InboundKey, LISTENERS_MAP,
+    POD_COUNTERS_MAP, POD_FLAG_PERMISSIVE, PODS_MAP, PROG_CONNECT4, PROG_CONNECT6, PROG_GETSOCKOPT,
+    PROG_SK_LOOKUP, PROG_SK_LOOKUP6, PROG_SKMSG, PROG_SOCKOPS, PROG_TC_INGRESS, PodCounters,
+    PodEntry, SOCKS_MAP,
 };
 
 use crate::{
@@ -82,6 +83,17 @@ pub enum DatapathError {
     Pod { pod: String, reason: String },
     #[error("open pinned state of instance at {path}: {reason}")]
     NotLoaded { path: PathBuf, reason: String },
+    #[error(
+        "pod {pod}: {count} inbound port entries (declared plus excluded) exceed the cap of \
+         {max} per pod (--max-inbound-ports-per-pod)"
+    )]
+    TooManyInboundPorts {
+        pod: String,
+        count: usize,
+        max: usize,
+    },
+    #[error("pod {pod}: map {map} is full: the pod is not enrolled")]
+    MapFull { pod: String, map: &'static str },
 }
 
 impl DatapathError {
@@ -98,6 +110,8 @@ impl DatapathError {
             DatapathError::Netns(e) => e.kind(),
             DatapathError::Pod { .. } => "pod",
             DatapathError::NotLoaded { .. } => "not_loaded",
+            DatapathError::TooManyInboundPorts { .. } => "too_many_inbound_ports",
+            DatapathError::MapFull { .. } => "map_full",
         }
     }
 }
@@ -156,7 +170,7 @@ fn params_id(cfg: &DatapathConfig) -> String {
     };
     feed(crate::EBPF_OBJECT);
     feed(&cfg.outbound_port.to_le_bytes());
-    feed(&[cfg.skmsg as u8]);
+    feed(&[cfg.skmsg as u8, cfg.refuse_native_ipv6 as u8]);
     format!("p{h:016x}")
 }
 
@@ -292,7 +306,18 @@ impl Maps {
 
     fn add_pod(&mut self, spec: &PodSpec, entry: PodEntry, listener: &TcpListener) -> Result<()> {
         let key = ip_key(spec.ip);
-        self.pods.insert(key, entry, 0).map_err(map_err(PODS_MAP))?;
+        let full = |map: &'static str| {
+            let pod = spec.name.clone();
+            move |e: aya::maps::MapError| match &e {
+                aya::maps::MapError::SyscallError(s)
+                    if s.io_error.raw_os_error() == Some(libc::E2BIG) =>
+                {
+                    DatapathError::MapFull { pod, map }
+                }
+                _ => DatapathError::Map { map, source: e },
+            }
+        };
+        self.pods.insert(key, entry, 0).map_err(full(PODS_MAP))?;
         if self.pod_counters.get(&key, 0).is_err() {
             let zeros = PerCpuValues::try_from(vec![
                 PodCounters::default();
@@ -309,20 +334,20 @@ impl Maps {
             })?;
             self.pod_counters
                 .insert(key, zeros, 0)
-                .map_err(map_err(POD_COUNTERS_MAP))?;
+                .map_err(full(POD_COUNTERS_MAP))?;
         }
-        // Ports no longer captured go first, then the current set.
+        // Rules no longer wanted go first, then the current set.
         self.remove_inbound(spec.ip)?;
-        for port in &spec.inbound_ports {
+        for (port, rule) in inbound_rules(spec) {
             let k = InboundKey {
                 ip: key,
-                port: *port as u32,
+                port: port as u32,
             };
-            self.inbound.insert(k, 1, 0).map_err(map_err(INBOUND_MAP))?;
+            self.inbound.insert(k, rule, 0).map_err(full(INBOUND_MAP))?;
         }
         self.listeners
             .insert(key, listener.as_raw_fd(), 0)
-            .map_err(map_err(LISTENERS_MAP))?;
+            .map_err(full(LISTENERS_MAP))?;
         Ok(())
     }
 
@@ -361,6 +386,20 @@ fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::M
         }
         other => other,
     }
+}
+
+/// The pod's entries in [`INBOUND_MAP`]: its declared ports steered, its excluded ports never
+/// (an exclusion wins over a declaration of the same port).
+pub fn inbound_rules(spec: &PodSpec) -> std::collections::BTreeMap<u16, u32> {
+    let mut rules: std::collections::BTreeMap<u16, u32> = spec
+        .inbound_ports
+        .iter()
+        .map(|p| (*p, INBOUND_STEER))
+        .collect();
+    for p in &spec.excluded_inbound_ports {
+        rules.insert(*p, INBOUND_EXCLUDE);
+    }
+    rules
 }
 
 /// An IPv4 address as the kernel programs see it in a `u32` field (network byte order).
@@ -422,12 +461,17 @@ impl Datapath {
             path: pin_dir.join("links"),
             reason: e.to_string(),
         })?;
+        for retired in mesh_common::RETIRED_MAPS {
+            let _ = fs::remove_file(maps_dir.join(retired));
+        }
         let outbound_port = cfg.outbound_port as u32;
         let skmsg = cfg.skmsg as u32;
+        let refuse_v6 = cfg.refuse_native_ipv6 as u32;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .override_global(mesh_common::GLOBAL_OUTBOUND_PORT, &outbound_port, true)
             .override_global(mesh_common::GLOBAL_SKMSG_ENABLED, &skmsg, true)
+            .override_global(mesh_common::GLOBAL_REFUSE_NATIVE_V6, &refuse_v6, true)
             .load(crate::EBPF_OBJECT)?;
         load_programs(&mut ebpf)?;
         if cfg.skmsg {
@@ -512,6 +556,14 @@ impl Datapath {
             reason,
         };
         // Validate everything from outside before touching the kernel.
+        let rules = inbound_rules(spec).len();
+        if rules > self.cfg.max_inbound_ports {
+            return Err(DatapathError::TooManyInboundPorts {
+                pod: spec.name.clone(),
+                count: rules,
+                max: self.cfg.max_inbound_ports,
+            });
+        }
         cgroup::check_attachable(&self.cgroup_mount, &spec.cgroup)?;
         let cg = File::open(&spec.cgroup).map_err(|source| CgroupError::Read {
             path: spec.cgroup.clone(),
@@ -589,14 +641,15 @@ impl Datapath {
     fn attach_pod(&mut self, spec: &PodSpec, cg: &File, ns: &File) -> Result<Vec<PinnedLink>> {
         let pod_dir = self.pod_links_dir(spec);
         let want = pod_dir.join(&self.params);
-        let names = [PROG_CONNECT4, PROG_SOCKOPS, PROG_SK_LOOKUP];
+        let names = [PROG_CONNECT4, PROG_CONNECT6, PROG_SOCKOPS, PROG_SK_LOOKUP];
         if names.iter().all(|n| want.join(n).exists()) {
             let adopted: Result<Vec<_>, _> = names
                 .iter()
                 .map(|n| PinnedLink::from_pin(want.join(n)))
                 .collect();
-            if let Ok(links) = adopted {
+            if let Ok(mut links) = adopted {
                 tracing::info!(pod = %spec.name, "adopted pinned links");
+                links.extend(self.sync_ipv6_refusal(spec, ns, &want)?);
                 return Ok(links);
             }
         }
@@ -630,6 +683,17 @@ impl Datapath {
                 .map_err(|e| pin_err("link", &want, format!("{e}")))?;
             links.push(pin(link, &want.join(PROG_CONNECT4))?);
 
+            let p = program::<CgroupSockAddr>(&mut self.ebpf, PROG_CONNECT6)?;
+            let id = p
+                .attach(cg, CgroupAttachMode::Single)
+                .map_err(attach_err(PROG_CONNECT6, &target))?;
+            let link: FdLink = p
+                .take_link(id)
+                .map_err(prog_err(PROG_CONNECT6))?
+                .try_into()
+                .map_err(|e| pin_err("link", &want, format!("{e}")))?;
+            links.push(pin(link, &want.join(PROG_CONNECT6))?);
+
             let p = program::<SockOps>(&mut self.ebpf, PROG_SOCKOPS)?;
             let id = p
                 .attach(cg, CgroupAttachMode::Single)
@@ -648,6 +712,7 @@ impl Datapath {
                 .map_err(attach_err(PROG_SK_LOOKUP, &ns_target))?;
             let link: FdLink = p.take_link(id).map_err(prog_err(PROG_SK_LOOKUP))?.into();
             links.push(pin(link, &want.join(PROG_SK_LOOKUP))?);
+            links.extend(self.sync_ipv6_refusal(spec, ns, &want)?);
 
             self.attach_tc(spec, ns, &want)?;
             Ok(links)
@@ -672,6 +737,42 @@ impl Datapath {
                 Err(e)
             }
         }
+    }
+
+    /// A STRICT pod's network namespace gets `mesh_sk_lookup6`, which refuses inbound IPv6 (the
+    /// mesh carries IPv4 only); a PERMISSIVE pod's has none (its pin is removed, which detaches
+    /// it when the mode changed).
+    fn sync_ipv6_refusal(
+        &mut self,
+        spec: &PodSpec,
+        ns: &File,
+        dir: &Path,
+    ) -> Result<Option<PinnedLink>> {
+        let path = dir.join(PROG_SK_LOOKUP6);
+        if spec.mode == Mode::Permissive {
+            return match fs::remove_file(&path) {
+                Ok(()) => Ok(None),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(DatapathError::Pin {
+                    what: "removal",
+                    path,
+                    reason: e.to_string(),
+                }),
+            };
+        }
+        if let Ok(link) = PinnedLink::from_pin(&path) {
+            return Ok(Some(link));
+        }
+        let p = program::<SkLookup>(&mut self.ebpf, PROG_SK_LOOKUP6)?;
+        let id = p
+            .attach(ns.as_fd())
+            .map_err(|source| DatapathError::Attach {
+                program: PROG_SK_LOOKUP6,
+                target: spec.netns.display().to_string(),
+                source,
+            })?;
+        let link: FdLink = p.take_link(id).map_err(prog_err(PROG_SK_LOOKUP6))?.into();
+        pin(link, &path).map(Some)
     }
 
     /// tc ingress on the pod's interface, attached from inside the pod's namespace. TCX links
@@ -791,6 +892,9 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
     program::<CgroupSockAddr>(ebpf, PROG_CONNECT4)?
         .load()
         .map_err(prog_err(PROG_CONNECT4))?;
+    program::<CgroupSockAddr>(ebpf, PROG_CONNECT6)?
+        .load()
+        .map_err(prog_err(PROG_CONNECT6))?;
     program::<CgroupSockopt>(ebpf, PROG_GETSOCKOPT)?
         .load()
         .map_err(prog_err(PROG_GETSOCKOPT))?;
@@ -803,6 +907,9 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
     program::<SkLookup>(ebpf, PROG_SK_LOOKUP)?
         .load()
         .map_err(prog_err(PROG_SK_LOOKUP))?;
+    program::<SkLookup>(ebpf, PROG_SK_LOOKUP6)?
+        .load()
+        .map_err(prog_err(PROG_SK_LOOKUP6))?;
     program::<SchedClassifier>(ebpf, PROG_TC_INGRESS)?
         .load()
         .map_err(prog_err(PROG_TC_INGRESS))?;

@@ -9,6 +9,12 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 
 use mesh_core::model::{NodeSnapshot, TlsMode, Workload};
 
@@ -67,11 +73,69 @@ fn spec(name: &str, w: &Workload) -> Result<PodSpec, String> {
         ip,
         iface: POD_IFACE.into(),
         inbound_ports: w.ports.clone(),
+        excluded_inbound_ports: w.excluded_inbound_ports.clone(),
         mode: match w.mode {
             TlsMode::Strict => Mode::Strict,
             TlsMode::Permissive => Mode::Permissive,
         },
     })
+}
+
+/// How long a pod whose enrollment failed waits before the next try (a configuration change
+/// retries at once).
+pub const RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// Pods the agent wants enrolled and could not enroll, with why: shown by `mesh-agent pods`
+/// and counted in `mesh_agent_enroll_failures_total{reason}`, never left silently unmeshed.
+pub struct EnrollFailures {
+    failed: Mutex<BTreeMap<String, String>>,
+    total: Family<Vec<(String, String)>, Counter>,
+}
+
+impl EnrollFailures {
+    pub fn register(registry: &mut Registry) -> EnrollFailures {
+        let total = Family::<Vec<(String, String)>, Counter>::default();
+        registry.register(
+            "mesh_agent_enroll_failures",
+            "Pod enrollments that failed (each try), by reason",
+            total.clone(),
+        );
+        EnrollFailures {
+            failed: Mutex::new(BTreeMap::new()),
+            total,
+        }
+    }
+
+    /// Records a failed try for `pod`.
+    pub fn failed(&self, pod: &str, reason: &'static str, error: String) {
+        self.total
+            .get_or_create(&vec![("reason".to_string(), reason.to_string())])
+            .inc();
+        self.lock().insert(pod.to_string(), error);
+    }
+
+    /// `pod` is enrolled (or no longer wanted).
+    pub fn clear(&self, pod: &str) {
+        self.lock().remove(pod);
+    }
+
+    /// Why `pod`'s last enrollment failed, if it did.
+    pub fn get(&self, pod: &str) -> Option<String> {
+        self.lock().get(pod).cloned()
+    }
+
+    /// Forgets the pods `keep` says no to.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.lock().retain(|name, _| keep(name));
+    }
+
+    pub fn any(&self) -> bool {
+        !self.lock().is_empty()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
+        self.failed.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 #[cfg(test)]
@@ -97,6 +161,7 @@ mod tests {
             cgroup: cgroup.map(String::from),
             netns: cgroup.map(|_| format!("/run/netns/{name}")),
             ports: ports.to_vec(),
+            excluded_inbound_ports: vec![],
         }
     }
 

@@ -15,7 +15,7 @@
 //! admitted on ([`Admission`]), so that when the configuration changes, [`recheck`] decides
 //! again, the same way, whether it may stay open (see [`crate::revocation`]).
 
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -553,11 +553,37 @@ impl ConnectHandler for PodInbound {
 
 // === Plaintext ===
 
+/// Where a connection accepted on the inbound listener was going: its local address, which
+/// sk_lookup leaves as the pod's `ip:port`. A connection opened to the listener directly
+/// (`127.0.0.1:15006` from inside the pod) has no destination of its own: carrying it "to its
+/// local address" would dial the listener again, in a loop that ends when the agent runs out
+/// of descriptors. It is refused.
+pub fn steered_destination(
+    local: Option<SocketAddr>,
+    pod_ip: Ipv4Addr,
+) -> Result<SocketAddrV4, PlaintextError> {
+    match local {
+        Some(SocketAddr::V4(dst)) if *dst.ip() == pod_ip => Ok(dst),
+        Some(SocketAddr::V4(local)) => Err(PlaintextError::NotSteered { local }),
+        _ => Err(PlaintextError::NotIpv4),
+    }
+}
+
+/// Closes with a reset: the caller sees a refusal at once, not an empty answer.
+pub fn refuse_now(conn: &TcpStream) {
+    let _ = socket2::SockRef::from(conn).set_linger(Some(Duration::ZERO));
+}
+
 /// Why a plaintext inbound connection was not carried to its end.
 #[derive(Debug, thiserror::Error)]
 pub enum PlaintextError {
     #[error("the connection has no IPv4 local address")]
     NotIpv4,
+    #[error(
+        "connection made to the inbound listener itself ({local}), not steered to the pod: \
+         refused (forwarding it would make the proxy dial itself)"
+    )]
+    NotSteered { local: SocketAddrV4 },
     #[error("refused: {0}")]
     Refused(Rejection),
     #[error("connect to the application at {dst}: {source}")]
@@ -573,6 +599,7 @@ impl PlaintextError {
     pub fn kind(&self) -> &'static str {
         match self {
             PlaintextError::NotIpv4 => "not_ipv4",
+            PlaintextError::NotSteered { .. } => "not_steered",
             PlaintextError::Refused(r) => r.kind,
             PlaintextError::Unreachable { .. } => "app_unreachable",
             PlaintextError::Relay(e) => e.kind(),
@@ -584,6 +611,8 @@ impl PlaintextError {
 /// and policy, then carried to the application, or closed at once.
 pub struct PlaintextInbound {
     pub pod: NamespacedName,
+    /// The pod's address: where every steered connection was going.
+    pub ip: Ipv4Addr,
     pub store: Arc<StateStore>,
     pub dial: AppDialer,
     pub telemetry: Telemetry,
@@ -595,8 +624,12 @@ impl PlaintextInbound {
     /// Carries one accepted connection. Returns the bytes carried (to the application, back
     /// from it).
     pub async fn handle(&self, conn: TcpStream) -> Result<(u64, u64), PlaintextError> {
-        let Ok(SocketAddr::V4(dst)) = conn.local_addr() else {
-            return Err(PlaintextError::NotIpv4);
+        let dst = match steered_destination(conn.local_addr().ok(), self.ip) {
+            Ok(dst) => dst,
+            Err(e) => {
+                refuse_now(&conn);
+                return Err(e);
+            }
         };
         let config = self.store.current();
         let mut meta = ConnMeta::new(

@@ -321,6 +321,7 @@ pub fn start(
     let Some(mesh) = mesh else {
         let forward = Forward {
             pod: name.clone(),
+            ip,
             net,
             telemetry: telemetry.clone(),
             idle,
@@ -391,6 +392,7 @@ pub fn start(
     });
     let plaintext = Arc::new(PlaintextInbound {
         pod: name.clone(),
+        ip,
         store: mesh.store.clone(),
         dial: dial.clone(),
         telemetry: telemetry.clone(),
@@ -479,11 +481,29 @@ async fn accept_loop<F, Fut>(
     }
 }
 
+/// The original destination of a connection accepted on the outbound listener. One made to
+/// the listener directly (`127.0.0.1:15001`) has none from the mesh; where the kernel's
+/// conntrack is loaded it answers with the connection's own destination, the listener
+/// itself, and carrying the connection there would make the proxy dial itself in a loop until
+/// the agent runs out of descriptors. Both are refused.
+fn captured_destination(conn: &TcpStream) -> std::io::Result<SocketAddrV4> {
+    let dst = ebpf::original_dst(conn)?;
+    if conn.local_addr().ok() == Some(SocketAddr::V4(dst)) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("the original destination {dst} is the outbound listener itself"),
+        ));
+    }
+    Ok(dst)
+}
+
 async fn mesh_outbound(out: &PodOutbound, conn: TcpStream) {
-    let dst = match ebpf::original_dst(&conn) {
+    let dst = match captured_destination(&conn) {
         Ok(d) => d,
         Err(e) => {
-            warn!(pod = %out.pod, peer = ?conn.peer_addr().ok(), error = %e, "no original destination");
+            // Made to the outbound listener directly, not captured: nowhere to go.
+            crate::inbound::refuse_now(&conn);
+            debug!(pod = %out.pod, peer = ?conn.peer_addr().ok(), error = %e, "no original destination: refused");
             return;
         }
     };
@@ -582,6 +602,8 @@ impl HboneSide {
 #[derive(Clone)]
 struct Forward {
     pod: NamespacedName,
+    /// The pod's address: where every steered inbound connection was going.
+    ip: std::net::Ipv4Addr,
     net: PodNet,
     telemetry: Telemetry,
     idle: Duration,
@@ -589,7 +611,7 @@ struct Forward {
 
 impl Forward {
     async fn outbound(&self, conn: TcpStream) {
-        match ebpf::original_dst(&conn) {
+        match captured_destination(&conn) {
             Ok(dst) => {
                 let mut meta = self.meta(Reporter::Source, MeshPath::Direct, dst);
                 meta.src = Peer::of_pod(&self.pod);
@@ -597,21 +619,23 @@ impl Forward {
                 self.forward(conn, meta, dst).await;
             }
             Err(e) => {
-                warn!(pod = %self.pod, peer = ?conn.peer_addr().ok(), error = %e, "no original destination")
+                crate::inbound::refuse_now(&conn);
+                debug!(pod = %self.pod, peer = ?conn.peer_addr().ok(), error = %e, "no original destination: refused")
             }
         }
     }
 
     async fn inbound(&self, conn: TcpStream) {
-        match conn.local_addr() {
-            Ok(SocketAddr::V4(dst)) => {
+        match crate::inbound::steered_destination(conn.local_addr().ok(), self.ip) {
+            Ok(dst) => {
                 let mut meta = self.meta(Reporter::Destination, MeshPath::Plaintext, dst);
                 meta.dst = Peer::of_pod(&self.pod);
                 meta.src_addr = conn.peer_addr().ok();
                 self.forward(conn, meta, dst).await;
             }
-            other => {
-                warn!(pod = %self.pod, local = ?other, "inbound connection without an IPv4 address")
+            Err(e) => {
+                crate::inbound::refuse_now(&conn);
+                debug!(pod = %self.pod, reason = e.kind(), error = %e, "inbound connection refused")
             }
         }
     }

@@ -195,6 +195,7 @@ mod tests {
             cgroup: None,
             netns: None,
             ports: vec![],
+            excluded_inbound_ports: vec![],
         }
     }
 

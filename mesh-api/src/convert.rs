@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use mesh_core::SpiffeId;
 use mesh_core::model::{
-    Endpoint, NamespacedName, NodeSnapshot, Protocol, Service, ServicePort, SplitBackend, TlsMode,
-    TrafficSplit, Workload,
+    Endpoint, HBONE_PORT, NamespacedName, NodeSnapshot, Protocol, Service, ServicePort,
+    SplitBackend, TlsMode, TrafficSplit, Workload,
 };
 use mesh_core::policy::{
     AnchoredRegex, HeaderMatch, HttpMatch, InboundPolicy, RouteMatch, Rule, TrafficPolicyMode,
@@ -107,6 +107,11 @@ impl From<&Workload> for v1::Workload {
             cgroup: w.cgroup.clone(),
             netns: w.netns.clone(),
             ports: w.ports.iter().map(|p| u32::from(*p)).collect(),
+            excluded_inbound_ports: w
+                .excluded_inbound_ports
+                .iter()
+                .map(|p| u32::from(*p))
+                .collect(),
         }
     }
 }
@@ -314,6 +319,17 @@ impl TryFrom<&v1::Workload> for Workload {
                 .map(|p| match u16::try_from(*p) {
                     Ok(port) if port != 0 => Ok(port),
                     _ => Err(err("workload.ports", format!("{p} is not a TCP port"))),
+                })
+                .collect::<Result<_, _>>()?,
+            excluded_inbound_ports: w
+                .excluded_inbound_ports
+                .iter()
+                .map(|p| match u16::try_from(*p) {
+                    Ok(port) if port != 0 && port != HBONE_PORT => Ok(port),
+                    _ => Err(err(
+                        "workload.excluded_inbound_ports",
+                        format!("{p} is not a TCP port other than 15008"),
+                    )),
                 })
                 .collect::<Result<_, _>>()?,
         })
@@ -808,6 +824,7 @@ mod tests {
             cgroup: Some("/mesh/api-0".into()),
             netns: None,
             ports: vec![8080],
+            excluded_inbound_ports: vec![9100],
         };
         let svc = Service {
             name: NamespacedName::new("shop", "api"),

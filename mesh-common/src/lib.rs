@@ -22,6 +22,10 @@ pub const SO_ORIGINAL_DST: i32 = 80;
 /// `SOL_IP`.
 pub const SOL_IP: i32 = 0;
 
+/// The third 32-bit word of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) as read from a
+/// `u32` field of a BPF context (network byte order).
+pub const V4_MAPPED_BE: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
 /// 127.0.0.1 in network byte order as read from a `u32` field of a BPF context.
 pub const LOOPBACK_BE: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 
@@ -42,8 +46,10 @@ pub const EXCLUDED_PORTS_MAP: &str = "EXCL_PORTS_V1";
 pub const SOCKS_MAP: &str = "SOCKS_V1";
 /// Enrolled pods by IPv4 address. Agent writes; sk_lookup and tc read.
 pub const PODS_MAP: &str = "PODS_V1";
-/// Inbound application ports captured per pod. Agent writes; sk_lookup reads.
-pub const INBOUND_MAP: &str = "INBOUND_V1";
+/// Per-pod inbound port rules ([`INBOUND_STEER`], [`INBOUND_EXCLUDE`]). Agent writes; sk_lookup
+/// reads. A STRICT pod's every port is steered but for its exclusions; a PERMISSIVE pod's only
+/// the ports marked [`INBOUND_STEER`]. (`INBOUND_V1` listed the captured ports of every pod.)
+pub const INBOUND_MAP: &str = "INBOUND_V2";
 /// Each pod's inbound listener socket, by pod IPv4. Agent writes; sk_lookup reads.
 pub const LISTENERS_MAP: &str = "LISTENERS_V1";
 /// Per-pod packet and byte counters. tc writes; the agent reads.
@@ -52,6 +58,9 @@ pub const POD_COUNTERS_MAP: &str = "POD_COUNT_V1";
 pub const COUNTERS_MAP: &str = "COUNTERS_V1";
 /// Flow events ([`FlowEvent`]). sk_lookup writes; the agent drains.
 pub const FLOWS_MAP: &str = "FLOWS_V1";
+
+/// Maps an earlier build pinned and this one no longer uses: removed when the datapath loads.
+pub const RETIRED_MAPS: [&str; 1] = ["INBOUND_V1"];
 
 /// Every pinned map, for inspection and cleanup.
 pub const ALL_MAPS: [&str; 11] = [
@@ -71,10 +80,13 @@ pub const ALL_MAPS: [&str; 11] = [
 // === Program names ===
 
 pub const PROG_CONNECT4: &str = "mesh_connect4";
+pub const PROG_CONNECT6: &str = "mesh_connect6";
 pub const PROG_GETSOCKOPT: &str = "mesh_getsockopt";
 pub const PROG_SOCKOPS: &str = "mesh_sockops";
 pub const PROG_SKMSG: &str = "mesh_skmsg";
 pub const PROG_SK_LOOKUP: &str = "mesh_sk_lookup";
+/// Attached to STRICT pods' network namespaces only: refuses inbound IPv6 TCP.
+pub const PROG_SK_LOOKUP6: &str = "mesh_sk_lookup6";
 pub const PROG_TC_INGRESS: &str = "mesh_tc_ingress";
 
 // === Global parameters (read-only data, set at load time) ===
@@ -83,6 +95,9 @@ pub const PROG_TC_INGRESS: &str = "mesh_tc_ingress";
 pub const GLOBAL_OUTBOUND_PORT: &str = "OUTBOUND_PORT";
 /// Non-zero: sockops inserts app <-> proxy sockets into [`SOCKS_MAP`] for sk_msg.
 pub const GLOBAL_SKMSG_ENABLED: &str = "SKMSG_ENABLED";
+/// Non-zero: connect6 refuses connections to native (not IPv4-mapped) IPv6 destinations other
+/// than loopback (egress denied: the mesh cannot carry IPv6 yet).
+pub const GLOBAL_REFUSE_NATIVE_V6: &str = "REFUSE_V6";
 
 // === Map sizes ===
 
@@ -176,7 +191,13 @@ const _: () = assert!(core::mem::size_of::<PodEntry>() == 24);
 /// The pod accepts plaintext inbound (PERMISSIVE) rather than only mTLS (STRICT).
 pub const POD_FLAG_PERMISSIVE: u32 = 1;
 
-/// Key of [`INBOUND_MAP`]: a pod's application port whose inbound TCP is captured.
+/// Value of [`INBOUND_MAP`]: a declared application port, steered whatever the pod's mode.
+pub const INBOUND_STEER: u32 = 1;
+/// Value of [`INBOUND_MAP`]: a port the operator excluded, never steered (the application
+/// answers it directly, STRICT or not).
+pub const INBOUND_EXCLUDE: u32 = 2;
+
+/// Key of [`INBOUND_MAP`]: one port of one pod.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct InboundKey {
@@ -223,8 +244,12 @@ pub enum FlowVerdict {
     Mesh = 2,
     /// Port not captured: delivered as addressed.
     Passthrough = 3,
-    /// Captured port, but the proxy's listener is missing: delivered as addressed (fail open).
+    /// Captured port of a PERMISSIVE pod, but the proxy's listener is missing: delivered as
+    /// addressed (fail open).
     NoListener = 4,
+    /// Captured port of a STRICT pod, but the proxy's listener is missing (agent down) or could
+    /// not be selected: the connection is refused (fail closed).
+    Refused = 5,
 }
 
 impl FlowVerdict {
@@ -234,6 +259,7 @@ impl FlowVerdict {
             2 => Some(FlowVerdict::Mesh),
             3 => Some(FlowVerdict::Passthrough),
             4 => Some(FlowVerdict::NoListener),
+            5 => Some(FlowVerdict::Refused),
             _ => None,
         }
     }
@@ -244,6 +270,7 @@ impl FlowVerdict {
             FlowVerdict::Mesh => "mesh",
             FlowVerdict::Passthrough => "passthrough",
             FlowVerdict::NoListener => "no_listener",
+            FlowVerdict::Refused => "refused",
         }
     }
 }
@@ -298,13 +325,30 @@ pub enum Counter {
     SockopsOrigDstRemoved = 20,
     /// sockops: sk_msg acceleration switched off at load time; socket not inserted.
     SockopsSockhashDisabled = 21,
+    /// sk_lookup: STRICT pod without a listener (agent down): connection refused.
+    SkLookupRefusedNoListener = 22,
+    /// sk_lookup6: inbound IPv6 TCP to a STRICT pod refused.
+    SkLookupRefusedIpv6 = 23,
+    /// connect6: IPv4-mapped destination captured and rewritten to the outbound listener.
+    Connect6Redirected = 24,
+    /// connect6: destination not in the mesh (native IPv6 allowed, or a mapped address not
+    /// captured).
+    Connect6NotCaptured = 25,
+    /// connect6: IPv4-mapped destination port excluded.
+    Connect6ExcludedPort = 26,
+    /// connect6: failed to record the original destination (fail open).
+    Connect6MapFull = 27,
+    /// connect6: native IPv6 destination refused (egress denied).
+    Connect6RefusedNative = 28,
+    /// connect6: not TCP.
+    Connect6NotTcp = 29,
 }
 
 /// Number of slots in [`COUNTERS_MAP`] (room for future counters).
 pub const COUNTER_SLOTS: u32 = 64;
 
 impl Counter {
-    pub const ALL: [Counter; 22] = [
+    pub const ALL: [Counter; 30] = [
         Counter::Connect4Redirected,
         Counter::Connect4NotCaptured,
         Counter::Connect4ExcludedPort,
@@ -327,6 +371,14 @@ impl Counter {
         Counter::FlowEventDropped,
         Counter::SockopsOrigDstRemoved,
         Counter::SockopsSockhashDisabled,
+        Counter::SkLookupRefusedNoListener,
+        Counter::SkLookupRefusedIpv6,
+        Counter::Connect6Redirected,
+        Counter::Connect6NotCaptured,
+        Counter::Connect6ExcludedPort,
+        Counter::Connect6MapFull,
+        Counter::Connect6RefusedNative,
+        Counter::Connect6NotTcp,
     ];
 
     /// Stable name for metrics and debugging output.
@@ -354,6 +406,14 @@ impl Counter {
             Counter::FlowEventDropped => "flow_event_dropped",
             Counter::SockopsOrigDstRemoved => "sockops_orig_dst_removed",
             Counter::SockopsSockhashDisabled => "sockops_sockhash_disabled",
+            Counter::SkLookupRefusedNoListener => "sk_lookup_refused_no_listener",
+            Counter::SkLookupRefusedIpv6 => "sk_lookup_refused_ipv6",
+            Counter::Connect6Redirected => "connect6_redirected",
+            Counter::Connect6NotCaptured => "connect6_not_captured",
+            Counter::Connect6ExcludedPort => "connect6_excluded_port",
+            Counter::Connect6MapFull => "connect6_map_full",
+            Counter::Connect6RefusedNative => "connect6_refused_native",
+            Counter::Connect6NotTcp => "connect6_not_tcp",
         }
     }
 }
@@ -419,6 +479,7 @@ mod tests {
             FlowVerdict::Mesh,
             FlowVerdict::Passthrough,
             FlowVerdict::NoListener,
+            FlowVerdict::Refused,
         ] {
             assert_eq!(FlowVerdict::from_u32(v as u32), Some(v));
         }

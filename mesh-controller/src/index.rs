@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use mesh_core::gateway::GatewayRoute;
 use mesh_core::identity::{SpiffeId, TrustDomain, dns_label, dns_subdomain};
-use mesh_core::model::{NamespacedName, TlsMode, Workload};
+use mesh_core::model::{HBONE_PORT, NamespacedName, TlsMode, Workload};
 use mesh_core::smi;
 use serde::Serialize;
 use tokio::sync::watch;
@@ -28,6 +28,8 @@ pub const TLS_MODE_ANNOTATION: &str = "mesh.io/tls-mode";
 /// Pod annotations naming the pod's cgroup and network namespace (local mode).
 pub const CGROUP_ANNOTATION: &str = "mesh.io/cgroup";
 pub const NETNS_ANNOTATION: &str = "mesh.io/netns";
+/// Ports of a meshed pod the operator excludes from inbound capture: `"9100,9101"`.
+pub const EXCLUDE_INBOUND_PORTS_ANNOTATION: &str = "mesh.io/exclude-inbound-ports";
 /// The EndpointSlice label naming its service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -486,6 +488,10 @@ impl Index {
             cgroup: annotation(CGROUP_ANNOTATION).filter(|_| self.locates_pods),
             netns: annotation(NETNS_ANNOTATION).filter(|_| self.locates_pods),
             ports: container_ports(pod),
+            // A value that does not parse is a warning on the pod and excludes nothing: the
+            // pod stays fully covered rather than opened by a typo.
+            excluded_inbound_ports: excluded_inbound_ports(&pod.metadata.annotations)
+                .unwrap_or_default(),
         })
     }
 
@@ -705,7 +711,18 @@ fn tls_mode_annotation(annotations: &Option<BTreeMap<String, String>>) -> Option
 fn warning(key: &ResourceKey, resource: &Resource) -> Option<String> {
     match resource {
         Resource::Namespace(ns) => bad_tls_mode(&ns.metadata.annotations),
-        Resource::Pod(pod) => bad_tls_mode(&pod.metadata.annotations).or_else(|| {
+        Resource::Pod(pod) => bad_tls_mode(&pod.metadata.annotations)
+            .or_else(|| {
+                excluded_inbound_ports(&pod.metadata.annotations)
+                    .err()
+                    .map(|why| {
+                        format!(
+                            "annotation {EXCLUDE_INBOUND_PORTS_ANNOTATION}: {why}; ignored, \
+                             no port is excluded"
+                        )
+                    })
+            })
+            .or_else(|| {
             let sa = pod_service_account(pod);
             if let Err(why) = dns_subdomain(sa) {
                 return Some(format!(
@@ -728,6 +745,32 @@ fn bad_tls_mode(annotations: &Option<BTreeMap<String, String>>) -> Option<String
     tls_mode_annotation(annotations).is_none().then(|| {
         format!("annotation {TLS_MODE_ANNOTATION}: {value:?} is not strict or permissive; ignored")
     })
+}
+
+/// The ports of annotation [`EXCLUDE_INBOUND_PORTS_ANNOTATION`] (`"9100,9101"`, spaces
+/// allowed), sorted, without duplicates; none when the annotation is absent. A value that is
+/// not a port 1-65535, or is 15008 (the mesh's own), rejects the whole annotation.
+pub fn excluded_inbound_ports(
+    annotations: &Option<BTreeMap<String, String>>,
+) -> Result<Vec<u16>, String> {
+    let Some(value) = label(annotations, EXCLUDE_INBOUND_PORTS_ANNOTATION) else {
+        return Ok(Vec::new());
+    };
+    let mut ports = Vec::new();
+    for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        match item.parse::<u16>() {
+            Ok(HBONE_PORT) => {
+                return Err(format!(
+                    "{value:?}: port {HBONE_PORT} carries the mesh's mTLS and cannot be excluded"
+                ));
+            }
+            Ok(port) if port != 0 => ports.push(port),
+            _ => return Err(format!("{value:?}: {item:?} is not a port 1-65535")),
+        }
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    Ok(ports)
 }
 
 /// `spec.serviceAccountName`, else the deprecated `spec.serviceAccount`, else `default`.

@@ -86,6 +86,9 @@ impl Protocol {
     }
 }
 
+/// The port every meshed pod accepts HBONE (mTLS) on; never captured, never excluded.
+pub const HBONE_PORT: u16 = 15008;
+
 /// A meshed pod.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Workload {
@@ -107,6 +110,11 @@ pub struct Workload {
     /// the proxy. Empty when the pod declares none.
     #[serde(default)]
     pub ports: Vec<u16>,
+    /// Ports the operator excluded from inbound capture (annotation
+    /// `mesh.io/exclude-inbound-ports`): the application answers them directly, in STRICT
+    /// mode too. Every other port of a STRICT pod goes through the proxy.
+    #[serde(default)]
+    pub excluded_inbound_ports: Vec<u16>,
 }
 
 /// A port of a service.

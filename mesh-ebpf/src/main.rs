@@ -2,16 +2,24 @@
 //!
 //! - `mesh_connect4` (cgroup/connect4, pod cgroups): captures connections to mesh destinations
 //!   by rewriting them to the proxy's outbound listener on 127.0.0.1 in the pod's own netns.
+//! - `mesh_connect6` (cgroup/connect6, pod cgroups): the same for IPv4-mapped destinations of
+//!   dual-stack sockets (`::ffff:a.b.c.d`, rewritten to `::ffff:127.0.0.1`); refuses native
+//!   IPv6 destinations when egress is denied.
 //! - `mesh_sockops` (sockops, pod and agent cgroups): tracks original destinations by the
 //!   client's address once it has a port, and puts app <-> proxy sockets into a sockhash.
 //! - `mesh_skmsg` (sk_msg on the sockhash): hands each send straight to the peer socket.
 //! - `mesh_getsockopt` (cgroup/getsockopt, agent cgroup): answers `SO_ORIGINAL_DST`.
-//! - `mesh_sk_lookup` (sk_lookup, pod netns): steers inbound TCP for captured application ports
-//!   into the proxy's inbound listener; emits a flow event per connection attempt.
+//! - `mesh_sk_lookup` (sk_lookup, pod netns): steers inbound TCP into the proxy's inbound
+//!   listener (every port of a STRICT pod but its exclusions, the declared ports of a
+//!   PERMISSIVE one); emits a flow event per connection attempt. A STRICT pod whose listener
+//!   is gone (agent down) refuses the connection: it fails closed.
+//! - `mesh_sk_lookup6` (sk_lookup, STRICT pods' netns only): refuses inbound IPv6 TCP, which
+//!   the mesh cannot carry yet.
 //! - `mesh_tc_ingress` (tc ingress, pod interface): per-pod packet and byte counters.
 //!
-//! connect4, getsockopt, sk_msg and sk_lookup fail open: an internal error never breaks the
-//! application's connection, it only bypasses the mesh and is counted.
+//! connect4/6, getsockopt and sk_msg fail open: an internal error never breaks the
+//! application's connection, it only bypasses the mesh and is counted. sk_lookup fails open
+//! for PERMISSIVE pods and closed for STRICT ones.
 #![no_std]
 #![no_main]
 
@@ -32,9 +40,10 @@ use aya_ebpf::{
 };
 use mesh_common::{
     CAPTURE_ENTRIES, CAPTURE_REDIRECT, COUNTER_SLOTS, CaptureRule, Counter, EXCLUDED_PORTS_ENTRIES,
-    FLOWS_BYTES, FlowEvent, FlowVerdict, HBONE_PORT, INBOUND_ENTRIES, InboundKey, LOOPBACK_BE,
-    ORIG_DST_ENTRIES, OrigDst, PODS_ENTRIES, PeerKey, PodCounters, PodEntry, SO_ORIGINAL_DST,
-    SOCKS_ENTRIES, SOL_IP, SockKey,
+    FLOWS_BYTES, FlowEvent, FlowVerdict, HBONE_PORT, INBOUND_ENTRIES, INBOUND_EXCLUDE,
+    INBOUND_STEER, InboundKey, LOOPBACK_BE, ORIG_DST_ENTRIES, OrigDst, POD_FLAG_PERMISSIVE,
+    PODS_ENTRIES, PeerKey, PodCounters, PodEntry, SO_ORIGINAL_DST, SOCKS_ENTRIES, SOL_IP, SockKey,
+    V4_MAPPED_BE,
 };
 
 // === Parameters (read-only, set by the agent at load time) ===
@@ -43,6 +52,8 @@ use mesh_common::{
 static OUTBOUND_PORT: Global<u32> = Global::new(mesh_common::OUTBOUND_PORT as u32);
 #[unsafe(no_mangle)]
 static SKMSG_ENABLED: Global<u32> = Global::new(1);
+#[unsafe(no_mangle)]
+static REFUSE_V6: Global<u32> = Global::new(0);
 
 // === Maps ===
 
@@ -65,8 +76,8 @@ static SOCKS: SockHash<SockKey> = SockHash::pinned(SOCKS_ENTRIES, 0);
 /// The agent writes enrolled pods by IPv4; sk_lookup and tc read.
 #[map(name = "PODS_V1")]
 static PODS: HashMap<u32, PodEntry> = HashMap::pinned(PODS_ENTRIES, 0);
-/// The agent writes captured inbound application ports; sk_lookup reads.
-#[map(name = "INBOUND_V1")]
+/// The agent writes per-pod port rules (`INBOUND_STEER`, `INBOUND_EXCLUDE`); sk_lookup reads.
+#[map(name = "INBOUND_V2")]
 static INBOUND: HashMap<InboundKey, u32> = HashMap::pinned(INBOUND_ENTRIES, 0);
 /// The agent writes each pod's inbound listener (by pod IPv4); sk_lookup reads.
 #[map(name = "LISTENERS_V1")]
@@ -95,6 +106,7 @@ fn add(counter: Counter, n: u64) {
 }
 
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
 const TCP_CLOSE: u32 = 7;
@@ -116,19 +128,39 @@ fn try_connect4(ctx: &SockAddrContext) -> Counter {
     if sa.user_family != AF_INET || sa.type_ != SOCK_STREAM {
         return Counter::Connect4NotTcp4;
     }
-    let ip = sa.user_ip4;
-    let port_be = sa.user_port as u16;
-    let port = u16::from_be(port_be);
+    match capture(ctx, sa.user_ip4, sa.user_port as u16) {
+        Capture::NotCaptured => Counter::Connect4NotCaptured,
+        Capture::ExcludedPort => Counter::Connect4ExcludedPort,
+        Capture::MapFull => Counter::Connect4MapFull,
+        Capture::Recorded => {
+            sa.user_ip4 = LOOPBACK_BE;
+            sa.user_port = (OUTBOUND_PORT.load() as u16).to_be() as u32;
+            Counter::Connect4Redirected
+        }
+    }
+}
 
+enum Capture {
+    NotCaptured,
+    ExcludedPort,
+    MapFull,
+    /// The original destination is recorded: rewrite the connect to the outbound listener.
+    Recorded,
+}
+
+/// Decides whether a connect to `ip`:`port_be` (network order) is captured, and if so records
+/// its original destination under the socket's cookie.
+#[inline(always)]
+fn capture(ctx: &SockAddrContext, ip: u32, port_be: u16) -> Capture {
+    let port = u16::from_be(port_be);
     let key = Key::new(32, ip);
     match CAPTURE.get(&key) {
         Some(rule) if rule.action == CAPTURE_REDIRECT => {}
-        _ => return Counter::Connect4NotCaptured,
+        _ => return Capture::NotCaptured,
     }
     if port == HBONE_PORT || EXCLUDED_PORTS.get_ptr(&(port as u32)).is_some() {
-        return Counter::Connect4ExcludedPort;
+        return Capture::ExcludedPort;
     }
-
     // SAFETY: bpf_get_socket_cookie is allowed for sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let orig = OrigDst {
@@ -138,11 +170,56 @@ fn try_connect4(ctx: &SockAddrContext) -> Counter {
     };
     if ORIG_DST.insert(&cookie, &orig, 0).is_err() {
         // Fail open: without the original destination the proxy could not forward.
-        return Counter::Connect4MapFull;
+        return Capture::MapFull;
     }
-    sa.user_ip4 = LOOPBACK_BE;
-    sa.user_port = (OUTBOUND_PORT.load() as u16).to_be() as u32;
-    Counter::Connect4Redirected
+    Capture::Recorded
+}
+
+// === connect6 ===
+
+/// Verdict 1 (proceed, rewritten or not) except for a native IPv6 destination while egress
+/// is denied: 0, the application's connect fails with EPERM.
+#[cgroup_sock_addr(connect6)]
+pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
+    let counter = try_connect6(&ctx);
+    count(counter);
+    if counter == Counter::Connect6RefusedNative {
+        0
+    } else {
+        1
+    }
+}
+
+fn try_connect6(ctx: &SockAddrContext) -> Counter {
+    // SAFETY: the context pointer is valid for the program's run; fields read and written are
+    // the ones the verifier allows for connect6.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.user_family != AF_INET6 || sa.type_ != SOCK_STREAM {
+        return Counter::Connect6NotTcp;
+    }
+    // 32-bit loads: the verifier allows no other width on user_ip6.
+    let w0 = sa.user_ip6[0];
+    let w1 = sa.user_ip6[1];
+    let w2 = sa.user_ip6[2];
+    let w3 = sa.user_ip6[3];
+    if w0 == 0 && w1 == 0 && w2 == V4_MAPPED_BE {
+        // A dual-stack socket reaching an IPv4 destination: captured exactly like connect4.
+        return match capture(ctx, w3, sa.user_port as u16) {
+            Capture::NotCaptured => Counter::Connect6NotCaptured,
+            Capture::ExcludedPort => Counter::Connect6ExcludedPort,
+            Capture::MapFull => Counter::Connect6MapFull,
+            Capture::Recorded => {
+                sa.user_ip6[3] = LOOPBACK_BE;
+                sa.user_port = (OUTBOUND_PORT.load() as u16).to_be() as u32;
+                Counter::Connect6Redirected
+            }
+        };
+    }
+    let loopback = w0 == 0 && w1 == 0 && w2 == 0 && w3 == u32::from_ne_bytes([0, 0, 0, 1]);
+    if !loopback && REFUSE_V6.load() != 0 {
+        return Counter::Connect6RefusedNative;
+    }
+    Counter::Connect6NotCaptured
 }
 
 // === sockops ===
@@ -157,7 +234,12 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
 }
 
 fn try_sockops(ctx: &SockOpsContext) -> Option<Counter> {
-    if ctx.family() != AF_INET {
+    // AF_INET6: a dual-stack client captured by connect6 (to ::ffff:127.0.0.1); its IPv4 view
+    // (local_ip4, remote_ip4) is what the proxy's AF_INET socket sees. Only the active side
+    // can be such a socket: the proxy's listeners are AF_INET.
+    let family = ctx.family();
+    if family != AF_INET && !(family == AF_INET6 && ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+    {
         return None;
     }
     let outbound_port = OUTBOUND_PORT.load();
@@ -331,39 +413,44 @@ fn try_getsockopt(ctx: &SockoptContext) -> Option<Counter> {
 
 // === sk_lookup ===
 
-/// Verdict SK_PASS always: either with the proxy's listener selected or without selection, in
-/// which case the kernel's normal lookup runs.
+/// Verdict SK_PASS with the proxy's listener selected, or without selection (the kernel's
+/// normal lookup runs); SK_DROP (the client gets a reset) for a STRICT pod whose listener is
+/// missing.
 #[sk_lookup]
 pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
-    if let Some(counter) = try_sk_lookup(&ctx) {
+    let (counter, verdict) = try_sk_lookup(&ctx);
+    if let Some(counter) = counter {
         count(counter);
     }
-    sk_action::SK_PASS
+    verdict
 }
 
-fn try_sk_lookup(ctx: &SkLookupContext) -> Option<Counter> {
+fn try_sk_lookup(ctx: &SkLookupContext) -> (Option<Counter>, u32) {
+    let pass = (None, sk_action::SK_PASS);
     // SAFETY: the context pointer is valid for the program's run.
     let lk = unsafe { &*ctx.lookup };
     if lk.family != AF_INET || lk.protocol != IPPROTO_TCP {
-        return None;
+        return pass;
     }
     let local_ip = lk.local_ip4;
     let remote_ip = lk.remote_ip4;
     // Only connections to an enrolled pod, and not the proxy's own connections to its app.
-    PODS.get_ptr(&local_ip)?;
+    // SAFETY: the pointer returned by the map lookup is valid during this run.
+    let Some(flags) = PODS.get_ptr(&local_ip).map(|p| unsafe { (*p).flags }) else {
+        return pass;
+    };
     if remote_ip == local_ip || remote_ip == LOOPBACK_BE {
-        return None;
+        return pass;
     }
+    let strict = flags & POD_FLAG_PERMISSIVE == 0;
     let port = lk.local_port;
+    let mut action = sk_action::SK_PASS;
     let verdict;
     let counter;
     if port == HBONE_PORT as u32 {
         verdict = FlowVerdict::Mesh;
         counter = None;
-    } else if INBOUND
-        .get_ptr(&InboundKey { ip: local_ip, port })
-        .is_none()
-    {
+    } else if !steered(local_ip, port, strict) {
         verdict = FlowVerdict::Passthrough;
         counter = None;
     } else {
@@ -371,6 +458,16 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Option<Counter> {
             Ok(()) => {
                 verdict = FlowVerdict::Steered;
                 counter = Some(Counter::SkLookupSteered);
+            }
+            Err(e) if strict => {
+                // Fail closed: nothing may answer a STRICT pod's port but the proxy.
+                verdict = FlowVerdict::Refused;
+                counter = Some(if e == -ENOENT {
+                    Counter::SkLookupRefusedNoListener
+                } else {
+                    Counter::SkLookupAssignError
+                });
+                action = sk_action::SK_DROP;
             }
             Err(e) if e == -ENOENT => {
                 verdict = FlowVerdict::NoListener;
@@ -394,7 +491,52 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Option<Counter> {
     if FLOWS.output::<FlowEvent>(&event, 0).is_err() {
         count(Counter::FlowEventDropped);
     }
-    counter
+    (counter, action)
+}
+
+/// Whether inbound TCP to `port` of the pod at `ip` goes to the proxy: every port of a STRICT
+/// pod but the excluded ones; the declared ports of a PERMISSIVE pod.
+#[inline(always)]
+fn steered(ip: u32, port: u32, strict: bool) -> bool {
+    // SAFETY: the pointer returned by the map lookup is valid during this run.
+    match INBOUND
+        .get_ptr(&InboundKey { ip, port })
+        .map(|v| unsafe { *v })
+    {
+        Some(INBOUND_EXCLUDE) => false,
+        Some(INBOUND_STEER) => true,
+        _ => strict,
+    }
+}
+
+/// Attached to STRICT pods' network namespaces only. Verdict SK_DROP for inbound IPv6 TCP from
+/// outside the pod (the mesh carries IPv4 only: plaintext over IPv6 would reach the
+/// application unchecked); SK_PASS without selection for the rest.
+#[sk_lookup]
+pub fn mesh_sk_lookup6(ctx: SkLookupContext) -> u32 {
+    // SAFETY: the context pointer is valid for the program's run.
+    let lk = unsafe { &*ctx.lookup };
+    if lk.family != AF_INET6 || lk.protocol != IPPROTO_TCP {
+        return sk_action::SK_PASS;
+    }
+    // Word by word: 32-bit context loads only, and no memcmp.
+    let (r0, r1, r2, r3) = (
+        lk.remote_ip6[0],
+        lk.remote_ip6[1],
+        lk.remote_ip6[2],
+        lk.remote_ip6[3],
+    );
+    let loopback = r0 == 0 && r1 == 0 && r2 == 0 && r3 == u32::from_ne_bytes([0, 0, 0, 1]);
+    let to_itself = r0 == lk.local_ip6[0]
+        && r1 == lk.local_ip6[1]
+        && r2 == lk.local_ip6[2]
+        && r3 == lk.local_ip6[3];
+    // The pod's own connections (to ::1 or to itself) stay inside it.
+    if loopback || to_itself {
+        return sk_action::SK_PASS;
+    }
+    count(Counter::SkLookupRefusedIpv6);
+    sk_action::SK_DROP
 }
 
 // === tc ingress ===

@@ -81,6 +81,9 @@ pub struct PodSpec {
     /// is steered to the node proxy, which applies the pod's TLS mode and policy.
     #[serde(default)]
     pub ports: Vec<u16>,
+    /// More annotations of the Pod object (e.g. `mesh.io/exclude-inbound-ports`).
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
     /// The command the pod runs (program and arguments). `{pod}` and `{ip}` are replaced by
     /// the pod's name and address. Empty: the pod runs nothing (a client shell).
     #[serde(default)]
@@ -698,7 +701,7 @@ metadata:
     mesh.io/tls-mode: {mode}
     mesh.io/cgroup: {cgroup}
     mesh.io/netns: {netns}
-spec:
+{annotations}spec:
   nodeName: {node}
   serviceAccountName: {sa}
   containers:
@@ -720,6 +723,12 @@ spec:
                     labels
                 },
                 mode = p.spec.tls_mode.as_deref().unwrap_or("strict"),
+                annotations = p
+                    .spec
+                    .annotations
+                    .iter()
+                    .map(|(k, v)| format!("    {k}: {}\n", yaml_str(v)))
+                    .collect::<String>(),
                 cgroup = p.cgroup.display(),
                 netns = p.netns_path().display(),
                 node = p.node,

@@ -321,6 +321,7 @@ fn a_pod_added_while_the_mesh_runs_joins_its_service_and_leaves_it_when_removed(
         labels: [("app".to_string(), "echo".to_string())].into(),
         tls_mode: None,
         ports: vec![9000],
+        annotations: Default::default(),
         run: [
             "mesh-demo",
             "tcp-echo",

@@ -2,7 +2,7 @@
 //!
 //! Topology per test: a client pod (its own netns + cgroup, interface eth0 at 10.77.0.2) joined
 //! by a veth pair to a "remote" netns at 10.77.0.1; an agent process in its own cgroup.
-use std::{net::Ipv4Addr, path::Path};
+use std::{net::Ipv4Addr, path::Path, time::Duration};
 
 use mesh_common::{Counter, FlowVerdict};
 use mesh_tests::{Agent, Cgroup, Netns, Sink, instance, link, privileged, probe, send_from};
@@ -189,29 +189,37 @@ fn other_cgroups_and_uncaptured_destinations_are_not_touched() {
 }
 
 #[test]
-fn inbound_steering_of_captured_ports_only() {
-    if !privileged("inbound_steering_of_captured_ports_only") {
+fn inbound_steering_covers_every_port_of_a_strict_pod_but_its_exclusions() {
+    if !privileged("inbound_steering_covers_every_port_of_a_strict_pod_but_its_exclusions") {
         return;
     }
     let w = world();
-    // The pod's applications: a captured port, an uncaptured one, and the HBONE port.
+    // The pod's applications: a declared port, an undeclared one, an excluded one, and the
+    // HBONE port.
     let app = Sink::start(&w.pod, &format!("{POD_IP}:8080"));
-    let plain = Sink::start(&w.pod, &format!("{POD_IP}:9090"));
+    let undeclared = Sink::start(&w.pod, &format!("{POD_IP}:9090"));
+    let excluded = Sink::start(&w.pod, &format!("{POD_IP}:9100"));
     let hbone = Sink::start(&w.pod, &format!("{POD_IP}:15008"));
-    let agent = Agent::start(Path::new(AGENT), &instance("in"), &agent_args(&w, &[]));
+    let args = vec![
+        "--capture=10.77.0.0/24".to_string(),
+        pod_arg(&w, ",inbound=8080,exclude=9100"),
+    ];
+    let agent = Agent::start(Path::new(AGENT), &instance("in"), &args);
     // Drain events of the agent's own start.
     mesh_agent::ebpf::drain_flows(&agent.pin_dir()).expect("drain");
 
     let remote: Ipv4Addr = REMOTE_IP.parse().expect("ip");
-    let reply = send_from(&w.remote, &app.addr.to_string(), 5000);
-    let saw = mesh_tests::reply_peer(&reply);
-    assert_eq!(
-        saw.ip().to_string(),
-        POD_IP,
-        "captured port reached the app directly: {reply}"
-    );
-    assert!(reply.contains("len=5000"), "{reply}");
-    for s in [&plain, &hbone] {
+    for s in [&app, &undeclared] {
+        let reply = send_from(&w.remote, &s.addr.to_string(), 5000);
+        assert_eq!(
+            mesh_tests::reply_peer(&reply).ip().to_string(),
+            POD_IP,
+            "port {} of a STRICT pod reached the app directly: {reply}",
+            s.addr
+        );
+        assert!(reply.contains("len=5000"), "{reply}");
+    }
+    for s in [&excluded, &hbone] {
         let reply = send_from(&w.remote, &s.addr.to_string(), 10);
         assert_eq!(
             mesh_tests::reply_peer(&reply).ip(),
@@ -220,7 +228,7 @@ fn inbound_steering_of_captured_ports_only() {
             s.addr
         );
     }
-    assert_eq!(counter(&agent, Counter::SkLookupSteered), 1);
+    assert_eq!(counter(&agent, Counter::SkLookupSteered), 2);
 
     let flows = mesh_agent::ebpf::drain_flows(&agent.pin_dir()).expect("drain flows");
     let verdicts: Vec<(u16, Option<FlowVerdict>)> = flows
@@ -232,7 +240,8 @@ fn inbound_steering_of_captured_ports_only() {
         verdicts,
         vec![
             (8080, Some(FlowVerdict::Steered)),
-            (9090, Some(FlowVerdict::Passthrough)),
+            (9090, Some(FlowVerdict::Steered)),
+            (9100, Some(FlowVerdict::Passthrough)),
             (15008, Some(FlowVerdict::Mesh)),
         ]
     );
@@ -376,6 +385,9 @@ fn enrolling_bad_input_fails_clearly_and_changes_nothing() {
     let inst = instance("bad");
     let mut cfg = mesh_agent::config::DatapathConfig::new(&inst).expect("config");
     cfg.capture = vec!["10.77.0.0/24".parse().expect("cidr")];
+    // A cap above the node-wide map's size, so that the map itself can be filled below.
+    let map_size = mesh_common::INBOUND_ENTRIES as usize;
+    cfg.max_inbound_ports = map_size + 1;
     let pin_dir = cfg.pin_dir();
     let _cleanup = PinCleanup(pin_dir.clone());
     let mut dp = mesh_agent::ebpf::Datapath::load(cfg).expect("load datapath");
@@ -438,6 +450,28 @@ fn enrolling_bad_input_fails_clearly_and_changes_nothing() {
         0
     );
 
+    // More inbound entries than the per-pod cap: refused before the kernel is touched.
+    let mut greedy = good.clone();
+    greedy.excluded_inbound_ports = (1..=map_size as u16 + 2).collect();
+    let err = dp.enroll(&greedy).err().expect("over the cap").to_string();
+    assert!(
+        err.contains(&format!("{} inbound port entries", map_size + 2))
+            && err.contains("--max-inbound-ports-per-pod"),
+        "{err}"
+    );
+    // Within the cap but more than the node-wide map holds: refused loudly, nothing left.
+    greedy.excluded_inbound_ports.pop();
+    let err = dp.enroll(&greedy).err().expect("map full");
+    assert_eq!(err.kind(), "map_full", "{err}");
+    assert!(err.to_string().contains("INBOUND_V2 is full"), "{err}");
+    assert!(
+        dp.maps()
+            .entries_for(POD_IP.parse().expect("ip"))
+            .expect("scan")
+            .is_empty(),
+        "a refused pod left entries"
+    );
+
     // And the good spec still enrolls, twice (idempotent), and unenrolls.
     dp.enroll(&good).expect("enroll");
     dp.enroll(&good).expect("enroll again");
@@ -452,6 +486,209 @@ fn enrolling_bad_input_fails_clearly_and_changes_nothing() {
             .expect("scan")
             .is_empty()
     );
+}
+
+/// Connects from inside `netns`, sends `bytes`, returns the reply line, or why it failed.
+fn try_send_from(netns: &mesh_tests::Netns, addr: &str, bytes: usize) -> std::io::Result<String> {
+    use std::io::{BufRead, Write};
+    let addr: std::net::SocketAddr = addr.parse().expect("address");
+    netns.run(move || {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(&vec![7u8; bytes])?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut line = String::new();
+        std::io::BufReader::new(s).read_line(&mut line)?;
+        Ok(line.trim().to_string())
+    })
+}
+
+#[test]
+fn a_strict_pod_fails_closed_while_the_agent_is_down_and_a_permissive_one_open() {
+    if !privileged("a_strict_pod_fails_closed_while_the_agent_is_down_and_a_permissive_one_open") {
+        return;
+    }
+    let strict = world();
+    let permissive = Netns::new("q");
+    link(
+        &permissive,
+        "eth0",
+        "10.77.1.2",
+        &strict.remote,
+        "eth1",
+        "10.77.1.1",
+    );
+    let permissive_cg = mesh_tests::Cgroup::new("perm");
+    let app = Sink::start(&strict.pod, &format!("{POD_IP}:8080"));
+    let undeclared = Sink::start(&strict.pod, &format!("{POD_IP}:9090"));
+    let excluded = Sink::start(&strict.pod, &format!("{POD_IP}:9100"));
+    let perm_app = Sink::start(&permissive, "10.77.1.2:8080");
+    let args = vec![
+        "--capture=10.77.0.0/16".to_string(),
+        pod_arg(&strict, ",inbound=8080,exclude=9100"),
+        format!(
+            "--pod=name=default/perm,cgroup={},netns={},ip=10.77.1.2,inbound=8080,mode=permissive",
+            permissive_cg.path.display(),
+            permissive.path.display()
+        ),
+    ];
+    let mut agent = Agent::start(Path::new(AGENT), &instance("down"), &args);
+    let steered = |addr: &str| {
+        let reply = try_send_from(&strict.remote, addr, 100).expect("served while up");
+        mesh_tests::reply_peer(&reply).ip().to_string()
+    };
+    assert_eq!(steered(&app.addr.to_string()), POD_IP);
+    assert_eq!(steered(&perm_app.addr.to_string()), "10.77.1.2");
+    mesh_agent::ebpf::drain_flows(&agent.pin_dir()).expect("drain");
+
+    agent.kill();
+    // STRICT: nothing answers but the proxy, and the proxy is gone.
+    for s in [&app, &undeclared] {
+        let r = try_send_from(&strict.remote, &s.addr.to_string(), 100);
+        let e = r.expect_err("a STRICT pod answered plaintext while the agent was down");
+        assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionRefused,
+            "{}: {e}",
+            s.addr
+        );
+    }
+    // The excluded port is the application's own, agent or not.
+    let reply = try_send_from(&strict.remote, &excluded.addr.to_string(), 10).expect("excluded");
+    assert_eq!(mesh_tests::reply_peer(&reply).ip().to_string(), REMOTE_IP);
+    // PERMISSIVE fails open: the application answers directly.
+    let reply = try_send_from(&strict.remote, &perm_app.addr.to_string(), 10)
+        .expect("a PERMISSIVE pod fails open");
+    assert_eq!(mesh_tests::reply_peer(&reply).ip().to_string(), "10.77.1.1");
+
+    let maps = mesh_agent::ebpf::Maps::open(&agent.pin_dir()).expect("maps");
+    assert_eq!(
+        maps.counter(Counter::SkLookupRefusedNoListener)
+            .expect("counter"),
+        2
+    );
+    let verdicts: Vec<(u16, Option<FlowVerdict>)> = mesh_agent::ebpf::drain_flows(&agent.pin_dir())
+        .expect("drain flows")
+        .iter()
+        .map(|e| (e.dst_port, FlowVerdict::from_u32(e.verdict)))
+        .collect();
+    assert_eq!(
+        verdicts,
+        vec![
+            (8080, Some(FlowVerdict::Refused)),
+            (9090, Some(FlowVerdict::Refused)),
+            (9100, Some(FlowVerdict::Passthrough)),
+            (8080, Some(FlowVerdict::NoListener)),
+        ]
+    );
+
+    // The window: from the restarted agent's start until the pod is served again.
+    let started = std::time::Instant::now();
+    let agent = agent.kill_and_restart(&args);
+    let ready = started.elapsed();
+    let served = loop {
+        if let Ok(reply) = try_send_from(&strict.remote, &app.addr.to_string(), 100) {
+            assert_eq!(mesh_tests::reply_peer(&reply).ip().to_string(), POD_IP);
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "never served again"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    eprintln!(
+        "fail-closed window after restart (datapath only, no controller): agent READY after \
+         {ready:?}, STRICT pod served again after {served:?}"
+    );
+    drop(agent);
+}
+
+#[test]
+fn strict_pods_refuse_inbound_ipv6_and_dual_stack_sockets_are_captured() {
+    if !privileged("strict_pods_refuse_inbound_ipv6_and_dual_stack_sockets_are_captured") {
+        return;
+    }
+    let w = world();
+    for (ns, addr) in [(&w.pod, "fd77::2/64"), (&w.remote, "fd77::1/64")] {
+        mesh_tests::sh(&[
+            "ip", "-n", &ns.name, "-6", "addr", "add", addr, "dev", "eth0", "nodad",
+        ]);
+    }
+    // A dual-stack application listening on every address.
+    let app = Sink::start(&w.pod, "[::]:8080");
+    let sink = Sink::start(&w.remote, &format!("{REMOTE_IP}:9000"));
+    let agent = Agent::start(Path::new(AGENT), &instance("v6"), &agent_args(&w, &[]));
+
+    // Inbound IPv6 to a STRICT pod: refused, never answered by the application.
+    let e = try_send_from(&w.remote, "[fd77::2]:8080", 10)
+        .expect_err("IPv6 plaintext reached a STRICT pod");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    assert_eq!(counter(&agent, Counter::SkLookupRefusedIpv6), 1);
+    // The same port over IPv4 is steered; the pod's own IPv6 loopback stays its own.
+    let reply = try_send_from(&w.remote, &format!("{POD_IP}:8080"), 10).expect("IPv4");
+    // The dual-stack application sees IPv4 peers as IPv4-mapped addresses.
+    assert_eq!(
+        mesh_tests::reply_peer(&reply)
+            .ip()
+            .to_canonical()
+            .to_string(),
+        POD_IP
+    );
+    try_send_from(&w.pod, "[::1]:8080", 10).expect("in-pod ::1");
+    assert!(app.peers.lock().expect("peers").len() >= 2);
+
+    // A dual-stack socket to an IPv4-mapped captured destination is captured like IPv4.
+    let mapped = format!("[::ffff:{REMOTE_IP}]:9000");
+    let r = probe(Path::new(PROBE), &w.pod_cg, &w.pod, &mapped, 100_000);
+    assert_eq!(
+        r.local.ip().to_string(),
+        "::ffff:127.0.0.1",
+        "the mapped destination was not captured: {r:?}"
+    );
+    assert!(r.intact(), "{r:?}");
+    assert_eq!(counter(&agent, Counter::Connect6Redirected), 1);
+    assert_eq!(sink.peers.lock().expect("peers").len(), 1);
+}
+
+#[test]
+fn connections_to_the_proxy_s_own_ports_are_refused_and_do_not_loop() {
+    if !privileged("connections_to_the_proxy_s_own_ports_are_refused_and_do_not_loop") {
+        return;
+    }
+    let w = world();
+    let agent = Agent::start(Path::new(AGENT), &instance("loop"), &agent_args(&w, &[]));
+    let pid = agent.child.as_ref().expect("running").id();
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("agent fds")
+            .count()
+    };
+    let before = fds();
+    for _ in 0..20 {
+        for port in [15006, 15001] {
+            let started = std::time::Instant::now();
+            let r = try_send_from(&w.pod, &format!("127.0.0.1:{port}"), 10);
+            assert!(
+                r.as_ref().map_or(true, |line| line.is_empty()),
+                "127.0.0.1:{port} answered {r:?}"
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "127.0.0.1:{port} was not refused at once"
+            );
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let after = fds();
+    assert!(
+        after <= before + 5,
+        "the agent's descriptors grew from {before} to {after}"
+    );
+    // The agent still serves.
+    let app = Sink::start(&w.pod, &format!("{POD_IP}:8080"));
+    let reply = try_send_from(&w.remote, &app.addr.to_string(), 10).expect("still served");
+    assert_eq!(mesh_tests::reply_peer(&reply).ip().to_string(), POD_IP);
 }
 
 struct PinCleanup(std::path::PathBuf);

@@ -7,6 +7,8 @@
 mod common;
 #[path = "hostile/control.rs"]
 mod control;
+#[path = "hostile/datapath.rs"]
+mod datapath;
 #[path = "hostile/l7.rs"]
 mod l7;
 #[path = "hostile/revoke.rs"]

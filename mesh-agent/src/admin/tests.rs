@@ -190,6 +190,7 @@ fn shop() -> NodeSnapshot {
         cgroup: None,
         netns: None,
         ports: vec![8080],
+        excluded_inbound_ports: vec![],
     };
     let policy = InboundPolicy {
         workload: web.clone(),

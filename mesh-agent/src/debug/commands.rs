@@ -171,7 +171,14 @@ pub fn pods(admin: SocketAddr, pod: Option<&str>, json: bool) -> Result<u8> {
             p.kernel
                 .as_ref()
                 .map_or_else(|| "-".into(), |k| render::bytes(k.rx_bytes)),
-            if p.kernel.is_some() { "yes" } else { "MISSING" }.into(),
+            if p.enroll_error.is_some() {
+                "FAILED"
+            } else if p.kernel.is_some() {
+                "yes"
+            } else {
+                "MISSING"
+            }
+            .into(),
         ]);
     }
     if t.is_empty() {
@@ -198,6 +205,7 @@ fn pod_text(p: &PodView) -> String {
         ("identity", or_dash(p.identity.as_ref())),
         ("service account", or_dash(p.service_account.as_ref())),
         ("inbound ports", ports(&p.inbound_ports)),
+        ("excluded ports", ports(&p.excluded_inbound_ports)),
         ("cgroup", p.cgroup.clone()),
         ("netns", p.netns.clone()),
         ("interface", p.iface.clone()),
@@ -209,6 +217,9 @@ fn pod_text(p: &PodView) -> String {
             ),
         ),
     ];
+    if let Some(e) = &p.enroll_error {
+        pairs.push(("enrollment", format!("FAILED (retrying): {e}")));
+    }
     match (&p.kernel, &p.kernel_error) {
         (Some(k), _) => {
             pairs.push(("cgroup id", k.cgroup_id.to_string()));

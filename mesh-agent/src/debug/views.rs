@@ -29,8 +29,14 @@ pub struct PodView {
     pub ip: Ipv4Addr,
     /// STRICT or PERMISSIVE, as enrolled.
     pub mode: String,
-    /// Application ports whose inbound TCP is steered to the proxy.
+    /// Declared application ports (a STRICT pod's every port is steered but the excluded).
     pub inbound_ports: Vec<u16>,
+    /// Ports excluded from inbound capture.
+    #[serde(default)]
+    pub excluded_inbound_ports: Vec<u16>,
+    /// Why the agent could not enroll the pod (it retries); `None` when it did.
+    #[serde(default)]
+    pub enroll_error: Option<String>,
     pub iface: String,
     pub cgroup: String,
     pub netns: String,
@@ -94,6 +100,8 @@ pub fn pods(state: &AdminState) -> Vec<PodView> {
                 ip: p.ip,
                 mode: mode_name(p.mode).into(),
                 inbound_ports: p.inbound_ports.clone(),
+                excluded_inbound_ports: p.excluded_inbound_ports.clone(),
+                enroll_error: state.enroll_failures.get(&p.name),
                 iface: p.iface.clone(),
                 cgroup: p.cgroup.display().to_string(),
                 netns: p.netns.display().to_string(),

@@ -37,6 +37,7 @@ fn config(tls_mode: TlsMode, traffic: TrafficPolicyMode) -> NodeSnapshot {
         cgroup: None,
         netns: None,
         ports: vec![],
+        excluded_inbound_ports: vec![],
     };
     let policy = InboundPolicy {
         workload: pod(),
@@ -312,6 +313,7 @@ async fn plaintext_is_carried_and_counted_or_refused_by_the_tls_mode() {
     let serve = |mode: TlsMode| {
         let handler = Arc::new(PlaintextInbound {
             pod: pod(),
+            ip: POD_IP,
             store: crate::state::holding(&config(mode, TrafficPolicyMode::Permissive)),
             dial: Arc::new(move |_| Box::pin(TcpStream::connect(app_addr))),
             telemetry: telemetry.clone(),
@@ -375,5 +377,33 @@ async fn plaintext_is_carried_and_counted_or_refused_by_the_tls_mode() {
         sample(&text, "mesh_tcp_connections_denied_total", &denied),
         1,
         "{text}"
+    );
+}
+
+#[test]
+fn a_connection_made_to_the_inbound_listener_itself_has_no_destination() {
+    let pod_ip = Ipv4Addr::new(10, 244, 1, 10);
+    let steered: SocketAddr = "10.244.1.10:9999".parse().expect("addr");
+    assert_eq!(
+        steered_destination(Some(steered), pod_ip)
+            .expect("steered")
+            .to_string(),
+        "10.244.1.10:9999"
+    );
+    for local in ["127.0.0.1:15006", "127.0.0.53:15006", "10.244.1.11:9999"] {
+        let e = steered_destination(Some(local.parse().expect("addr")), pod_ip).expect_err(local);
+        assert_eq!(e.kind(), "not_steered", "{local}");
+        assert!(e.to_string().contains(local), "{e}");
+    }
+    let v6: SocketAddr = "[::1]:15006".parse().expect("addr");
+    assert_eq!(
+        steered_destination(Some(v6), pod_ip)
+            .expect_err("v6")
+            .kind(),
+        "not_ipv4"
+    );
+    assert_eq!(
+        steered_destination(None, pod_ip).expect_err("none").kind(),
+        "not_ipv4"
     );
 }

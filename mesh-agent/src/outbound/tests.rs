@@ -40,6 +40,7 @@ fn workload(name: &str, sa: &str, ip: Ipv4Addr, node: &str) -> Workload {
         cgroup: None,
         netns: None,
         ports: vec![],
+        excluded_inbound_ports: vec![],
     }
 }
 

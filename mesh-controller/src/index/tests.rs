@@ -219,6 +219,62 @@ fn tls_mode_pod_wins_over_namespace() {
 }
 
 #[test]
+fn excluded_inbound_ports_come_from_the_annotation_and_a_bad_value_excludes_nothing() {
+    let mut index = Index::new();
+    load(&mut index, NAMESPACES);
+    let good = "  annotations: {mesh.io/exclude-inbound-ports: \"9101, 9100,9101\"}\n";
+    let bad = [
+        "  annotations: {mesh.io/exclude-inbound-ports: \"9100,metrics\"}\n",
+        "  annotations: {mesh.io/exclude-inbound-ports: \"70000\"}\n",
+        "  annotations: {mesh.io/exclude-inbound-ports: \"0\"}\n",
+        "  annotations: {mesh.io/exclude-inbound-ports: \"9100,15008\"}\n",
+    ];
+    load(
+        &mut index,
+        &pod("meshed", "good", good, Some("n1"), Some("10.0.0.1")),
+    );
+    load(
+        &mut index,
+        &pod("meshed", "none", "", Some("n1"), Some("10.0.0.2")),
+    );
+    for (i, meta) in bad.iter().enumerate() {
+        let name = format!("bad{i}");
+        let ip = format!("10.0.0.{}", 10 + i);
+        load(
+            &mut index,
+            &pod("meshed", &name, meta, Some("n1"), Some(&ip)),
+        );
+    }
+    let excluded = |name: &str| {
+        index
+            .workload(&nn("meshed", name), &td())
+            .expect("still a workload")
+            .excluded_inbound_ports
+    };
+    assert_eq!(excluded("good"), [9100, 9101]);
+    assert!(excluded("none").is_empty());
+    for i in 0..bad.len() {
+        assert!(
+            excluded(&format!("bad{i}")).is_empty(),
+            "a bad annotation excludes nothing: every port stays covered"
+        );
+    }
+    index.revalidate();
+    let reasons: Vec<String> = index.rejections().into_iter().map(|r| r.reason).collect();
+    assert_eq!(reasons.len(), bad.len(), "{reasons:?}");
+    for r in &reasons {
+        assert!(r.contains("mesh.io/exclude-inbound-ports"), "{r}");
+        assert!(r.contains("no port is excluded"), "{r}");
+    }
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("\"metrics\" is not a port"))
+    );
+    assert!(reasons.iter().any(|r| r.contains("15008")));
+}
+
+#[test]
 fn pod_on_node_checks_namespace_service_account_and_node() {
     let mut index = Index::new();
     load(&mut index, NAMESPACES);

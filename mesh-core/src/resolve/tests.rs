@@ -367,6 +367,7 @@ fn meshed_pod_ip_goes_to_that_pod_on_the_same_port() {
             cgroup: None,
             netns: None,
             ports: vec![],
+            excluded_inbound_ports: vec![],
         },
     );
     let r = Resolver::new(&snap);

@@ -232,6 +232,7 @@ fn pod(name: &str, mesh: bool, server: Option<&PathBuf>) -> PodSpec {
         } else {
             vec![]
         },
+        annotations: BTreeMap::new(),
         run: server.map_or_else(Vec::new, |exe| {
             vec![
                 exe.display().to_string(),

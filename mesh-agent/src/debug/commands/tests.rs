@@ -69,6 +69,8 @@ fn pods_are_picked_by_full_or_unique_short_name() {
         ip: [10, 0, 0, 1].into(),
         mode: "STRICT".into(),
         inbound_ports: vec![],
+        excluded_inbound_ports: vec![],
+        enroll_error: None,
         iface: "eth0".into(),
         cgroup: String::new(),
         netns: String::new(),

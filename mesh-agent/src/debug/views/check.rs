@@ -480,6 +480,7 @@ mod tests {
             cgroup: None,
             netns: None,
             ports: vec![8080],
+            excluded_inbound_ports: vec![],
         };
         let policy = InboundPolicy {
             workload: name("web-0"),
