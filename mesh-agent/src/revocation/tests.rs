@@ -53,6 +53,7 @@ fn config(tls_mode: TlsMode, traffic: TrafficPolicyMode, rules: Vec<Rule>) -> No
         cgroup: None,
         netns: None,
         ports: vec![],
+        excluded_inbound_ports: vec![],
     };
     let policy = InboundPolicy {
         workload: pod(),
@@ -399,6 +400,7 @@ async fn plaintext_connections_close_when_the_pod_turns_strict() {
     tokio::spawn(watch(store.clone(), telemetry.clone()));
     let handler = Arc::new(PlaintextInbound {
         pod: pod(),
+        ip: POD_IP,
         store: store.clone(),
         dial: Arc::new(move |_| Box::pin(TcpStream::connect(app))),
         telemetry: telemetry.clone(),

@@ -63,6 +63,7 @@ fn evil_pod(name: &str, service_account: &str, run: &[&str]) -> PodSpec {
         tls_mode: None,
         ports: if run.is_empty() { vec![] } else { vec![9000] },
         run: run.iter().map(|s| s.to_string()).collect(),
+        annotations: Default::default(),
     }
 }
 
