@@ -652,18 +652,17 @@ impl PlaintextInbound {
         };
         meta.admission = Some(admission.clone());
         let authority = SocketAddr::V4(dst);
+        let mut conn = Metered::new(conn, self.telemetry.open(meta.clone()), Side::Source);
+        confirm(
+            &self.store,
+            &config,
+            conn.guard_mut(),
+            &self.pod,
+            authority,
+            &admission,
+        )
+        .map_err(PlaintextError::Refused)?;
         if l7 {
-            let mut conn = Metered::new(conn, self.telemetry.open(meta.clone()), Side::Source);
-            let guard = conn.guard_mut();
-            confirm(
-                &self.store,
-                &config,
-                guard,
-                &self.pod,
-                authority,
-                &admission,
-            )
-            .map_err(PlaintextError::Refused)?;
             let http = InboundHttp::new(
                 self.pod.clone(),
                 self.store.clone(),
@@ -677,17 +676,6 @@ impl PlaintextInbound {
             http.serve(conn, self.idle_timeout).await;
             return Ok((0, 0));
         }
-        let mut conn = Metered::new(conn, self.telemetry.open(meta), Side::Source);
-        let guard = conn.guard_mut();
-        confirm(
-            &self.store,
-            &config,
-            guard,
-            &self.pod,
-            authority,
-            &admission,
-        )
-        .map_err(PlaintextError::Refused)?;
         let mut app = match (self.dial)(dst).await {
             Ok(app) => app,
             Err(source) => {

@@ -110,7 +110,9 @@ pub fn normalize<'a>(
 }
 
 /// [`normalize`] on raw bytes (an HTTP/2 `:path` or a request line as received). Bytes above
-/// 0x7F pass through unchanged; the result is UTF-8 exactly when the input is.
+/// 0x7F pass through unchanged; the result of UTF-8 input is UTF-8 (segments are split on `/`
+/// only, so no character is cut). The converse does not hold: a dot segment may remove the
+/// only invalid bytes, as in `/a/\xFF/../b`.
 pub fn normalize_bytes<'a>(
     path: &'a [u8],
     settings: &PathNormalization,

@@ -320,3 +320,18 @@ fn the_shortcut_for_normal_paths_agrees_with_the_full_steps() {
         "too few normal paths generated: {shortcut}"
     );
 }
+
+/// Found by the `http_path` fuzz target: a segment of invalid UTF-8 removed by `..` leaves a
+/// UTF-8 path; UTF-8 input always gives UTF-8 output.
+#[test]
+fn a_dot_segment_may_remove_invalid_bytes_and_utf8_stays_utf8() {
+    let settings = PathNormalization::default();
+    let input = b"/a/b/c/./..\xFF\xFF\xFF\xFF\xFF/../g";
+    let out = normalize_bytes(input, &settings).expect("normalizes");
+    assert_eq!(out.as_ref(), b"/a/b/c/g");
+    assert!(std::str::from_utf8(input).is_err());
+    assert_eq!(
+        norm("/caf\u{e9}/./\u{1f600}//x/../y"),
+        Ok("/caf\u{e9}/\u{1f600}/y".into())
+    );
+}
