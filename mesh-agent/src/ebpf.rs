@@ -789,13 +789,26 @@ impl Datapath {
                 let _ = tc::qdisc_add_clsact(&iface);
                 let _ = tc::qdisc_detach_program(&iface, TcAttachType::Ingress, PROG_TC_INGRESS);
             }
-            let id = prog
-                .attach(&iface, TcAttachType::Ingress)
-                .map_err(|source| DatapathError::Attach {
-                    program: PROG_TC_INGRESS,
-                    target: target.clone(),
-                    source,
-                })?;
+            // The link of an earlier enrollment of this pod (unenrolled just before, e.g. on
+            // a mode change) is released by the kernel after its pin is removed, from a work
+            // queue: until then the same program on the same hook is refused with EEXIST.
+            let mut attempts = 0;
+            let id = loop {
+                match prog.attach(&iface, TcAttachType::Ingress) {
+                    Ok(id) => break id,
+                    Err(source) if already_attached(&source) && attempts < TC_REATTACH_ATTEMPTS => {
+                        attempts += 1;
+                        std::thread::sleep(TC_REATTACH_PAUSE);
+                    }
+                    Err(source) => {
+                        return Err(DatapathError::Attach {
+                            program: PROG_TC_INGRESS,
+                            target: target.clone(),
+                            source,
+                        });
+                    }
+                }
+            };
             let link = prog.take_link(id).map_err(prog_err(PROG_TC_INGRESS))?;
             if tcx {
                 let fd = FdLink::try_from(link).map_err(|e| DatapathError::Pin {
@@ -863,6 +876,20 @@ fn remove_pins(dir: &Path) -> Result<()> {
             reason: e.to_string(),
         }),
     }
+}
+
+/// How often, and how far apart, tc ingress is attached again while the kernel still holds
+/// the released link of the pod's previous enrollment (2 s in all).
+const TC_REATTACH_ATTEMPTS: u32 = 40;
+const TC_REATTACH_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// The attach failed because the same program is still attached to the hook.
+fn already_attached(e: &aya::programs::ProgramError) -> bool {
+    matches!(
+        e,
+        aya::programs::ProgramError::SyscallError(s)
+            if s.io_error.raw_os_error() == Some(libc::EEXIST)
+    )
 }
 
 fn pin(link: FdLink, path: &Path) -> Result<PinnedLink> {

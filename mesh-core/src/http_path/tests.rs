@@ -329,7 +329,6 @@ fn a_dot_segment_may_remove_invalid_bytes_and_utf8_stays_utf8() {
     let input = b"/a/b/c/./..\xFF\xFF\xFF\xFF\xFF/../g";
     let out = normalize_bytes(input, &settings).expect("normalizes");
     assert_eq!(out.as_ref(), b"/a/b/c/g");
-    assert!(std::str::from_utf8(input).is_err());
     assert_eq!(
         norm("/caf\u{e9}/./\u{1f600}//x/../y"),
         Ok("/caf\u{e9}/\u{1f600}/y".into())

@@ -105,6 +105,21 @@ impl Held {
     }
 }
 
+/// Whether a new plaintext connection from `node`'s namespace to `target` gets the echo
+/// server's answer.
+fn plaintext_answered(c: &Cluster, node: &str, target: &str) -> bool {
+    let n = &c.nodes[c.node_index(node).expect("node")];
+    let (host, port) = target.split_once(':').expect("HOST:PORT");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &n.netns, "timeout", "3", "bash", "-c"])
+        .arg(r#"exec 3<>"/dev/tcp/$1/$2" || exit 2; echo probe >&3; head -n1 <&3"#)
+        .args(["probe", host, port])
+        .stderr(Stdio::null())
+        .output()
+        .expect("run bash");
+    String::from_utf8_lossy(&out.stdout).contains("probe")
+}
+
 impl Drop for Held {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -256,6 +271,22 @@ fn turning_a_pod_strict_closes_its_plaintext_connections() {
     );
     // The meshed caller's connection is mutual TLS: STRICT allows it.
     meshed.echo("legacy", "after");
+    // New plaintext is refused too: the pod is enrolled again in its new mode (its datapath
+    // re-attached), not left outside the mesh.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while plaintext_answered(&c, "node-1", &legacy_addr) {
+        assert!(
+            Instant::now() < deadline,
+            "new plaintext from node-1 still reaches legacy 10 s after it turned STRICT"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for _ in 0..3 {
+        assert!(
+            !plaintext_answered(&c, "node-1", &legacy_addr),
+            "plaintext reached legacy again after it was refused"
+        );
+    }
 
     let metrics = c.agent_admin("node-2", "/metrics").expect("metrics");
     let revoked = metrics.lines().any(|l| {
