@@ -35,13 +35,30 @@ pub fn up(controller_args: &[&str]) -> Cluster {
 
 /// The demo cluster with the Kubernetes and SMI objects of `resources`.
 pub fn up_with(resources: &std::path::Path, controller_args: &[&str]) -> Cluster {
+    up_with_args(resources, &[], controller_args)
+}
+
+/// The demo cluster with the objects of `resources`, every agent started with `agent_args`
+/// too.
+pub fn up_with_args(
+    resources: &std::path::Path,
+    agent_args: &[&str],
+    controller_args: &[&str],
+) -> Cluster {
     let prefix = cluster_prefix();
     let text = std::fs::read_to_string(demo_dir().join("cluster.yaml")).expect("cluster.yaml");
     let spec = ClusterSpec::parse(&text).expect("the demo description parses");
-    let args: Vec<String> = controller_args.iter().map(|s| s.to_string()).collect();
-    let cluster = Cluster::up(&prefix, &spec, resources, bins(), &[], &args, &mut |step| {
-        eprintln!("[{prefix}] {step}")
-    })
+    let owned = |args: &[&str]| -> Vec<String> { args.iter().map(|s| s.to_string()).collect() };
+    let (agent, controller) = (owned(agent_args), owned(controller_args));
+    let cluster = Cluster::up(
+        &prefix,
+        &spec,
+        resources,
+        bins(),
+        &agent,
+        &controller,
+        &mut |step| eprintln!("[{prefix}] {step}"),
+    )
     .unwrap_or_else(|e| panic!("cluster up: {e:#}"));
     wait_until_ok(&cluster, "demo/client", ECHO_VIP);
     cluster

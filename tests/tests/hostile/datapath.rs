@@ -8,7 +8,7 @@ use mesh_tests::cluster::{Cluster, PodSpec, demo_dir};
 use mesh_tests::privileged;
 use mesh_tests::sniff::Sniffer;
 
-use crate::common::{ECHO_VIP, call, up, up_with, wait_until_ok};
+use crate::common::{ECHO_VIP, call, up, up_with, up_with_args, wait_until_ok};
 
 /// `srv`'s Service (which makes its address known to the other node's proxy), and what `srv`
 /// may be called on by `client`: its declared 8080 and its undeclared debug port.
@@ -308,4 +308,64 @@ fn a_pod_calling_the_proxy_s_own_ports_is_refused_and_the_agent_survives() {
         "the agent still serves"
     );
     c.down().expect("teardown");
+}
+
+/// With `--egress deny`, a dual-stack application cannot leave the mesh over native IPv6: the
+/// kernel refuses its connect (EPERM) where the same connect outside the pod's cgroup reaches
+/// the address (nothing listens there: connection refused).
+#[test]
+fn native_ipv6_does_not_leave_the_mesh_under_egress_deny() {
+    if !privileged("native_ipv6_does_not_leave_the_mesh_under_egress_deny") {
+        return;
+    }
+    let c = up_with_args(&demo_dir().join("resources"), &["--egress", "deny"], &[]);
+    let node1 = c.node_index("node-1").expect("node-1");
+    let pod_ns = c.pod("demo/client").expect("client").netns.clone();
+    mesh_tests::sh(&[
+        "ip",
+        "-n",
+        &pod_ns,
+        "-6",
+        "addr",
+        "add",
+        "fd79::2/64",
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    let node_ns = c.nodes[node1].netns.clone();
+    mesh_tests::sh(&[
+        "ip",
+        "-n",
+        &node_ns,
+        "-6",
+        "addr",
+        "add",
+        "fd79::1/64",
+        "dev",
+        "cni0",
+        "nodad",
+    ]);
+    let target = "[fd79::1]:7";
+    let demo = c.bins.apps.join("mesh-demo");
+    let outside = std::process::Command::new("ip")
+        .args(["netns", "exec", &pod_ns])
+        .arg(&demo)
+        .args(["call", "--target", target, "--mode", "tcp"])
+        .output()
+        .expect("run the demo client in the pod's namespace only");
+    let outside_err = String::from_utf8_lossy(&outside.stderr).to_lowercase();
+    assert!(
+        !outside.status.success() && outside_err.contains("refused"),
+        "outside the pod's cgroup the address should be reachable (connection refused): \
+         {outside_err}"
+    );
+    let inside = call(&c, "demo/client", target);
+    let inside_err = String::from_utf8_lossy(&inside.stderr).to_lowercase();
+    assert!(
+        !inside.status.success() && inside_err.contains("not permitted"),
+        "the pod's native IPv6 connect was not refused by the kernel: {inside_err}"
+    );
+    // The mesh itself still works for the pod.
+    wait_until_ok(&c, "demo/client", ECHO_VIP);
 }
