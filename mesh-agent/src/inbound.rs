@@ -331,16 +331,16 @@ impl PodInbound {
             requests_checked: l7,
         };
         meta.admission = Some(admission.clone());
+        let mut guard = self.telemetry.open(meta.clone());
+        confirm(
+            &self.store,
+            &config,
+            &mut guard,
+            &self.pod,
+            authority,
+            &admission,
+        )?;
         if l7 {
-            let mut guard = self.telemetry.open(meta.clone());
-            confirm(
-                &self.store,
-                &config,
-                &mut guard,
-                &self.pod,
-                authority,
-                &admission,
-            )?;
             let http = InboundHttp::new(
                 self.pod.clone(),
                 self.store.clone(),
@@ -353,15 +353,6 @@ impl PodInbound {
             .with_http(self.http);
             return Ok(Admitted::Http(Box::new((http, guard))));
         }
-        let mut guard = self.telemetry.open(meta);
-        confirm(
-            &self.store,
-            &config,
-            &mut guard,
-            &self.pod,
-            authority,
-            &admission,
-        )?;
         let dialed = tokio::time::timeout(APP_CONNECT_TIMEOUT, (self.dial)(target))
             .await
             .unwrap_or_else(|_| {

@@ -7,19 +7,21 @@
 //! - `cargo-fuzz`, which builds and runs the fuzz targets in `fuzz/` on the nightly toolchain
 //!   (`cargo xtask test` runs each for a bounded time);
 //! - the programs the privileged tests, the demo and the ladder run: iproute2 (`ip`), procps
-//!   (`sysctl`), iptables (the ladder's REDIRECT step), curl (the end-to-end tests) and a C++
-//!   compiler (g++, for libFuzzer).
+//!   (`sysctl`), iptables (the ladder's REDIRECT step), curl (the end-to-end tests), nftables
+//!   (`mesh-agent doctor` reads the ruleset) and a C++ compiler (g++, for libFuzzer).
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-/// Programs the tests, the demo, the ladder and the fuzz build run: (program, a harmless invocation, the
-/// Debian package that has it).
+/// Programs the tests, the demo, the ladder and the fuzz build run: (program, a harmless
+/// invocation, the Debian package that has it).
 const PROGRAMS: &[(&str, &[&str], &str)] = &[
     ("ip", &["-V"], "iproute2"),
     ("sysctl", &["--version"], "procps"),
     ("iptables", &["--version"], "iptables"),
     ("curl", &["--version"], "curl"),
+    // `mesh-agent doctor` lists another mesh's nftables rules.
+    ("nft", &["--version"], "nftables"),
     // libfuzzer-sys compiles libFuzzer (C++) for the fuzz targets.
     ("c++", &["--version"], "g++"),
 ];
