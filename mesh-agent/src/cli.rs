@@ -116,6 +116,29 @@ fn max_inbound_ports(s: &str) -> Result<usize, String> {
     }
 }
 
+/// `--skmsg-budget`: bytes, optionally with a binary suffix (`K`, `M`, `G`).
+fn skmsg_budget(s: &str) -> Result<u64, String> {
+    const MIN: u64 = 64 * 1024;
+    const MAX: u64 = 1024 * 1024 * 1024;
+    let bad = || format!("{s:?} is not a size from 64K to 1G (bytes, or with a K, M or G suffix)");
+    let (digits, unit) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], c.to_ascii_uppercase()),
+        _ => (s, 'B'),
+    };
+    let shift = match unit {
+        'B' => 0,
+        'K' => 10,
+        'M' => 20,
+        'G' => 30,
+        _ => return Err(bad()),
+    };
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    match n.checked_mul(1 << shift) {
+        Some(bytes) if (MIN..=MAX).contains(&bytes) => Ok(bytes),
+        _ => Err(bad()),
+    }
+}
+
 /// `--metrics`: an address or `off`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct MetricsListen(Option<SocketAddr>);
@@ -242,6 +265,10 @@ struct RunArgs {
     /// Turn off sk_msg acceleration of the app <-> proxy hop.
     #[arg(long)]
     no_skmsg: bool,
+    /// Bytes each direction of an app <-> proxy connection hands over by sk_msg before it
+    /// moves to TCP's own path, with TCP's flow control (64 KiB - 1 GiB; suffixes K, M, G).
+    #[arg(long, default_value = "4M", value_parser = skmsg_budget)]
+    skmsg_budget: u64,
     /// Most inbound port entries (declared plus excluded ports) one pod may take in the
     /// node-wide inbound map (1-4096); a pod asking for more is refused enrollment.
     #[arg(long, default_value_t = crate::config::DEFAULT_MAX_INBOUND_PORTS,
@@ -271,6 +298,7 @@ impl RunArgs {
         datapath.capture = self.capture;
         datapath.excluded_ports = self.excluded_ports;
         datapath.skmsg = !self.no_skmsg;
+        datapath.skmsg_budget = self.skmsg_budget;
         datapath.max_inbound_ports = self.max_inbound_ports_per_pod;
         datapath.refuse_native_ipv6 = self.controller.controller.is_some()
             && self.controller.egress == crate::outbound::Egress::Deny;
@@ -431,7 +459,7 @@ enum Command {
     ///
     /// Without a map: every map with its kind, entries and capacity. With one (its pin name
     /// like PODS_V1, or pods, capture, orig_dst, orig_peer, excluded_ports, socks, inbound,
-    /// listeners, pod_counters, counters): its entries, keys and values decoded (addresses,
+    /// listeners, pod_counters, counters, sock_budget): its entries, keys and values decoded (addresses,
     /// ports, original destinations, counter names). `get KEY` shows one entry; keys are
     /// written as `list` shows them (IP, IP:PORT, A.B.C.D/LEN, a counter name, ...).
     #[command(after_help = EXIT_CODES, verbatim_doc_comment)]
@@ -790,6 +818,34 @@ mod tests {
         assert_eq!(cfg.admin.metrics, None);
         assert_eq!(cfg.proxy.idle_timeout, Duration::from_secs(90));
         assert_eq!(cfg.proxy.drain_grace, Duration::ZERO);
+    }
+
+    #[test]
+    fn the_skmsg_budget_takes_sizes_and_refuses_nonsense() {
+        let cfg = run(&[]).expect("defaults");
+        assert_eq!(cfg.datapath.skmsg_budget, mesh_common::DEFAULT_SKMSG_BUDGET);
+        for (arg, bytes) in [
+            ("65536", 65536),
+            ("256K", 256 << 10),
+            ("8m", 8 << 20),
+            ("1G", 1 << 30),
+        ] {
+            let cfg = run(&[&format!("--skmsg-budget={arg}")]).expect(arg);
+            assert_eq!(cfg.datapath.skmsg_budget, bytes, "{arg}");
+        }
+        for bad in [
+            "0",
+            "1K",
+            "2G",
+            "",
+            "4MB",
+            "-1M",
+            "M",
+            "99999999999999999999G",
+        ] {
+            let e = run(&[&format!("--skmsg-budget={bad}")]).expect_err(bad);
+            assert!(e.contains("64K to 1G"), "{bad}: {e}");
+        }
     }
 
     #[test]

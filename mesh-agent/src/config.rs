@@ -81,6 +81,9 @@ pub struct DatapathConfig {
     pub inbound_port: u16,
     /// sk_msg acceleration of the app <-> proxy hop.
     pub skmsg: bool,
+    /// Bytes each direction of an app <-> proxy connection may hand over by sk_msg before it
+    /// moves to TCP's own path for good (which bounds what may wait unread in the kernel).
+    pub skmsg_budget: u64,
     /// Destinations captured (mesh pod CIDRs, service VIPs).
     pub capture: Vec<Cidr>,
     /// Destination ports never captured (15008 always).
@@ -102,6 +105,7 @@ impl DatapathConfig {
             outbound_port: mesh_common::OUTBOUND_PORT,
             inbound_port: mesh_common::INBOUND_PORT,
             skmsg: true,
+            skmsg_budget: mesh_common::DEFAULT_SKMSG_BUDGET,
             capture: Vec::new(),
             excluded_ports: Vec::new(),
             max_inbound_ports: DEFAULT_MAX_INBOUND_PORTS,

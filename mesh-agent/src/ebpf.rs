@@ -171,6 +171,7 @@ fn params_id(cfg: &DatapathConfig) -> String {
     feed(crate::EBPF_OBJECT);
     feed(&cfg.outbound_port.to_le_bytes());
     feed(&[cfg.skmsg as u8, cfg.refuse_native_ipv6 as u8]);
+    feed(&cfg.skmsg_budget.to_le_bytes());
     format!("p{h:016x}")
 }
 
@@ -472,6 +473,7 @@ impl Datapath {
             .override_global(mesh_common::GLOBAL_OUTBOUND_PORT, &outbound_port, true)
             .override_global(mesh_common::GLOBAL_SKMSG_ENABLED, &skmsg, true)
             .override_global(mesh_common::GLOBAL_REFUSE_NATIVE_V6, &refuse_v6, true)
+            .override_global(mesh_common::GLOBAL_SKMSG_BUDGET, &cfg.skmsg_budget, true)
             .load(crate::EBPF_OBJECT)?;
         load_programs(&mut ebpf)?;
         if cfg.skmsg {

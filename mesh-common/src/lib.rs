@@ -44,6 +44,9 @@ pub const CAPTURE_MAP: &str = "CAPTURE_V1";
 pub const EXCLUDED_PORTS_MAP: &str = "EXCL_PORTS_V1";
 /// Established app <-> proxy loopback sockets by 4-tuple. sockops writes; sk_msg reads.
 pub const SOCKS_MAP: &str = "SOCKS_V1";
+/// sk_msg's remaining budget (bytes it may still redirect) per sockhash socket. sockops writes;
+/// sk_msg spends it and deletes the entry when the socket moves to TCP's own path for good.
+pub const SOCK_BUDGET_MAP: &str = "SOCK_BUDGET_V1";
 /// Enrolled pods by IPv4 address. Agent writes; sk_lookup and tc read.
 pub const PODS_MAP: &str = "PODS_V1";
 /// Per-pod inbound port rules ([`INBOUND_STEER`], [`INBOUND_EXCLUDE`]). Agent writes; sk_lookup
@@ -63,12 +66,13 @@ pub const FLOWS_MAP: &str = "FLOWS_V1";
 pub const RETIRED_MAPS: [&str; 1] = ["INBOUND_V1"];
 
 /// Every pinned map, for inspection and cleanup.
-pub const ALL_MAPS: [&str; 11] = [
+pub const ALL_MAPS: [&str; 12] = [
     ORIG_DST_MAP,
     ORIG_PEER_MAP,
     CAPTURE_MAP,
     EXCLUDED_PORTS_MAP,
     SOCKS_MAP,
+    SOCK_BUDGET_MAP,
     PODS_MAP,
     INBOUND_MAP,
     LISTENERS_MAP,
@@ -98,6 +102,11 @@ pub const GLOBAL_SKMSG_ENABLED: &str = "SKMSG_ENABLED";
 /// Non-zero: connect6 refuses connections to native (not IPv4-mapped) IPv6 destinations other
 /// than loopback (egress denied: the mesh cannot carry IPv6 yet).
 pub const GLOBAL_REFUSE_NATIVE_V6: &str = "REFUSE_V6";
+/// Bytes each direction of an app <-> proxy connection may hand over by sk_msg before it moves
+/// to TCP's own path (u64).
+pub const GLOBAL_SKMSG_BUDGET: &str = "SKMSG_BUDGET";
+/// Default of [`GLOBAL_SKMSG_BUDGET`]: about what a TCP socket may buffer unread by default.
+pub const DEFAULT_SKMSG_BUDGET: u64 = 4 * 1024 * 1024;
 
 // === Map sizes ===
 
@@ -342,13 +351,20 @@ pub enum Counter {
     Connect6RefusedNative = 28,
     /// connect6: not TCP.
     Connect6NotTcp = 29,
+    /// sk_msg: a direction of a connection moved to TCP's own path for good (budget spent, or
+    /// a send found no peer).
+    SkmsgFallback = 30,
+    /// sk_msg: message sent on TCP's own path after the move.
+    SkmsgPlain = 31,
+    /// sk_msg: bytes sent on TCP's own path (the move's message included).
+    SkmsgPlainBytes = 32,
 }
 
 /// Number of slots in [`COUNTERS_MAP`] (room for future counters).
 pub const COUNTER_SLOTS: u32 = 64;
 
 impl Counter {
-    pub const ALL: [Counter; 30] = [
+    pub const ALL: [Counter; 33] = [
         Counter::Connect4Redirected,
         Counter::Connect4NotCaptured,
         Counter::Connect4ExcludedPort,
@@ -379,6 +395,9 @@ impl Counter {
         Counter::Connect6MapFull,
         Counter::Connect6RefusedNative,
         Counter::Connect6NotTcp,
+        Counter::SkmsgFallback,
+        Counter::SkmsgPlain,
+        Counter::SkmsgPlainBytes,
     ];
 
     /// Stable name for metrics and debugging output.
@@ -414,6 +433,9 @@ impl Counter {
             Counter::Connect6MapFull => "connect6_map_full",
             Counter::Connect6RefusedNative => "connect6_refused_native",
             Counter::Connect6NotTcp => "connect6_not_tcp",
+            Counter::SkmsgFallback => "skmsg_fallback",
+            Counter::SkmsgPlain => "skmsg_plain",
+            Counter::SkmsgPlainBytes => "skmsg_plain_bytes",
         }
     }
 }

@@ -7,7 +7,9 @@
 //!   IPv6 destinations when egress is denied.
 //! - `mesh_sockops` (sockops, pod and agent cgroups): tracks original destinations by the
 //!   client's address once it has a port, and puts app <-> proxy sockets into a sockhash.
-//! - `mesh_skmsg` (sk_msg on the sockhash): hands each send straight to the peer socket.
+//! - `mesh_skmsg` (sk_msg on the sockhash): hands each send straight to the peer socket, up
+//!   to a per-direction byte budget; past it (or once any send took the normal path) that
+//!   direction stays on TCP's own path for good, which has flow control (see `mesh_skmsg`).
 //! - `mesh_getsockopt` (cgroup/getsockopt, agent cgroup): answers `SO_ORIGINAL_DST`.
 //! - `mesh_sk_lookup` (sk_lookup, pod netns): steers inbound TCP into the proxy's inbound
 //!   listener (every port of a STRICT pod but its exclusions, the declared ports of a
@@ -54,6 +56,8 @@ static OUTBOUND_PORT: Global<u32> = Global::new(mesh_common::OUTBOUND_PORT as u3
 static SKMSG_ENABLED: Global<u32> = Global::new(1);
 #[unsafe(no_mangle)]
 static REFUSE_V6: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static SKMSG_BUDGET: Global<u64> = Global::new(mesh_common::DEFAULT_SKMSG_BUDGET);
 
 // === Maps ===
 
@@ -73,6 +77,10 @@ static EXCLUDED_PORTS: HashMap<u32, u32> = HashMap::pinned(EXCLUDED_PORTS_ENTRIE
 /// sockops writes app <-> proxy sockets; sk_msg reads.
 #[map(name = "SOCKS_V1")]
 static SOCKS: SockHash<SockKey> = SockHash::pinned(SOCKS_ENTRIES, 0);
+/// sockops writes each sockhash socket's sk_msg budget (bytes it may still redirect); sk_msg
+/// spends it and deletes the entry when the socket's sends move to TCP's own path for good.
+#[map(name = "SOCK_BUDGET_V1")]
+static BUDGET: LruHashMap<SockKey, u64> = LruHashMap::pinned(SOCKS_ENTRIES, 0);
 /// The agent writes enrolled pods by IPv4; sk_lookup and tc read.
 #[map(name = "PODS_V1")]
 static PODS: HashMap<u32, PodEntry> = HashMap::pinned(PODS_ENTRIES, 0);
@@ -288,6 +296,17 @@ fn try_sockops(ctx: &SockOpsContext) -> Option<Counter> {
                     ip: ctx.remote_ip4(),
                     port: remote_port(ctx),
                 };
+                // Both ends' sk_msg budgets go with the connection (a client still sending
+                // after this takes TCP's path, which is always safe).
+                let own = SockKey {
+                    netns,
+                    local_ip: ctx.local_ip4(),
+                    remote_ip: ctx.remote_ip4(),
+                    local_port: ctx.local_port(),
+                    remote_port: remote_port(ctx),
+                };
+                let _ = BUDGET.remove(&own);
+                let _ = BUDGET.remove(&own.peer());
                 if ORIG_PEER.remove(&key).is_ok() {
                     return Some(Counter::SockopsOrigDstRemoved);
                 }
@@ -315,36 +334,72 @@ fn insert_sock(ctx: &SockOpsContext, netns: u64) -> Counter {
         local_port: ctx.local_port(),
         remote_port: remote_port(ctx),
     };
+    // The budget first: a socket in the sockhash without one never redirects (safe).
+    if BUDGET.insert(&key, &SKMSG_BUDGET.load(), 0).is_err() {
+        return Counter::SockopsSockhashError;
+    }
     // SAFETY: ctx.ops is the live bpf_sock_ops of this program run.
     match SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, 0) {
         Ok(()) => Counter::SockopsSockhashInsert,
-        Err(_) => Counter::SockopsSockhashError,
+        Err(_) => {
+            let _ = BUDGET.remove(&key);
+            Counter::SockopsSockhashError
+        }
     }
 }
 
 // === sk_msg ===
 
-/// Verdict SK_PASS: redirected to the peer when it is known, else the normal path.
+/// Verdict SK_PASS: redirected to the peer, or the normal TCP path.
+///
+/// A redirect queues the bytes on the peer's receive side at once, whatever the peer has
+/// read: the kernel applies no flow control to it, so a sender faster than its reader would
+/// grow the queue until socket memory runs out and its `write()` fails with ENOMEM. Each
+/// direction of a connection may therefore redirect at most `SKMSG_BUDGET` bytes in its
+/// lifetime, which bounds what can wait unread. Past the budget, and as soon as any send took
+/// the normal path (peer not in the sockhash yet), the direction stays on TCP's own path for
+/// good, with TCP's backpressure. Bytes never reorder: the reader drains the redirected queue
+/// before it reads what arrived by TCP, and nothing is redirected after the switch.
 #[sk_msg]
 pub fn mesh_skmsg(ctx: SkMsgContext) -> u32 {
     // SAFETY: the context pointer is valid for the program's run.
     let md = unsafe { &*ctx.msg };
     let netns = unsafe { bpf_get_netns_cookie(ctx.msg.cast()) };
-    let mut peer = SockKey {
+    let own = SockKey {
         netns,
-        local_ip: md.remote_ip4,
-        remote_ip: md.local_ip4,
-        local_port: u16::from_be((md.remote_port >> 16) as u16) as u32,
-        remote_port: md.local_port,
+        local_ip: md.local_ip4,
+        remote_ip: md.remote_ip4,
+        local_port: md.local_port,
+        remote_port: u16::from_be((md.remote_port >> 16) as u16) as u32,
     };
     let size = md.size as u64;
+    let Some(left) = BUDGET.get_ptr_mut(&own) else {
+        // Switched to TCP's path earlier (or never given a budget): stay there.
+        count(Counter::SkmsgPlain);
+        add(Counter::SkmsgPlainBytes, size);
+        return sk_action::SK_PASS;
+    };
+    // SAFETY: valid during this run; sends on one socket are serialized by the socket lock.
+    if unsafe { *left } < size {
+        let _ = BUDGET.remove(&own);
+        count(Counter::SkmsgFallback);
+        add(Counter::SkmsgPlainBytes, size);
+        return sk_action::SK_PASS;
+    }
+    let mut peer = own.peer();
     // BPF_F_INGRESS: queue into the peer's receive side, as if it had come off the wire.
     let verdict = SOCKS.redirect_msg(&ctx, &mut peer, aya_ebpf::bindings::BPF_F_INGRESS as u64);
     if verdict == sk_action::SK_PASS as i64 {
+        // SAFETY: as above.
+        unsafe { *left -= size };
         count(Counter::SkmsgRedirected);
         add(Counter::SkmsgRedirectedBytes, size);
     } else {
+        // This send takes the normal path, so every later one must too.
+        let _ = BUDGET.remove(&own);
         count(Counter::SkmsgNoPeer);
+        count(Counter::SkmsgFallback);
+        add(Counter::SkmsgPlainBytes, size);
     }
     sk_action::SK_PASS
 }

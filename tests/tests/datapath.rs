@@ -64,6 +64,12 @@ fn entries(agent: &Agent, name: &str) -> usize {
             .expect("sockhash")
             .keys()
             .count(),
+        mesh_common::SOCK_BUDGET_MAP => {
+            aya::maps::HashMap::<_, mesh_common::SockKey, u64>::try_from(map)
+                .expect("hash map")
+                .keys()
+                .count()
+        }
         _ => aya::maps::HashMap::<_, mesh_common::PeerKey, mesh_common::OrigDst>::try_from(map)
             .expect("hash map")
             .keys()
@@ -104,27 +110,38 @@ fn outbound_capture(skmsg: bool) {
     assert_eq!(counter(&agent, Counter::Connect4Redirected), 1);
     assert_eq!(counter(&agent, Counter::GetsockoptAnswered), 1);
     let redirected = counter(&agent, Counter::SkmsgRedirectedBytes);
+    let plain = counter(&agent, Counter::SkmsgPlainBytes);
     // Per-connection state goes away with the sockets.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
-        let (socks, peers) = (
+        let (socks, peers, budgets) = (
             entries(&agent, mesh_common::SOCKS_MAP),
             entries(&agent, mesh_common::ORIG_PEER_MAP),
+            entries(&agent, mesh_common::SOCK_BUDGET_MAP),
         );
-        if socks == 0 && peers == 0 {
+        if socks == 0 && peers == 0 && budgets == 0 {
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "{socks} sockhash and {peers} original-destination entries outlived their sockets"
+            "{socks} sockhash, {peers} original-destination and {budgets} budget entries \
+             outlived their sockets"
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     if skmsg {
+        // sk_msg hands over the first bytes of the upload, up to its budget; the rest goes by
+        // TCP's own path, and the payload arrived intact across the switch (checked above).
+        let budget = mesh_common::DEFAULT_SKMSG_BUDGET;
         assert!(
-            redirected >= 100 * MB,
-            "sk_msg carried only {redirected} bytes of the app -> proxy hop"
+            redirected > 0 && redirected <= budget + 4096,
+            "sk_msg carried {redirected} bytes, budget {budget}"
         );
+        assert!(
+            redirected + plain >= 100 * MB,
+            "{redirected} + {plain} bytes seen by sk_msg"
+        );
+        assert!(counter(&agent, Counter::SkmsgFallback) >= 1);
     } else {
         assert_eq!(redirected, 0, "sk_msg must be off");
         assert!(counter(&agent, Counter::SockopsSockhashDisabled) >= 2);
@@ -689,6 +706,103 @@ fn connections_to_the_proxy_s_own_ports_are_refused_and_do_not_loop() {
     let app = Sink::start(&w.pod, &format!("{POD_IP}:8080"));
     let reply = try_send_from(&w.remote, &app.addr.to_string(), 10).expect("still served");
     assert_eq!(mesh_tests::reply_peer(&reply).ip().to_string(), POD_IP);
+}
+
+/// A sender faster than its reader is held back by TCP's flow control in both directions,
+/// never fails with ENOMEM, and queues a bounded amount (sk_msg alone would queue without bound
+/// on the reader's side until socket memory ran out).
+#[test]
+fn a_sender_faster_than_its_reader_is_held_back_not_failed() {
+    if !privileged("a_sender_faster_than_its_reader_is_held_back_not_failed") {
+        return;
+    }
+    // What bounded buffering may hold: socket buffers on three sockets, the proxy's copy
+    // buffers and the sk_msg budget come to well under this; unbounded queueing goes past it
+    // in a fraction of the time given.
+    const BOUND: u64 = 128 * MB;
+    let w = world();
+    let agent = Agent::start(Path::new(AGENT), &instance("flood"), &agent_args(&w, &[]));
+
+    // Upload: the server accepts and never reads.
+    let stall = w
+        .remote
+        .run(|| std::net::TcpListener::bind(format!("{REMOTE_IP}:9100")).expect("bind"));
+    let held = std::thread::spawn(move || stall.accept().map(|(c, _)| c));
+    let out = mesh_tests::command_in(Path::new(PROBE), &w.pod_cg, &w.pod)
+        .args([&format!("{REMOTE_IP}:9100"), "flood", "3"])
+        .output()
+        .expect("run mesh-probe");
+    let line = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{line}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _conn = held.join().expect("accept thread").expect("accept");
+    let queued: u64 = field(&line, "queued").parse().expect("queued");
+    assert_eq!(
+        field(&line, "error"),
+        "none",
+        "the application's write failed: {line}"
+    );
+    assert!(
+        queued < BOUND,
+        "upload queued {queued} bytes unread: {line}"
+    );
+    assert!(counter(&agent, Counter::SkmsgFallback) >= 1);
+
+    // Download: the server writes as fast as it can; the application never reads.
+    let flood = w
+        .remote
+        .run(|| std::net::TcpListener::bind(format!("{REMOTE_IP}:9101")).expect("bind"));
+    let writer = std::thread::spawn(move || {
+        let (mut c, _) = flood.accept().expect("accept");
+        c.set_nonblocking(true).expect("nonblocking");
+        let buf = vec![0xa5u8; 64 * 1024];
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        let mut queued = 0u64;
+        while std::time::Instant::now() < deadline && queued < 4 * BOUND {
+            match std::io::Write::write(&mut c, &buf) {
+                Ok(n) => queued += n as u64,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((queued, c))
+    });
+    let mut holder = mesh_tests::command_in(Path::new(PROBE), &w.pod_cg, &w.pod)
+        .args([&format!("{REMOTE_IP}:9101"), "hold"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run mesh-probe hold");
+    let (queued, _conn) = writer
+        .join()
+        .expect("writer thread")
+        .expect("the proxy cut the download instead of holding it back");
+    drop(holder.stdin.take());
+    let status = holder.wait().expect("mesh-probe hold");
+    assert!(status.success(), "the application's connection failed");
+    assert!(queued < BOUND, "download queued {queued} bytes unread");
+
+    // The datapath still carries ordinary traffic.
+    let sink = Sink::start(&w.remote, &format!("{REMOTE_IP}:9000"));
+    let r = probe(
+        Path::new(PROBE),
+        &w.pod_cg,
+        &w.pod,
+        &sink.addr.to_string(),
+        MB,
+    );
+    assert!(r.intact(), "{r:?}");
+}
+
+fn field<'a>(line: &'a str, name: &str) -> &'a str {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+        .unwrap_or_default()
 }
 
 struct PinCleanup(std::path::PathBuf);

@@ -32,7 +32,7 @@ pub struct MapDef {
 }
 
 /// Every map of [`mesh_common::ALL_MAPS`], described.
-pub const MAPS: [MapDef; 11] = [
+pub const MAPS: [MapDef; 12] = [
     MapDef {
         name: mesh_common::ORIG_DST_MAP,
         alias: "orig_dst",
@@ -61,6 +61,12 @@ pub const MAPS: [MapDef; 11] = [
         name: mesh_common::SOCKS_MAP,
         alias: "socks",
         purpose: "app <-> proxy sockets sk_msg redirects between",
+        key_syntax: "NETNS/IP:PORT-IP:PORT",
+    },
+    MapDef {
+        name: mesh_common::SOCK_BUDGET_MAP,
+        alias: "sock_budget",
+        purpose: "bytes each sockhash socket may still hand over by sk_msg",
         key_syntax: "NETNS/IP:PORT-IP:PORT",
     },
     MapDef {
@@ -380,6 +386,24 @@ pub fn entries(pin_dir: &Path, map: &MapDef) -> Result<Vec<Entry>, MapError> {
                 });
             }
         }
+        mesh_common::SOCK_BUDGET_MAP => {
+            let h: HashMap<MapData, SockKey, u64> = m.try_into().map_err(read)?;
+            for item in h.iter() {
+                let (k, left) = item.map_err(read)?;
+                let local = SocketAddrV4::new(ip_from_key(k.local_ip), k.local_port as u16);
+                let remote = SocketAddrV4::new(ip_from_key(k.remote_ip), k.remote_port as u16);
+                out.push(Entry {
+                    key: format!("{}/{local}-{remote}", k.netns),
+                    value: format!("{left} bytes left"),
+                    key_fields: json!({
+                        "netns": k.netns,
+                        "local": local.to_string(),
+                        "remote": remote.to_string(),
+                    }),
+                    value_fields: json!({ "bytes_left": left }),
+                });
+            }
+        }
         mesh_common::SOCKS_MAP => {
             let h: SockHash<MapData, SockKey> = m.try_into().map_err(read)?;
             for k in h.keys() {
@@ -514,7 +538,7 @@ pub fn canonical_key(map: &MapDef, key: &str) -> Result<String, MapError> {
         }
         mesh_common::CAPTURE_MAP => key.parse::<Cidr>().map_err(|_| bad())?.to_string(),
         mesh_common::EXCLUDED_PORTS_MAP => key.parse::<u16>().map_err(|_| bad())?.to_string(),
-        mesh_common::SOCKS_MAP => {
+        mesh_common::SOCKS_MAP | mesh_common::SOCK_BUDGET_MAP => {
             let (netns, pair) = key.split_once('/').ok_or_else(bad)?;
             let netns: u64 = netns.parse().map_err(|_| bad())?;
             let (l, r) = pair.split_once('-').ok_or_else(bad)?;

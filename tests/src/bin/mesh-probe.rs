@@ -2,7 +2,9 @@
 //! address, what it sent (length and FNV-1a) and the server's one-line reply.
 //!
 //! `mesh-probe ADDR BYTES`, or `mesh-probe ADDR hold`: connect, print `local=<addr>`, and keep
-//! the connection open until standard input closes.
+//! the connection open until standard input closes, or `mesh-probe ADDR flood SECONDS`: write
+//! as fast as the socket accepts without blocking, for SECONDS or until 512 MiB are queued,
+//! and print `queued=<bytes> error=<first error other than EAGAIN, or none>`.
 use std::{
     io::{BufRead, BufReader, Write},
     net::{Shutdown, TcpStream},
@@ -14,6 +16,19 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     if let (Some(addr), Some("hold")) = (args.get(1), args.get(2).map(String::as_str)) {
         return match hold(addr) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mesh-probe: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let (Some(addr), Some("flood"), Some(secs)) = (
+        args.get(1),
+        args.get(2).map(String::as_str),
+        args.get(3).and_then(|s| s.parse::<u64>().ok()),
+    ) {
+        return match flood(addr, Duration::from_secs(secs)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("mesh-probe: {e}");
@@ -42,6 +57,32 @@ fn hold(addr: &str) -> std::io::Result<()> {
     let mut sink = Vec::new();
     std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink)?;
     drop(s);
+    Ok(())
+}
+
+/// Most a flood queues: far above any bounded buffering, far below socket memory pressure.
+const FLOOD_CAP: u64 = 512 * 1024 * 1024;
+
+fn flood(addr: &str, time: Duration) -> std::io::Result<()> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_nonblocking(true)?;
+    let buf = vec![0x5au8; 64 * 1024];
+    let deadline = std::time::Instant::now() + time;
+    let mut queued = 0u64;
+    let mut error = String::from("none");
+    while std::time::Instant::now() < deadline && queued < FLOOD_CAP {
+        match s.write(&buf) {
+            Ok(n) => queued += n as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(e) => {
+                error = e.to_string().replace(' ', "_");
+                break;
+            }
+        }
+    }
+    println!("local={} queued={queued} error={error}", s.local_addr()?);
     Ok(())
 }
 
