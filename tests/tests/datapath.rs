@@ -666,6 +666,11 @@ fn strict_pods_refuse_inbound_ipv6_and_dual_stack_sockets_are_captured() {
     assert!(r.intact(), "{r:?}");
     assert_eq!(counter(&agent, Counter::Connect6Redirected), 1);
     assert_eq!(sink.peers.lock().expect("peers").len(), 1);
+    // ... and accelerated like IPv4: sk_msg carried the client's upload to the proxy.
+    assert!(
+        counter(&agent, Counter::SkmsgRedirectedBytes) >= 100_000,
+        "the dual-stack socket's sends were not redirected"
+    );
 }
 
 #[test]

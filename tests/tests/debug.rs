@@ -234,6 +234,30 @@ fn the_node_commands_report_what_the_kernel_and_the_proxy_do() {
                 .any(|m| m["name"] == "PODS_V1" && m["entries"] == pods.len()),
             "{status:#}"
         );
+        // Every hook of every pod is listed from the kernel, IPv6 ones included.
+        let programs = status["programs"].as_array().expect("programs");
+        let attached = |pod: &Value, program: &str| {
+            programs
+                .iter()
+                .any(|a| a["owner"] == *pod && a["program"] == program && a["attached"] == true)
+        };
+        for p in pods {
+            for program in ["mesh_connect4", "mesh_connect6", "mesh_sk_lookup"] {
+                assert!(
+                    attached(&p["pod"], program),
+                    "{program} of {}: {programs:#?}",
+                    p["pod"]
+                );
+            }
+            // IPv6 inbound is refused for STRICT pods only (demo/legacy is PERMISSIVE).
+            let strict = p["pod"] != "demo/legacy";
+            assert_eq!(
+                attached(&p["pod"], "mesh_sk_lookup6"),
+                strict,
+                "{}: {programs:#?}",
+                p["pod"]
+            );
+        }
     }
 
     // pods: identity from the configuration, the kernel's entry.

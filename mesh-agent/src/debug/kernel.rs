@@ -14,6 +14,8 @@ use aya::programs::links::{FdLink, PinnedLink};
 pub enum Hook {
     /// cgroup/connect4 on a pod's cgroup.
     Connect4,
+    /// cgroup/connect6 on a pod's cgroup.
+    Connect6,
     /// sock_ops on a pod's or the agent's cgroup.
     SockOps,
     /// cgroup/getsockopt on the agent's cgroup.
@@ -30,6 +32,7 @@ impl Hook {
         match self {
             Hook::SockOps => 3,
             Hook::Connect4 => 10,
+            Hook::Connect6 => 11,
             Hook::GetSockopt => 21,
             Hook::SkLookup => 36,
             Hook::TcxIngress => 46,
@@ -39,6 +42,7 @@ impl Hook {
     pub fn name(self) -> &'static str {
         match self {
             Hook::Connect4 => "cgroup/connect4",
+            Hook::Connect6 => "cgroup/connect6",
             Hook::SockOps => "sockops",
             Hook::GetSockopt => "cgroup/getsockopt",
             Hook::SkLookup => "sk_lookup",

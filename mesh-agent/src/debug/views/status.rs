@@ -133,6 +133,12 @@ pub fn status(state: &AdminState) -> StatusView {
         ));
         programs.push(attachment(
             &p.name,
+            Hook::Connect6,
+            mesh_common::PROG_CONNECT6,
+            &p.cgroup,
+        ));
+        programs.push(attachment(
+            &p.name,
             Hook::SockOps,
             mesh_common::PROG_SOCKOPS,
             &p.cgroup,
@@ -143,6 +149,14 @@ pub fn status(state: &AdminState) -> StatusView {
             mesh_common::PROG_SK_LOOKUP,
             &p.netns,
         ));
+        if p.mode == crate::config::Mode::Strict {
+            programs.push(attachment(
+                &p.name,
+                Hook::SkLookup,
+                mesh_common::PROG_SK_LOOKUP6,
+                &p.netns,
+            ));
+        }
         if let Some(tc) = tc_attachment(p) {
             programs.push(tc);
         }
