@@ -50,6 +50,11 @@ fn the_fast_ladder_measures_every_step_and_the_mesh_steps_cross_the_proxy() {
     for s in &report.steps {
         let bulk = median(values(s, "bulk_mb_s")).expect("a throughput");
         assert!(bulk > 0.0, "step {}: throughput {bulk}", s.id);
+        if s.datapath.protocol == mesh_tests::bench::client::Proto::Tcp {
+            // Several streams both ways, every byte echoed back (the client checks the counts).
+            let duplex = median(values(s, "duplex_mb_s")).expect("a both-ways throughput");
+            assert!(duplex > 0.0, "step {}: both ways {duplex}", s.id);
+        }
         for series in ["1b_fixed", "1b_max", "1kb_fixed", "1kb_max"] {
             let p50 = values(s, &format!("{series}_p50"));
             let p99 = values(s, &format!("{series}_p99"));

@@ -8,6 +8,9 @@
 //!   delayed (no coordinated omission).
 //! - `bulk`: one stream of bytes one way (gRPC: a `Chat` stream of 64 KiB messages, each
 //!   echoed back), throughput in MB/s.
+//! - `duplex` (TCP): several connections to the echo port, each sending for a time while the
+//!   echo comes back on the same connection, so every hop carries full load both ways at
+//!   once; every byte sent must come back. Throughput in MB/s, both directions summed.
 //! - `hold`: opens connections, says `held`, keeps them until stdin closes.
 //!
 //! Each prints one JSON object ([`Sample`]) on stdout.
@@ -68,10 +71,10 @@ pub struct Sample {
     pub mb_per_s: f64,
 }
 
-/// `client PROTO rr|fixed|bulk|hold ADDR ARGS...`
+/// `client PROTO rr|fixed|bulk|duplex|hold ADDR ARGS...`
 pub fn main(args: &[String]) -> Result<()> {
     let (Some(proto), Some(kind), Some(addr)) = (args.first(), args.get(1), args.get(2)) else {
-        bail!("usage: client tcp|http|grpc rr|fixed|bulk|hold ADDR ...");
+        bail!("usage: client tcp|http|grpc rr|fixed|bulk|duplex|hold ADDR ...");
     };
     let proto = Proto::parse(proto)?;
     // SAFETY: prctl(PR_SET_TIMERSLACK) only changes this thread's timer slack (1 ns instead of
@@ -86,6 +89,7 @@ pub fn main(args: &[String]) -> Result<()> {
         "rr" => rr(proto, addr, num(3)? as usize, num(4)?)?,
         "fixed" => fixed(proto, addr, num(3)? as usize, num(4)?, num(5)?)?,
         "bulk" => bulk(proto, addr, num(3)?)?,
+        "duplex" if proto == Proto::Tcp => duplex(addr, num(3)? as usize, num(4)?)?,
         "hold" => return hold(proto, addr, num(3)? as usize),
         other => bail!("unknown client command {other:?}"),
     };
@@ -281,6 +285,58 @@ fn bulk(proto: Proto, addr: &str, bytes: u64) -> Result<Sample> {
         mb_per_s: bytes as f64 / secs / 1e6,
         ..Sample::default()
     })
+}
+
+/// `streams` echo connections, each sending for `secs` seconds while reading its echo.
+fn duplex(addr: &str, streams: usize, secs: u64) -> Result<Sample> {
+    ensure!(streams > 0 && secs > 0, "duplex needs streams and seconds");
+    let t = Instant::now();
+    let until = t + Duration::from_secs(secs);
+    let runs: Vec<_> = (0..streams)
+        .map(|_| {
+            let s = tcp(addr)?;
+            Ok(thread::spawn(move || duplex_stream(s, until)))
+        })
+        .collect::<Result<_>>()?;
+    let mut bytes = 0;
+    for run in runs {
+        bytes += run
+            .join()
+            .map_err(|_| anyhow::anyhow!("a stream panicked"))??;
+    }
+    Ok(Sample {
+        bytes,
+        mb_per_s: bytes as f64 / t.elapsed().as_secs_f64() / 1e6,
+        ..Sample::default()
+    })
+}
+
+/// Sends until `until` on one thread, reads the echo to the end on this one; both counts.
+fn duplex_stream(s: TcpStream, until: Instant) -> Result<u64> {
+    let w = s.try_clone()?;
+    let writer = thread::spawn(move || -> Result<u64> {
+        let buf = vec![0x5au8; CHUNK];
+        let mut sent = 0u64;
+        while Instant::now() < until {
+            (&w).write_all(&buf).context("send")?;
+            sent += CHUNK as u64;
+        }
+        w.shutdown(Shutdown::Write)?;
+        Ok(sent)
+    });
+    let mut buf = vec![0u8; CHUNK];
+    let mut received = 0u64;
+    loop {
+        match Retry(&s).read(&mut buf).context("receive")? {
+            0 => break,
+            n => received += n as u64,
+        }
+    }
+    let sent = writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("the writer panicked"))??;
+    ensure!(received == sent, "sent {sent} bytes, {received} came back");
+    Ok(sent + received)
 }
 
 fn send(mut s: &TcpStream, bytes: u64) -> Result<()> {

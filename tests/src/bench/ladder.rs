@@ -118,6 +118,9 @@ pub struct Plan {
     pub bulk: u64,
     /// Connections held open while the agents' memory is read.
     pub held: usize,
+    /// TCP steps: streams and seconds of each both-ways bulk run.
+    pub duplex_streams: usize,
+    pub duplex_secs: u64,
 }
 
 impl Plan {
@@ -130,6 +133,8 @@ impl Plan {
             fixed_ms: 500,
             bulk: 32 << 20,
             held: 100,
+            duplex_streams: 4,
+            duplex_secs: 5,
         }
     }
 
@@ -142,6 +147,8 @@ impl Plan {
             fixed_ms: 5_000,
             bulk: 512 << 20,
             held: 1_000,
+            duplex_streams: 4,
+            duplex_secs: 60,
         }
     }
 
@@ -149,12 +156,15 @@ impl Plan {
         format!(
             "{} repetitions after a warm-up; {} closed-loop round trips per max-rate run; \
              {}/s for {} ms per fixed-rate run (latency from the intended send time); \
-             {} MiB per throughput run; memory with {} connections held",
+             {} MiB per throughput run; TCP steps: {} streams both ways for {} s per \
+             both-ways run; memory with {} connections held",
             self.reps,
             self.rr,
             self.fixed_rate,
             self.fixed_ms,
             self.bulk >> 20,
+            self.duplex_streams,
+            self.duplex_secs,
             self.held
         )
     }
@@ -401,6 +411,16 @@ impl Bench<'_> {
         self.client(&strings(&["bulk", &self.sink, &bytes.to_string()]))
     }
 
+    fn duplex(&self) -> Result<Sample> {
+        let p = &self.opts.plan;
+        self.client(&strings(&[
+            "duplex",
+            &self.echo,
+            &p.duplex_streams.to_string(),
+            &p.duplex_secs.to_string(),
+        ]))
+    }
+
     /// Waits until every agent serves its node's pods (enrolled, listeners open), then until
     /// round trips go through (configuration, certificates, server up).
     fn wait_ready(&self, mesh: bool) -> Result<()> {
@@ -503,6 +523,11 @@ impl Bench<'_> {
             let cpu_bulk = self.cpu_secs() - cpu;
             push("bulk_mb_s", bulk.mb_per_s);
             push("cpu_s_per_gb", cpu_bulk / (bulk.bytes as f64 / 1e9));
+            if self.proto == Proto::Tcp {
+                // Several streams both ways at once: a sender outrunning its reader anywhere
+                // on the path must be held back, never fail (the run fails otherwise).
+                push("duplex_mb_s", self.duplex()?.mb_per_s);
+            }
             let cpu = self.cpu_secs();
             let mut requests = 0;
             for (size, name) in [(1, "1b"), (1024, "1kb")] {

@@ -81,8 +81,9 @@ impl ProxyCounters {
 }
 
 /// Measurements in report order: key, heading, decimals.
-pub const COLUMNS: [(&str, &str, usize); 9] = [
+pub const COLUMNS: [(&str, &str, usize); 10] = [
     ("bulk_mb_s", "throughput MB/s", 0),
+    ("duplex_mb_s", "streams both ways MB/s", 0),
     ("1b_fixed_p50", "1 B p50 µs", 0),
     ("1b_fixed_p99", "1 B p99 µs", 0),
     ("1kb_fixed_p50", "1 KB p50 µs", 0),
@@ -259,6 +260,7 @@ impl Report {
         let mut o = String::new();
         let keys = [
             ("bulk_mb_s", "throughput"),
+            ("duplex_mb_s", "both ways"),
             ("1kb_fixed_p50", "1 KB p50"),
             ("1kb_fixed_p99", "1 KB p99"),
             ("1kb_max_per_s", "1 KB max req/s"),
