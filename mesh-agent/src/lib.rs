@@ -8,6 +8,7 @@ pub mod config;
 pub mod control;
 pub mod copy;
 pub mod debug;
+pub mod discovery;
 pub mod ebpf;
 pub mod enroll;
 pub mod features;
