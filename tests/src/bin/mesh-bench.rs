@@ -37,7 +37,8 @@ enum Command {
         /// The fast mode (under 2 minutes): fewer repetitions, shorter runs.
         #[arg(long)]
         fast: bool,
-        /// Only these steps (numbers, comma-separated); default: 1-8, plus 9 in the full mode.
+        /// Only these steps (numbers, comma-separated); default: 1-8, plus 9 in the full mode
+        /// (10 and 11, iperf3, only when named).
         #[arg(long, value_delimiter = ',')]
         steps: Vec<u8>,
         /// Override the plan's number of repetitions.
@@ -154,7 +155,7 @@ fn run(plan: Plan, only: &[u8], prefix: &str) -> Result<Report> {
         .iter()
         .filter(|s| {
             if only.is_empty() {
-                full || !s.extra
+                !s.named_only && (full || !s.extra)
             } else {
                 only.contains(&s.id)
             }
