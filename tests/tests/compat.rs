@@ -371,6 +371,12 @@ fn curl_talks_http1_and_http2_to_nginx() {
         .output()
         .expect("run mesh-sim exec");
     assert_eq!(out.status.code(), Some(22), "{}", text(&out));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mesh-sim"))
+        .args(["exec", "--prefix", &c.names.prefix, CLIENT, "--"])
+        .arg("no-such-program-anywhere")
+        .output()
+        .expect("run mesh-sim exec");
+    assert_eq!(out.status.code(), Some(127), "{}", text(&out));
     let before = assert_requests(&c, "nginx", before, 3, "curl HTTP/1.1");
 
     // 4 MiB in one HTTP/1.1 response, every byte.

@@ -203,7 +203,9 @@ fn up(args: &Args) -> Result<()> {
 }
 
 /// Runs a command as the pod's application runs (its cgroup and network namespace, so the
-/// mesh captures it), with this terminal's stdin, stdout and stderr; exits with its status.
+/// mesh captures it), with this terminal's stdin, stdout and stderr; exits with its status
+/// (128 + the signal that killed it, 127 when there is no such command, 125 when it could not
+/// be started otherwise).
 fn exec(args: &Args) -> ExitCode {
     let (Some(pod), Some((program, rest))) = (&args.pod, args.argv.split_first()) else {
         return ExitCode::from(64);
@@ -217,9 +219,15 @@ fn exec(args: &Args) -> ExitCode {
             .filter(|path| path.exists());
         let program = local.unwrap_or_else(|| PathBuf::from(program));
         let mut cmd = cluster::command_in(&program, &p.cgroup, &p.netns)?;
-        cmd.args(rest)
-            .status()
-            .with_context(|| format!("run {} in pod {}", program.display(), p.key()))
+        match cmd.args(rest).status() {
+            Ok(status) => Ok(status),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                eprintln!("mesh-sim: {}: command not found", program.display());
+                Ok(std::os::unix::process::ExitStatusExt::from_raw(127 << 8))
+            }
+            Err(e) => Err(anyhow::Error::new(e))
+                .with_context(|| format!("run {} in pod {}", program.display(), p.key())),
+        }
     };
     match run() {
         Ok(status) => {
