@@ -609,6 +609,23 @@ fn python_grpcio_unary_streaming_and_deadline() {
         })
         .count();
     assert!(grpc_requests > 0, "node-2 counts no gRPC request");
+    // grpcio connects from a dual-stack IPv6 socket to `::ffff:<VIP>`: connect6 captured it.
+    let out = std::process::Command::new(&c.bins.agent)
+        .args([
+            "counters",
+            "--instance",
+            &c.names.instance("node-1"),
+            "-o",
+            "json",
+        ])
+        .output()
+        .expect("run mesh-agent counters");
+    let counters: std::collections::BTreeMap<String, u64> =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    assert!(
+        counters.get("connect6_redirected").copied().unwrap_or(0) > 0,
+        "node-1's connect6 redirected nothing: {counters:?}"
+    );
     c.down().expect("teardown");
 }
 
