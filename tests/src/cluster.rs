@@ -78,14 +78,16 @@ pub struct PodSpec {
     #[serde(default)]
     pub tls_mode: Option<String>,
     /// The ports the pod's application listens on (the containers' ports): inbound TCP to them
-    /// is steered to the node proxy, which applies the pod's TLS mode and policy.
+    /// is steered to the node proxy, which applies the pod's TLS mode and policy. The pod is
+    /// started once each of them has a listening socket in the pod's network namespace.
     #[serde(default)]
     pub ports: Vec<u16>,
     /// More annotations of the Pod object (e.g. `mesh.io/exclude-inbound-ports`).
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
-    /// The command the pod runs (program and arguments). `{pod}` and `{ip}` are replaced by
-    /// the pod's name and address. Empty: the pod runs nothing (a client shell).
+    /// The command the pod runs (program and arguments), any program: `{pod}` and `{ip}` are
+    /// replaced by the pod's name and address, its output goes to the pod's log. Empty: the
+    /// pod runs nothing (a client shell).
     #[serde(default)]
     pub run: Vec<String>,
 }
@@ -320,6 +322,105 @@ fn spawn_ready(mut cmd: Command, log: &Path, ready: &str, limit: Duration) -> Re
             )
         }
     }
+}
+
+/// How long a pod's application may take to listen on its declared ports.
+const APP_READY_LIMIT: Duration = Duration::from_secs(20);
+
+/// Starts a pod's command with stdout and stderr to `log`.
+fn spawn_app(mut cmd: Command, log: &Path) -> Result<Proc> {
+    let out = fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+    let err = out.try_clone().context("the log's descriptor")?;
+    let child = cmd
+        .stdout(out)
+        .stderr(err)
+        .stdin(Stdio::null())
+        .spawn()
+        .context("spawn")?;
+    Ok(Proc {
+        child,
+        log: log.to_path_buf(),
+    })
+}
+
+/// Waits until every port `pod` declares has a listening TCP socket (IPv4 or IPv6) in the
+/// pod's network namespace, whichever process of the pod opened it. With no port declared,
+/// the command only has to be running. Kills the command on failure.
+fn wait_listening(mut proc: Proc, pod: &Pod, limit: Duration) -> Result<Proc> {
+    let netns = pod.netns_path();
+    let wanted: BTreeSet<u16> = pod.spec.ports.iter().copied().collect();
+    let deadline = Instant::now() + limit;
+    let mut missing: BTreeSet<u16>;
+    loop {
+        if let Some(status) = proc.child.try_wait().context("wait for the application")? {
+            bail!(
+                "the application of pod {} exited ({status}) before listening on its ports {:?}; \
+                 last lines of {}:\n{}",
+                pod.key(),
+                pod.spec.ports,
+                proc.log.display(),
+                proc.tail(30)
+            );
+        }
+        if wanted.is_empty() {
+            return Ok(proc);
+        }
+        let listening = listening_ports(&netns)?;
+        missing = wanted.difference(&listening).copied().collect();
+        if missing.is_empty() {
+            return Ok(proc);
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    proc.kill();
+    bail!(
+        "the application of pod {} did not listen on its ports {:?} within {} s (not listening: \
+         {missing:?}); last lines of {}:\n{}",
+        pod.key(),
+        pod.spec.ports,
+        limit.as_secs(),
+        proc.log.display(),
+        proc.tail(30)
+    )
+}
+
+/// The TCP ports with a listening socket in the network namespace at `netns`, from the
+/// kernel's socket tables as a thread inside that namespace sees them.
+pub fn listening_ports(netns: &Path) -> Result<BTreeSet<u16>> {
+    let file = fs::File::open(netns).with_context(|| format!("open {}", netns.display()))?;
+    thread::scope(|s| {
+        s.spawn(|| -> Result<BTreeSet<u16>> {
+            use std::os::fd::AsFd as _;
+            setns(file.as_fd(), CloneFlags::CLONE_NEWNET)
+                .with_context(|| format!("enter {}", netns.display()))?;
+            let mut ports = BTreeSet::new();
+            for table in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
+                // A kernel without IPv6 has no tcp6 table.
+                let Ok(text) = fs::read_to_string(table) else {
+                    continue;
+                };
+                ports.extend(parse_listening(&text));
+            }
+            Ok(ports)
+        })
+        .join()
+        .map_err(|_| anyhow!("the thread reading the socket tables panicked"))?
+    })
+}
+
+/// The local ports of the LISTEN (state `0A`) rows of a `/proc/net/tcp` or `tcp6` table.
+fn parse_listening(table: &str) -> impl Iterator<Item = u16> + '_ {
+    table.lines().skip(1).filter_map(|row| {
+        let mut fields = row.split_whitespace();
+        let local = fields.nth(1)?;
+        let state = fields.nth(1)?;
+        (state == "0A").then_some(())?;
+        let port = local.rsplit_once(':')?.1;
+        u16::from_str_radix(port, 16).ok()
+    })
 }
 
 // === The cluster ===
@@ -836,6 +937,9 @@ metadata:
         }
     }
 
+    /// Starts pod `j`'s command and waits until it is ready: every declared port has a
+    /// listening socket in the pod's network namespace (or, with no port declared, the command
+    /// is still running once started). Stock servers need no wrapper.
     fn start_app(&mut self, j: usize) -> Result<()> {
         let pod = &self.pods[j];
         if pod.spec.run.is_empty() {
@@ -856,8 +960,9 @@ metadata:
         let log = self
             .state
             .join(format!("logs/pod-{}-{}.log", pod.namespace, pod.name));
-        let proc = spawn_ready(cmd, &log, "listening", Duration::from_secs(20))
+        let proc = spawn_app(cmd, &log)
             .with_context(|| format!("start the application of {}", pod.key()))?;
+        let proc = wait_listening(proc, pod, APP_READY_LIMIT)?;
         self.pods[j].app = Some(proc);
         Ok(())
     }
@@ -955,6 +1060,100 @@ impl Drop for Cluster {
         if let Err(e) = self.teardown() {
             eprintln!("mesh-sim: teardown: {e:#}");
         }
+    }
+}
+
+// === A cluster another process started ===
+
+/// A pod of a running cluster, as its Pod object in the controller's directory names it.
+#[derive(Debug, Clone)]
+pub struct RunningPod {
+    pub namespace: String,
+    pub name: String,
+    pub cgroup: PathBuf,
+    pub netns: PathBuf,
+}
+
+impl RunningPod {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Deserialize)]
+struct PodObject {
+    kind: String,
+    metadata: ObjectMeta,
+}
+
+#[derive(Deserialize)]
+struct ObjectMeta {
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+
+/// The pods of the cluster `prefix` that another process brought up (`mesh-sim up`), from the
+/// Pod objects it wrote for the controller (their annotations name each pod's cgroup and
+/// network namespace).
+pub fn running_pods(prefix: &str) -> Result<Vec<RunningPod>> {
+    let names = Names {
+        prefix: prefix.into(),
+    };
+    let path = names.state_dir().join("resources/zz-cluster-pods.yaml");
+    let text = fs::read_to_string(&path).with_context(|| {
+        format!(
+            "no simulated cluster {prefix:?} is running here (cannot read {})",
+            path.display()
+        )
+    })?;
+    let mut pods = Vec::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+        // The file ends with `---`: an empty last document.
+        let object =
+            Option::<PodObject>::deserialize(doc).with_context(|| path.display().to_string())?;
+        let Some(object) = object.filter(|o| o.kind == "Pod") else {
+            continue;
+        };
+        let m = object.metadata;
+        let annotation = |key: &str| {
+            m.annotations.get(key).map(PathBuf::from).with_context(|| {
+                format!("pod {}: no {key} annotation in {}", m.name, path.display())
+            })
+        };
+        pods.push(RunningPod {
+            cgroup: annotation("mesh.io/cgroup")?,
+            netns: annotation("mesh.io/netns")?,
+            namespace: m.namespace.clone().unwrap_or_else(|| "default".into()),
+            name: m.name.clone(),
+        });
+    }
+    Ok(pods)
+}
+
+/// The pod `key` (`namespace/name`, or a name no other namespace has) of the running cluster
+/// `prefix`.
+pub fn running_pod(prefix: &str, key: &str) -> Result<RunningPod> {
+    let pods = running_pods(prefix)?;
+    let found: Vec<&RunningPod> = pods
+        .iter()
+        .filter(|p| p.key() == key || p.name == key)
+        .collect();
+    match found.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => bail!(
+            "no pod {key:?} in the simulated cluster {prefix:?} (its pods: {})",
+            pods.iter()
+                .map(RunningPod::key)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        more => bail!(
+            "{key:?} names {} pods of the simulated cluster {prefix:?}: say namespace/name",
+            more.len()
+        ),
     }
 }
 
@@ -1073,5 +1272,21 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(ok.nodes[0].pods[0].run, ["mesh-demo", "http"]);
+    }
+
+    #[test]
+    fn only_listening_sockets_count_as_a_pod_s_ports() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0
+   1: 0100007F:3A99 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 2 1 0 100 0 0 10 0
+   2: 0A00010A:1F90 0A00010B:C350 01 00000000:00000000 00:00000000 00000000     0        0 3 1 0 20 4 30 10 -1
+   3: 0A00010A:2328 0A00010B:C351 06 00000000:00000000 00:00000000 00000000     0        0 0 3 0 0 0 0 0 0
+";
+        let v4: Vec<u16> = parse_listening(table).collect();
+        assert_eq!(v4, [8080, 15001]);
+        let table6 = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000000000000000000000000000:0050 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4 1 0 100 0 0 10 0
+";
+        assert_eq!(parse_listening(table6).collect::<Vec<_>>(), [80]);
     }
 }

@@ -50,6 +50,43 @@ pub fn privileged(test: &str) -> bool {
         None
     };
     let Some(reason) = reason else { return true };
+    skip(test, &reason);
+    false
+}
+
+/// Returns true if every program a test runs is installed; otherwise records which are
+/// missing and the Debian packages that have them, as [`privileged`] records its reason.
+/// `programs`: (program, a harmless invocation that succeeds when it is usable, package).
+pub fn installed(test: &str, programs: &[(&str, &[&str], &str)]) -> bool {
+    let missing: Vec<String> = programs
+        .iter()
+        .filter(|(program, args, _)| {
+            !Command::new(program)
+                .args(*args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .map(|(program, args, package)| {
+            format!("`{program} {}` (Debian package {package})", args.join(" "))
+        })
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    skip(
+        test,
+        &format!(
+            "needs {} (`cargo xtask prereqs` installs them)",
+            missing.join(", ")
+        ),
+    );
+    false
+}
+
+/// Records that `test` skips and why; with `MESH_REQUIRE_PRIVILEGED=1` a skip is a failure.
+fn skip(test: &str, reason: &str) {
     if std::env::var("MESH_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
         panic!("{test}: skipped, but MESH_REQUIRE_PRIVILEGED=1: {reason}");
     }
@@ -59,7 +96,6 @@ pub fn privileged(test: &str) -> bool {
     {
         let _ = writeln!(f, "{test}: {reason}");
     }
-    false
 }
 
 // === Commands ===

@@ -557,3 +557,53 @@ fn an_unmodified_http_client_is_split_per_request_and_refused_per_route() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "403");
     c.down().expect("teardown");
 }
+
+/// A pod's command is any program: the pod is started once its ports listen (or, without
+/// ports, once it runs); one that exits first is refused with the pod, its ports and its log.
+#[test]
+fn a_pod_runs_any_program_and_one_that_never_listens_is_named_with_its_log() {
+    if !privileged("a_pod_runs_any_program_and_one_that_never_listens_is_named_with_its_log") {
+        return;
+    }
+    let mut c = up(&[]);
+    let spec = |name: &str, ports: Vec<u16>, run: &[&str]| mesh_tests::cluster::PodSpec {
+        namespace: "demo".into(),
+        name: name.into(),
+        service_account: Some("echo".into()),
+        labels: [("app".to_string(), name.to_string())].into(),
+        tls_mode: None,
+        ports,
+        annotations: Default::default(),
+        run: run.iter().map(|s| s.to_string()).collect(),
+    };
+    // A server that prints nothing, listening after a while, in a child of its shell.
+    let quiet = format!(
+        "sleep 1; {} tcp-echo --listen 0.0.0.0:9000 --name quiet >/dev/null",
+        c.bins.apps.join("mesh-demo").display()
+    );
+    c.add_pod("node-2", spec("quiet", vec![9000], &["sh", "-c", &quiet]))
+        .expect("a pod whose command listens without saying so");
+    let listening =
+        mesh_tests::cluster::listening_ports(&c.pod("demo/quiet").expect("quiet").netns_path())
+            .expect("the pod's sockets");
+    assert!(listening.contains(&9000), "{listening:?}");
+    // No ports: started once it runs.
+    c.add_pod("node-2", spec("idle", vec![], &["sleep", "600"]))
+        .expect("a pod without ports");
+    // Exits before listening: the pod, its ports and its log in the error.
+    let err = c
+        .add_pod(
+            "node-2",
+            spec(
+                "broken",
+                vec![9000],
+                &["sh", "-c", "echo no config >&2; exit 3"],
+            ),
+        )
+        .expect_err("a pod whose command exits");
+    let err = format!("{err:#}");
+    for expect in ["demo/broken", "[9000]", "pod-demo-broken.log", "no config"] {
+        assert!(err.contains(expect), "no {expect:?} in: {err}");
+    }
+    c.down().expect("teardown");
+}

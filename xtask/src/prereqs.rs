@@ -8,7 +8,10 @@
 //!   (`cargo xtask test` runs each for a bounded time);
 //! - the programs the privileged tests, the demo and the ladder run: iproute2 (`ip`), procps
 //!   (`sysctl`), iptables (the ladder's REDIRECT step), curl (the end-to-end tests), nftables
-//!   (`mesh-agent doctor` reads the ruleset) and a C++ compiler (g++, for libFuzzer).
+//!   (`mesh-agent doctor` reads the ruleset), a C++ compiler (g++, for libFuzzer), and the
+//!   stock servers and clients of the compatibility suite (`tests/tests/compat.rs`): nginx,
+//!   Redis (server and tools), iperf3, and Python's grpcio, aiosmtpd and websockets for
+//!   Debian's `/usr/bin/python3`.
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
@@ -24,6 +27,24 @@ const PROGRAMS: &[(&str, &[&str], &str)] = &[
     ("nft", &["--version"], "nftables"),
     // libfuzzer-sys compiles libFuzzer (C++) for the fuzz targets.
     ("c++", &["--version"], "g++"),
+    // The compatibility suite's stock programs (the ladder's bulk step runs iperf3 too).
+    ("nginx", &["-v"], "nginx"),
+    ("redis-server", &["--version"], "redis-server"),
+    ("redis-benchmark", &["--version"], "redis-tools"),
+    ("iperf3", &["--version"], "iperf3"),
+    // Debian's interpreter, which the Debian Python packages are installed for (a python3
+    // earlier on PATH, such as pyenv's, would not see them).
+    ("/usr/bin/python3", &["-c", "import grpc"], "python3-grpcio"),
+    (
+        "/usr/bin/python3",
+        &["-c", "import aiosmtpd"],
+        "python3-aiosmtpd",
+    ),
+    (
+        "/usr/bin/python3",
+        &["-c", "import websockets"],
+        "python3-websockets",
+    ),
 ];
 
 fn ok(cmd: &mut Command) -> bool {

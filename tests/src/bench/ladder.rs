@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,16 @@ pub enum Capture {
     Ebpf,
 }
 
+/// What the client and server of a step are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tool {
+    /// This binary's `serve` and `client`: throughput, latency, CPU and memory.
+    Bench,
+    /// Stock iperf3 (`-s`; `-c -P 4 --bidir` for the plan's `iperf_secs`): bulk throughput
+    /// both ways at once, several streams, and the agents' CPU per GB.
+    Iperf3,
+}
+
 /// One rung of the ladder.
 #[derive(Debug, Clone, Copy)]
 pub struct Step {
@@ -42,6 +52,7 @@ pub struct Step {
     pub proto: Proto,
     /// Run in the full mode only (unless named with `--steps`).
     pub extra: bool,
+    pub tool: Tool,
 }
 
 const fn step(id: u8, key: &'static str, title: &'static str) -> Step {
@@ -55,10 +66,11 @@ const fn step(id: u8, key: &'static str, title: &'static str) -> Step {
         same_node_hbone: false,
         proto: Proto::Tcp,
         extra: false,
+        tool: Tool::Bench,
     }
 }
 
-pub const STEPS: [Step; 9] = [
+pub const STEPS: [Step; 11] = [
     Step {
         capture: Capture::None,
         ..step(1, "same-node", "same node, no mesh")
@@ -102,7 +114,31 @@ pub const STEPS: [Step; 9] = [
             "same node, two proxy hops, mTLS HBONE",
         )
     },
+    Step {
+        cross_node: true,
+        extra: true,
+        tool: Tool::Iperf3,
+        ..step(
+            10,
+            "iperf3-bidir",
+            "two nodes, iperf3 4 streams each way, sk_msg",
+        )
+    },
+    Step {
+        cross_node: true,
+        skmsg: false,
+        extra: true,
+        tool: Tool::Iperf3,
+        ..step(
+            11,
+            "iperf3-bidir-no-skmsg",
+            "two nodes, iperf3 4 streams each way, no sk_msg",
+        )
+    },
 ];
+
+/// The iperf3 server's port (its default).
+const IPERF3_PORT: u16 = 5201;
 
 /// How much each step measures.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -119,8 +155,25 @@ pub struct Plan {
     /// Connections held open while the agents' memory is read.
     pub held: usize,
     /// TCP steps: streams and seconds of each both-ways bulk run.
+    #[serde(default = "default_duplex_streams")]
     pub duplex_streams: usize,
+    #[serde(default = "default_duplex_secs")]
     pub duplex_secs: u64,
+    /// Seconds of each iperf3 run.
+    #[serde(default = "default_iperf_secs")]
+    pub iperf_secs: u64,
+}
+
+fn default_duplex_streams() -> usize {
+    4
+}
+
+fn default_duplex_secs() -> u64 {
+    60
+}
+
+fn default_iperf_secs() -> u64 {
+    60
 }
 
 impl Plan {
@@ -135,6 +188,7 @@ impl Plan {
             held: 100,
             duplex_streams: 4,
             duplex_secs: 5,
+            iperf_secs: 5,
         }
     }
 
@@ -149,6 +203,7 @@ impl Plan {
             held: 1_000,
             duplex_streams: 4,
             duplex_secs: 60,
+            iperf_secs: 60,
         }
     }
 
@@ -157,7 +212,7 @@ impl Plan {
             "{} repetitions after a warm-up; {} closed-loop round trips per max-rate run; \
              {}/s for {} ms per fixed-rate run (latency from the intended send time); \
              {} MiB per throughput run; TCP steps: {} streams both ways for {} s per \
-             both-ways run; memory with {} connections held",
+             both-ways run; memory with {} connections held; {} s per iperf3 run",
             self.reps,
             self.rr,
             self.fixed_rate,
@@ -165,7 +220,8 @@ impl Plan {
             self.bulk >> 20,
             self.duplex_streams,
             self.duplex_secs,
-            self.held
+            self.held,
+            self.iperf_secs
         )
     }
 }
@@ -200,7 +256,7 @@ spec:
 apiVersion: specs.smi-spec.io/v1alpha4
 kind: TCPRoute
 metadata: {name: tcp-ports, namespace: bench}
-spec: {matches: {ports: [9000, 9001, 9090]}}
+spec: {matches: {ports: [9000, 9001, 9090, 5201]}}
 ---
 apiVersion: specs.smi-spec.io/v1alpha4
 kind: HTTPRouteGroup
@@ -258,7 +314,13 @@ fn pod(name: &str, mesh: bool, server: Option<&PathBuf>) -> PodSpec {
 
 fn spec(step: &Step, exe: &PathBuf) -> ClusterSpec {
     let mesh = step.capture != Capture::None;
-    let (client, server) = (pod("client", mesh, None), pod("server", mesh, Some(exe)));
+    let (client, mut server) = (pod("client", mesh, None), pod("server", mesh, Some(exe)));
+    if step.tool == Tool::Iperf3 {
+        server.ports = vec![IPERF3_PORT];
+        server.run = ["iperf3", "-s", "-p", &IPERF3_PORT.to_string()]
+            .map(String::from)
+            .to_vec();
+    }
     let nodes = if step.cross_node {
         vec![
             NodeSpec {
@@ -322,6 +384,10 @@ pub fn run_step(step: &Step, opts: &Options) -> Result<StepResult> {
     .with_context(|| format!("{label}: bring the cluster up"))?;
     let server_ip = cluster.pod("bench/server")?.ip;
     let (echo, sink) = match step.proto {
+        Proto::Tcp if step.tool == Tool::Iperf3 => {
+            let a = format!("{server_ip}:{IPERF3_PORT}");
+            (a.clone(), a)
+        }
         Proto::Tcp => (
             format!("{server_ip}:{ECHO_PORT}"),
             format!("{server_ip}:{SINK_PORT}"),
@@ -486,7 +552,11 @@ impl Bench<'_> {
 
     fn measure(&self, step: &Step) -> Result<StepResult> {
         let plan = &self.opts.plan;
-        self.wait_ready(step.capture != Capture::None)?;
+        if step.tool == Tool::Iperf3 {
+            self.wait_iperf3_ready()?;
+        } else {
+            self.wait_ready(step.capture != Capture::None)?;
+        }
         let mut r = StepResult {
             id: step.id,
             key: step.key.into(),
@@ -512,6 +582,9 @@ impl Bench<'_> {
         };
         let before = self.counters()?;
         r.rss_mib.insert("idle".into(), self.rss_mib());
+        if step.tool == Tool::Iperf3 {
+            return self.measure_iperf3(r, &before);
+        }
         eprintln!("[{}] warm-up", self.label);
         self.bulk(plan.bulk / 4)?;
         self.rr(1024, plan.rr)?;
@@ -559,6 +632,69 @@ impl Bench<'_> {
         if step.capture == Capture::Iptables {
             r.proxy.iptables_redirected = Some(self.iptables_redirected()?);
         }
+        Ok(r)
+    }
+
+    /// Runs iperf3 in the client pod against the server; its JSON report.
+    fn iperf3(&self, args: &[&str]) -> Result<Iperf3Report> {
+        let pod = self.cluster.pod("bench/client")?;
+        let (ip, port) = self.sink.rsplit_once(':').context("the server's address")?;
+        let out = crate::cluster::command_in(Path::new("iperf3"), &pod.cgroup, &pod.netns_path())?
+            .args(["-c", ip, "-p", port, "-J"])
+            .args(args)
+            .output()
+            .context("run iperf3 (Debian package iperf3)")?;
+        let report: Iperf3Report = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "iperf3's JSON report: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+        })?;
+        if let Some(error) = &report.error {
+            bail!("iperf3 {args:?}: {error}");
+        }
+        ensure!(out.status.success(), "iperf3 {args:?}: {}", out.status);
+        Ok(report)
+    }
+
+    /// Waits until a one-second iperf3 run goes through (configuration, certificates).
+    fn wait_iperf3_ready(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.iperf3(&["-t", "1"]) {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(e.context(format!("{}: never ready", self.label)));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(500)),
+            }
+        }
+    }
+
+    /// `iperf3 -P 4 --bidir` for the plan's `iperf_secs`, each repetition: MB/s each way and
+    /// both together (`bulk_mb_s`), agent CPU per GB.
+    fn measure_iperf3(&self, mut r: StepResult, before: &Counters) -> Result<StepResult> {
+        let plan = &self.opts.plan;
+        let secs = plan.iperf_secs.to_string();
+        for rep in 0..plan.reps {
+            eprintln!("[{}] repetition {}/{}", self.label, rep + 1, plan.reps);
+            let cpu = self.cpu_secs();
+            let report = self.iperf3(&["-t", &secs, "-P", "4", "--bidir"])?;
+            let cpu = self.cpu_secs() - cpu;
+            let end = report.end.context("iperf3's report has no totals")?;
+            let up = end.sum_received;
+            let down = end
+                .sum_received_bidir_reverse
+                .context("iperf3's report has no reverse totals (--bidir)")?;
+            let mb_s = |s: &Iperf3Sum| s.bytes as f64 / s.seconds.max(1e-9) / 1e6;
+            let mut push = |k: &str, v: f64| r.values.entry(k.to_string()).or_default().push(v);
+            push("bulk_mb_s", mb_s(&up) + mb_s(&down));
+            push("bulk_up_mb_s", mb_s(&up));
+            push("bulk_down_mb_s", mb_s(&down));
+            push("cpu_s_per_gb", cpu / ((up.bytes + down.bytes) as f64 / 1e9));
+        }
+        r.rss_mib.insert("loaded".into(), self.rss_mib());
+        r.proxy = self.counters()?.since(before);
         Ok(r)
     }
 
@@ -630,6 +766,30 @@ impl Bench<'_> {
             .and_then(|n| n.parse().ok())
             .context("no REDIRECT rule in the client pod")
     }
+}
+
+/// What the ladder reads of `iperf3 -J`'s report.
+#[derive(Debug, Deserialize)]
+struct Iperf3Report {
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    end: Option<Iperf3End>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Iperf3End {
+    /// Client to server.
+    sum_received: Iperf3Sum,
+    /// Server to client (`--bidir` only).
+    #[serde(default)]
+    sum_received_bidir_reverse: Option<Iperf3Sum>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Iperf3Sum {
+    bytes: u64,
+    seconds: f64,
 }
 
 fn strings(a: &[&str]) -> Vec<String> {

@@ -37,7 +37,8 @@ enum Command {
         /// The fast mode (under 2 minutes): fewer repetitions, shorter runs.
         #[arg(long)]
         fast: bool,
-        /// Only these steps (numbers, comma-separated); default: 1-8, plus 9 in the full mode.
+        /// Only these steps (numbers, comma-separated); default: 1-8, plus 9-11 in the full
+        /// mode.
         #[arg(long, value_delimiter = ',')]
         steps: Vec<u8>,
         /// Override the plan's number of repetitions.

@@ -6,6 +6,7 @@
 //! mesh-sim demo [--keep] [--dir deploy/demo] [--prefix msim]
 //! mesh-sim up   [--dir DIR] [--prefix P]      # keeps it running, prints how to reach it
 //! mesh-sim down [--prefix P]                  # removes it (also what a killed run left)
+//! mesh-sim exec [--prefix P] POD -- CMD...    # runs CMD as POD's application runs
 //! ```
 //!
 //! `DIR` holds `cluster.yaml` (nodes and pods) and `resources/` (Kubernetes and SMI YAML).
@@ -21,7 +22,7 @@ use anyhow::{Context, Result, bail, ensure};
 use mesh_tests::cluster::{self, Binaries, Cluster, ClusterSpec};
 use mesh_tests::sniff::Sniffer;
 
-const USAGE: &str = "usage: mesh-sim demo [--keep] [--dir DIR] [--prefix P] | up [--dir DIR] [--prefix P] | down [--prefix P]";
+const USAGE: &str = "usage: mesh-sim demo [--keep] [--dir DIR] [--prefix P] | up [--dir DIR] [--prefix P] | down [--prefix P] | exec [--prefix P] POD -- COMMAND [ARG...]";
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -34,12 +35,15 @@ struct Args {
     keep: bool,
     dir: PathBuf,
     prefix: String,
+    /// `exec`: the pod (`namespace/name` or `name`) and the command.
+    pod: Option<String>,
+    argv: Vec<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut args = std::env::args().skip(1);
     let command = args.next().ok_or(USAGE)?;
-    if !["demo", "up", "down"].contains(&command.as_str()) {
+    if !["demo", "up", "down", "exec"].contains(&command.as_str()) {
         return Err(format!("unknown command {command:?}\n{USAGE}"));
     }
     let mut parsed = Args {
@@ -47,14 +51,27 @@ fn parse_args() -> Result<Args, String> {
         keep: false,
         dir: PathBuf::from("deploy/demo"),
         prefix: "msim".into(),
+        pod: None,
+        argv: vec![],
     };
     while let Some(a) = args.next() {
         match a.as_str() {
+            "--" if parsed.command == "exec" => {
+                parsed.argv = args.by_ref().collect();
+            }
             "--keep" => parsed.keep = true,
             "--dir" => parsed.dir = args.next().ok_or("--dir needs a directory")?.into(),
             "--prefix" => parsed.prefix = args.next().ok_or("--prefix needs a name")?,
+            pod if parsed.command == "exec" && parsed.pod.is_none() && !pod.starts_with('-') => {
+                parsed.pod = Some(pod.to_string());
+            }
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
+    }
+    if parsed.command == "exec" && (parsed.pod.is_none() || parsed.argv.is_empty()) {
+        return Err(format!(
+            "exec needs a pod and a command after `--`\n{USAGE}"
+        ));
     }
     let p = &parsed.prefix;
     if p.is_empty()
@@ -81,6 +98,9 @@ fn main() -> ExitCode {
     if let Some(missing) = missing_privileges() {
         eprintln!("mesh-sim: {missing}");
         return ExitCode::from(77);
+    }
+    if args.command == "exec" {
+        return exec(&args);
     }
     // Ctrl-C and SIGTERM end the run through the normal path, which tears the cluster down.
     for sig in [libc::SIGINT, libc::SIGTERM] {
@@ -182,15 +202,66 @@ fn up(args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// Runs a command as the pod's application runs (its cgroup and network namespace, so the
+/// mesh captures it), with this terminal's stdin, stdout and stderr; exits with its status
+/// (128 + the signal that killed it, 127 when there is no such command, 125 when it could not
+/// be started otherwise).
+fn exec(args: &Args) -> ExitCode {
+    let (Some(pod), Some((program, rest))) = (&args.pod, args.argv.split_first()) else {
+        return ExitCode::from(64);
+    };
+    let run = || -> Result<std::process::ExitStatus> {
+        let p = cluster::running_pod(&args.prefix, pod)?;
+        // The demo applications beside this binary come first, as in the pods' own commands.
+        let local = std::env::current_exe()?
+            .parent()
+            .map(|dir| dir.join(program))
+            .filter(|path| path.exists());
+        let program = local.unwrap_or_else(|| PathBuf::from(program));
+        let mut cmd = cluster::command_in(&program, &p.cgroup, &p.netns)?;
+        match cmd.args(rest).status() {
+            Ok(status) => Ok(status),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                eprintln!("mesh-sim: {}: command not found", program.display());
+                Ok(std::os::unix::process::ExitStatusExt::from_raw(127 << 8))
+            }
+            Err(e) => Err(anyhow::Error::new(e))
+                .with_context(|| format!("run {} in pod {}", program.display(), p.key())),
+        }
+    };
+    match run() {
+        Ok(status) => {
+            use std::os::unix::process::ExitStatusExt as _;
+            let code = status
+                .code()
+                .or_else(|| status.signal().map(|s| 128 + s))
+                .unwrap_or(1);
+            ExitCode::from(u8::try_from(code).unwrap_or(1))
+        }
+        Err(e) => {
+            eprintln!("mesh-sim: {e:#}");
+            ExitCode::from(125)
+        }
+    }
+}
+
 fn print_access(c: &Cluster) {
     println!("\nThe cluster stays up. To reach it:");
+    let sim = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "mesh-sim".into());
+    let prefix = if c.names.prefix == "msim" {
+        String::new()
+    } else {
+        format!("--prefix {} ", c.names.prefix)
+    };
     for p in &c.pods {
         println!(
-            "  {:<22} {:<8} {:<12} ip netns exec {} <command>",
+            "  {:<22} {:<8} {:<12} {sim} exec {prefix}{} -- <command>",
             p.key(),
             p.node,
             p.ip,
-            p.netns
+            p.key()
         );
     }
     for n in &c.nodes {
@@ -213,10 +284,7 @@ fn print_access(c: &Cluster) {
         c.state.display()
     );
     println!(
-        "  remove it            {} down --prefix {}",
-        std::env::current_exe()
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|_| "mesh-sim".into()),
+        "  remove it            {sim} down --prefix {}",
         c.names.prefix
     );
 }

@@ -45,23 +45,35 @@ pub fn up_with_args(
     agent_args: &[&str],
     controller_args: &[&str],
 ) -> Cluster {
-    let prefix = cluster_prefix();
     let text = std::fs::read_to_string(demo_dir().join("cluster.yaml")).expect("cluster.yaml");
     let spec = ClusterSpec::parse(&text).expect("the demo description parses");
+    let cluster = up_spec(&spec, resources, agent_args, controller_args);
+    wait_until_ok(&cluster, "demo/client", ECHO_VIP);
+    cluster
+}
+
+/// A cluster of `spec` under a prefix unique to this test, with the objects of `resources`,
+/// every agent started with `agent_args`. Returns once every pod's application listens on its
+/// ports; the mesh may still be receiving its configuration and certificates.
+pub fn up_spec(
+    spec: &ClusterSpec,
+    resources: &std::path::Path,
+    agent_args: &[&str],
+    controller_args: &[&str],
+) -> Cluster {
+    let prefix = cluster_prefix();
     let owned = |args: &[&str]| -> Vec<String> { args.iter().map(|s| s.to_string()).collect() };
     let (agent, controller) = (owned(agent_args), owned(controller_args));
-    let cluster = Cluster::up(
+    Cluster::up(
         &prefix,
-        &spec,
+        spec,
         resources,
         bins(),
         &agent,
         &controller,
         &mut |step| eprintln!("[{prefix}] {step}"),
     )
-    .unwrap_or_else(|e| panic!("cluster up: {e:#}"));
-    wait_until_ok(&cluster, "demo/client", ECHO_VIP);
-    cluster
+    .unwrap_or_else(|e| panic!("cluster up: {e:#}"))
 }
 
 pub fn call(c: &Cluster, pod: &str, target: &str) -> Output {
