@@ -430,7 +430,8 @@ fn parse_listening(table: &str) -> impl Iterator<Item = u16> + '_ {
 pub struct Binaries {
     pub agent: PathBuf,
     pub controller: PathBuf,
-    /// Directory prepended to the pods' PATH (demo applications).
+    /// Directory a pod command's program (its first word) is looked up in before PATH (the
+    /// demo applications); a program the command itself runs is looked up in PATH only.
     pub apps: PathBuf,
 }
 
