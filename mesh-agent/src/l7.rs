@@ -91,6 +91,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::telemetry::{Activity, Ended, Metered, Telemetry};
 
+pub(crate) mod deadline;
 pub(crate) mod retry;
 pub(crate) mod upgrade;
 pub(crate) mod upstream;

@@ -28,6 +28,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::AppDialer;
+use crate::l7::deadline;
 use crate::l7::upstream::{UpstreamError, Upstreams};
 use crate::l7::version::response_for;
 use crate::l7::{
@@ -123,6 +124,7 @@ impl InboundHttp {
         let grpc = is_grpc(request.headers());
         let (mut parts, body) = request.into_parts();
         let client_version = parts.version;
+        let call_deadline = deadline::of_request(&parts.headers, started);
         let requested_upgrade = upgrade::take(&mut parts);
         let method = parts.method.as_str().to_owned();
         let normalized = normalize_path(&mut parts, &self.http.paths);
@@ -251,8 +253,22 @@ impl InboundHttp {
                 let stream = dial(target).await?;
                 let _ = stream.set_nodelay(true);
                 Ok::<BoxIo, std::io::Error>(Box::new(stream))
-            })
-            .await;
+            });
+        let sent = match call_deadline {
+            Some(at) => match tokio::time::timeout_at(at, sent).await {
+                Ok(sent) => sent,
+                Err(_) => {
+                    return refuse(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        grpc_status::DEADLINE_EXCEEDED,
+                        ResponseFlag::UpstreamTimeout,
+                        "deadline_exceeded",
+                        "no response within the call's deadline (grpc-timeout)",
+                    );
+                }
+            },
+            None => sent.await,
+        };
         match sent {
             Ok(mut response) => {
                 let switch = requested_upgrade.and_then(|u| u.accepted(&mut response));
@@ -275,7 +291,11 @@ impl InboundHttp {
                     None,
                     None,
                 );
-                Response::from_parts(parts, body.boxed())
+                let body = match call_deadline {
+                    Some(at) => deadline::bounded(body.boxed(), at),
+                    None => body.boxed(),
+                };
+                Response::from_parts(parts, body)
             }
             Err(e) => {
                 let (flag, reason) = match &e {

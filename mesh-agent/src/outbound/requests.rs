@@ -40,6 +40,7 @@ use super::{Egress, PodOutbound};
 use crate::config::SameNode;
 use crate::hbone::{HBONE_PORT, HboneError, HbonePool};
 use crate::inbound::{AppDialer, Caller, DENIED, Rejection};
+use crate::l7::deadline;
 use crate::l7::retry::{MAX_RETRIES, RetryBudget, idempotent, retriable_status};
 use crate::l7::upstream::{UpstreamError, Upstreams};
 use crate::l7::version::response_for;
@@ -152,6 +153,8 @@ enum Attempt {
     Response(Response<Incoming>),
     Failed(UpstreamError<ConnectError>),
     TimedOut(Duration),
+    /// The gRPC call's deadline passed first.
+    DeadlineExceeded,
 }
 
 impl PodOutbound {
@@ -206,6 +209,7 @@ impl HttpConn {
         let grpc = is_grpc(request.headers());
         let (mut parts, body) = request.into_parts();
         let client_version = parts.version;
+        let call_deadline = deadline::of_request(&parts.headers, started);
         let mut requested_upgrade = upgrade::take(&mut parts);
         let method = parts.method.clone();
         let normalized = normalize_path(&mut parts, &self.shared.config.paths);
@@ -337,12 +341,17 @@ impl HttpConn {
             {
                 u.restore(request.headers_mut());
             }
-            let attempt = match route.timeout {
+            // The route's timeout, or the gRPC call's deadline when it comes first.
+            let left = call_deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let by_deadline = left.is_some_and(|l| route.timeout.is_none_or(|t| l <= t));
+            let limit = if by_deadline { left } else { route.timeout };
+            let attempt = match limit {
                 Some(limit) => {
                     match tokio::time::timeout(limit, self.send(&target, wire, &meta, request))
                         .await
                     {
                         Ok(r) => r,
+                        Err(_) if by_deadline => Attempt::DeadlineExceeded,
                         Err(_) => Attempt::TimedOut(limit),
                     }
                 }
@@ -354,7 +363,7 @@ impl HttpConn {
                     Attempt::Response(r) => retriable_status(r.status()),
                     Attempt::Failed(UpstreamError::Connect(e)) => !e.denied(),
                     Attempt::Failed(_) => true,
-                    Attempt::TimedOut(_) => false,
+                    Attempt::TimedOut(_) | Attempt::DeadlineExceeded => false,
                 }
                 && self.shared.budget.try_retry();
             if again {
@@ -396,8 +405,22 @@ impl HttpConn {
                         None,
                         None,
                     );
-                    Response::from_parts(head, body.boxed())
+                    let body = match call_deadline {
+                        Some(at) => deadline::bounded(body.boxed(), at),
+                        None => body.boxed(),
+                    };
+                    Response::from_parts(head, body)
                 }
+                Attempt::DeadlineExceeded => refuse(
+                    &meta,
+                    StatusCode::GATEWAY_TIMEOUT,
+                    grpc_status::DEADLINE_EXCEEDED,
+                    ResponseFlag::UpstreamTimeout,
+                    route_name,
+                    attempts,
+                    "deadline_exceeded",
+                    "no response within the call's deadline (grpc-timeout)",
+                ),
                 Attempt::TimedOut(limit) => refuse(
                     &meta,
                     StatusCode::GATEWAY_TIMEOUT,

@@ -6,10 +6,13 @@
 
 use std::future::Future;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use ::http::{Request as HttpRequest, Response as HttpResponse, StatusCode, Version};
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
 use hyper::client::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -87,12 +90,27 @@ where
     });
 }
 
-/// An application answering 200 `ok <path>` (and the request body, when there is one).
+/// A body of `frames`, then its end.
+fn frames(frames: Vec<Frame<Bytes>>) -> Body {
+    let stream = futures::stream::iter(frames.into_iter().map(Ok::<_, std::convert::Infallible>));
+    StreamBody::new(stream)
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// An application answering 200 `ok <path>` (and the request body, when there is one);
+/// under `/stream` it answers two chunks with no length.
 fn echo(seen: Seen) -> impl Fn(HttpRequest<Incoming>) -> BoxedResponse + Clone + Send + Sync {
     move |request| {
         note(&seen, &request);
         Box::pin(async move {
             let path = request.uri().path().to_owned();
+            if path.starts_with("/stream") {
+                return HttpResponse::new(frames(vec![
+                    Frame::data(Bytes::from_static(b"one ")),
+                    Frame::data(Bytes::from_static(b"two")),
+                ]));
+            }
             let body = request
                 .into_body()
                 .collect()
@@ -563,4 +581,257 @@ async fn an_http_port_whose_endpoint_has_no_proxy_is_spoken_to_in_its_declared_p
             "HTTP/2.0 GET /h1-to-h2 api.shop".to_string(),
         ]
     );
+}
+
+/// Reads from `conn` until what was read contains `pattern`.
+async fn read_until(conn: &mut TcpStream, pattern: &str) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let found = tokio::time::timeout(WAIT, async {
+        while !String::from_utf8_lossy(&got).contains(pattern) {
+            let n = conn.read(&mut buf).await.expect("read");
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    let got = String::from_utf8_lossy(&got).into_owned();
+    assert!(found.is_ok(), "no {pattern:?} in time; got {got:?}");
+    got
+}
+
+/// One HTTP/1.1 port served by [`echo`] at api-0, through HBONE.
+async fn one_echo_port(seen: &Seen) -> Compat {
+    let ports = vec![Port {
+        port: 80,
+        protocol: Protocol::Http,
+        target: h1_app(API_IP, echo(seen.clone())).await,
+    }];
+    compat(ports, vec![], false).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_gets_its_interim_answer_and_the_body_reaches_the_application() {
+    let seen: Seen = Arc::default();
+    let mesh = one_echo_port(&seen).await;
+    let mut conn = TcpStream::connect(mesh.capture(API_VIP, 80))
+        .await
+        .expect("connect");
+    conn.write_all(
+        b"POST /upload HTTP/1.1\r\nHost: api.shop\r\nContent-Length: 11\r\n\
+          Expect: 100-continue\r\n\r\n",
+    )
+    .await
+    .expect("head");
+    // The client holds its body until told to go on, as curl does.
+    let interim = read_until(&mut conn, "\r\n\r\n").await;
+    assert!(interim.starts_with("HTTP/1.1 100 Continue"), "{interim}");
+    conn.write_all(b"hello world").await.expect("body");
+    let answer = read_until(&mut conn, "hello world").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("ok /upload hello world"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http10_client_gets_a_whole_answer_and_its_connection_closed() {
+    let seen: Seen = Arc::default();
+    let mesh = one_echo_port(&seen).await;
+    for (path, body) in [("/old", "ok /old"), ("/stream", "one two")] {
+        let mut conn = TcpStream::connect(mesh.capture(API_VIP, 80))
+            .await
+            .expect("connect");
+        conn.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+            .await
+            .expect("request");
+        let mut answer = Vec::new();
+        tokio::time::timeout(WAIT, conn.read_to_end(&mut answer))
+            .await
+            .expect("the proxy closes an HTTP/1.0 connection after the answer")
+            .expect("read");
+        let answer = String::from_utf8_lossy(&answer);
+        // Answered in the client's version (hyper's server does), which it can read.
+        assert!(answer.starts_with("HTTP/1.0 200 OK\r\n"), "{answer}");
+        assert!(answer.ends_with(&format!("\r\n\r\n{body}")), "{answer}");
+        assert!(
+            !answer.to_ascii_lowercase().contains("chunked"),
+            "HTTP/1.0 has no chunked framing: {answer}"
+        );
+    }
+    // The application got HTTP/1.1 with the address the client dialled as its Host.
+    assert_eq!(
+        *seen.lock().expect("seen"),
+        vec![
+            "HTTP/1.1 GET /old 10.96.0.30:80".to_string(),
+            "HTTP/1.1 GET /stream 10.96.0.30:80".to_string(),
+        ]
+    );
+}
+
+/// An application streaming `data: 1` at once and `data: 2` only once `gate` opens (or after
+/// a while, so a proxy that holds the first chunk is caught by the test, not hung).
+fn events(
+    gate: Arc<tokio::sync::Notify>,
+    second: Arc<AtomicBool>,
+) -> impl Fn(HttpRequest<Incoming>) -> BoxedResponse + Clone + Send + Sync {
+    move |_request| {
+        let (gate, second) = (gate.clone(), second.clone());
+        Box::pin(async move {
+            let stream = futures::stream::unfold(0u8, move |step| {
+                let (gate, second) = (gate.clone(), second.clone());
+                async move {
+                    let chunk = match step {
+                        0 => "data: 1\n\n",
+                        1 => {
+                            let _ = tokio::time::timeout(WAIT, gate.notified()).await;
+                            second.store(true, Ordering::SeqCst);
+                            "data: 2\n\n"
+                        }
+                        _ => return None,
+                    };
+                    Some((
+                        Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(chunk))),
+                        step + 1,
+                    ))
+                }
+            });
+            let mut r = HttpResponse::new(
+                StreamBody::new(stream)
+                    .map_err(|never| match never {})
+                    .boxed(),
+            );
+            r.headers_mut()
+                .insert("content-type", "text/event-stream".parse().expect("value"));
+            r
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_responses_reach_the_client_chunk_by_chunk() {
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let second = Arc::new(AtomicBool::new(false));
+    let ports = vec![
+        Port {
+            port: 80,
+            protocol: Protocol::Http,
+            target: h1_app(API_IP, events(gate.clone(), second.clone())).await,
+        },
+        Port {
+            port: 81,
+            protocol: Protocol::Http2,
+            target: h2_app(API_IP, events(gate.clone(), second.clone())).await,
+        },
+    ];
+    let mesh = compat(ports, vec![], false).await;
+    for (port, version) in [
+        (80, Version::HTTP_11),
+        (81, Version::HTTP_2),
+        (80, Version::HTTP_2),
+    ] {
+        second.store(false, Ordering::SeqCst);
+        let addr = mesh.capture(API_VIP, port);
+        let response = if version == Version::HTTP_2 {
+            h2_client(addr)
+                .await
+                .send_request(get(version, "http://api.shop/events"))
+                .await
+        } else {
+            h1_client(addr)
+                .await
+                .send_request(get(version, "/events"))
+                .await
+        }
+        .expect("response");
+        let mut body = response.into_body();
+        let first = tokio::time::timeout(WAIT, body.frame())
+            .await
+            .expect("the first chunk in time")
+            .expect("a frame")
+            .expect("data");
+        assert_eq!(first.into_data().expect("data"), "data: 1\n\n");
+        assert!(
+            !second.load(Ordering::SeqCst),
+            "port {port} {version:?}: the first chunk arrived before the second was sent"
+        );
+        gate.notify_one();
+        let rest = tokio::time::timeout(WAIT, body.collect())
+            .await
+            .expect("in time")
+            .expect("rest")
+            .to_bytes();
+        assert_eq!(rest, "data: 2\n\n");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_upload_streams_with_bounded_memory() {
+    const TOTAL: u64 = 64 << 20;
+    const CHUNK: usize = 64 << 10;
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let app_gate = gate.clone();
+    // The application reads nothing before the gate opens, then counts the body.
+    let counting = move |request: HttpRequest<Incoming>| {
+        let gate = app_gate.clone();
+        Box::pin(async move {
+            let _ = tokio::time::timeout(WAIT, gate.notified()).await;
+            let mut body = request.into_body();
+            let mut n = 0u64;
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame.expect("frame").into_data() {
+                    n += data.len() as u64;
+                }
+            }
+            HttpResponse::new(crate::l7::full(format!("got {n}")))
+        }) as BoxedResponse
+    };
+    let ports = vec![Port {
+        port: 80,
+        protocol: Protocol::Http,
+        target: h1_app(API_IP, counting).await,
+    }];
+    let mesh = compat(ports, vec![], false).await;
+    let produced = Arc::new(AtomicU64::new(0));
+    let counter = produced.clone();
+    let chunks = futures::stream::iter(0..TOTAL / CHUNK as u64).map(move |_| {
+        counter.fetch_add(CHUNK as u64, Ordering::SeqCst);
+        Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![b'x'; CHUNK])))
+    });
+    let request = HttpRequest::post("/upload")
+        .header("host", "api.shop")
+        .header("content-length", TOTAL)
+        .body(
+            StreamBody::new(chunks)
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .expect("request");
+    let mut c = h1_client(mesh.capture(API_VIP, 80)).await;
+    let sending = tokio::spawn(async move { c.send_request(request).await });
+    // While the application reads nothing, the client can only send what the buffers on the
+    // way hold: the proxies take the body as it is read, they never store it whole.
+    let mut last = 0;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = produced.load(Ordering::SeqCst);
+        if now == last && now > 0 {
+            break;
+        }
+        last = now;
+    }
+    let held = produced.load(Ordering::SeqCst);
+    assert!(
+        held < TOTAL / 2,
+        "{held} bytes of {TOTAL} taken while the application read nothing"
+    );
+    gate.notify_one();
+    let response = tokio::time::timeout(Duration::from_secs(120), sending)
+        .await
+        .expect("the upload in time")
+        .expect("task")
+        .expect("response");
+    let (status, body) = read(response).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, format!("got {TOTAL}"));
 }
