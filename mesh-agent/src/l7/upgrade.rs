@@ -8,7 +8,9 @@
 //! connection, or it was cut (drain, revocation). Any other answer ends the upgrade: the
 //! caller gets that answer and its connection stays HTTP. Only HTTP/1.1 requests on a
 //! connection that leaves as HTTP/1.1 are upgraded; a request that leaves as HTTP/2 goes
-//! without its `Upgrade`, so the application answers it as a plain request.
+//! without its `Upgrade`, so the application answers it as a plain request. An upgrade to
+//! `h2c` is never carried: the HTTP/2 requests that would follow on the switched connection
+//! would pass unseen, unchecked by policy; the request goes on as plain HTTP/1.1.
 
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode, Version, request};
@@ -41,13 +43,40 @@ fn connection_upgrade(headers: &HeaderMap) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
-/// Takes an HTTP/1.1 upgrade request's `Upgrade` and the caller's connection from its head;
-/// `None` for any other request. Call before [`super::strip_hop_by_hop`].
-pub fn take(parts: &mut request::Parts) -> Option<Requested> {
+/// The protocols of an `Upgrade` header the proxy carries: every one but `h2c`. An upgrade to
+/// HTTP/2 would carry requests the proxy never sees, each unchecked by policy; without it, the
+/// request is answered as HTTP/1.1 (which the upgrade mechanism allows).
+fn carried(upgrade: &HeaderValue) -> Option<HeaderValue> {
+    let protocols: Vec<&str> = upgrade
+        .to_str()
+        .ok()?
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .filter(|p| {
+            let name = p.split('/').next().unwrap_or(p);
+            !name.eq_ignore_ascii_case("h2c")
+        })
+        .collect();
+    if protocols.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&protocols.join(", ")).ok()
+}
+
+/// The protocols an HTTP/1.1 request asks to switch to that the proxy carries.
+fn asked(parts: &request::Parts) -> Option<HeaderValue> {
     if parts.version != Version::HTTP_11 || !connection_upgrade(&parts.headers) {
         return None;
     }
-    let protocols = parts.headers.get(header::UPGRADE)?.clone();
+    carried(parts.headers.get(header::UPGRADE)?)
+}
+
+/// Takes an HTTP/1.1 upgrade request's `Upgrade` and the caller's connection from its head;
+/// `None` for any other request, or one asking only for `h2c`. Call before
+/// [`super::strip_hop_by_hop`].
+pub fn take(parts: &mut request::Parts) -> Option<Requested> {
+    let protocols = asked(parts)?;
     let client = parts.extensions.remove::<OnUpgrade>()?;
     Some(Requested {
         protocols,
@@ -135,5 +164,41 @@ async fn splice(client: OnUpgrade, upstream: OnUpgrade, watch: Option<ConnWatch>
     };
     if let Err(e) = ended {
         debug!(error = %e, "upgraded connection ended");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(connection: &str, upgrade: &str) -> request::Parts {
+        http::Request::get("/ws")
+            .header("connection", connection)
+            .header("upgrade", upgrade)
+            .body(())
+            .expect("request")
+            .into_parts()
+            .0
+    }
+
+    #[test]
+    fn only_upgrades_the_proxy_can_carry_are_taken() {
+        let asked_for = |c: &str, u: &str| asked(&request(c, u));
+        assert_eq!(
+            asked_for("keep-alive, Upgrade", "websocket").expect("websocket"),
+            "websocket"
+        );
+        assert!(asked_for("keep-alive", "websocket").is_none(), "not asked");
+        assert!(
+            asked_for("upgrade", "h2c").is_none(),
+            "h2c would carry requests past the policy"
+        );
+        assert_eq!(
+            asked_for("upgrade", "H2C, websocket").expect("websocket stays"),
+            "websocket"
+        );
+        let mut http10 = request("upgrade", "websocket");
+        http10.version = Version::HTTP_10;
+        assert!(asked(&http10).is_none(), "HTTP/1.1 only");
     }
 }

@@ -523,9 +523,19 @@ async fn an_allowed_upgrade_carries_bytes_both_ways_and_a_denied_one_is_refused(
             .expect("response");
         let (status, body) = read(response).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+        // An upgrade to h2c would carry requests no policy sees: it goes on as HTTP/1.1.
+        let mut h2c = upgrade_request("/h2c");
+        h2c.headers_mut()
+            .insert("upgrade", "h2c".parse().expect("value"));
+        let response = c.send_request(h2c).await.expect("response");
+        let (status, body) = read(response).await;
+        assert_eq!(status, StatusCode::UPGRADE_REQUIRED, "{body}");
         assert_eq!(
             *seen.lock().expect("seen"),
-            vec!["HTTP/1.1 GET /ws api.shop".to_string()],
+            vec![
+                "HTTP/1.1 GET /ws api.shop".to_string(),
+                "HTTP/1.1 GET /h2c api.shop".to_string(),
+            ],
             "same node: {same_node}"
         );
     }
