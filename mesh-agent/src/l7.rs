@@ -24,6 +24,28 @@
 //! through both proxies ([`upgrade`]). A refused upgrade is answered like any refused request
 //! and never switches.
 //!
+//! # What clients rely on
+//!
+//! - **Bodies stream.** Request and response bodies pass frame by frame as they come (a
+//!   server-sent event reaches the client when the application sends it); how much is in
+//!   flight is bounded by the connections' flow control (TCP, and the HTTP/2 windows), never
+//!   by the size of the body, so an upload of any size takes bounded memory.
+//! - **`Expect: 100-continue`** is answered `100 Continue` by the proxy the client speaks to
+//!   as soon as it starts passing the body on, once the request is routed; a request that
+//!   proxy refuses (a bad path, no route) gets its final answer instead, its body unread. The
+//!   destination's policy decides later, so a request it refuses may have sent its body.
+//! - **HTTP/1.0 clients** get an answer they can read (no chunked framing: the end of the body
+//!   is the end of the connection, closed after the answer); their requests go on as HTTP/1.1
+//!   with the address the client dialled as `Host` when they name none.
+//! - **Trailers** pass both ways. `Trailer` is kept; HTTP/1.1 only carries trailers declared
+//!   in it to a recipient that asked for them (`te: trailers`), which the proxy does for a
+//!   request that came as HTTP/2. Request trailers of an HTTP/2 client do not reach an
+//!   HTTP/1.1 application: HTTP/1.1 needs them declared before the body, which HTTP/2 does not.
+//! - **gRPC deadlines and cancellation** ([`deadline`]): `grpc-timeout` reaches the
+//!   application, and each proxy answers `DEADLINE_EXCEEDED` when it passes first; a call
+//!   its client cancels (a reset stream, a closed connection) is cancelled at the application.
+//! - WebSocket over HTTP/2 (extended CONNECT, RFC 8441) is not carried.
+//!
 //! # Endpoints without a proxy
 //!
 //! A service port declared HTTP whose chosen endpoint has no proxy of its own (a pod that is
@@ -91,11 +113,11 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::telemetry::{Activity, Ended, Metered, Telemetry};
 
-pub(crate) mod deadline;
+pub mod deadline;
 pub(crate) mod retry;
-pub(crate) mod upgrade;
+pub mod upgrade;
 pub(crate) mod upstream;
-pub(crate) mod version;
+pub mod version;
 
 pub use version::Wire;
 

@@ -3,7 +3,7 @@
 //! An upgrade request is a request like any other: routed, authorized, and sent on its way,
 //! with `Connection: upgrade` and its `Upgrade` kept (they are otherwise removed as
 //! connection-specific). When the answer is `101 Switching Protocols`, the caller's
-//! connection and the one the request went on stop carrying HTTP: [`splice`] copies their bytes
+//! connection and the one the request went on stop carrying HTTP: [`Switch::splice`] copies their bytes
 //! both ways until both ends closed, or nothing moved for the idle timeout of the caller's
 //! connection, or it was cut (drain, revocation). Any other answer ends the upgrade: the
 //! caller gets that answer and its connection stays HTTP. Only HTTP/1.1 requests on a

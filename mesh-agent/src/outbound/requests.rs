@@ -7,7 +7,12 @@
 //! destination's own request handler for a pod of this node, a plain socket otherwise.
 //!
 //! - A route's `timeouts.request` bounds the wait for the response head: past it the caller
-//!   gets 504 (gRPC: `DEADLINE_EXCEEDED`).
+//!   gets 504 (gRPC: `DEADLINE_EXCEEDED`). A gRPC call's `grpc-timeout` bounds the whole call
+//!   when it is shorter (see [`crate::l7::deadline`]).
+//! - The request leaves in its client's version for a meshed pod (whose proxy speaks the
+//!   port's declared protocol to the application) and in the port's declared protocol for an
+//!   endpoint without a proxy ([`crate::l7::version`]); an upgrade (WebSocket) is carried as
+//!   bytes once answered 101 ([`crate::l7::upgrade`]).
 //! - Idempotent requests without a body are retried (see [`crate::l7::retry`]).
 //! - The path is normalized before routing ([`crate::l7::normalize_path`]) and the request
 //!   leaves with the normalized path; one that cannot be normalized safely gets 400 (gRPC:

@@ -527,6 +527,9 @@ async fn an_allowed_upgrade_carries_bytes_both_ways_and_a_denied_one_is_refused(
         let mut h2c = upgrade_request("/h2c");
         h2c.headers_mut()
             .insert("upgrade", "h2c".parse().expect("value"));
+        c.ready()
+            .await
+            .expect("the connection goes on after a refusal");
         let response = c.send_request(h2c).await.expect("response");
         let (status, body) = read(response).await;
         assert_eq!(status, StatusCode::UPGRADE_REQUIRED, "{body}");
