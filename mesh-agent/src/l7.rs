@@ -252,11 +252,14 @@ pub fn service_port_protocol(snapshot: &NodeSnapshot, dst: SocketAddrV4) -> Prot
 }
 
 /// The accounting and idle timeout of the connection a request came on, in the request's
-/// extensions: what an upgraded connection keeps watching once it carries raw bytes.
+/// extensions: what an upgraded connection keeps watching once it carries raw bytes. While
+/// a copy of it lives, [`serve`] does not return, so the connection is held (and counted
+/// against its pod's cap) for as long as its upgraded bytes flow.
 #[derive(Clone)]
 pub struct ConnWatch {
     pub activity: Activity,
     pub idle: Duration,
+    _held: tokio::sync::mpsc::Sender<Infallible>,
 }
 
 impl std::fmt::Debug for ConnWatch {
@@ -307,38 +310,46 @@ where
     S::Future: Send + 'static,
 {
     let activity = io.guard().activity();
+    let (held, mut released) = tokio::sync::mpsc::channel::<Infallible>(1);
     let watch = ConnWatch {
         activity: activity.clone(),
         idle,
+        _held: held,
     };
     let service = hyper::service::service_fn(move |mut request: http::Request<Incoming>| {
         request.extensions_mut().insert(watch.clone());
         service.call(request)
     });
     let builder = server();
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(conn);
-    let mut draining = std::pin::pin!(telemetry.draining());
-    let mut asked = false;
-    loop {
-        tokio::select! {
-            served = conn.as_mut() => return served.map_err(|e| e.to_string()),
-            () = &mut draining, if !asked => {
-                asked = true;
-                conn.as_mut().graceful_shutdown();
-            }
-            ended = activity.watchdog(idle) => {
-                return Err(match ended {
-                    Ended::Idle(after) => format!("idle for {after:?}"),
-                    Ended::Cut => "cut at the end of the drain".to_string(),
-                    Ended::Revoked => format!(
-                        "closed: {}",
-                        activity.revoked().unwrap_or("the policy no longer allows it")
-                    ),
-                });
+    let served = {
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        let mut draining = std::pin::pin!(telemetry.draining());
+        let mut asked = false;
+        loop {
+            tokio::select! {
+                served = conn.as_mut() => break served.map_err(|e| e.to_string()),
+                () = &mut draining, if !asked => {
+                    asked = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                ended = activity.watchdog(idle) => {
+                    return Err(match ended {
+                        Ended::Idle(after) => format!("idle for {after:?}"),
+                        Ended::Cut => "cut at the end of the drain".to_string(),
+                        Ended::Revoked => format!(
+                            "closed: {}",
+                            activity.revoked().unwrap_or("the policy no longer allows it")
+                        ),
+                    });
+                }
             }
         }
-    }
+    };
+    // The connection and its service (with the service's watch) are gone; an upgraded
+    // exchange may still carry bytes: the connection ends when it does.
+    while released.recv().await.is_some() {}
+    served
 }
 
 /// An empty body.

@@ -244,6 +244,8 @@ impl InboundHttp {
         if let Some(u) = &requested_upgrade {
             u.restore(&mut parts.headers);
         }
+        // The caller's connection stays here: it is held while a copy of its watch lives.
+        parts.extensions.remove::<crate::l7::ConnWatch>();
         let upstream = Request::from_parts(parts, body.boxed());
         let dial = self.dial.clone();
         let target = self.target;

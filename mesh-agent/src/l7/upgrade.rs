@@ -5,7 +5,8 @@
 //! connection-specific). When the answer is `101 Switching Protocols`, the caller's
 //! connection and the one the request went on stop carrying HTTP: [`Switch::splice`] copies their bytes
 //! both ways until both ends closed, or nothing moved for the idle timeout of the caller's
-//! connection, or it was cut (drain, revocation). Any other answer ends the upgrade: the
+//! connection, or it was cut (drain, revocation); until then the caller's connection stays
+//! open and counted (telemetry, its pod's connection cap). Any other answer ends the upgrade: the
 //! caller gets that answer and its connection stays HTTP. Only HTTP/1.1 requests on a
 //! connection that leaves as HTTP/1.1 are upgraded; a request that leaves as HTTP/2 goes
 //! without its `Upgrade`, so the application answers it as a plain request. An upgrade to

@@ -176,6 +176,16 @@ impl Compat {
 /// service `api`, and `plain` on the service `plain` whose endpoint has no proxy. api-0's
 /// policy lets web-0 call any path but those under `/denied`.
 async fn compat(ports: Vec<Port>, plain: Vec<Port>, same_node: bool) -> Compat {
+    compat_with(ports, plain, same_node, OutboundConfig::default()).await
+}
+
+/// [`compat`] with web-0's outbound settings.
+async fn compat_with(
+    ports: Vec<Port>,
+    plain: Vec<Port>,
+    same_node: bool,
+    config: OutboundConfig,
+) -> Compat {
     let ca = TestCa::new("compat-test-ca");
     let hour = Duration::from_secs(3600);
     let (a_mgr, _) = manager(&TestSigner::new(ca.clone(), hour));
@@ -294,7 +304,7 @@ async fn compat(ports: Vec<Port>, plain: Vec<Port>, same_node: bool) -> Compat {
             crate::state::holding(&node_a),
             pool,
             Arc::new(|addr| Box::pin(TcpStream::connect(addr))),
-            OutboundConfig::default(),
+            config,
             Telemetry::new(&mut source_metrics),
         )
         .with_local_pods(local),
@@ -541,6 +551,55 @@ async fn an_allowed_upgrade_carries_bytes_both_ways_and_a_denied_one_is_refused(
             ],
             "same node: {same_node}"
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_connection_counts_against_the_pods_cap_until_it_closes() {
+    let seen: Seen = Arc::default();
+    let ports = vec![Port {
+        port: 80,
+        protocol: Protocol::Http,
+        target: h1_app(API_IP, upgrading(seen.clone())).await,
+    }];
+    let capped = OutboundConfig {
+        max_connections: 1,
+        ..OutboundConfig::default()
+    };
+    let mesh = compat_with(ports, vec![], false, capped).await;
+    let addr = mesh.capture(API_VIP, 80);
+    let mut c = h1_client(addr).await;
+    let response = c
+        .send_request(upgrade_request("/ws"))
+        .await
+        .expect("response");
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    let mut io = TokioIo::new(hyper::upgrade::on(response).await.expect("switched"));
+    assert_eq!(read_exactly(&mut io, 5).await, "hello");
+    // The pod's one connection is the upgraded one: another is refused.
+    let mut other = TcpStream::connect(addr).await.expect("connect");
+    let mut answer = Vec::new();
+    let _ = other.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    let _ = tokio::time::timeout(WAIT, other.read_to_end(&mut answer)).await;
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    io.write_all(b"still").await.expect("write");
+    assert_eq!(
+        read_exactly(&mut io, 5).await,
+        "STILL",
+        "the upgraded one goes on"
+    );
+    // Closed, it frees its place.
+    drop(io);
+    drop(c);
+    for attempt in 0.. {
+        let mut c = h1_client(addr).await;
+        let sent = c.send_request(get(Version::HTTP_11, "/after")).await;
+        if let Ok(response) = sent {
+            assert_eq!(read(response).await.0, StatusCode::UPGRADE_REQUIRED);
+            break;
+        }
+        assert!(attempt < 50, "the cap was never freed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
