@@ -321,11 +321,8 @@ impl PodInbound {
                 return Err(rejection);
             }
         };
-        let l7 = is_l7(pod_port_protocol(
-            &config.snapshot,
-            &self.pod,
-            target.port(),
-        ));
+        let protocol = pod_port_protocol(&config.snapshot, &self.pod, target.port());
+        let l7 = is_l7(protocol);
         let admission = Admission {
             caller: Some(caller.identity.clone()),
             requests_checked: l7,
@@ -350,6 +347,7 @@ impl PodInbound {
                 target,
                 meta,
             )
+            .with_protocol(protocol)
             .with_http(self.http);
             return Ok(Admitted::Http(Box::new((http, guard))));
         }
@@ -636,7 +634,8 @@ impl PlaintextInbound {
                 .denied(meta, rejection.kind, &rejection.reason);
             return Err(PlaintextError::Refused(rejection));
         }
-        let l7 = is_l7(pod_port_protocol(&config.snapshot, &self.pod, dst.port()));
+        let protocol = pod_port_protocol(&config.snapshot, &self.pod, dst.port());
+        let l7 = is_l7(protocol);
         let admission = Admission {
             caller: None,
             requests_checked: l7,
@@ -663,6 +662,7 @@ impl PlaintextInbound {
                 dst,
                 meta,
             )
+            .with_protocol(protocol)
             .with_http(self.http);
             http.serve(conn, self.idle_timeout).await;
             return Ok((0, 0));

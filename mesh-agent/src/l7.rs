@@ -6,10 +6,55 @@
 //! server-first protocol never waits for a client that will not speak first.
 //!
 //! On an L7 port both sides parse requests with hyper, one connection of the application
-//! at a time, whichever version it speaks (HTTP/1.1, or HTTP/2 with prior knowledge, which
-//! gRPC uses). Requests keep their version end to end: an HTTP/1.1 request leaves the proxy as
-//! HTTP/1.1 on a kept-alive connection, an HTTP/2 request as a stream of an HTTP/2 connection.
-//! Bodies and trailers are streamed frame by frame, never buffered whole.
+//! at a time, whichever version it speaks (HTTP/1.0 or 1.1, or HTTP/2 with prior knowledge,
+//! which gRPC uses). Bodies and trailers are streamed frame by frame, never buffered whole.
+//!
+//! # Versions
+//!
+//! The application is spoken to in its port's declared protocol, whatever the client spoke
+//! ([`Wire::of_protocol`]): `http` as HTTP/1.1 on kept-alive connections, `http2`, `h2c` and
+//! `grpc` as streams of an HTTP/2 connection (prior knowledge). A request that changes version
+//! on the way is converted ([`version`]: request target, `Host`/`:authority`,
+//! connection-specific headers); the caller gets the answer in its own version. Between two
+//! proxies (HBONE, or two pods of this node) a request keeps the version its client spoke,
+//! HTTP/1.0 leaving as HTTP/1.1.
+//!
+//! An HTTP/1.1 `Upgrade` (WebSocket) is routed and authorized like any request; once the
+//! application answered `101 Switching Protocols` the connection carries raw bytes both ways
+//! through both proxies ([`upgrade`]). A refused upgrade is answered like any refused request
+//! and never switches.
+//!
+//! # What clients rely on
+//!
+//! - **Bodies stream.** Request and response bodies pass frame by frame as they come (a
+//!   server-sent event reaches the client when the application sends it); how much is in
+//!   flight is bounded by the connections' flow control (TCP, and the HTTP/2 windows), never
+//!   by the size of the body, so an upload of any size takes bounded memory.
+//! - **`Expect: 100-continue`** is answered `100 Continue` by the proxy the client speaks to
+//!   as soon as it starts passing the body on, once the request is routed; a request that
+//!   proxy refuses (a bad path, no route) gets its final answer instead, its body unread. The
+//!   destination's policy decides later, so a request it refuses may have sent its body.
+//! - **HTTP/1.0 clients** get an answer they can read (no chunked framing: the end of the body
+//!   is the end of the connection, closed after the answer); their requests go on as HTTP/1.1
+//!   with the address the client dialled as `Host` when they name none.
+//! - **Trailers** pass both ways. `Trailer` is kept; HTTP/1.1 only carries trailers declared
+//!   in it to a recipient that asked for them (`te: trailers`), which the proxy does for a
+//!   request that came as HTTP/2. Request trailers of an HTTP/2 client do not reach an
+//!   HTTP/1.1 application: HTTP/1.1 needs them declared before the body, which HTTP/2 does not.
+//! - **gRPC deadlines and cancellation** ([`deadline`]): `grpc-timeout` reaches the
+//!   application, and each proxy answers `DEADLINE_EXCEEDED` when it passes first; a call
+//!   its client cancels (a reset stream, a closed connection) is cancelled at the application.
+//! - WebSocket over HTTP/2 (extended CONNECT, RFC 8441) is not carried.
+//!
+//! # Endpoints without a proxy
+//!
+//! A service port declared HTTP whose chosen endpoint has no proxy of its own (a pod that is
+//! not enrolled, an endpoint outside the mesh) is still handled at L7 by the source's proxy:
+//! each request is routed, retried and timed as for a meshed endpoint, and sent in plaintext to
+//! the endpoint in the port's declared protocol (an HTTP/2 client reaches an HTTP/1.1 server
+//! on an `http` port). Nothing checks the caller's identity there: there is no destination
+//! proxy, and the identity header is never set. A destination outside every service (no
+//! declared protocol) is carried as bytes (L4), as the egress setting allows.
 //!
 //! # The caller's identity
 //!
@@ -56,6 +101,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use mesh_core::http_path::{self, PathError, PathNormalization};
@@ -65,10 +111,15 @@ use serde::Serialize;
 use std::net::SocketAddrV4;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::telemetry::{Ended, Metered, Telemetry};
+use crate::telemetry::{Activity, Ended, Metered, Telemetry};
 
+pub mod deadline;
 pub(crate) mod retry;
+pub mod upgrade;
 pub(crate) mod upstream;
+pub mod version;
+
+pub use version::Wire;
 
 /// A request or response body as the proxy passes it on.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -188,6 +239,37 @@ pub fn pod_port_protocol(snapshot: &NodeSnapshot, pod: &NamespacedName, port: u1
         .map_or(Protocol::Tcp, |p| p.protocol)
 }
 
+/// The declared protocol of the service port at `dst` (a service VIP and port), as the
+/// application addressed it; TCP for any other address.
+pub fn service_port_protocol(snapshot: &NodeSnapshot, dst: SocketAddrV4) -> Protocol {
+    snapshot
+        .services
+        .values()
+        .filter(|svc| svc.vip == Some(*dst.ip()))
+        .flat_map(|svc| svc.ports.iter())
+        .find(|p| p.port == dst.port())
+        .map_or(Protocol::Tcp, |p| p.protocol)
+}
+
+/// The accounting and idle timeout of the connection a request came on, in the request's
+/// extensions: what an upgraded connection keeps watching once it carries raw bytes. While
+/// a copy of it lives, [`serve`] does not return, so the connection is held (and counted
+/// against its pod's cap) for as long as its upgraded bytes flow.
+#[derive(Clone)]
+pub struct ConnWatch {
+    pub activity: Activity,
+    pub idle: Duration,
+    _held: tokio::sync::mpsc::Sender<Infallible>,
+}
+
+impl std::fmt::Debug for ConnWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnWatch")
+            .field("idle", &self.idle)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The server side of a proxied connection (either version, with the limits above).
 pub(crate) fn server() -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -220,7 +302,7 @@ pub(crate) async fn serve<I, S>(
 where
     I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     S: hyper::service::Service<
-            http::Request<hyper::body::Incoming>,
+            http::Request<Incoming>,
             Response = Response<Body>,
             Error = Infallible,
         > + Send
@@ -228,30 +310,46 @@ where
     S::Future: Send + 'static,
 {
     let activity = io.guard().activity();
+    let (held, mut released) = tokio::sync::mpsc::channel::<Infallible>(1);
+    let watch = ConnWatch {
+        activity: activity.clone(),
+        idle,
+        _held: held,
+    };
+    let service = hyper::service::service_fn(move |mut request: http::Request<Incoming>| {
+        request.extensions_mut().insert(watch.clone());
+        service.call(request)
+    });
     let builder = server();
-    let conn = builder.serve_connection(TokioIo::new(io), service);
-    tokio::pin!(conn);
-    let mut draining = std::pin::pin!(telemetry.draining());
-    let mut asked = false;
-    loop {
-        tokio::select! {
-            served = conn.as_mut() => return served.map_err(|e| e.to_string()),
-            () = &mut draining, if !asked => {
-                asked = true;
-                conn.as_mut().graceful_shutdown();
-            }
-            ended = activity.watchdog(idle) => {
-                return Err(match ended {
-                    Ended::Idle(after) => format!("idle for {after:?}"),
-                    Ended::Cut => "cut at the end of the drain".to_string(),
-                    Ended::Revoked => format!(
-                        "closed: {}",
-                        activity.revoked().unwrap_or("the policy no longer allows it")
-                    ),
-                });
+    let served = {
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        let mut draining = std::pin::pin!(telemetry.draining());
+        let mut asked = false;
+        loop {
+            tokio::select! {
+                served = conn.as_mut() => break served.map_err(|e| e.to_string()),
+                () = &mut draining, if !asked => {
+                    asked = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                ended = activity.watchdog(idle) => {
+                    return Err(match ended {
+                        Ended::Idle(after) => format!("idle for {after:?}"),
+                        Ended::Cut => "cut at the end of the drain".to_string(),
+                        Ended::Revoked => format!(
+                            "closed: {}",
+                            activity.revoked().unwrap_or("the policy no longer allows it")
+                        ),
+                    });
+                }
             }
         }
-    }
+    };
+    // The connection and its service (with the service's watch) are gone; an upgraded
+    // exchange may still carry bytes: the connection ends when it does.
+    while released.recv().await.is_some() {}
+    served
 }
 
 /// An empty body.
@@ -360,6 +458,9 @@ pub fn refusal(
 
 /// Removes the headers that describe one connection, not the message (RFC 9110 section
 /// 7.6.1), including those the `Connection` header names. `te: trailers` stays: gRPC needs it.
+/// `Trailer` stays too: it describes the message (which trailer fields follow), and HTTP/1.1
+/// carries only the trailers it names. An upgrade puts its own headers back
+/// ([`upgrade::Requested::restore`]).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -379,7 +480,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         header::PROXY_AUTHORIZATION,
         header::TRANSFER_ENCODING,
         header::UPGRADE,
-        header::TRAILER,
     ] {
         headers.remove(name);
     }

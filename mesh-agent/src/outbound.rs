@@ -29,7 +29,7 @@ use tracing::debug;
 use crate::config::SameNode;
 use crate::hbone::{HBONE_PORT, HboneError, HbonePool};
 use crate::inbound::{AppDialer, Caller, Rejection};
-use crate::l7::{HttpConfig, is_l7};
+use crate::l7::{HttpConfig, is_l7, service_port_protocol};
 use crate::local::{LocalPod, LocalPods};
 use crate::proxy::{RelayError, relay, relay_watching};
 use crate::state::{StateStore, Version};
@@ -324,8 +324,39 @@ impl PodOutbound {
                 };
                 meta.service = resolver_service(snapshot, dst);
                 let conn = Metered::new(conn, self.telemetry.open(meta.clone()), Side::Source);
-                self.http(conn, dst, src, resolver.clone(), applied.clone(), meta)
-                    .await;
+                self.http(
+                    conn,
+                    dst,
+                    protocol,
+                    src,
+                    resolver.clone(),
+                    applied.clone(),
+                    meta,
+                )
+                .await;
+                Ok(Carried {
+                    path: Path::Http,
+                    sent: 0,
+                    received: 0,
+                })
+            }
+            Target::Plain { .. } if is_l7(service_port_protocol(snapshot, dst)) => {
+                // An HTTP port whose endpoints have no proxy: the requests are still routed
+                // one by one here, and reach the endpoint in the port's declared protocol.
+                drop(lease.take());
+                meta.service = resolver_service(snapshot, dst);
+                let protocol = service_port_protocol(snapshot, dst);
+                let conn = Metered::new(conn, self.telemetry.open(meta.clone()), Side::Source);
+                self.http(
+                    conn,
+                    dst,
+                    protocol,
+                    src,
+                    resolver.clone(),
+                    applied.clone(),
+                    meta,
+                )
+                .await;
                 Ok(Carried {
                     path: Path::Http,
                     sent: 0,

@@ -1,6 +1,7 @@
 //! Requests on an L7 port of a meshed pod: each one authorized on its own with the pod's
 //! policy (the TrafficTarget rules whose HTTPRouteGroup matches), then passed to the
-//! application with the caller's identity in [`IDENTITY_HEADER`].
+//! application with the caller's identity in [`IDENTITY_HEADER`], in the port's declared
+//! protocol whatever version the caller spoke (see [`crate::l7`]).
 //!
 //! The request's path is normalized first ([`crate::l7::normalize_path`]): the policy matches
 //! the normalized path and the application receives it; a path that cannot be normalized
@@ -21,16 +22,18 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use mesh_core::SpiffeId;
-use mesh_core::model::NamespacedName;
+use mesh_core::model::{NamespacedName, Protocol};
 use mesh_core::policy::{self, Conn, Permit, authorize};
 use tokio::time::Instant;
 use tracing::debug;
 
 use super::AppDialer;
+use crate::l7::deadline;
 use crate::l7::upstream::{UpstreamError, Upstreams};
+use crate::l7::version::response_for;
 use crate::l7::{
-    Body, BoxIo, Headers, HttpConfig, IDENTITY_HEADER, Io, grpc_status, is_grpc, normalize_path,
-    refusal, strip_hop_by_hop,
+    Body, BoxIo, Headers, HttpConfig, IDENTITY_HEADER, Io, Wire, grpc_status, is_grpc,
+    normalize_path, refusal, strip_hop_by_hop, upgrade,
 };
 use crate::state::StateStore;
 use crate::telemetry::{ConnMeta, Metered, RequestRecord, ResponseFlag, Telemetry};
@@ -45,6 +48,8 @@ pub struct InboundHttp {
     pub caller: Option<SpiffeId>,
     /// The application's address in the pod.
     pub target: SocketAddrV4,
+    /// The port's declared protocol: the version the application is spoken to in.
+    pub protocol: Protocol,
     /// The connection as the telemetry describes it (`reporter="destination"`).
     pub meta: ConnMeta,
     /// Path normalization and what refused callers are told.
@@ -58,6 +63,7 @@ impl std::fmt::Debug for InboundHttp {
             .field("pod", &self.pod)
             .field("caller", &self.caller)
             .field("target", &self.target)
+            .field("protocol", &self.protocol)
             .finish_non_exhaustive()
     }
 }
@@ -79,10 +85,18 @@ impl InboundHttp {
             telemetry,
             caller,
             target,
+            protocol: Protocol::Http,
             meta,
             http: HttpConfig::default(),
             app: Upstreams::new(),
         }
+    }
+
+    /// Speaking `protocol`, the port's declared protocol, to the application (default:
+    /// `http`, HTTP/1.1).
+    pub fn with_protocol(mut self, protocol: Protocol) -> InboundHttp {
+        self.protocol = protocol;
+        self
     }
 
     /// With these path normalization and refusal settings (default: [`HttpConfig::default`]).
@@ -109,6 +123,9 @@ impl InboundHttp {
         let started = Instant::now();
         let grpc = is_grpc(request.headers());
         let (mut parts, body) = request.into_parts();
+        let client_version = parts.version;
+        let call_deadline = deadline::of_request(&parts.headers, started);
+        let requested_upgrade = upgrade::take(&mut parts);
         let method = parts.method.as_str().to_owned();
         let normalized = normalize_path(&mut parts, &self.http.paths);
         let path = parts.uri.path().to_owned();
@@ -222,21 +239,48 @@ impl InboundHttp {
                 parts.headers.insert(IDENTITY_HEADER, v);
             }
         }
+        let wire = Wire::of_protocol(self.protocol);
+        let requested_upgrade = requested_upgrade.filter(|_| wire == Wire::Http1);
+        if let Some(u) = &requested_upgrade {
+            u.restore(&mut parts.headers);
+        }
+        // The caller's connection stays here: it is held while a copy of its watch lives.
+        parts.extensions.remove::<crate::l7::ConnWatch>();
         let upstream = Request::from_parts(parts, body.boxed());
         let dial = self.dial.clone();
         let target = self.target;
         let sent = self
             .app
-            .send(target, upstream, || async move {
+            .send(target, wire, target, upstream, || async move {
                 let stream = dial(target).await?;
                 let _ = stream.set_nodelay(true);
                 Ok::<BoxIo, std::io::Error>(Box::new(stream))
-            })
-            .await;
+            });
+        let sent = match call_deadline {
+            Some(at) => match tokio::time::timeout_at(at, sent).await {
+                Ok(sent) => sent,
+                Err(_) => {
+                    return refuse(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        grpc_status::DEADLINE_EXCEEDED,
+                        ResponseFlag::UpstreamTimeout,
+                        "deadline_exceeded",
+                        "no response within the call's deadline (grpc-timeout)",
+                    );
+                }
+            },
+            None => sent.await,
+        };
         match sent {
-            Ok(response) => {
+            Ok(mut response) => {
+                let switch = requested_upgrade.and_then(|u| u.accepted(&mut response));
+                response_for(&mut response, client_version);
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
+                if let Some(switch) = switch {
+                    switch.restore(&mut parts.headers);
+                    switch.splice();
+                }
                 let code = parts
                     .headers
                     .get("grpc-status")
@@ -249,7 +293,11 @@ impl InboundHttp {
                     None,
                     None,
                 );
-                Response::from_parts(parts, body.boxed())
+                let body = match call_deadline {
+                    Some(at) => deadline::bounded(body.boxed(), at),
+                    None => body.boxed(),
+                };
+                Response::from_parts(parts, body)
             }
             Err(e) => {
                 let (flag, reason) = match &e {

@@ -407,3 +407,131 @@ fn a_connection_made_to_the_inbound_listener_itself_has_no_destination() {
         "not_ipv4"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plaintext_caller_reaches_the_application_in_its_ports_declared_protocol() {
+    use http_body_util::BodyExt;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use mesh_core::model::{Endpoint, Protocol, Service, ServicePort};
+
+    // The application speaks HTTP/1.1 only: it answers the version and Host it got, and
+    // switches to a byte echo on an upgrade.
+    let app = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+    let app_addr = app.local_addr().expect("app address");
+    tokio::spawn(async move {
+        while let Ok((conn, _)) = app.accept().await {
+            let service = hyper::service::service_fn(|mut request: http::Request<_>| async move {
+                let mut response = http::Response::new(crate::l7::full(format!(
+                    "{:?} {}",
+                    request.version(),
+                    request.headers()["host"].to_str().unwrap_or("-")
+                )));
+                if request.headers().contains_key("upgrade") {
+                    let on = hyper::upgrade::on(&mut request);
+                    tokio::spawn(async move {
+                        let mut io = TokioIo::new(on.await.expect("switched"));
+                        let mut buf = [0u8; 64];
+                        while let Ok(n @ 1..) = io.read(&mut buf).await {
+                            let _ = io.write_all(&buf[..n].to_ascii_uppercase()).await;
+                        }
+                    });
+                    *response.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+                    response
+                        .headers_mut()
+                        .insert("connection", http::HeaderValue::from_static("upgrade"));
+                    response
+                        .headers_mut()
+                        .insert("upgrade", http::HeaderValue::from_static("websocket"));
+                }
+                Ok::<_, std::convert::Infallible>(response)
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(conn), service)
+                    .with_upgrades(),
+            );
+        }
+    });
+
+    // "15006", at the pod's address; the port it is bound to is the one declared `http`.
+    let listener = TcpListener::bind((POD_IP, 0)).await.expect("bind 15006");
+    let addr = listener.local_addr().expect("address");
+    let mut cfg = config(TlsMode::Permissive, TrafficPolicyMode::Permissive);
+    let service = Service {
+        name: NamespacedName::new("shop", "api"),
+        vip: Some(Ipv4Addr::new(10, 96, 0, 1)),
+        ports: vec![ServicePort {
+            name: "web".into(),
+            port: 80,
+            target_port: addr.port(),
+            protocol: Protocol::Http,
+        }],
+        endpoints: vec![Endpoint {
+            ip: POD_IP,
+            workload: Some(pod()),
+            identity: Some(id(API)),
+            node: Some("node-b".into()),
+            ready: true,
+        }],
+    };
+    cfg.services = Arc::new([(service.name.clone(), Arc::new(service))].into());
+    let mut registry = Registry::default();
+    let handler = Arc::new(PlaintextInbound {
+        pod: pod(),
+        ip: POD_IP,
+        store: crate::state::holding(&cfg),
+        dial: Arc::new(move |_| Box::pin(TcpStream::connect(app_addr))),
+        telemetry: Telemetry::new(&mut registry),
+        idle_timeout: Duration::from_secs(60),
+        http: crate::l7::HttpConfig::default(),
+    });
+    tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            let handler = handler.clone();
+            tokio::spawn(async move { handler.handle(conn).await });
+        }
+    });
+
+    // HTTP/2 with prior knowledge, to an application that only speaks HTTP/1.1.
+    let conn = TcpStream::connect(addr).await.expect("connect");
+    let (mut h2, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(conn))
+            .await
+            .expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    let request = http::Request::get("http://api.shop/x")
+        .body(crate::l7::empty())
+        .expect("request");
+    let response = h2.send_request(request).await.expect("response");
+    assert_eq!(response.status(), http::StatusCode::OK);
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    assert_eq!(body, "HTTP/1.1 api.shop");
+
+    // A WebSocket upgrade from a plaintext caller switches too.
+    let conn = TcpStream::connect(addr).await.expect("connect");
+    let (mut h1, connection) = hyper::client::conn::http1::handshake(TokioIo::new(conn))
+        .await
+        .expect("HTTP/1.1 handshake");
+    tokio::spawn(connection.with_upgrades());
+    let request = http::Request::get("/ws")
+        .header("host", "api.shop")
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .body(crate::l7::empty())
+        .expect("request");
+    let response = h1.send_request(request).await.expect("response");
+    assert_eq!(response.status(), http::StatusCode::SWITCHING_PROTOCOLS);
+    let mut io = TokioIo::new(hyper::upgrade::on(response).await.expect("switched"));
+    io.write_all(b"ping").await.expect("write");
+    let mut pong = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(10), io.read_exact(&mut pong))
+        .await
+        .expect("in time")
+        .expect("read");
+    assert_eq!(&pong, b"PING");
+}

@@ -1,9 +1,11 @@
 //! Connections to where requests go: kept and reused per destination address.
 //!
-//! HTTP/1.1 requests take an idle connection to the address, or open one; a connection goes
+//! The caller says which version the connection speaks ([`Wire`]) and the request is
+//! converted to it ([`super::version::request_for`]). HTTP/1.1 requests take an idle connection to the address, or open one; a connection goes
 //! back to the idle list as soon as the response head arrived and is taken again once its
 //! response body ended (hyper reports it ready). HTTP/2 requests share one connection per
-//! address as streams; it is replaced when it closes. How a connection is opened (an HBONE
+//! address as streams; it is replaced when it closes. An HTTP/1.1 connection whose request
+//! switched protocols (101) is never reused: it belongs to the upgraded exchange. How a connection is opened (an HBONE
 //! stream, a pod of this node, a plain socket) is the caller's `connect`.
 
 use std::collections::HashMap;
@@ -11,12 +13,13 @@ use std::future::Future;
 use std::net::SocketAddrV4;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use http::{Request, Response, Version};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tracing::debug;
 
+use super::version::{Wire, request_for};
 use super::{Body, BoxIo, CONNECTION_WINDOW, STREAM_WINDOW};
 
 /// Idle HTTP/1.1 connections kept per address.
@@ -61,12 +64,15 @@ impl Upstreams {
         Upstreams::default()
     }
 
-    /// Sends `request` to `addr` on a kept connection of its version, or on a new one from
-    /// `connect`. HTTP/2 for `HTTP/2` requests, HTTP/1.1 for every other.
+    /// Sends `request` to `addr` on a kept connection speaking `wire`, or on a new one from
+    /// `connect`, converted to that version first; `authority` names the destination for a
+    /// request that does not (see [`super::version`]).
     pub async fn send<E, F, Fut>(
         &self,
         addr: SocketAddrV4,
-        request: Request<Body>,
+        wire: Wire,
+        authority: SocketAddrV4,
+        mut request: Request<Body>,
         connect: F,
     ) -> Result<Response<Incoming>, UpstreamError<E>>
     where
@@ -74,10 +80,10 @@ impl Upstreams {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<BoxIo, E>>,
     {
-        if request.version() == Version::HTTP_2 {
-            self.send_h2(addr, request, connect).await
-        } else {
-            self.send_h1(addr, request, connect).await
+        request_for(&mut request, wire, authority);
+        match wire {
+            Wire::Http2 => self.send_h2(addr, request, connect).await,
+            Wire::Http1 => self.send_h1(addr, request, connect).await,
         }
     }
 
@@ -144,7 +150,7 @@ impl Upstreams {
                     .await
                     .map_err(UpstreamError::Handshake)?;
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    if let Err(e) = conn.with_upgrades().await {
                         debug!(%addr, error = %e, "HTTP/1.1 upstream connection ended");
                     }
                 });
@@ -155,6 +161,9 @@ impl Upstreams {
             .send_request(request)
             .await
             .map_err(UpstreamError::Send)?;
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            return Ok(response);
+        }
         let mut idle = lock(&self.h1);
         let list = idle.entry(addr).or_default();
         if list.len() < MAX_IDLE_PER_ADDR {

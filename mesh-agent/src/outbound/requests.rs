@@ -7,7 +7,12 @@
 //! destination's own request handler for a pod of this node, a plain socket otherwise.
 //!
 //! - A route's `timeouts.request` bounds the wait for the response head: past it the caller
-//!   gets 504 (gRPC: `DEADLINE_EXCEEDED`).
+//!   gets 504 (gRPC: `DEADLINE_EXCEEDED`). A gRPC call's `grpc-timeout` bounds the whole call
+//!   when it is shorter (see [`crate::l7::deadline`]).
+//! - The request leaves in its client's version for a meshed pod (whose proxy speaks the
+//!   port's declared protocol to the application) and in the port's declared protocol for an
+//!   endpoint without a proxy ([`crate::l7::version`]); an upgrade (WebSocket) is carried as
+//!   bytes once answered 101 ([`crate::l7::upgrade`]).
 //! - Idempotent requests without a body are retried (see [`crate::l7::retry`]).
 //! - The path is normalized before routing ([`crate::l7::normalize_path`]) and the request
 //!   leaves with the normalized path; one that cannot be normalized safely gets 400 (gRPC:
@@ -30,7 +35,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
 use mesh_core::SpiffeId;
-use mesh_core::model::NamespacedName;
+use mesh_core::model::{NamespacedName, Protocol};
 use mesh_core::policy;
 use mesh_core::resolve::{FastPicker, HeaderModifier, Resolver, Target, Unresolved};
 use tokio::time::Instant;
@@ -40,11 +45,13 @@ use super::{Egress, PodOutbound};
 use crate::config::SameNode;
 use crate::hbone::{HBONE_PORT, HboneError, HbonePool};
 use crate::inbound::{AppDialer, Caller, DENIED, Rejection};
+use crate::l7::deadline;
 use crate::l7::retry::{MAX_RETRIES, RetryBudget, idempotent, retriable_status};
 use crate::l7::upstream::{UpstreamError, Upstreams};
+use crate::l7::version::response_for;
 use crate::l7::{
-    Body, BoxIo, Headers, HttpConfig, IDENTITY_HEADER, empty, grpc_status, is_grpc, normalize_path,
-    refusal, strip_hop_by_hop,
+    Body, BoxIo, Headers, HttpConfig, IDENTITY_HEADER, Wire, empty, grpc_status, is_grpc,
+    normalize_path, refusal, strip_hop_by_hop, upgrade,
 };
 use crate::local::LocalPods;
 use crate::state::Applied;
@@ -131,6 +138,9 @@ pub(super) struct HttpConn {
     pub src: SpiffeId,
     /// The connection's original destination.
     pub dst: SocketAddrV4,
+    /// The declared protocol of the destination port: the version a destination without a
+    /// proxy of its own is spoken to in.
+    pub protocol: Protocol,
     pub resolver: Arc<Resolver>,
     pub applied: Arc<Applied>,
     pub pool: HbonePool,
@@ -148,14 +158,22 @@ enum Attempt {
     Response(Response<Incoming>),
     Failed(UpstreamError<ConnectError>),
     TimedOut(Duration),
+    /// The gRPC call's deadline passed first.
+    DeadlineExceeded,
 }
 
 impl PodOutbound {
-    /// Serves the requests of an application connection to `dst`, an L7 port.
+    /// Serves the requests of an application connection to `dst`, an L7 port declared
+    /// `protocol`.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one call site, each argument a different part of the connection"
+    )]
     pub(super) async fn http(
         &self,
         conn: Metered<tokio::net::TcpStream>,
         dst: SocketAddrV4,
+        protocol: Protocol,
         src: SpiffeId,
         resolver: Arc<Resolver>,
         applied: Arc<Applied>,
@@ -165,6 +183,7 @@ impl PodOutbound {
             pod: self.pod.clone(),
             src,
             dst,
+            protocol,
             resolver,
             applied,
             pool: self.pool.clone(),
@@ -194,6 +213,9 @@ impl HttpConn {
         let started = Instant::now();
         let grpc = is_grpc(request.headers());
         let (mut parts, body) = request.into_parts();
+        let client_version = parts.version;
+        let call_deadline = deadline::of_request(&parts.headers, started);
+        let mut requested_upgrade = upgrade::take(&mut parts);
         let method = parts.method.clone();
         let normalized = normalize_path(&mut parts, &self.shared.config.paths);
         let path = parts.uri.path().to_owned();
@@ -310,7 +332,7 @@ impl HttpConn {
             let _lease = route.resolution.lease;
             let target = route.resolution.target;
             self.describe(&mut meta, &target);
-            let request = rebuild(
+            let mut request = rebuild(
                 &method,
                 &parts.uri,
                 parts.version,
@@ -318,14 +340,27 @@ impl HttpConn {
                 &route.request_headers,
                 body.take().unwrap_or_else(empty),
             );
-            let attempt = match route.timeout {
+            let wire = self.wire(&target, client_version);
+            if wire == Wire::Http1
+                && let Some(u) = &requested_upgrade
+            {
+                u.restore(request.headers_mut());
+            }
+            // The route's timeout, or the gRPC call's deadline when it comes first.
+            let left = call_deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let by_deadline = left.is_some_and(|l| route.timeout.is_none_or(|t| l <= t));
+            let limit = if by_deadline { left } else { route.timeout };
+            let attempt = match limit {
                 Some(limit) => {
-                    match tokio::time::timeout(limit, self.send(&target, &meta, request)).await {
+                    match tokio::time::timeout(limit, self.send(&target, wire, &meta, request))
+                        .await
+                    {
                         Ok(r) => r,
+                        Err(_) if by_deadline => Attempt::DeadlineExceeded,
                         Err(_) => Attempt::TimedOut(limit),
                     }
                 }
-                None => self.send(&target, &meta, request).await,
+                None => self.send(&target, wire, &meta, request).await,
             };
             let again = retriable
                 && attempts <= MAX_RETRIES
@@ -333,7 +368,7 @@ impl HttpConn {
                     Attempt::Response(r) => retriable_status(r.status()),
                     Attempt::Failed(UpstreamError::Connect(e)) => !e.denied(),
                     Attempt::Failed(_) => true,
-                    Attempt::TimedOut(_) => false,
+                    Attempt::TimedOut(_) | Attempt::DeadlineExceeded => false,
                 }
                 && self.shared.budget.try_retry();
             if again {
@@ -342,9 +377,18 @@ impl HttpConn {
             }
             let route_name = route.route.as_deref();
             return match attempt {
-                Attempt::Response(response) => {
+                Attempt::Response(mut response) => {
+                    let switch = match (wire, requested_upgrade.take()) {
+                        (Wire::Http1, Some(u)) => u.accepted(&mut response),
+                        _ => None,
+                    };
+                    response_for(&mut response, client_version);
                     let (mut head, body) = response.into_parts();
                     strip_hop_by_hop(&mut head.headers);
+                    if let Some(switch) = switch {
+                        switch.restore(&mut head.headers);
+                        switch.splice();
+                    }
                     let code = head
                         .headers
                         .get("grpc-status")
@@ -366,8 +410,22 @@ impl HttpConn {
                         None,
                         None,
                     );
-                    Response::from_parts(head, body.boxed())
+                    let body = match call_deadline {
+                        Some(at) => deadline::bounded(body.boxed(), at),
+                        None => body.boxed(),
+                    };
+                    Response::from_parts(head, body)
                 }
+                Attempt::DeadlineExceeded => refuse(
+                    &meta,
+                    StatusCode::GATEWAY_TIMEOUT,
+                    grpc_status::DEADLINE_EXCEEDED,
+                    ResponseFlag::UpstreamTimeout,
+                    route_name,
+                    attempts,
+                    "deadline_exceeded",
+                    "no response within the call's deadline (grpc-timeout)",
+                ),
                 Attempt::TimedOut(limit) => refuse(
                     &meta,
                     StatusCode::GATEWAY_TIMEOUT,
@@ -453,13 +511,34 @@ impl HttpConn {
         self.local.as_ref()?.get(ip)
     }
 
+    /// The version a request of `client` version leaves in for `target`: a meshed pod's proxy
+    /// takes the caller's version (and speaks the declared one to its application); an
+    /// endpoint without a proxy is spoken to in the port's declared protocol; a destination
+    /// outside the mesh, whose protocol nothing declares, in the caller's.
+    fn wire(&self, target: &Target, client: Version) -> Wire {
+        match target {
+            Target::Plain { .. } if crate::l7::is_l7(self.protocol) => {
+                Wire::of_protocol(self.protocol)
+            }
+            Target::Mesh { .. } | Target::Plain { .. } | Target::Passthrough { .. } => {
+                Wire::of_version(client)
+            }
+        }
+    }
+
     /// One attempt: the request on a kept or new connection to the target.
-    async fn send(&self, target: &Target, meta: &ConnMeta, request: Request<Body>) -> Attempt {
+    async fn send(
+        &self,
+        target: &Target,
+        wire: Wire,
+        meta: &ConnMeta,
+        request: Request<Body>,
+    ) -> Attempt {
         let addr = target.addr();
         let result = self
             .shared
             .upstreams
-            .send(addr, request, || self.connect(target, meta))
+            .send(addr, wire, self.dst, request, || self.connect(target, meta))
             .await;
         match result {
             Ok(r) => Attempt::Response(r),

@@ -18,6 +18,7 @@ use crate::inbound::PodInbound;
 use crate::telemetry::testing::{encode, sample};
 use crate::tls;
 
+mod compat;
 mod l7_proxy;
 mod same_node;
 
