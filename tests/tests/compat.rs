@@ -418,7 +418,30 @@ fn curl_talks_http1_and_http2_to_nginx() {
         ),
         format!("2 {size}")
     );
-    assert_requests(&c, "nginx", before, 2, "curl --http2-prior-knowledge");
+    let before = assert_requests(&c, "nginx", before, 2, "curl --http2-prior-knowledge");
+
+    // HTTP/2 with prior knowledge to the `http` port, where nginx speaks only HTTP/1.1: the
+    // declared protocol is what the application gets, whatever the client spoke.
+    let out = exec(
+        &c,
+        &[
+            "curl",
+            "-sS",
+            "--fail",
+            "--http2-prior-knowledge",
+            &format!("http://{NGINX_VIP}/hello"),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "nginx HTTP/1.1\n");
+    assert_eq!(
+        download(
+            &["--http2-prior-knowledge"],
+            &format!("http://{NGINX_VIP}/blob.bin")
+        ),
+        format!("2 {size}")
+    );
+    assert_requests(&c, "nginx", before, 2, "HTTP/2 to an HTTP/1.1 port");
     c.down().expect("teardown");
 }
 
