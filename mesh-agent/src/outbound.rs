@@ -313,56 +313,46 @@ impl PodOutbound {
         };
         let mut lease = resolution.lease;
         let _ = conn.set_nodelay(true);
-        match resolution.target {
-            Target::Mesh { protocol, addr, .. } if is_l7(protocol) => {
-                // Each request is routed and balanced on its own; the connection is labelled
-                // by the way the first endpoint the service resolved to is reached.
-                drop(lease.take());
-                meta.path = match self.local_pod(*addr.ip()) {
+        // An HTTP port: each request is routed and balanced on its own, also when the port's
+        // endpoints have no proxy (they get the requests in the port's declared protocol). A
+        // meshed service's connection is labelled by the way its first endpoint is reached.
+        let l7 = match &resolution.target {
+            Target::Mesh { protocol, addr, .. } if is_l7(*protocol) => {
+                let path = match self.local_pod(*addr.ip()) {
                     Some(_) => MeshPath::SameNode,
                     None => MeshPath::Hbone,
                 };
-                meta.service = resolver_service(snapshot, dst);
-                let conn = Metered::new(conn, self.telemetry.open(meta.clone()), Side::Source);
-                self.http(
-                    conn,
-                    dst,
-                    protocol,
-                    src,
-                    resolver.clone(),
-                    applied.clone(),
-                    meta,
-                )
-                .await;
-                Ok(Carried {
-                    path: Path::Http,
-                    sent: 0,
-                    received: 0,
-                })
+                Some((*protocol, Some(path)))
             }
             Target::Plain { .. } if is_l7(service_port_protocol(snapshot, dst)) => {
-                // An HTTP port whose endpoints have no proxy: the requests are still routed
-                // one by one here, and reach the endpoint in the port's declared protocol.
-                drop(lease.take());
-                meta.service = resolver_service(snapshot, dst);
-                let protocol = service_port_protocol(snapshot, dst);
-                let conn = Metered::new(conn, self.telemetry.open(meta.clone()), Side::Source);
-                self.http(
-                    conn,
-                    dst,
-                    protocol,
-                    src,
-                    resolver.clone(),
-                    applied.clone(),
-                    meta,
-                )
-                .await;
-                Ok(Carried {
-                    path: Path::Http,
-                    sent: 0,
-                    received: 0,
-                })
+                Some((service_port_protocol(snapshot, dst), None))
             }
+            _ => None,
+        };
+        if let Some((protocol, path)) = l7 {
+            drop(lease.take());
+            if let Some(path) = path {
+                meta.path = path;
+            }
+            meta.service = resolver_service(snapshot, dst);
+            let conn = Metered::new(conn, self.telemetry.open(meta.clone()), Side::Source);
+            self.http(
+                conn,
+                dst,
+                protocol,
+                src,
+                resolver.clone(),
+                applied.clone(),
+                meta,
+            )
+            .await;
+            return Ok(Carried {
+                path: Path::Http,
+                sent: 0,
+                received: 0,
+            });
+        }
+        match resolution.target {
             Target::Mesh {
                 addr,
                 identity,
