@@ -245,6 +245,9 @@ pub struct PodInbound {
     pub dial: AppDialer,
     pub telemetry: Telemetry,
     pub http: HttpConfig,
+    /// How long an admitted connection may stay without a byte either way (the operator's
+    /// `--idle-timeout`; HTTP connections included).
+    pub idle_timeout: Duration,
 }
 
 /// Who is calling, as the destination reports it.
@@ -289,8 +292,8 @@ impl PodInbound {
             Admitted::App(app) => Ok(InboundStream::Tcp(app)),
             Admitted::Http(http) => {
                 let (near, far) = tokio::io::duplex(HTTP_PIPE_BUFFER);
-                let (http, guard) = *http;
-                tokio::spawn(http.serve(Metered::new(far, guard, Side::Source), L7_IDLE_TIMEOUT));
+                let (http, guard, idle) = *http;
+                tokio::spawn(http.serve(Metered::new(far, guard, Side::Source), idle));
                 Ok(InboundStream::Http(near))
             }
         }
@@ -349,7 +352,7 @@ impl PodInbound {
             )
             .with_protocol(protocol)
             .with_http(self.http);
-            return Ok(Admitted::Http(Box::new((http, guard))));
+            return Ok(Admitted::Http(Box::new((http, guard, self.idle_timeout))));
         }
         let dialed = tokio::time::timeout(APP_CONNECT_TIMEOUT, (self.dial)(target))
             .await
@@ -384,8 +387,8 @@ impl PodInbound {
 pub enum Admitted {
     /// Connected to the application (L4).
     App(Metered<TcpStream>),
-    /// For the pod's request handler (L7), with the connection's accounting.
-    Http(Box<(InboundHttp, ConnGuard)>),
+    /// For the pod's request handler (L7), with the connection's accounting and idle timeout.
+    Http(Box<(InboundHttp, ConnGuard, Duration)>),
 }
 
 /// Only [`Admitted::App`] carries bytes itself; an HBONE stream for [`Admitted::Http`] is
@@ -439,10 +442,6 @@ impl AsyncWrite for Admitted {
 fn not_a_stream() -> std::io::Error {
     std::io::Error::other("an L7 connection is served by its request handler, not copied")
 }
-
-/// How long an HTTP connection admitted from another pod may stay without a byte either way
-/// (the source's proxy applies the operator's `--idle-timeout` to its side).
-const L7_IDLE_TIMEOUT: Duration = crate::config::DEFAULT_IDLE_TIMEOUT;
 
 /// Buffer of the in-memory pipe between an admitted connection and its [`InboundHttp`].
 const HTTP_PIPE_BUFFER: usize = 256 * 1024;
@@ -526,8 +525,8 @@ impl ConnectHandler for PodInbound {
     fn carry(io: Admitted) -> Carry<Admitted> {
         match io {
             Admitted::Http(http) => Carry::Serve(Box::new(move |stream| {
-                let (http, guard) = *http;
-                Box::pin(http.serve(Metered::new(stream, guard, Side::Source), L7_IDLE_TIMEOUT))
+                let (http, guard, idle) = *http;
+                Box::pin(http.serve(Metered::new(stream, guard, Side::Source), idle))
             })),
             Admitted::App(app) => {
                 let activity = app.guard().activity();

@@ -141,6 +141,7 @@ mod tests {
                 dial: Arc::new(|addr| Box::pin(TcpStream::connect(addr))),
                 telemetry: Telemetry::new(&mut Registry::default()),
                 http: crate::l7::HttpConfig::default(),
+                idle_timeout: crate::config::DEFAULT_IDLE_TIMEOUT,
             },
         }
     }

@@ -385,6 +385,7 @@ pub fn start(
         dial: dial.clone(),
         telemetry: telemetry.clone(),
         http: config.http,
+        idle_timeout: idle,
     };
     let local = mesh.local.register(LocalPod {
         ip,

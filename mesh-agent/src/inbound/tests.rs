@@ -191,6 +191,7 @@ async fn tunnels_are_admitted_by_the_identity_the_certificate_proves() {
         dial: Arc::new(|addr| Box::pin(TcpStream::connect(addr))),
         telemetry: telemetry.clone(),
         http: crate::l7::HttpConfig::default(),
+        idle_timeout: crate::config::DEFAULT_IDLE_TIMEOUT,
     };
     let tls = tls::server_config(api_mgr, id(API)).expect("server TLS");
     let server = Arc::new(HboneServer::new(tls, handler, ServerConfig::default()).expect("server"));
@@ -534,4 +535,74 @@ async fn a_plaintext_caller_reaches_the_application_in_its_ports_declared_protoc
         .expect("in time")
         .expect("read");
     assert_eq!(&pong, b"PING");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http_tunnel_is_closed_after_the_configured_idle_timeout() {
+    use mesh_core::model::{Endpoint, Protocol, Service, ServicePort};
+
+    let ca = TestCa::new("inbound-idle-ca");
+    let hour = Duration::from_secs(3600);
+    let (api_mgr, _) = manager(&TestSigner::new(ca.clone(), hour));
+    let (web_mgr, _) = manager(&TestSigner::new(ca, hour));
+    api_mgr.fetch(&id(API)).await.expect("api certificate");
+    web_mgr.fetch(&id(WEB)).await.expect("web certificate");
+
+    // An HTTP/2 port (the application is never reached: the caller sends no request).
+    let app = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+    let SocketAddr::V4(app_addr) = app.local_addr().expect("app address") else {
+        unreachable!("bound to IPv4")
+    };
+    let mut cfg = config(TlsMode::Strict, TrafficPolicyMode::DefaultDeny);
+    cfg.policies.get_mut(&pod()).expect("policy").rules[0].ports = vec![app_addr.port()];
+    let service = Service {
+        name: NamespacedName::new("shop", "api"),
+        vip: Some(Ipv4Addr::new(10, 96, 0, 1)),
+        ports: vec![ServicePort {
+            name: "grpc".into(),
+            port: 9090,
+            target_port: app_addr.port(),
+            protocol: Protocol::Grpc,
+        }],
+        endpoints: vec![Endpoint {
+            ip: POD_IP,
+            workload: Some(pod()),
+            identity: Some(id(API)),
+            node: Some("node-b".into()),
+            ready: true,
+        }],
+    };
+    cfg.services = Arc::new([(service.name.clone(), Arc::new(service))].into());
+    let idle = Duration::from_millis(300);
+    let handler = PodInbound {
+        pod: pod(),
+        store: crate::state::holding(&cfg),
+        dial: Arc::new(|addr| Box::pin(TcpStream::connect(addr))),
+        telemetry: Telemetry::new(&mut Registry::default()),
+        http: crate::l7::HttpConfig::default(),
+        idle_timeout: idle,
+    };
+    let tls = tls::server_config(api_mgr, id(API)).expect("server TLS");
+    let server = Arc::new(HboneServer::new(tls, handler, ServerConfig::default()).expect("server"));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 15008");
+    let hbone_addr = listener.local_addr().expect("address");
+    tokio::spawn(server.clone().serve(listener));
+
+    // An HTTP/2 connection that opens and then says nothing.
+    let web = HbonePool::new(web_mgr, PoolConfig::default()).expect("pool");
+    let mut t = web
+        .connect(&id(WEB), hbone_addr, &id(API), SocketAddr::V4(app_addr))
+        .await
+        .expect("admitted");
+    t.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .expect("preface");
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), t.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "the idle connection was still open after 10 s (its idle timeout is {idle:?})"
+    );
+    assert!(started.elapsed() >= idle, "closed before the idle timeout");
 }

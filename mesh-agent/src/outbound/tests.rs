@@ -163,6 +163,7 @@ async fn two_nodes_with(allowed: &str, config: OutboundConfig) -> TwoNodes {
         dial: Arc::new(|addr| Box::pin(TcpStream::connect(addr))),
         telemetry: Telemetry::new(&mut destination_metrics),
         http: crate::l7::HttpConfig::default(),
+        idle_timeout: crate::config::DEFAULT_IDLE_TIMEOUT,
     };
     let tls = tls::server_config(b_mgr, id(API)).expect("server TLS");
     let server = Arc::new(HboneServer::new(tls, inbound, ServerConfig::default()).expect("server"));

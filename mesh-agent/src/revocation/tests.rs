@@ -224,6 +224,7 @@ impl Tunnels {
             dial: Arc::new(|addr| Box::pin(TcpStream::connect(addr))),
             telemetry: telemetry.clone(),
             http: crate::l7::HttpConfig::default(),
+            idle_timeout: crate::config::DEFAULT_IDLE_TIMEOUT,
         };
         let tls = tls::server_config(api_mgr, id(API)).expect("server TLS");
         let server =
@@ -457,6 +458,7 @@ async fn a_same_node_connection_closes_on_both_sides_when_the_destination_revoke
         dial: Arc::new(|addr| Box::pin(TcpStream::connect(addr))),
         telemetry: telemetry.clone(),
         http: crate::l7::HttpConfig::default(),
+        idle_timeout: crate::config::DEFAULT_IDLE_TIMEOUT,
     };
 
     // The calling application's socket, accepted by web's outbound side.

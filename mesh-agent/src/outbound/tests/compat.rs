@@ -277,6 +277,7 @@ async fn compat_with(
         dial: Arc::new(|addr| Box::pin(TcpStream::connect(addr))),
         telemetry: Telemetry::new(&mut destination_metrics),
         http: crate::l7::HttpConfig::default(),
+        idle_timeout: crate::config::DEFAULT_IDLE_TIMEOUT,
     };
     let local = Arc::new(crate::local::LocalPods::default());
     let mut registrations = vec![];

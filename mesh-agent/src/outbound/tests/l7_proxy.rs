@@ -274,6 +274,7 @@ async fn mesh_configured(
             dial: Arc::new(|addr| Box::pin(TcpStream::connect(addr))),
             telemetry: destination.clone(),
             http: destination_http,
+            idle_timeout: crate::config::DEFAULT_IDLE_TIMEOUT,
         };
         if same_node {
             registrations.push(local.register(crate::local::LocalPod {

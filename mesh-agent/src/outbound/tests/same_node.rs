@@ -150,6 +150,7 @@ async fn one_node(setup: Setup) -> OneNode {
         dial: Arc::new(|addr| Box::pin(TcpStream::connect(addr))),
         telemetry: telemetry.clone(),
         http: crate::l7::HttpConfig::default(),
+        idle_timeout: crate::config::DEFAULT_IDLE_TIMEOUT,
     };
 
     // The node registry, as the agent's proxies fill it.
