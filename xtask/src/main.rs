@@ -112,6 +112,15 @@ fn root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Where cargo puts what it builds: `CARGO_TARGET_DIR` when set (relative to the workspace),
+/// else the workspace's `target/`.
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => root().join(dir),
+        _ => root().join("target"),
+    }
+}
+
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root());
@@ -285,7 +294,7 @@ fn bench(
         "cargo build --release",
     )?;
     step("mesh-bench");
-    let mut cmd = Command::new(root().join("target/release/mesh-bench"));
+    let mut cmd = Command::new(target_dir().join("release/mesh-bench"));
     cmd.arg("run");
     if fast {
         cmd.arg("--fast");
@@ -312,7 +321,7 @@ fn demo(keep: bool, down: bool) -> Result<()> {
              programs. Run: sudo -E cargo xtask demo"
         );
     }
-    let sim = root().join("target/debug/mesh-sim");
+    let sim = target_dir().join("debug/mesh-sim");
     if down {
         return run(Command::new(&sim).arg("down"), "mesh-sim down");
     }
@@ -331,7 +340,7 @@ fn demo(keep: bool, down: bool) -> Result<()> {
     )?;
     step("mesh-agent doctor: this kernel against what the datapath needs");
     run(
-        Command::new(root().join("target/debug/mesh-agent")).arg("doctor"),
+        Command::new(target_dir().join("debug/mesh-agent")).arg("doctor"),
         "mesh-agent doctor",
     )?;
     step("the mesh on this machine");
