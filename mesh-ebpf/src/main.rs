@@ -298,13 +298,7 @@ fn try_sockops(ctx: &SockOpsContext) -> Option<Counter> {
                 };
                 // Both ends' sk_msg budgets go with the connection (a client still sending
                 // after this takes TCP's path, which is always safe).
-                let own = SockKey {
-                    netns,
-                    local_ip: ctx.local_ip4(),
-                    remote_ip: ctx.remote_ip4(),
-                    local_port: ctx.local_port(),
-                    remote_port: remote_port(ctx),
-                };
+                let own = sock_key(ctx, netns);
                 let _ = BUDGET.remove(&own);
                 let _ = BUDGET.remove(&own.peer());
                 if ORIG_PEER.remove(&key).is_ok() {
@@ -323,17 +317,23 @@ fn remote_port(ctx: &SockOpsContext) -> u32 {
     u16::from_be((ctx.remote_port() >> 16) as u16) as u32
 }
 
-fn insert_sock(ctx: &SockOpsContext, netns: u64) -> Counter {
-    if SKMSG_ENABLED.load() == 0 {
-        return Counter::SockopsSockhashDisabled;
-    }
-    let mut key = SockKey {
+/// The socket's own key in the sockhash and the budget map.
+#[inline(always)]
+fn sock_key(ctx: &SockOpsContext, netns: u64) -> SockKey {
+    SockKey {
         netns,
         local_ip: ctx.local_ip4(),
         remote_ip: ctx.remote_ip4(),
         local_port: ctx.local_port(),
         remote_port: remote_port(ctx),
-    };
+    }
+}
+
+fn insert_sock(ctx: &SockOpsContext, netns: u64) -> Counter {
+    if SKMSG_ENABLED.load() == 0 {
+        return Counter::SockopsSockhashDisabled;
+    }
+    let mut key = sock_key(ctx, netns);
     // The budget first: a socket in the sockhash without one never redirects (safe).
     if BUDGET.insert(&key, &SKMSG_BUDGET.load(), 0).is_err() {
         return Counter::SockopsSockhashError;

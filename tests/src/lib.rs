@@ -276,7 +276,8 @@ impl ProbeResult {
     }
 }
 
-fn field(line: &str, key: &str) -> Option<String> {
+/// The value of `key=value` in a line of `key=value` words.
+pub fn field(line: &str, key: &str) -> Option<String> {
     line.split_whitespace()
         .find_map(|kv| kv.strip_prefix(&format!("{key}=")).map(str::to_string))
 }

@@ -30,6 +30,7 @@ const PROGRAMS: &[(&str, &[&str], &str)] = &[
     // The compatibility suite's stock programs (the ladder's bulk step runs iperf3 too).
     ("nginx", &["-v"], "nginx"),
     ("redis-server", &["--version"], "redis-server"),
+    ("redis-cli", &["--version"], "redis-tools"),
     ("redis-benchmark", &["--version"], "redis-tools"),
     ("iperf3", &["--version"], "iperf3"),
     // Debian's interpreter, which the Debian Python packages are installed for (a python3

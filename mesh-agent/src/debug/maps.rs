@@ -107,6 +107,22 @@ pub const MAPS: [MapDef; 12] = [
     },
 ];
 
+/// An entry keyed by a socket's 4-tuple in its network namespace (`NETNS/IP:PORT-IP:PORT`).
+fn sock_entry(k: &SockKey, value: String, value_fields: serde_json::Value) -> Entry {
+    let local = SocketAddrV4::new(ip_from_key(k.local_ip), k.local_port as u16);
+    let remote = SocketAddrV4::new(ip_from_key(k.remote_ip), k.remote_port as u16);
+    Entry {
+        key: format!("{}/{local}-{remote}", k.netns),
+        value,
+        key_fields: json!({
+            "netns": k.netns,
+            "local": local.to_string(),
+            "remote": remote.to_string(),
+        }),
+        value_fields,
+    }
+}
+
 /// The map `name` names: its pin name or short name, any case, `-` for `_`, with or without
 /// the `_V1` suffix.
 pub fn find(name: &str) -> Option<&'static MapDef> {
@@ -390,36 +406,18 @@ pub fn entries(pin_dir: &Path, map: &MapDef) -> Result<Vec<Entry>, MapError> {
             let h: HashMap<MapData, SockKey, u64> = m.try_into().map_err(read)?;
             for item in h.iter() {
                 let (k, left) = item.map_err(read)?;
-                let local = SocketAddrV4::new(ip_from_key(k.local_ip), k.local_port as u16);
-                let remote = SocketAddrV4::new(ip_from_key(k.remote_ip), k.remote_port as u16);
-                out.push(Entry {
-                    key: format!("{}/{local}-{remote}", k.netns),
-                    value: format!("{left} bytes left"),
-                    key_fields: json!({
-                        "netns": k.netns,
-                        "local": local.to_string(),
-                        "remote": remote.to_string(),
-                    }),
-                    value_fields: json!({ "bytes_left": left }),
-                });
+                out.push(sock_entry(
+                    &k,
+                    format!("{left} bytes left"),
+                    json!({ "bytes_left": left }),
+                ));
             }
         }
         mesh_common::SOCKS_MAP => {
             let h: SockHash<MapData, SockKey> = m.try_into().map_err(read)?;
             for k in h.keys() {
                 let k = k.map_err(read)?;
-                let local = SocketAddrV4::new(ip_from_key(k.local_ip), k.local_port as u16);
-                let remote = SocketAddrV4::new(ip_from_key(k.remote_ip), k.remote_port as u16);
-                out.push(Entry {
-                    key: format!("{}/{local}-{remote}", k.netns),
-                    value: "socket".into(),
-                    key_fields: json!({
-                        "netns": k.netns,
-                        "local": local.to_string(),
-                        "remote": remote.to_string(),
-                    }),
-                    value_fields: json!({}),
-                });
+                out.push(sock_entry(&k, "socket".into(), json!({})));
             }
         }
         mesh_common::PODS_MAP => {
