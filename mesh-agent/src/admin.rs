@@ -91,6 +91,8 @@ pub struct AdminState {
     draining: AtomicBool,
     /// Pods whose enrollment failed, with why.
     pub enroll_failures: Arc<crate::enroll::EnrollFailures>,
+    /// The pods the agent found to enroll beyond the command line's.
+    wanted: std::sync::Mutex<Vec<PodSpec>>,
 }
 
 impl AdminState {
@@ -115,6 +117,7 @@ impl AdminState {
             flows,
             status: std::sync::Mutex::new(()),
             draining: AtomicBool::new(false),
+            wanted: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -124,21 +127,28 @@ impl AdminState {
         self
     }
 
-    /// The pods this agent enrolls: those given on the command line, and with
-    /// `--enroll-from-config` those the configuration in force places on this node (what the
-    /// agent enrolls as the configuration changes; one it failed to enroll is listed too, so
-    /// its checks fail rather than hide it).
+    /// The pods this agent enrolls: those given on the command line, and those it found in
+    /// the configuration or on the node (`--enroll-from-config`, `--discover-pods`) as of its
+    /// last reconcile; one it failed to enroll is listed too, so its checks fail rather than
+    /// hide it.
     pub fn pods(&self) -> Vec<PodSpec> {
         let mut pods = self.config.pods.clone();
-        if self.config.enroll_from_config
-            && let (Some(store), Some(settings)) = (&self.store, &self.config.controller)
-        {
-            let fixed: Vec<String> = pods.iter().map(|p| p.name.clone()).collect();
-            let applied = store.current();
-            let (wanted, _) = crate::enroll::desired(&applied.snapshot, &settings.node, &fixed);
-            pods.extend(wanted.into_values());
-        }
+        pods.extend(
+            self.wanted
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .iter()
+                .cloned(),
+        );
         pods
+    }
+
+    /// Records the pods the agent wants enrolled beyond the command line's.
+    pub fn set_wanted(&self, pods: Vec<PodSpec>) {
+        *self
+            .wanted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = pods;
     }
 
     /// From now on `/healthz` answers 503.

@@ -132,16 +132,58 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         let mut dynamic: BTreeMap<String, PodSpec> = BTreeMap::new();
         let mut changes = control
             .as_ref()
-            .filter(|_| cfg.enroll_from_config)
+            .filter(|_| cfg.enroll_from_config || cfg.discover_pods.is_some())
             .map(|c| c.store.subscribe());
         let node = cfg.controller.as_ref().map(|c| c.node.clone()).unwrap_or_default();
         let fixed: Vec<String> = cfg.pods.iter().map(|p| p.name.clone()).collect();
+        // On a real node: pods found through the CNI plugin and the cgroup hierarchy.
+        let mut node_pods = cfg.discover_pods.as_ref().map(|d| {
+            crate::enroll::node::NodePods::new(mount.clone(), d.netns_dirs.clone())
+        });
+        let (mut cni_calls, cni_task) = match &cfg.discover_pods {
+            Some(d) => {
+                let (rx, task) = crate::cni::serve(&d.cni_socket)
+                    .context("listen for the CNI plugin")?;
+                tracing::info!(socket = %d.cni_socket.display(), "listening for the CNI plugin");
+                (Some(rx), Some(task))
+            }
+            None => (None, None),
+        };
+        // CNI calls waiting for the controller to announce their pod, or for its enrollment.
+        let mut waiting: Vec<crate::cni::CniCall> = Vec::new();
+        let mut last_rejected: BTreeMap<String, String> = BTreeMap::new();
         loop {
             if let Some(rx) = changes.as_mut() {
                 let snapshot = rx.borrow_and_update().snapshot.clone();
-                let (wanted, rejected) = crate::enroll::desired(&snapshot, &node, &fixed);
-                for (pod, reason) in rejected {
-                    tracing::warn!(%pod, %reason, "cannot enroll a pod of the configuration");
+                // CNI calls first: a pod handed over now is enrolled in this same round.
+                let mut to_answer = Vec::new();
+                if let Some(np) = node_pods.as_mut() {
+                    for call in std::mem::take(&mut waiting) {
+                        if call.reply.is_closed() {
+                            continue;
+                        }
+                        match np.call(&call.request, &snapshot) {
+                            crate::enroll::node::Decision::Answer(a) => {
+                                let _ = call.reply.send(a);
+                            }
+                            crate::enroll::node::Decision::Wait => waiting.push(call),
+                            crate::enroll::node::Decision::Enroll { name } => {
+                                to_answer.push((call, name));
+                            }
+                        }
+                    }
+                }
+                let (wanted, rejected) = match node_pods.as_mut() {
+                    Some(np) => np.desired(&snapshot, &fixed),
+                    None => crate::enroll::desired(&snapshot, &node, &fixed),
+                };
+                let rejected: BTreeMap<String, String> = rejected.into_iter().collect();
+                admin.set_wanted(wanted.values().cloned().collect());
+                for (pod, reason) in &rejected {
+                    // Said once per reason, not at every configuration change.
+                    if last_rejected.get(pod) != Some(reason) {
+                        tracing::warn!(%pod, %reason, "cannot enroll a pod of the configuration");
+                    }
                 }
                 // Gone or changed: stop its proxy, then take it out of the datapath.
                 let stale: Vec<String> = dynamic
@@ -181,7 +223,19 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                         }
                     }
                 }
-
+                for (call, name) in to_answer {
+                    let answer = if dynamic.contains_key(&name) {
+                        mesh_cni::Response::Enrolled
+                    } else {
+                        let message = failures
+                            .get(&name)
+                            .or_else(|| rejected.get(&name).cloned())
+                            .unwrap_or_else(|| "not enrolled".into());
+                        mesh_cni::Response::Failed { message }
+                    };
+                    let _ = call.reply.send(answer);
+                }
+                last_rejected = rejected;
             }
             let changed = async {
                 match changes.as_mut() {
@@ -196,10 +250,29 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                     std::future::pending().await
                 }
             };
+            let cni_call = async {
+                match cni_calls.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            // A plugin that gave up is noticed within a second.
+            let tick = async {
+                if waiting.is_empty() {
+                    std::future::pending().await
+                } else {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await
+                }
+            };
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => break,
                 _ = term.recv() => break,
                 () = retry => {}
+                () = tick => {}
+                call = cni_call => match call {
+                    Some(call) => waiting.push(call),
+                    None => cni_calls = None,
+                },
                 alive = changed => {
                     if !alive {
                         changes = None;
@@ -217,7 +290,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             "drained"
         );
         drop(proxies);
-        for task in endpoints.into_iter().chain(revocation) {
+        for task in endpoints.into_iter().chain(revocation).chain(cni_task) {
             task.abort();
         }
         if cfg.unenroll_on_exit {

@@ -285,6 +285,18 @@ struct RunArgs {
     /// writes them), and unenroll them when they go. Needs --controller.
     #[arg(long)]
     enroll_from_config: bool,
+    /// Enroll the meshed pods the controller places on this node, found on the node: the CNI
+    /// plugin (mesh-cni) hands over each pod the container runtime creates and waits until it
+    /// is enrolled; pods already running are found by their UID in the cgroup hierarchy.
+    /// What a real node runs. Needs --controller.
+    #[arg(long)]
+    discover_pods: bool,
+    /// The unix socket the CNI plugin asks (with --discover-pods).
+    #[arg(long, value_name = "PATH", default_value = mesh_cni::DEFAULT_AGENT_SOCKET)]
+    cni_socket: PathBuf,
+    /// Where the runtime pins pods' network namespaces (with --discover-pods). Repeatable.
+    #[arg(long = "netns-dir", value_name = "DIR", default_values = ["/var/run/netns", "/run/netns"])]
+    netns_dirs: Vec<PathBuf>,
     #[command(flatten)]
     serve: ServeArgs,
     #[command(flatten)]
@@ -309,6 +321,10 @@ impl RunArgs {
             pods: self.pods,
             unenroll_on_exit: self.unenroll_on_exit,
             enroll_from_config: self.enroll_from_config,
+            discover_pods: self.discover_pods.then_some(crate::config::DiscoverPods {
+                cni_socket: self.cni_socket,
+                netns_dirs: self.netns_dirs,
+            }),
             proxy: self.serve.proxy(),
             admin: self.serve.admin(),
         };

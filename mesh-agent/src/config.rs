@@ -442,8 +442,22 @@ pub struct Config {
     /// Also enroll the pods the controller's configuration places on this node with a cgroup
     /// and a network namespace ([`crate::enroll`]), following them as they come and go.
     pub enroll_from_config: bool,
+    /// Enroll the meshed pods the controller places on this node, found on the node itself
+    /// ([`crate::enroll::node`]): handed over by the CNI plugin at `cni_socket` when the
+    /// runtime creates them, adopted from the cgroup hierarchy when already running.
+    pub discover_pods: Option<DiscoverPods>,
     pub proxy: ProxyConfig,
     pub admin: AdminConfig,
+}
+
+/// `--discover-pods`: where pods come from on a real node.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct DiscoverPods {
+    /// The unix socket the CNI plugin asks (`mesh-cni`'s `agentSocket`).
+    pub cni_socket: PathBuf,
+    /// Where pinned network namespaces live (the runtime's `CNI_NETNS` paths); an adopted
+    /// pod's namespace is named by its pin there when it has one, else by a process.
+    pub netns_dirs: Vec<PathBuf>,
 }
 
 /// How the agent proves its node to the controller at bootstrap.
@@ -500,6 +514,28 @@ impl Config {
                 flag: "--enroll-from-config",
                 reason: "needs --controller (the pods come from its configuration)".into(),
             });
+        }
+        if let Some(d) = &self.discover_pods {
+            if self.controller.is_none() {
+                return Err(ConfigError::Flag {
+                    flag: "--discover-pods",
+                    reason: "needs --controller (it says which pods are meshed)".into(),
+                });
+            }
+            if self.enroll_from_config {
+                return Err(ConfigError::Flag {
+                    flag: "--discover-pods",
+                    reason: "and --enroll-from-config are two ways to find the same pods: \
+                             choose one"
+                        .into(),
+                });
+            }
+            if !d.cni_socket.is_absolute() {
+                return Err(ConfigError::Flag {
+                    flag: "--cni-socket",
+                    reason: format!("{} is not an absolute path", d.cni_socket.display()),
+                });
+            }
         }
         validate_pods(&self.pods)
     }

@@ -20,6 +20,8 @@ use mesh_core::model::{NodeSnapshot, TlsMode, Workload};
 
 use crate::config::{Mode, PodSpec};
 
+pub mod node;
+
 /// The interface a pod reaches its node through.
 pub const POD_IFACE: &str = "eth0";
 
@@ -63,10 +65,7 @@ fn spec(name: &str, w: &Workload) -> Result<PodSpec, String> {
     let cgroup = path("cgroup", &w.cgroup)?;
     let netns = path("network namespace", &w.netns)?;
     let ip = *w.ips.first().ok_or("no IPv4 address yet")?;
-    if let Some(p) = w.ports.iter().find(|p| **p == 0 || RESERVED.contains(p)) {
-        return Err(format!("port {p} cannot be steered (0 or the proxy's own)"));
-    }
-    Ok(PodSpec {
+    checked(PodSpec {
         name: name.to_string(),
         cgroup,
         netns,
@@ -74,11 +73,29 @@ fn spec(name: &str, w: &Workload) -> Result<PodSpec, String> {
         iface: POD_IFACE.into(),
         inbound_ports: w.ports.clone(),
         excluded_inbound_ports: w.excluded_inbound_ports.clone(),
-        mode: match w.mode {
+        mode: w.mode.into(),
+    })
+}
+
+/// `spec` unless it asks to steer a port the agent cannot give it.
+fn checked(spec: PodSpec) -> Result<PodSpec, String> {
+    if let Some(p) = spec
+        .inbound_ports
+        .iter()
+        .find(|p| **p == 0 || RESERVED.contains(p))
+    {
+        return Err(format!("port {p} cannot be steered (0 or the proxy's own)"));
+    }
+    Ok(spec)
+}
+
+impl From<TlsMode> for Mode {
+    fn from(m: TlsMode) -> Mode {
+        match m {
             TlsMode::Strict => Mode::Strict,
             TlsMode::Permissive => Mode::Permissive,
-        },
-    })
+        }
+    }
 }
 
 /// How long a pod whose enrollment failed waits before the next try (a configuration change

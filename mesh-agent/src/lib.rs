@@ -4,6 +4,7 @@ pub mod admin;
 pub mod app;
 pub mod cgroup;
 pub mod cli;
+pub mod cni;
 pub mod config;
 pub mod control;
 pub mod copy;

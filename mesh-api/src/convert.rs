@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use mesh_core::SpiffeId;
 use mesh_core::model::{
-    Endpoint, HBONE_PORT, NamespacedName, NodeSnapshot, Protocol, Service, ServicePort,
+    Endpoint, HBONE_PORT, NamespacedName, NodePod, NodeSnapshot, Protocol, Service, ServicePort,
     SplitBackend, TlsMode, TrafficSplit, Workload,
 };
 use mesh_core::policy::{
@@ -108,6 +108,23 @@ impl From<&Workload> for v1::Workload {
             netns: w.netns.clone(),
             ports: w.ports.iter().map(|p| u32::from(*p)).collect(),
             excluded_inbound_ports: w
+                .excluded_inbound_ports
+                .iter()
+                .map(|p| u32::from(*p))
+                .collect(),
+        }
+    }
+}
+
+impl From<&NodePod> for v1::NodePod {
+    fn from(p: &NodePod) -> Self {
+        v1::NodePod {
+            name: Some((&p.name).into()),
+            uid: p.uid.clone(),
+            meshed: p.meshed,
+            mode: tls_mode(p.mode) as i32,
+            ports: p.ports.iter().map(|p| u32::from(*p)).collect(),
+            excluded_inbound_ports: p
                 .excluded_inbound_ports
                 .iter()
                 .map(|p| u32::from(*p))
@@ -305,33 +322,68 @@ impl TryFrom<&v1::Workload> for Workload {
                 .iter()
                 .map(|i| ip("workload.ips", i))
                 .collect::<Result<_, _>>()?,
-            mode: match v1::TlsMode::try_from(w.mode) {
-                Ok(v1::TlsMode::Strict) => TlsMode::Strict,
-                Ok(v1::TlsMode::Permissive) => TlsMode::Permissive,
-                Err(_) => return Err(err("workload.mode", format!("unknown value {}", w.mode))),
-            },
+            mode: mode("workload.mode", w.mode)?,
             labels: w.labels.clone().into_iter().collect::<BTreeMap<_, _>>(),
             cgroup: w.cgroup.clone(),
             netns: w.netns.clone(),
-            ports: w
-                .ports
-                .iter()
-                .map(|p| match u16::try_from(*p) {
-                    Ok(port) if port != 0 => Ok(port),
-                    _ => Err(err("workload.ports", format!("{p} is not a TCP port"))),
-                })
-                .collect::<Result<_, _>>()?,
-            excluded_inbound_ports: w
-                .excluded_inbound_ports
-                .iter()
-                .map(|p| match u16::try_from(*p) {
-                    Ok(port) if port != 0 && port != HBONE_PORT => Ok(port),
-                    _ => Err(err(
-                        "workload.excluded_inbound_ports",
-                        format!("{p} is not a TCP port other than 15008"),
-                    )),
-                })
-                .collect::<Result<_, _>>()?,
+            ports: ports("workload.ports", &w.ports)?,
+            excluded_inbound_ports: excluded_ports(
+                "workload.excluded_inbound_ports",
+                &w.excluded_inbound_ports,
+            )?,
+        })
+    }
+}
+
+fn mode(field: &str, m: i32) -> Result<TlsMode, ConvertError> {
+    match v1::TlsMode::try_from(m) {
+        Ok(v1::TlsMode::Strict) => Ok(TlsMode::Strict),
+        Ok(v1::TlsMode::Permissive) => Ok(TlsMode::Permissive),
+        Err(_) => Err(err(field, format!("unknown value {m}"))),
+    }
+}
+
+/// A pod's declared TCP ports.
+fn ports(field: &str, ports: &[u32]) -> Result<Vec<u16>, ConvertError> {
+    ports
+        .iter()
+        .map(|p| match u16::try_from(*p) {
+            Ok(port) if port != 0 => Ok(port),
+            _ => Err(err(field, format!("{p} is not a TCP port"))),
+        })
+        .collect()
+}
+
+/// Ports excluded from inbound capture: never 15008.
+fn excluded_ports(field: &str, ports: &[u32]) -> Result<Vec<u16>, ConvertError> {
+    ports
+        .iter()
+        .map(|p| match u16::try_from(*p) {
+            Ok(port) if port != 0 && port != HBONE_PORT => Ok(port),
+            _ => Err(err(
+                field,
+                format!("{p} is not a TCP port other than 15008"),
+            )),
+        })
+        .collect()
+}
+
+impl TryFrom<&v1::NodePod> for NodePod {
+    type Error = ConvertError;
+    fn try_from(p: &v1::NodePod) -> Result<Self, ConvertError> {
+        if p.uid.is_empty() {
+            return Err(err("node_pod.uid", "missing"));
+        }
+        Ok(NodePod {
+            name: nn("node_pod.name", p.name.as_ref())?,
+            uid: p.uid.clone(),
+            meshed: p.meshed,
+            mode: mode("node_pod.mode", p.mode)?,
+            ports: ports("node_pod.ports", &p.ports)?,
+            excluded_inbound_ports: excluded_ports(
+                "node_pod.excluded_inbound_ports",
+                &p.excluded_inbound_ports,
+            )?,
         })
     }
 }
@@ -706,6 +758,14 @@ pub fn diff(
         &mut upserts,
         &mut removals,
     );
+    section(
+        &old.node_pods,
+        &new.node_pods,
+        v1::Kind::NodePod,
+        |p| R::NodePod(p.into()),
+        &mut upserts,
+        &mut removals,
+    );
     if old.trust_bundle != new.trust_bundle {
         upserts.push(v1::Resource {
             kind: Some(R::TrustBundle(v1::TrustBundle {
@@ -742,6 +802,7 @@ pub fn apply(
             Ok(v1::Kind::Split) => Arc::make_mut(&mut next.splits).remove(&name).is_some(),
             Ok(v1::Kind::HttpRoute) => Arc::make_mut(&mut next.http_routes).remove(&name).is_some(),
             Ok(v1::Kind::GrpcRoute) => Arc::make_mut(&mut next.grpc_routes).remove(&name).is_some(),
+            Ok(v1::Kind::NodePod) => next.node_pods.remove(&name).is_some(),
             Ok(v1::Kind::TrustBundle) => {
                 return Err(err("removals", "the trust bundle cannot be removed"));
             }
@@ -781,6 +842,10 @@ pub fn apply(
             Some(R::GrpcRoute(r)) => {
                 let r = route(r, RouteKind::Grpc)?;
                 Arc::make_mut(&mut next.grpc_routes).insert(r.name.clone(), r);
+            }
+            Some(R::NodePod(p)) => {
+                let p = NodePod::try_from(p)?;
+                next.node_pods.insert(p.name.clone(), p);
             }
             Some(R::TrustBundle(b)) => {
                 if b.roots_pem.is_empty() {
@@ -894,6 +959,27 @@ mod tests {
                 [(route(RouteKind::Grpc).name.clone(), route(RouteKind::Grpc))].into(),
             ),
             trust_bundle: vec!["-----BEGIN CERTIFICATE-----\n...".into()],
+            node_pods: [
+                NodePod {
+                    name: wl.name.clone(),
+                    uid: wl.uid.clone(),
+                    meshed: true,
+                    mode: TlsMode::Permissive,
+                    ports: vec![8080],
+                    excluded_inbound_ports: vec![9100],
+                },
+                NodePod {
+                    name: NamespacedName::new("shop", "batch-0"),
+                    uid: "u2".into(),
+                    meshed: false,
+                    mode: TlsMode::Strict,
+                    ports: vec![],
+                    excluded_inbound_ports: vec![],
+                },
+            ]
+            .into_iter()
+            .map(|p| (p.name.clone(), p))
+            .collect(),
         }
     }
 
@@ -977,7 +1063,7 @@ mod tests {
         let snap = snapshot();
         let (upserts, removals) = diff(None, &snap);
         assert!(removals.is_empty());
-        assert_eq!(upserts.len(), 7, "one resource per object plus the bundle");
+        assert_eq!(upserts.len(), 9, "one resource per object plus the bundle");
         let base = NodeSnapshot {
             node: "n1".into(),
             ..NodeSnapshot::default()
@@ -1061,6 +1147,37 @@ mod tests {
         };
         let e = apply(&snap, false, &[bad_ip], &[]).expect_err("bad ip");
         assert_eq!(e.field, "workload.ips");
+
+        let pod = &snap.node_pods[&NamespacedName::new("shop", "api-0")];
+        for (bad, field) in [
+            (
+                v1::NodePod {
+                    uid: String::new(),
+                    ..pod.into()
+                },
+                "node_pod.uid",
+            ),
+            (
+                v1::NodePod {
+                    excluded_inbound_ports: vec![15008],
+                    ..pod.into()
+                },
+                "node_pod.excluded_inbound_ports",
+            ),
+            (
+                v1::NodePod {
+                    ports: vec![70000],
+                    ..pod.into()
+                },
+                "node_pod.ports",
+            ),
+        ] {
+            let bad = v1::Resource {
+                kind: Some(v1::resource::Kind::NodePod(bad)),
+            };
+            let e = apply(&snap, false, &[bad], &[]).expect_err(field);
+            assert_eq!(e.field, field);
+        }
 
         let missing = v1::ResourceKey {
             kind: v1::Kind::Service as i32,

@@ -28,6 +28,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub mod cli;
 pub mod install;
 
 pub use install::{install, uninstall};

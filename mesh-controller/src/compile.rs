@@ -158,6 +158,9 @@ fn node_snapshot(
         ..NodeSnapshot::default()
     };
     for (name, _) in index.pods_on_node(node) {
+        if let Some(pod) = index.node_pod(name, td) {
+            snapshot.node_pods.insert(name.clone(), pod);
+        }
         let Some(workload) = index.workload(name, td) else {
             continue;
         };

@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use mesh_core::gateway::GatewayRoute;
 use mesh_core::identity::{SpiffeId, TrustDomain, dns_label, dns_subdomain};
-use mesh_core::model::{HBONE_PORT, NamespacedName, TlsMode, Workload};
+use mesh_core::model::{HBONE_PORT, NamespacedName, NodePod, TlsMode, Workload};
 use mesh_core::smi;
 use serde::Serialize;
 use tokio::sync::watch;
@@ -492,6 +492,30 @@ impl Index {
             // pod stays fully covered rather than opened by a typo.
             excluded_inbound_ports: excluded_inbound_ports(&pod.metadata.annotations)
                 .unwrap_or_default(),
+        })
+    }
+
+    /// What the node agent needs to know of a pod scheduled on its node, meshed or not:
+    /// `None` for a pod that is not scheduled, has no UID or has terminated. A meshed pod is
+    /// one [`Index::workload_identity`] names, whether or not it has an address yet.
+    pub fn node_pod(&self, name: &NamespacedName, td: &TrustDomain) -> Option<NodePod> {
+        let pod = self.pods.get(name)?;
+        let uid = pod.metadata.uid.clone().filter(|u| !u.is_empty())?;
+        if pod_is_terminated(pod) || pod_node(pod).is_none() {
+            return None;
+        }
+        let meshed = self.workload_identity(name, td).is_some();
+        Some(NodePod {
+            name: name.clone(),
+            uid,
+            meshed,
+            mode: self.tls_mode(pod),
+            ports: if meshed { container_ports(pod) } else { vec![] },
+            excluded_inbound_ports: if meshed {
+                excluded_inbound_ports(&pod.metadata.annotations).unwrap_or_default()
+            } else {
+                vec![]
+            },
         })
     }
 

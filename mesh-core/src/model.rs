@@ -117,6 +117,26 @@ pub struct Workload {
     pub excluded_inbound_ports: Vec<u16>,
 }
 
+/// A pod scheduled on the node, meshed or not: what the node's CNI plugin and the agent's
+/// adoption of running pods go by. A meshed pod is enrolled before it has an address (the
+/// runtime assigns it at sandbox creation, before the pod's status has one), so the facts
+/// enrollment needs are here rather than only in its [`Workload`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodePod {
+    pub name: NamespacedName,
+    /// `metadata.uid`: how the agent finds the pod's cgroup in the kernel.
+    pub uid: String,
+    /// Whether the pod is in the mesh; the rest is meaningful only when it is.
+    pub meshed: bool,
+    pub mode: TlsMode,
+    /// As [`Workload::ports`].
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    /// As [`Workload::excluded_inbound_ports`].
+    #[serde(default)]
+    pub excluded_inbound_ports: Vec<u16>,
+}
+
 /// A port of a service.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ServicePort {
@@ -195,6 +215,9 @@ pub struct NodeSnapshot {
     pub grpc_routes: Arc<BTreeMap<NamespacedName, Route>>,
     /// PEM certificates of the trust roots.
     pub trust_bundle: Vec<String>,
+    /// Every pod scheduled on the node, meshed or not, keyed by namespace/name.
+    #[serde(default)]
+    pub node_pods: BTreeMap<NamespacedName, NodePod>,
 }
 
 #[cfg(test)]

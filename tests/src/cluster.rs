@@ -54,6 +54,25 @@ const MAX_PODS_PER_NODE: usize = 240;
 #[serde(deny_unknown_fields)]
 pub struct ClusterSpec {
     pub nodes: Vec<NodeSpec>,
+    /// How pods join the mesh; see [`Enrollment`].
+    #[serde(default)]
+    pub enrollment: Enrollment,
+}
+
+/// How the simulated pods join the mesh.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Enrollment {
+    /// The Pod objects name each pod's cgroup and network namespace (annotations) and the
+    /// agents enroll them from the controller's configuration (`--enroll-from-config`).
+    #[default]
+    Config,
+    /// As on a real node: each pod's cgroup is a kubelet's (named for its UID, below
+    /// `kubepods.slice`), the Pod objects name no place and have no address until the pod's
+    /// network is set up, and the simulator calls the `mesh-cni` plugin as a container runtime
+    /// does (ADD before the pod's command starts, DEL when it goes). The agents run with
+    /// `--discover-pods`.
+    Cni,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -430,12 +449,24 @@ fn parse_listening(table: &str) -> impl Iterator<Item = u16> + '_ {
 pub struct Binaries {
     pub agent: PathBuf,
     pub controller: PathBuf,
+    /// The CNI plugin (`enrollment: cni`).
+    pub cni: PathBuf,
     /// Directory a pod command's program (its first word) is looked up in before PATH (the
     /// demo applications); a program the command itself runs is looked up in PATH only.
     pub apps: PathBuf,
 }
 
 impl Binaries {
+    /// Every binary in `dir` (a target directory's profile directory).
+    pub fn in_dir(dir: &Path) -> Binaries {
+        Binaries {
+            agent: dir.join("mesh-agent"),
+            controller: dir.join("mesh-controller"),
+            cni: dir.join("mesh-cni"),
+            apps: dir.to_path_buf(),
+        }
+    }
+
     /// The agent and controller given, the demo applications beside them: the `mesh-demo`
     /// package builds its binary into the same target directory.
     pub fn with_apps_beside(agent: PathBuf, controller: PathBuf) -> Result<Binaries> {
@@ -449,6 +480,7 @@ impl Binaries {
             apps.join("mesh-demo").display()
         );
         Ok(Binaries {
+            cni: apps.join("mesh-cni"),
             agent,
             controller,
             apps,
@@ -470,6 +502,10 @@ pub struct Pod {
     pub cgroup: PathBuf,
     pub spec: PodSpec,
     pub app: Option<Proc>,
+    /// `metadata.uid`.
+    pub uid: String,
+    /// Whether its network is set up (its Pod object has its address).
+    pub wired: bool,
 }
 
 impl Pod {
@@ -501,6 +537,7 @@ pub struct Cluster {
     pub controller: Option<Proc>,
     pub state: PathBuf,
     cgroup_root: PathBuf,
+    pub enrollment: Enrollment,
     /// Extra arguments for every agent, and for the controller.
     agent_args: Vec<String>,
     controller_args: Vec<String>,
@@ -545,6 +582,7 @@ impl Cluster {
             controller: None,
             state,
             cgroup_root,
+            enrollment: spec.enrollment,
             agent_args: agent_args.to_vec(),
             controller_args: controller_args.to_vec(),
             torn_down: false,
@@ -564,6 +602,7 @@ impl Cluster {
         }
         progress("applications");
         for j in 0..cluster.pods.len() {
+            cluster.wire(j)?;
             cluster.start_app(j)?;
         }
         Ok(cluster)
@@ -682,10 +721,22 @@ impl Cluster {
                 &format!("10.244.{}.1", i + 1),
             ],
         )?;
-        let cgroup = self
-            .cgroup_root
-            .join(format!("pod-{}-{}-{}", node.name, p.namespace, p.name));
-        fs::create_dir(&cgroup)?;
+        let uid = pod_uid(&self.names.prefix, &node.name, &p.namespace, &p.name);
+        let cgroup = match self.enrollment {
+            Enrollment::Config => self
+                .cgroup_root
+                .join(format!("pod-{}-{}-{}", node.name, p.namespace, p.name)),
+            // The kubelet's layout (systemd driver, best-effort class), under the prefix.
+            Enrollment::Cni => self
+                .cgroup_root
+                .join(format!("kubepods-{}.slice", node.name))
+                .join(format!("kubepods-{}-besteffort.slice", node.name))
+                .join(format!(
+                    "kubepods-besteffort-pod{}.slice",
+                    uid.replace('-', "_")
+                )),
+        };
+        fs::create_dir_all(&cgroup)?;
         self.pods.push(Pod {
             namespace: p.namespace.clone(),
             name: p.name.clone(),
@@ -695,8 +746,81 @@ impl Cluster {
             cgroup,
             spec: p.clone(),
             app: None,
+            uid,
+            wired: self.enrollment == Enrollment::Config,
         });
         Ok(())
+    }
+
+    /// With `enrollment: cni`, what the runtime does once the pod's network exists: the CNI
+    /// plugin's ADD (which returns once the node agent has enrolled a meshed pod), then the
+    /// pod's address in its status. Nothing to do otherwise.
+    fn wire(&mut self, j: usize) -> Result<()> {
+        if self.pods[j].wired {
+            return Ok(());
+        }
+        self.cni(j, "ADD")?;
+        self.pods[j].wired = true;
+        self.write_pods()
+    }
+
+    /// Runs the CNI plugin for pod `j` as a container runtime does, after the primary plugin
+    /// (whose result names the pod's address). Its JSON error object on failure.
+    pub fn cni(&self, j: usize, command: &str) -> Result<String> {
+        let pod = &self.pods[j];
+        let node = &self.nodes[self.node_index(&pod.node)?];
+        let conf = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "mesh-sim",
+            "type": "mesh-cni",
+            "agentSocket": self.cni_socket(&node.name),
+            "timeoutSeconds": 20,
+            "prevResult": {
+                "cniVersion": "1.0.0",
+                "interfaces": [{"name": "eth0", "sandbox": pod.netns_path()}],
+                "ips": [{"address": format!("{}/24", pod.ip), "interface": 0}],
+            },
+        });
+        let mut child = Command::new(&self.bins.cni)
+            .env("CNI_COMMAND", command)
+            .env(
+                "CNI_CONTAINERID",
+                format!("{}-{}", self.names.prefix, pod.uid),
+            )
+            .env("CNI_NETNS", pod.netns_path())
+            .env("CNI_IFNAME", "eth0")
+            .env(
+                "CNI_ARGS",
+                format!(
+                    "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};\
+                     K8S_POD_INFRA_CONTAINER_ID={};K8S_POD_UID={}",
+                    pod.namespace, pod.name, pod.uid, pod.uid
+                ),
+            )
+            .env("CNI_PATH", self.bins.cni.parent().unwrap_or(Path::new("/")))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("run {}", self.bins.cni.display()))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            use std::io::Write as _;
+            stdin.write_all(conf.to_string().as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        ensure!(
+            out.status.success(),
+            "CNI {command} of {}: {stdout}{}",
+            pod.key(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(stdout)
+    }
+
+    /// Where node `node`'s agent listens for the CNI plugin.
+    pub fn cni_socket(&self, node: &str) -> PathBuf {
+        self.state.join(format!("cni-{node}.sock"))
     }
 
     /// The controller's directory: the user's resources, then generated Namespaces and Pods.
@@ -728,6 +852,22 @@ impl Cluster {
         let tmp = dir.join(".zz-cluster-pods.yaml.tmp");
         fs::write(&tmp, self.pods_yaml())?;
         fs::rename(&tmp, dir.join("zz-cluster-pods.yaml"))?;
+        // Where each pod lives, for `mesh-sim exec` in another process ([`running_pods`]).
+        let places: String = self
+            .pods
+            .iter()
+            .map(|p| {
+                format!(
+                    "{}\t{}\t{}\n",
+                    p.key(),
+                    p.cgroup.display(),
+                    p.netns_path().display()
+                )
+            })
+            .collect();
+        let tmp = self.state.join(".places.tmp");
+        fs::write(&tmp, places)?;
+        fs::rename(&tmp, self.state.join(PLACES))?;
         Ok(())
     }
 
@@ -747,11 +887,21 @@ impl Cluster {
                 name: node.into(),
                 pods: vec![spec.clone()],
             }],
+            enrollment: self.enrollment,
         };
         one.validate()?;
         self.add_pod_network(i, &spec)?;
         self.write_pods()?;
-        self.start_app(self.pods.len() - 1)
+        let j = self.pods.len() - 1;
+        if let Err(e) = self.wire(j) {
+            // As a runtime does: the sandbox goes, the Pod object stays (it retries).
+            let _ = run(&["ip", "netns", "del", &self.pods[j].netns]);
+            crate::remove_cgroup(&self.pods[j].cgroup);
+            let pod = self.pods.remove(j);
+            self.write_pods()?;
+            return Err(e.context(format!("set up the network of {}", pod.key())));
+        }
+        self.start_app(j)
     }
 
     /// Removes a pod while the cluster runs: its Pod object first (the agent unenrolls it and
@@ -762,6 +912,13 @@ impl Cluster {
             .iter()
             .position(|p| p.key() == key)
             .ok_or_else(|| anyhow!("no pod {key:?} in the cluster"))?;
+        if self.enrollment == Enrollment::Cni {
+            if let Some(app) = self.pods[j].app.as_mut() {
+                app.kill();
+            }
+            // The runtime tears the network down before the API server forgets the pod.
+            self.cni(j, "DEL")?;
+        }
         let mut pod = self.pods.remove(j);
         self.write_pods()?;
         if let Some(mut app) = pod.app.take() {
@@ -790,6 +947,23 @@ impl Cluster {
                 .iter()
                 .map(|(k, v)| format!("    {k}: {}\n", yaml_str(v)))
                 .collect();
+            // Only the simulator's own shortcut names where a pod lives.
+            let place = match self.enrollment {
+                Enrollment::Config => format!(
+                    "    mesh.io/cgroup: {}\n    mesh.io/netns: {}\n",
+                    p.cgroup.display(),
+                    p.netns_path().display()
+                ),
+                Enrollment::Cni => String::new(),
+            };
+            let status = if p.wired {
+                format!(
+                    "  phase: Running\n  podIP: {ip}\n  podIPs:\n  - ip: {ip}\n",
+                    ip = p.ip
+                )
+            } else {
+                "  phase: Pending\n".to_string()
+            };
             let _ = write!(
                 out,
                 "apiVersion: v1
@@ -797,28 +971,22 @@ kind: Pod
 metadata:
   name: {name}
   namespace: {ns}
-  uid: {prefix}-{ns}-{name}
+  uid: {uid}
   labels:
 {labels_or_empty}  annotations:
     mesh.io/tls-mode: {mode}
-    mesh.io/cgroup: {cgroup}
-    mesh.io/netns: {netns}
-{annotations}spec:
+{place}{annotations}spec:
   nodeName: {node}
   serviceAccountName: {sa}
   containers:
   - name: app
     image: local
 {ports}status:
-  phase: Running
-  podIP: {ip}
-  podIPs:
-  - ip: {ip}
----
+{status}---
 ",
                 name = p.name,
                 ns = p.namespace,
-                prefix = self.names.prefix,
+                uid = p.uid,
                 labels_or_empty = if labels.is_empty() {
                     "    mesh.io/sim: \"true\"\n".to_string()
                 } else {
@@ -831,11 +999,8 @@ metadata:
                     .iter()
                     .map(|(k, v)| format!("    {k}: {}\n", yaml_str(v)))
                     .collect::<String>(),
-                cgroup = p.cgroup.display(),
-                netns = p.netns_path().display(),
                 node = p.node,
                 sa = p.spec.service_account.as_deref().unwrap_or("default"),
-                ip = p.ip,
                 ports = if p.spec.ports.is_empty() {
                     String::new()
                 } else {
@@ -912,9 +1077,18 @@ metadata:
         for c in CAPTURE {
             cmd.arg(format!("--capture={c}"));
         }
-        // The pods come from the controller's configuration (their Pod objects name the
-        // cgroup and network namespace), so pods added and removed later follow too.
-        cmd.arg("--enroll-from-config");
+        match self.enrollment {
+            // The pods come from the controller's configuration (their Pod objects name the
+            // cgroup and network namespace), so pods added and removed later follow too.
+            Enrollment::Config => {
+                cmd.arg("--enroll-from-config");
+            }
+            Enrollment::Cni => {
+                cmd.arg("--discover-pods")
+                    .arg("--cni-socket")
+                    .arg(self.cni_socket(&node.name));
+            }
+        }
         cmd.args(&self.agent_args);
         Ok(cmd)
     }
@@ -1081,57 +1255,42 @@ impl RunningPod {
     }
 }
 
-#[derive(Deserialize)]
-struct PodObject {
-    kind: String,
-    metadata: ObjectMeta,
-}
-
-#[derive(Deserialize)]
-struct ObjectMeta {
-    name: String,
-    #[serde(default)]
-    namespace: Option<String>,
-    #[serde(default)]
-    annotations: BTreeMap<String, String>,
-}
+/// The simulator's record of where each pod lives (`namespace/name`, cgroup and network
+/// namespace, tab-separated), in the state directory.
+const PLACES: &str = "places";
 
 /// The pods of the cluster `prefix` that another process brought up (`mesh-sim up`), from the
-/// Pod objects it wrote for the controller (their annotations name each pod's cgroup and
-/// network namespace).
+/// record it keeps of them.
 pub fn running_pods(prefix: &str) -> Result<Vec<RunningPod>> {
     let names = Names {
         prefix: prefix.into(),
     };
-    let path = names.state_dir().join("resources/zz-cluster-pods.yaml");
+    let path = names.state_dir().join(PLACES);
     let text = fs::read_to_string(&path).with_context(|| {
         format!(
             "no simulated cluster {prefix:?} is running here (cannot read {})",
             path.display()
         )
     })?;
-    let mut pods = Vec::new();
-    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
-        // The file ends with `---`: an empty last document.
-        let object =
-            Option::<PodObject>::deserialize(doc).with_context(|| path.display().to_string())?;
-        let Some(object) = object.filter(|o| o.kind == "Pod") else {
-            continue;
-        };
-        let m = object.metadata;
-        let annotation = |key: &str| {
-            m.annotations.get(key).map(PathBuf::from).with_context(|| {
-                format!("pod {}: no {key} annotation in {}", m.name, path.display())
+    text.lines()
+        .map(|line| {
+            let mut f = line.split('\t');
+            let (Some(key), Some(cgroup), Some(netns), None) =
+                (f.next(), f.next(), f.next(), f.next())
+            else {
+                bail!("{}: malformed line {line:?}", path.display());
+            };
+            let (namespace, name) = key
+                .split_once('/')
+                .with_context(|| format!("{}: {key:?} is not namespace/name", path.display()))?;
+            Ok(RunningPod {
+                namespace: namespace.into(),
+                name: name.into(),
+                cgroup: cgroup.into(),
+                netns: netns.into(),
             })
-        };
-        pods.push(RunningPod {
-            cgroup: annotation("mesh.io/cgroup")?,
-            netns: annotation("mesh.io/netns")?,
-            namespace: m.namespace.clone().unwrap_or_else(|| "default".into()),
-            name: m.name.clone(),
-        });
-    }
-    Ok(pods)
+        })
+        .collect()
 }
 
 /// The pod `key` (`namespace/name`, or a name no other namespace has) of the running cluster
@@ -1156,6 +1315,25 @@ pub fn running_pod(prefix: &str, key: &str) -> Result<RunningPod> {
             more.len()
         ),
     }
+}
+
+/// A pod's `metadata.uid`: a UUID derived from its names (the same in every run).
+pub fn pod_uid(prefix: &str, node: &str, ns: &str, name: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let half = |salt: u8| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (salt, prefix, node, ns, name).hash(&mut h);
+        h.finish()
+    };
+    let (a, b) = (half(1), half(2));
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xfff,
+        b >> 52,
+        b & 0xffff_ffff_ffff
+    )
 }
 
 fn yaml_str(v: &str) -> String {
@@ -1197,6 +1375,20 @@ pub fn http_get_in(netns: &str, addr: &str, path: &str) -> Result<String> {
     })
 }
 
+/// Removes the cgroup at `path` and every cgroup below it, deepest first; how many.
+fn remove_cgroup_tree(path: &Path) -> usize {
+    let mut removed = 0;
+    if let Ok(entries) = fs::read_dir(path) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                removed += remove_cgroup_tree(&entry.path());
+            }
+        }
+    }
+    crate::remove_cgroup(path);
+    removed + 1
+}
+
 /// Removes everything a cluster with `prefix` created: its pods' and agents' processes (by
 /// cgroup), network namespaces, cgroups, pinned datapath state and state directory. Returns
 /// how many objects it removed. Safe to run when nothing is left.
@@ -1208,14 +1400,7 @@ pub fn cleanup(prefix: &str) -> Result<usize> {
     if let Ok(mount) = mesh_agent::cgroup::v2_mount() {
         let root = names.cgroup_root(&mount);
         if root.exists() {
-            for entry in fs::read_dir(&root)?.flatten() {
-                if entry.path().is_dir() {
-                    crate::remove_cgroup(&entry.path());
-                    removed += 1;
-                }
-            }
-            crate::remove_cgroup(&root);
-            removed += 1;
+            removed += remove_cgroup_tree(&root);
         }
     }
     let own = format!("{prefix}-");

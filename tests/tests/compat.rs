@@ -144,6 +144,7 @@ fn up(server: PodSpec, agent_args: &[&str]) -> (Cluster, tempfile::TempDir) {
                 pods: vec![server],
             },
         ],
+        enrollment: Default::default(),
     };
     let dir = resources();
     let c = common::up_spec(&spec, dir.path(), agent_args, &[]);
@@ -539,6 +540,12 @@ fn iperf3_bulk(test: &str, agent_args: &[&str], seconds: u32) {
     if !privileged(test) || !installed(test, &[("iperf3", &["--version"], "iperf3")]) {
         return;
     }
+    // One bulk run at a time: two of them at once (8 streams each) starve a small machine's
+    // other tests and each other.
+    static BULK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = BULK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let (c, _resources) = up(pod("iperf", &[5201], argv(&["iperf3", "-s"])), agent_args);
     let before = tunnels(&c, "iperf");
     // A short run first: it waits for the mesh's configuration and certificates.
@@ -567,7 +574,12 @@ fn iperf3_bulk(test: &str, agent_args: &[&str], seconds: u32) {
     let least = 10u64 << 20;
     assert!(
         up > least && down > least,
-        "iperf3 moved {up} bytes to the server and {down} back in {secs} s"
+        "iperf3 moved {up} bytes to the server and {down} back in {secs} s\n\
+         its summary: {}\nits first interval: {}\nstderr: {}\ntunnels: {:?}",
+        report["end"],
+        report["intervals"][0],
+        String::from_utf8_lossy(&out.stderr),
+        tunnels(&c, "iperf")
     );
     eprintln!(
         "[{test}] iperf3 {secs} s, 4 streams each way: {:.1} Mbit/s to the server, {:.1} back",

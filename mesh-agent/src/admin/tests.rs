@@ -16,6 +16,7 @@ fn config() -> Config {
         pods: Vec::new(),
         unenroll_on_exit: false,
         enroll_from_config: false,
+        discover_pods: None,
         proxy: ProxyConfig::default(),
         admin: AdminConfig::default(),
     }

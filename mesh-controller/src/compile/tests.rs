@@ -830,3 +830,67 @@ fn output_is_deterministic_and_follows_changes() {
 }
 
 mod routes;
+
+#[test]
+fn the_node_s_pods_are_listed_meshed_or_not_before_they_have_an_address() {
+    let docs = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {mesh.io/enrolled: "true"}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: plain}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-0
+  namespace: shop
+  uid: 6f1c2b7e-3d4a-4b8c-9e0f-1a2b3c4d5e6f
+  annotations: {mesh.io/exclude-inbound-ports: "9100"}
+spec:
+  serviceAccountName: web
+  nodeName: n1
+  containers: [{name: app, image: app, ports: [{containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: batch-0, namespace: plain, uid: 0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d}
+spec: {nodeName: n1, containers: [{name: b, image: b, ports: [{containerPort: 80}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, uid: 1a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d}
+spec: {serviceAccountName: web, nodeName: n2, containers: [{name: app, image: app}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: no-uid, namespace: shop}
+spec: {serviceAccountName: web, nodeName: n1, containers: [{name: app, image: app}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: done, namespace: shop, uid: 2a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d}
+spec: {serviceAccountName: web, nodeName: n1, containers: [{name: app, image: app}]}
+status: {phase: Succeeded}
+"#;
+    let shared = index(&[docs]);
+    let n1 = compile_node(&shared.read(), &deny(), "n1");
+    let names: Vec<String> = n1.node_pods.keys().map(|n| n.to_string()).collect();
+    assert_eq!(names, ["plain/batch-0", "shop/web-0"]);
+    let web = &n1.node_pods[&nn("shop", "web-0")];
+    assert!(web.meshed);
+    assert_eq!(web.uid, "6f1c2b7e-3d4a-4b8c-9e0f-1a2b3c4d5e6f");
+    assert_eq!(web.mode, TlsMode::Strict);
+    assert_eq!(web.ports, [8080]);
+    assert_eq!(web.excluded_inbound_ports, [9100]);
+    // No address yet, so no workload: the CNI plugin asks before the pod has one.
+    assert!(n1.workloads.is_empty());
+    let batch = &n1.node_pods[&nn("plain", "batch-0")];
+    assert!(!batch.meshed);
+    assert!(
+        batch.ports.is_empty(),
+        "nothing of an unmeshed pod is needed"
+    );
+}

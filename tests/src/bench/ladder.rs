@@ -338,7 +338,10 @@ fn spec(step: &Step, exe: &PathBuf) -> ClusterSpec {
             pods: vec![client, server],
         }]
     };
-    ClusterSpec { nodes }
+    ClusterSpec {
+        nodes,
+        enrollment: Default::default(),
+    }
 }
 
 fn agent_args(step: &Step) -> Vec<String> {

@@ -163,11 +163,7 @@ fn run(plan: Plan, only: &[u8], prefix: &str) -> Result<Report> {
         .collect();
     let exe = std::env::current_exe().context("this binary's path")?;
     let dir = exe.parent().context("this binary's directory")?;
-    let bins = Binaries {
-        agent: dir.join("mesh-agent"),
-        controller: dir.join("mesh-controller"),
-        apps: dir.to_path_buf(),
-    };
+    let bins = Binaries::in_dir(dir);
     for b in [&bins.agent, &bins.controller] {
         if !b.exists() {
             bail!(

@@ -156,11 +156,7 @@ fn binaries() -> Result<Binaries> {
         .parent()
         .context("the binary's directory")?
         .to_path_buf();
-    let bins = Binaries {
-        agent: dir.join("mesh-agent"),
-        controller: dir.join("mesh-controller"),
-        apps: dir.clone(),
-    };
+    let bins = Binaries::in_dir(&dir);
     for b in [&bins.agent, &bins.controller, &dir.join("mesh-demo")] {
         ensure!(
             b.exists(),
