@@ -34,7 +34,10 @@ use crate::telemetry::{
     Telemetry,
 };
 
+pub mod probe;
 mod requests;
+
+pub use probe::NodeAddresses;
 
 pub use requests::InboundHttp;
 
@@ -184,6 +187,20 @@ pub fn recheck(
     admission: &Admission,
 ) -> Result<(), Rejection> {
     let decided = match (&admission.caller, authority) {
+        (None, _) if admission.node_probe => {
+            if probe::is_probe_port(config, pod, authority.port()) {
+                Ok(())
+            } else {
+                Err(Rejection::new(
+                    DENIED,
+                    "not_a_probe_port",
+                    format!(
+                        "port {} of {pod} is no longer one the kubelet probes",
+                        authority.port()
+                    ),
+                ))
+            }
+        }
         (Some(caller), _) => admit_hbone(config, pod, caller, authority).map(drop),
         (None, SocketAddr::V4(dst)) => admit_plaintext(config, pod, dst),
         (None, SocketAddr::V6(_)) => Err(Rejection::new(
@@ -329,6 +346,7 @@ impl PodInbound {
         let admission = Admission {
             caller: Some(caller.identity.clone()),
             requests_checked: l7,
+            node_probe: false,
         };
         meta.admission = Some(admission.clone());
         let mut guard = self.telemetry.open(meta.clone());
@@ -606,6 +624,8 @@ pub struct PlaintextInbound {
     pub telemetry: Telemetry,
     pub idle_timeout: Duration,
     pub http: HttpConfig,
+    /// The node's own addresses: where the kubelet's probes come from.
+    pub node: NodeAddresses,
 }
 
 impl PlaintextInbound {
@@ -628,16 +648,20 @@ impl PlaintextInbound {
         );
         meta.src_addr = conn.peer_addr().ok();
         meta.dst = local_peer(&config.snapshot, &self.pod);
-        if let Err(rejection) = admit_plaintext(&config.snapshot, &self.pod, dst) {
+        let node_probe =
+            probe::is_node_probe(&config.snapshot, &self.pod, meta.src_addr, dst, &self.node);
+        if !node_probe && let Err(rejection) = admit_plaintext(&config.snapshot, &self.pod, dst) {
             self.telemetry
                 .denied(meta, rejection.kind, &rejection.reason);
             return Err(PlaintextError::Refused(rejection));
         }
         let protocol = pod_port_protocol(&config.snapshot, &self.pod, dst.port());
-        let l7 = is_l7(protocol);
+        // A probe is carried as it comes: no request of it is checked against policy.
+        let l7 = is_l7(protocol) && !node_probe;
         let admission = Admission {
             caller: None,
             requests_checked: l7,
+            node_probe,
         };
         meta.admission = Some(admission.clone());
         let authority = SocketAddr::V4(dst);

@@ -399,6 +399,7 @@ pub fn start(
         telemetry: telemetry.clone(),
         idle_timeout: idle,
         http: config.http,
+        node: crate::inbound::NodeAddresses::Local,
     });
     let hbone_side = HboneSide {
         pod: name.clone(),

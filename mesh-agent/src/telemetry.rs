@@ -373,6 +373,9 @@ pub struct Admission {
     pub caller: Option<SpiffeId>,
     /// The connection's requests are checked one by one (an L7 port).
     pub requests_checked: bool,
+    /// A plaintext connection from the node to a port the kubelet probes, admitted without
+    /// policy ([`crate::inbound::probe`]): it stays admitted while the port is a probe port.
+    pub node_probe: bool,
 }
 
 /// Why the proxy ends a connection from outside the loop that carries it.

@@ -129,6 +129,7 @@ impl From<&NodePod> for v1::NodePod {
                 .iter()
                 .map(|p| u32::from(*p))
                 .collect(),
+            probe_ports: p.probe_ports.iter().map(|p| u32::from(*p)).collect(),
         }
     }
 }
@@ -384,6 +385,7 @@ impl TryFrom<&v1::NodePod> for NodePod {
                 "node_pod.excluded_inbound_ports",
                 &p.excluded_inbound_ports,
             )?,
+            probe_ports: excluded_ports("node_pod.probe_ports", &p.probe_ports)?,
         })
     }
 }
@@ -967,6 +969,7 @@ mod tests {
                     mode: TlsMode::Permissive,
                     ports: vec![8080],
                     excluded_inbound_ports: vec![9100],
+                    probe_ports: vec![8080, 8081],
                 },
                 NodePod {
                     name: NamespacedName::new("shop", "batch-0"),
@@ -975,6 +978,7 @@ mod tests {
                     mode: TlsMode::Strict,
                     ports: vec![],
                     excluded_inbound_ports: vec![],
+                    probe_ports: vec![],
                 },
             ]
             .into_iter()
@@ -1170,6 +1174,13 @@ mod tests {
                     ..pod.into()
                 },
                 "node_pod.ports",
+            ),
+            (
+                v1::NodePod {
+                    probe_ports: vec![0],
+                    ..pod.into()
+                },
+                "node_pod.probe_ports",
             ),
         ] {
             let bad = v1::Resource {

@@ -516,6 +516,7 @@ impl Index {
             } else {
                 vec![]
             },
+            probe_ports: if meshed { probe_ports(pod) } else { vec![] },
         })
     }
 
@@ -817,6 +818,45 @@ pub fn container_ports(pod: &Pod) -> Vec<u16> {
         .filter(|p| p.protocol.as_deref().is_none_or(|proto| proto == "TCP"))
         .filter_map(|p| u16::try_from(p.container_port).ok().filter(|p| *p != 0))
         .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+/// The TCP ports the kubelet probes: the `httpGet`, `tcpSocket` and `grpc` liveness,
+/// readiness and startup probes of every container (init containers too: a sidecar has
+/// probes), a named port resolved against its own container's ports. A name that resolves to
+/// nothing names no port (the kubelet fails that probe too).
+pub fn probe_ports(pod: &Pod) -> Vec<u16> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let Some(spec) = pod.spec.as_ref() else {
+        return vec![];
+    };
+    let mut ports = Vec::new();
+    for c in spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+    {
+        let resolve = |port: &IntOrString| match port {
+            IntOrString::Int(n) => u16::try_from(*n).ok(),
+            IntOrString::String(name) => c
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref() == Some(name.as_str()))
+                .and_then(|p| u16::try_from(p.container_port).ok()),
+        };
+        for probe in [&c.liveness_probe, &c.readiness_probe, &c.startup_probe]
+            .into_iter()
+            .flatten()
+        {
+            ports.extend(probe.http_get.as_ref().and_then(|h| resolve(&h.port)));
+            ports.extend(probe.tcp_socket.as_ref().and_then(|t| resolve(&t.port)));
+            ports.extend(probe.grpc.as_ref().and_then(|g| u16::try_from(g.port).ok()));
+        }
+    }
+    ports.retain(|p| *p != 0 && *p != HBONE_PORT);
     ports.sort_unstable();
     ports.dedup();
     ports

@@ -135,6 +135,10 @@ pub struct NodePod {
     /// As [`Workload::excluded_inbound_ports`].
     #[serde(default)]
     pub excluded_inbound_ports: Vec<u16>,
+    /// The TCP ports the kubelet probes (HTTP, TCP and gRPC liveness, readiness and startup
+    /// probes of every container): the node itself may reach them in plaintext, STRICT or not.
+    #[serde(default)]
+    pub probe_ports: Vec<u16>,
 }
 
 /// A port of a service.

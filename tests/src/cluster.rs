@@ -104,6 +104,9 @@ pub struct PodSpec {
     /// More annotations of the Pod object (e.g. `mesh.io/exclude-inbound-ports`).
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
+    /// A port the kubelet would probe (a `tcpSocket` readiness probe in the Pod object).
+    #[serde(default)]
+    pub probe_port: Option<u16>,
     /// The command the pod runs (program and arguments), any program: `{pod}` and `{ip}` are
     /// replaced by the pod's name and address, its output goes to the pod's log. Empty: the
     /// pod runs nothing (a client shell).
@@ -981,7 +984,7 @@ metadata:
   containers:
   - name: app
     image: local
-{ports}status:
+{ports}{probe}status:
 {status}---
 ",
                 name = p.name,
@@ -1001,6 +1004,13 @@ metadata:
                     .collect::<String>(),
                 node = p.node,
                 sa = p.spec.service_account.as_deref().unwrap_or("default"),
+                probe = p
+                    .spec
+                    .probe_port
+                    .map(|port| format!(
+                        "    readinessProbe:\n      tcpSocket:\n        port: {port}\n"
+                    ))
+                    .unwrap_or_default(),
                 ports = if p.spec.ports.is_empty() {
                     String::new()
                 } else {

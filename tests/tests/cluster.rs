@@ -322,6 +322,7 @@ fn a_pod_added_while_the_mesh_runs_joins_its_service_and_leaves_it_when_removed(
         tls_mode: None,
         ports: vec![9000],
         annotations: Default::default(),
+        probe_port: None,
         run: [
             "mesh-demo",
             "tcp-echo",
@@ -574,6 +575,7 @@ fn a_pod_runs_any_program_and_one_that_never_listens_is_named_with_its_log() {
         tls_mode: None,
         ports,
         annotations: Default::default(),
+        probe_port: None,
         run: run.iter().map(|s| s.to_string()).collect(),
     };
     // A server that prints nothing, listening after a while, in a child of its shell.

@@ -21,6 +21,10 @@ fn up_cni(extra: Vec<PodSpec>) -> Cluster {
     let mut spec = ClusterSpec::parse(&text).expect("the demo description parses");
     spec.enrollment = Enrollment::Cni;
     spec.nodes[0].pods.extend(extra);
+    // The kubelet probes node-2's echo on its port.
+    for p in spec.nodes[1].pods.iter_mut().filter(|p| p.name == "echo") {
+        p.probe_port = Some(9000);
+    }
     up_spec(&spec, &demo_dir().join("resources"), &[], &[])
 }
 
@@ -36,6 +40,7 @@ fn echo_pod(name: &str, labels: &[(&str, &str)]) -> PodSpec {
         tls_mode: None,
         ports: vec![9000],
         annotations: Default::default(),
+        probe_port: None,
         run: [
             "mesh-demo",
             "tcp-echo",
@@ -161,6 +166,30 @@ fn pods_set_up_through_the_cni_plugin_are_meshed_before_they_start_and_removed_w
     assert!(
         !call(&c, "demo/plain", ECHO_VIP).status.success(),
         "an unmeshed pod reached a service address"
+    );
+
+    // The kubelet's probe: plaintext from node-2 itself reaches its STRICT echo on the probe
+    // port; plaintext from node-2 to a STRICT pod it does not probe, or from node-1 to the
+    // probed port, does not.
+    let from_node = |node: &str, pod: &str, port: u16| {
+        let target = format!("{}:{port}", c.pod(pod).expect("pod").ip);
+        let demo = c.bins.apps.join("mesh-demo").display().to_string();
+        c.exec_on_node(node, &[&demo, "call", "--target", &target, "--mode", "tcp"])
+            .expect("run the demo client on the node")
+    };
+    let probe = from_node("node-2", "demo/echo", 9000);
+    assert!(
+        probe.status.success(),
+        "the node's probe of a STRICT pod was refused: {}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+    assert!(
+        !from_node("node-2", "demo/web-v1", 8080).status.success(),
+        "plaintext from the node reached a STRICT pod's port no probe names"
+    );
+    assert!(
+        !from_node("node-1", "demo/echo", 9000).status.success(),
+        "plaintext from another node reached a STRICT pod's probe port"
     );
 
     // A pod added and deleted while the mesh runs: DEL unenrolls it, nothing pinned is left.

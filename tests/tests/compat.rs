@@ -127,6 +127,7 @@ fn pod(name: &str, ports: &[u16], run: Vec<String>) -> PodSpec {
         tls_mode: None,
         ports: ports.to_vec(),
         annotations: Default::default(),
+        probe_port: None,
         run,
     }
 }

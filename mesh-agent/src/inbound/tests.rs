@@ -320,6 +320,7 @@ async fn plaintext_is_carried_and_counted_or_refused_by_the_tls_mode() {
             telemetry: telemetry.clone(),
             idle_timeout: Duration::from_secs(60),
             http: crate::l7::HttpConfig::default(),
+            node: crate::inbound::NodeAddresses::Fixed(Default::default()),
         });
         async move {
             let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 15006");
@@ -485,6 +486,7 @@ async fn a_plaintext_caller_reaches_the_application_in_its_ports_declared_protoc
         telemetry: Telemetry::new(&mut registry),
         idle_timeout: Duration::from_secs(60),
         http: crate::l7::HttpConfig::default(),
+        node: crate::inbound::NodeAddresses::Fixed(Default::default()),
     });
     tokio::spawn(async move {
         while let Ok((conn, _)) = listener.accept().await {
@@ -605,4 +607,99 @@ async fn an_idle_http_tunnel_is_closed_after_the_configured_idle_timeout() {
         "the idle connection was still open after 10 s (its idle timeout is {idle:?})"
     );
     assert!(started.elapsed() >= idle, "closed before the idle timeout");
+}
+
+/// A STRICT pod whose probes name `probe_ports`.
+fn probed(probe_ports: Vec<u16>) -> NodeSnapshot {
+    let mut c = config(TlsMode::Strict, TrafficPolicyMode::DefaultDeny);
+    c.node_pods.insert(
+        pod(),
+        mesh_core::model::NodePod {
+            name: pod(),
+            uid: "u".into(),
+            meshed: true,
+            mode: TlsMode::Strict,
+            ports: vec![],
+            excluded_inbound_ports: vec![],
+            probe_ports,
+        },
+    );
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_probes_a_strict_pod_s_probe_ports_in_plaintext_and_nothing_else_gets_in() {
+    let app = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+    let app_addr = app.local_addr().expect("app address");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = app.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 5];
+                if s.read_exact(&mut buf).await.is_ok() {
+                    let _ = s.write_all(&buf.to_ascii_uppercase()).await;
+                }
+            });
+        }
+    });
+    let mut registry = Registry::default();
+    let telemetry = Telemetry::new(&mut registry);
+    // "15006" of a pod whose probes name `probe` (None: the listener's own port), with
+    // `node` as the node's addresses; the answer to a call from 127.0.0.1.
+    let call = |probe: Option<u16>, node: Vec<std::net::IpAddr>| {
+        let telemetry = telemetry.clone();
+        async move {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 15006");
+            let addr = listener.local_addr().expect("address");
+            let handler = Arc::new(PlaintextInbound {
+                pod: pod(),
+                ip: POD_IP,
+                store: crate::state::holding(&probed(vec![probe.unwrap_or(addr.port())])),
+                dial: Arc::new(move |_| Box::pin(TcpStream::connect(app_addr))),
+                telemetry,
+                idle_timeout: Duration::from_secs(60),
+                http: crate::l7::HttpConfig::default(),
+                node: NodeAddresses::Fixed(Arc::new(node)),
+            });
+            tokio::spawn(async move {
+                while let Ok((conn, _)) = listener.accept().await {
+                    let handler = handler.clone();
+                    tokio::spawn(async move { handler.handle(conn).await });
+                }
+            });
+            let mut s = TcpStream::connect(addr).await.expect("connect");
+            let _ = s.write_all(b"hello").await;
+            let mut answer = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+                .await
+                .expect("an answer or a close in time");
+            answer
+        }
+    };
+    let localhost = vec![std::net::IpAddr::from(POD_IP)];
+    // From the node, to a probe port: carried, although the pod is STRICT and no
+    // TrafficTarget admits anyone unauthenticated. As IPv4-mapped too.
+    assert_eq!(call(None, localhost.clone()).await, b"HELLO");
+    let mapped = vec![std::net::IpAddr::from(POD_IP.to_ipv6_mapped())];
+    assert_eq!(call(None, mapped).await, b"HELLO");
+    // From the node, to another port; from elsewhere, to the probe port: refused.
+    assert_eq!(call(Some(1), localhost).await, b"");
+    let elsewhere = vec![std::net::IpAddr::from(Ipv4Addr::new(10, 0, 0, 1))];
+    assert_eq!(call(None, elsewhere).await, b"");
+
+    // Admitted as a probe, a connection stays admitted while the port is a probe port.
+    let probe = Admission {
+        caller: None,
+        requests_checked: false,
+        node_probe: true,
+    };
+    assert!(recheck(&probed(vec![8080]), &pod(), at(8080), &probe).is_ok());
+    let r = recheck(&probed(vec![9090]), &pod(), at(8080), &probe).expect_err("not a probe port");
+    assert_eq!(r.kind, "not_a_probe_port");
+}
+
+#[test]
+fn the_node_s_own_addresses_are_read_from_its_network_namespace() {
+    let local = NodeAddresses::Local;
+    assert!(local.contains(std::net::IpAddr::from(Ipv4Addr::LOCALHOST)));
+    assert!(!local.contains(std::net::IpAddr::from(Ipv4Addr::new(192, 0, 2, 77))));
 }

@@ -252,6 +252,7 @@ fn a_recheck_decides_as_the_admission_did_on_the_recorded_caller_and_port() {
     let web = Admission {
         caller: Some(id(WEB)),
         requests_checked: false,
+        node_probe: false,
     };
     let admin = Admission {
         caller: Some(id(ADMIN)),
@@ -260,6 +261,7 @@ fn a_recheck_decides_as_the_admission_did_on_the_recorded_caller_and_port() {
     let plaintext = Admission {
         caller: None,
         requests_checked: false,
+        node_probe: false,
     };
     let kind = |r: Result<(), crate::inbound::Rejection>| r.err().map(|r| r.kind);
     assert_eq!(kind(recheck(&c, &pod(), at(8080), &web)), None);
@@ -407,6 +409,7 @@ async fn plaintext_connections_close_when_the_pod_turns_strict() {
         telemetry: telemetry.clone(),
         idle_timeout: Duration::from_secs(3600),
         http: crate::l7::HttpConfig::default(),
+        node: crate::inbound::NodeAddresses::Fixed(Default::default()),
     });
     // "15006": every connection it accepts is handled by the pod's plaintext side.
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 15006");

@@ -397,6 +397,7 @@ async fn revoking_cuts_only_admitted_connections_and_counts_each_once() {
     inbound.admission = Some(Admission {
         caller: Some(id(WEB)),
         requests_checked: false,
+        node_probe: false,
     });
     let mut revoked = telemetry.open(inbound.clone());
     let gone_caller = inbound.src_addr;

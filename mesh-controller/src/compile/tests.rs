@@ -852,7 +852,22 @@ metadata:
 spec:
   serviceAccountName: web
   nodeName: n1
-  containers: [{name: app, image: app, ports: [{containerPort: 8080}]}]
+  initContainers:
+  - name: sidecar
+    image: sidecar
+    restartPolicy: Always
+    startupProbe: {grpc: {port: 9090}}
+  containers:
+  - name: app
+    image: app
+    ports: [{containerPort: 8080}, {name: health, containerPort: 8081}]
+    livenessProbe: {httpGet: {path: /healthz, port: health}}
+    readinessProbe: {tcpSocket: {port: 8080}}
+    startupProbe: {httpGet: {path: /, port: no-such-port}}
+  - name: other
+    image: other
+    ports: [{name: health, containerPort: 7000}]
+    readinessProbe: {exec: {command: ["true"]}}
 ---
 apiVersion: v1
 kind: Pod
@@ -883,7 +898,9 @@ status: {phase: Succeeded}
     assert!(web.meshed);
     assert_eq!(web.uid, "6f1c2b7e-3d4a-4b8c-9e0f-1a2b3c4d5e6f");
     assert_eq!(web.mode, TlsMode::Strict);
-    assert_eq!(web.ports, [8080]);
+    assert_eq!(web.ports, [7000, 8080, 8081]);
+    // Named ports resolve within their own container; exec probes use no port.
+    assert_eq!(web.probe_ports, [8080, 8081, 9090]);
     assert_eq!(web.excluded_inbound_ports, [9100]);
     // No address yet, so no workload: the CNI plugin asks before the pod has one.
     assert!(n1.workloads.is_empty());

@@ -299,6 +299,7 @@ fn pod(name: &str, mesh: bool, server: Option<&PathBuf>) -> PodSpec {
             vec![]
         },
         annotations: BTreeMap::new(),
+        probe_port: None,
         run: server.map_or_else(Vec::new, |exe| {
             vec![
                 exe.display().to_string(),

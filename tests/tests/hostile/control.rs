@@ -64,6 +64,7 @@ fn evil_pod(name: &str, service_account: &str, run: &[&str]) -> PodSpec {
         ports: if run.is_empty() { vec![] } else { vec![9000] },
         run: run.iter().map(|s| s.to_string()).collect(),
         annotations: Default::default(),
+        probe_port: None,
     }
 }
 

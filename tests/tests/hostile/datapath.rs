@@ -66,6 +66,7 @@ fn add_srv(c: &mut Cluster) {
             "9100".to_string(),
         )]
         .into(),
+        probe_port: None,
         run: vec![
             "sh".into(),
             "-c".into(),

@@ -16,6 +16,7 @@ fn node_pod(name: &str, uid: &str, meshed: bool) -> NodePod {
         mode: TlsMode::Strict,
         ports: vec![8080],
         excluded_inbound_ports: vec![9100],
+        probe_ports: vec![],
     }
 }
 
