@@ -957,4 +957,39 @@ mod tests {
         let err = run(&["--escaped-slashes=decode"]).expect_err("not an action");
         assert!(err.contains("--escaped-slashes"), "{err}");
     }
+
+    /// The DaemonSet's arguments are ones the agent accepts, and its CNI plugin asks the
+    /// socket the agent listens on.
+    #[test]
+    fn the_daemonset_runs_the_agent_with_arguments_it_accepts() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/agent.yaml");
+        let text = std::fs::read_to_string(path).expect("deploy/agent.yaml");
+        let ds: serde_json::Value = serde_yaml_ng::from_str(&text).expect("YAML");
+        let spec = &ds["spec"]["template"]["spec"];
+        let strings = |v: &serde_json::Value| -> Vec<String> {
+            v.as_array()
+                .expect("a list")
+                .iter()
+                .map(|a| {
+                    a.as_str()
+                        .expect("a string")
+                        .replace("$(NODE_NAME)", "node-1")
+                })
+                .collect()
+        };
+        let args = strings(&spec["containers"][0]["args"]);
+        assert_eq!(args[0], "run");
+        let argv: Vec<&str> = args[1..].iter().map(String::as_str).collect();
+        let cfg = run(&argv).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let discover = cfg.discover_pods.expect("--discover-pods");
+        let install = strings(&spec["initContainers"][0]["command"]);
+        assert_eq!(install[..2], ["mesh-cni", "install"]);
+        let setup = mesh_cni::cli::parse_setup(&install[2..], true)
+            .unwrap_or_else(|e| panic!("{path}: the CNI installer's arguments: {e}"));
+        assert_eq!(
+            setup.agent_socket.map(PathBuf::from),
+            Some(discover.cni_socket),
+            "the plugin asks another socket than the agent listens on"
+        );
+    }
 }

@@ -68,28 +68,49 @@ fn plugin() -> ExitCode {
     }
 }
 
-/// `install` / `uninstall`.
-fn setup(args: &[String], add: bool) -> Result<(), String> {
+/// What `install` or `uninstall` was asked to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Setup {
+    pub conf_dir: PathBuf,
+    /// Required for `install`.
+    pub bin_dir: Option<PathBuf>,
+    pub agent_socket: Option<String>,
+    pub exclude_namespaces: Vec<String>,
+    pub timeout_seconds: Option<u64>,
+}
+
+/// The arguments of `install` (`install = true`) or `uninstall`, as `--flag value` or
+/// `--flag=value`.
+pub fn parse_setup(args: &[String], install: bool) -> Result<Setup, String> {
     let mut conf_dir = None;
-    let mut bin_dir = None;
-    let mut socket = None;
-    let mut exclude = Vec::new();
-    let mut timeout = None;
+    let mut setup = Setup {
+        conf_dir: PathBuf::new(),
+        bin_dir: None,
+        agent_socket: None,
+        exclude_namespaces: Vec::new(),
+        timeout_seconds: None,
+    };
     let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let mut value = || {
-            it.next()
-                .cloned()
-                .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f, Some(v.to_string())),
+            _ => (arg.as_str(), None),
         };
-        match flag.as_str() {
+        let mut value = || match &inline {
+            Some(v) => Ok(v.clone()),
+            None => it
+                .next()
+                .cloned()
+                .ok_or_else(|| format!("{flag} needs a value\n{USAGE}")),
+        };
+        match flag {
             "--conf-dir" => conf_dir = Some(PathBuf::from(value()?)),
-            "--bin-dir" => bin_dir = Some(PathBuf::from(value()?)),
-            "--agent-socket" if add => socket = Some(value()?),
-            "--exclude-namespace" if add => exclude.push(value()?),
-            "--timeout-seconds" if add => {
+            "--bin-dir" => setup.bin_dir = Some(PathBuf::from(value()?)),
+            "--agent-socket" if install => setup.agent_socket = Some(value()?),
+            "--exclude-namespace" if install => setup.exclude_namespaces.push(value()?),
+            "--timeout-seconds" if install => {
                 let v = value()?;
-                timeout = Some(
+                setup.timeout_seconds = Some(
                     v.parse::<u64>()
                         .ok()
                         .filter(|n| (1..=600).contains(n))
@@ -101,7 +122,22 @@ fn setup(args: &[String], add: bool) -> Result<(), String> {
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
     }
-    let conf_dir = conf_dir.ok_or_else(|| format!("--conf-dir is required\n{USAGE}"))?;
+    setup.conf_dir = conf_dir.ok_or_else(|| format!("--conf-dir is required\n{USAGE}"))?;
+    if install && setup.bin_dir.is_none() {
+        return Err(format!("--bin-dir is required\n{USAGE}"));
+    }
+    Ok(setup)
+}
+
+/// `install` / `uninstall`.
+fn setup(args: &[String], add: bool) -> Result<(), String> {
+    let Setup {
+        conf_dir,
+        bin_dir,
+        agent_socket: socket,
+        exclude_namespaces: exclude,
+        timeout_seconds: timeout,
+    } = parse_setup(args, add)?;
     if !add {
         for path in install::uninstall(&conf_dir).map_err(|e| e.to_string())? {
             println!("removed {PLUGIN_TYPE} from {}", path.display());
@@ -116,7 +152,7 @@ fn setup(args: &[String], add: bool) -> Result<(), String> {
         }
         return Ok(());
     }
-    let bin_dir = bin_dir.ok_or_else(|| format!("--bin-dir is required\n{USAGE}"))?;
+    let bin_dir = bin_dir.unwrap_or_default();
     let me = std::env::current_exe().map_err(|e| format!("find this program: {e}"))?;
     let bin = install::install_binary(&me, &bin_dir).map_err(|e| e.to_string())?;
     println!("installed {}", bin.display());
@@ -133,4 +169,57 @@ fn setup(args: &[String], add: bool) -> Result<(), String> {
     let conf = install::install(&conf_dir, &entry).map_err(|e| e.to_string())?;
     println!("chained {PLUGIN_TYPE} into {}", conf.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn flags_take_their_value_after_a_space_or_an_equals_sign() {
+        let s = parse_setup(
+            &args(&[
+                "--conf-dir=/etc/cni/net.d",
+                "--bin-dir",
+                "/opt/cni/bin",
+                "--agent-socket=/run/x.sock",
+                "--exclude-namespace=kube-system",
+                "--exclude-namespace",
+                "mesh-system",
+                "--timeout-seconds=45",
+            ]),
+            true,
+        )
+        .expect("valid");
+        assert_eq!(s.conf_dir, PathBuf::from("/etc/cni/net.d"));
+        assert_eq!(s.bin_dir, Some(PathBuf::from("/opt/cni/bin")));
+        assert_eq!(s.agent_socket.as_deref(), Some("/run/x.sock"));
+        assert_eq!(s.exclude_namespaces, ["kube-system", "mesh-system"]);
+        assert_eq!(s.timeout_seconds, Some(45));
+
+        for (bad, why) in [
+            (&["--conf-dir=/c"][..], "--bin-dir is required"),
+            (&["--bin-dir=/b"][..], "--conf-dir is required"),
+            (&["--conf-dir"][..], "needs a value"),
+            (
+                &["--conf-dir=/c", "--bin-dir=/b", "--timeout-seconds=0"][..],
+                "1 to 600",
+            ),
+            (
+                &["--conf-dir=/c", "--bin-dir=/b", "--verbose"][..],
+                "unknown argument",
+            ),
+        ] {
+            let e = parse_setup(&args(bad), true).expect_err(why);
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+        // `uninstall` takes no plugin settings.
+        let e = parse_setup(&args(&["--conf-dir=/c", "--agent-socket=/s"]), false)
+            .expect_err("uninstall with a socket");
+        assert!(e.contains("unknown argument"), "{e}");
+    }
 }
