@@ -227,6 +227,7 @@ fn config_updates(yaml: &[(String, String)], ca: &Ca) -> Vec<(String, Vec<u8>)> 
         }
     }
     let opts = CompileOptions {
+        service_cidrs: vec![],
         trust_domain: ca.trust_domain().clone(),
         traffic_policy: TrafficPolicyMode::DefaultDeny,
     };

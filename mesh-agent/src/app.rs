@@ -130,10 +130,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             .context("install SIGTERM handler")?;
         // Pods enrolled from the configuration, with the spec they were enrolled with.
         let mut dynamic: BTreeMap<String, PodSpec> = BTreeMap::new();
-        let mut changes = control
-            .as_ref()
-            .filter(|_| cfg.enroll_from_config || cfg.discover_pods.is_some())
-            .map(|c| c.store.subscribe());
+        // Every configuration change: what to capture, and the pods to enroll.
+        let mut changes = control.as_ref().map(|c| c.store.subscribe());
         let node = cfg.controller.as_ref().map(|c| c.node.clone()).unwrap_or_default();
         let fixed: Vec<String> = cfg.pods.iter().map(|p| p.name.clone()).collect();
         // On a real node: pods found through the CNI plugin and the cgroup hierarchy.
@@ -152,9 +150,32 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         // CNI calls waiting for the controller to announce their pod, or for its enrollment.
         let mut waiting: Vec<crate::cni::CniCall> = Vec::new();
         let mut last_rejected: BTreeMap<String, String> = BTreeMap::new();
+        let mut last_capture: Option<Vec<crate::config::Cidr>> = None;
         loop {
             if let Some(rx) = changes.as_mut() {
-                let snapshot = rx.borrow_and_update().snapshot.clone();
+                let (arrived, snapshot) = {
+                    let applied = rx.borrow_and_update();
+                    (applied.version.is_some(), applied.snapshot.clone())
+                };
+                // What the cluster says to capture (its pod and service CIDRs), with --capture;
+                // until the first configuration arrives, what the datapath held stays.
+                let cluster: Vec<crate::config::Cidr> = snapshot
+                    .capture
+                    .iter()
+                    .filter_map(|c| c.parse().ok())
+                    .collect();
+                if arrived && last_capture.as_ref() != Some(&cluster) {
+                    match datapath.set_capture(&cluster) {
+                        Ok(_) => {
+                            tracing::info!(cluster = ?snapshot.capture, flags = ?cfg.datapath.capture, "capture");
+                            if cluster.is_empty() && cfg.datapath.capture.is_empty() {
+                                tracing::warn!("nothing is captured: the cluster names no pod or service CIDR (Node.spec.podCIDRs, ServiceCIDR, the controller's --service-cidr) and no --capture is given");
+                            }
+                            last_capture = Some(cluster);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot update what is captured"),
+                    }
+                }
                 // CNI calls first: a pod handed over now is enrolled in this same round.
                 let mut to_answer = Vec::new();
                 if let Some(np) = node_pods.as_mut() {
@@ -175,7 +196,10 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 }
                 let (wanted, rejected) = match node_pods.as_mut() {
                     Some(np) => np.desired(&snapshot, &fixed),
-                    None => crate::enroll::desired(&snapshot, &node, &fixed),
+                    None if cfg.enroll_from_config => {
+                        crate::enroll::desired(&snapshot, &node, &fixed)
+                    }
+                    None => Default::default(),
                 };
                 let rejected: BTreeMap<String, String> = rejected.into_iter().collect();
                 admin.set_wanted(wanted.values().cloned().collect());

@@ -11,7 +11,7 @@
 //! The agent-scope programs (getsockopt, sockops on the agent's own cgroup) are not pinned:
 //! they live exactly as long as the agent's proxy that needs them.
 use std::{
-    collections::HashMap as StdHashMap,
+    collections::{BTreeSet, HashMap as StdHashMap},
     fs::{self, File},
     net::{Ipv4Addr, TcpListener},
     os::fd::{AsFd, AsRawFd},
@@ -41,7 +41,7 @@ use mesh_common::{
 
 use crate::{
     cgroup::{self, CgroupError},
-    config::{DatapathConfig, Mode, PodSpec, pin_name},
+    config::{Cidr, DatapathConfig, Mode, PodSpec, pin_name},
     netns::{self, NetnsError},
 };
 
@@ -285,6 +285,35 @@ impl Maps {
             .keys()
             .map(|k| k.map(ip_from_key).map_err(map_err(PODS_MAP)))
             .collect()
+    }
+
+    /// Makes the capture map hold exactly `cidrs`: missing prefixes first, then the ones no
+    /// longer wanted, so a prefix kept in both is never absent. Returns whether it changed.
+    pub fn replace_capture(&mut self, cidrs: &[Cidr]) -> Result<bool> {
+        let want: BTreeSet<(u32, u32)> = cidrs
+            .iter()
+            .map(|c| (u32::from(c.len), ip_key(c.addr)))
+            .collect();
+        let have: BTreeSet<(u32, u32)> = self
+            .capture
+            .keys()
+            .map(|k| k.map(|k| (k.prefix_len(), k.data())))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(map_err(CAPTURE_MAP))?;
+        for (len, addr) in want.difference(&have) {
+            let rule = CaptureRule {
+                action: CAPTURE_REDIRECT,
+            };
+            self.capture
+                .insert(&Key::new(*len, *addr), rule, 0)
+                .map_err(map_err(CAPTURE_MAP))?;
+        }
+        for (len, addr) in have.difference(&want) {
+            self.capture
+                .remove(&Key::new(*len, *addr))
+                .map_err(map_err(CAPTURE_MAP))?;
+        }
+        Ok(want != have)
     }
 
     fn set_capture(&mut self, cfg: &DatapathConfig) -> Result<()> {
@@ -849,6 +878,14 @@ impl Datapath {
             // The namespace is gone (pod deleted): its sk_lookup and tc went with it.
             Err(_) => remove_pins(&self.pod_links_dir(spec)),
         }
+    }
+
+    /// What the datapath captures from now on: `extra` (the cluster's pod and service CIDRs)
+    /// besides the configuration's `--capture`. Whether it changed.
+    pub fn set_capture(&mut self, extra: &[Cidr]) -> Result<bool> {
+        let mut all = self.cfg.capture.clone();
+        all.extend_from_slice(extra);
+        self.maps.replace_capture(&all)
     }
 
     pub fn enrolled(&self) -> impl Iterator<Item = &PodSpec> {

@@ -336,6 +336,19 @@ impl TryFrom<&v1::Workload> for Workload {
     }
 }
 
+/// `a.b.c.d/n` with no bits set past the prefix.
+pub fn ipv4_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
+    let bad = || format!("{s:?} is not an IPv4 prefix a.b.c.d/n");
+    let (addr, len) = s.split_once('/').ok_or_else(bad)?;
+    let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+    let len: u8 = len.parse().ok().filter(|l| *l <= 32).ok_or_else(bad)?;
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    if u32::from(addr) & !mask != 0 {
+        return Err(format!("{s:?} has bits set past its /{len} prefix"));
+    }
+    Ok((addr, len))
+}
+
 fn mode(field: &str, m: i32) -> Result<TlsMode, ConvertError> {
     match v1::TlsMode::try_from(m) {
         Ok(v1::TlsMode::Strict) => Ok(TlsMode::Strict),
@@ -768,6 +781,13 @@ pub fn diff(
         &mut upserts,
         &mut removals,
     );
+    if old.capture != new.capture {
+        upserts.push(v1::Resource {
+            kind: Some(R::Capture(v1::Capture {
+                cidrs: new.capture.clone(),
+            })),
+        });
+    }
     if old.trust_bundle != new.trust_bundle {
         upserts.push(v1::Resource {
             kind: Some(R::TrustBundle(v1::TrustBundle {
@@ -805,6 +825,9 @@ pub fn apply(
             Ok(v1::Kind::HttpRoute) => Arc::make_mut(&mut next.http_routes).remove(&name).is_some(),
             Ok(v1::Kind::GrpcRoute) => Arc::make_mut(&mut next.grpc_routes).remove(&name).is_some(),
             Ok(v1::Kind::NodePod) => next.node_pods.remove(&name).is_some(),
+            Ok(v1::Kind::Capture) => {
+                return Err(err("removals", "the capture list is replaced, not removed"));
+            }
             Ok(v1::Kind::TrustBundle) => {
                 return Err(err("removals", "the trust bundle cannot be removed"));
             }
@@ -848,6 +871,12 @@ pub fn apply(
             Some(R::NodePod(p)) => {
                 let p = NodePod::try_from(p)?;
                 next.node_pods.insert(p.name.clone(), p);
+            }
+            Some(R::Capture(c)) => {
+                for cidr in &c.cidrs {
+                    ipv4_cidr(cidr).map_err(|reason| err("capture.cidrs", reason))?;
+                }
+                next.capture = c.cidrs.clone();
             }
             Some(R::TrustBundle(b)) => {
                 if b.roots_pem.is_empty() {
@@ -984,6 +1013,7 @@ mod tests {
             .into_iter()
             .map(|p| (p.name.clone(), p))
             .collect(),
+            capture: vec!["10.244.0.0/16".into(), "10.96.0.0/12".into()],
         }
     }
 
@@ -1067,7 +1097,11 @@ mod tests {
         let snap = snapshot();
         let (upserts, removals) = diff(None, &snap);
         assert!(removals.is_empty());
-        assert_eq!(upserts.len(), 9, "one resource per object plus the bundle");
+        assert_eq!(
+            upserts.len(),
+            10,
+            "one resource per object plus the capture list and the bundle"
+        );
         let base = NodeSnapshot {
             node: "n1".into(),
             ..NodeSnapshot::default()
@@ -1092,6 +1126,16 @@ mod tests {
         );
         let (u, r) = diff(Some(&new), &new);
         assert!(u.is_empty() && r.is_empty(), "no change, no delta");
+
+        let mut fewer = new.clone();
+        fewer.capture.pop();
+        let (upserts, removals) = diff(Some(&new), &fewer);
+        assert_eq!(upserts.len(), 1);
+        assert!(removals.is_empty());
+        assert_eq!(
+            apply(&new, false, &upserts, &removals).expect("applies"),
+            fewer
+        );
     }
 
     #[test]
@@ -1198,5 +1242,21 @@ mod tests {
         apply(&snap, false, &[], &[missing]).expect_err("removing what is not there");
         let (upserts, _) = diff(None, &NodeSnapshot::default());
         apply(&NodeSnapshot::default(), true, &upserts, &[]).expect_err("no bundle");
+
+        for bad in [
+            "10.96.0.0",
+            "10.96.0.1/12",
+            "10.96.0.0/33",
+            "fd00::/8",
+            "x/8",
+        ] {
+            let capture = v1::Resource {
+                kind: Some(v1::resource::Kind::Capture(v1::Capture {
+                    cidrs: vec!["10.244.0.0/16".into(), bad.into()],
+                })),
+            };
+            let e = apply(&snap, false, &[capture], &[]).expect_err(bad);
+            assert_eq!(e.field, "capture.cidrs", "{bad}");
+        }
     }
 }

@@ -31,6 +31,7 @@ const NAMESPACES: usize = 10;
 
 fn main() {
     let opts = CompileOptions {
+        service_cidrs: vec![],
         trust_domain: TrustDomain::new("cluster.local").expect("valid trust domain"),
         traffic_policy: TrafficPolicyMode::DefaultDeny,
     };

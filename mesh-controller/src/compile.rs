@@ -46,6 +46,8 @@ use crate::index::{Index, pod_ipv4s, pod_is_ready, pod_is_terminated, pod_node};
 pub struct CompileOptions {
     pub trust_domain: TrustDomain,
     pub traffic_policy: TrafficPolicyMode,
+    /// Service CIDRs the agents capture besides those of ServiceCIDR objects.
+    pub service_cidrs: Vec<String>,
 }
 
 /// The snapshot of one node. `trust_bundle` is left empty: the caller fills it.
@@ -155,6 +157,7 @@ fn node_snapshot(
         splits: shared.splits.clone(),
         http_routes: shared.http_routes.clone(),
         grpc_routes: shared.grpc_routes.clone(),
+        capture: index.capture_cidrs(&opts.service_cidrs),
         ..NodeSnapshot::default()
     };
     for (name, _) in index.pods_on_node(node) {

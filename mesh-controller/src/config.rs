@@ -81,6 +81,11 @@ pub struct Args {
     /// SMI traffic policy: default-deny (a TrafficTarget is needed) or permissive.
     #[arg(long, default_value = "default-deny")]
     pub traffic_policy: String,
+    /// The cluster's service CIDR (IPv4 a.b.c.d/n), for clusters whose API serves no
+    /// networking.k8s.io/v1 ServiceCIDR (before Kubernetes 1.33); the agents capture it with the nodes' pod
+    /// CIDRs. Repeatable. ServiceCIDR objects, where there are any, are used as well.
+    #[arg(long = "service-cidr", value_name = "CIDR")]
+    pub service_cidrs: Vec<String>,
     /// Names and addresses in the controller's serving certificate, comma-separated.
     #[arg(
         long,
@@ -137,6 +142,7 @@ pub struct Config {
     pub ca: CaSource,
     pub bootstrap: Bootstrap,
     pub traffic_policy: TrafficPolicyMode,
+    pub service_cidrs: Vec<String>,
     pub server: ServerSettings,
     pub server_names: Vec<String>,
 }
@@ -223,6 +229,9 @@ impl Config {
                 ));
             }
         };
+        for cidr in &args.service_cidrs {
+            mesh_api::convert::ipv4_cidr(cidr).map_err(|e| bad("--service-cidr", e))?;
+        }
         if args.server_names.iter().all(|n| n.trim().is_empty()) {
             return Err(bad("--server-names", "at least one name is needed"));
         }
@@ -234,6 +243,7 @@ impl Config {
             ca,
             bootstrap,
             traffic_policy,
+            service_cidrs: args.service_cidrs.clone(),
             server: ServerSettings {
                 workload_validity: duration("--workload-cert-ttl", &args.workload_cert_ttl)?,
                 node_validity: duration("--node-cert-ttl", &args.node_cert_ttl)?,
@@ -284,6 +294,7 @@ impl Config {
         CompileOptions {
             trust_domain: self.trust_domain.clone(),
             traffic_policy: self.traffic_policy,
+            service_cidrs: self.service_cidrs.clone(),
         }
     }
 }

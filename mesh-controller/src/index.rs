@@ -56,6 +56,9 @@ pub struct IndexSummary {
 #[derive(Debug, Default)]
 pub struct Index {
     namespaces: BTreeMap<String, Namespace>,
+    /// Kubernetes Nodes, by name (for their pod CIDRs).
+    k8s_nodes: BTreeMap<String, k8s_openapi::api::core::v1::Node>,
+    service_cidrs: BTreeMap<String, k8s_openapi::api::networking::v1::ServiceCIDR>,
     service_accounts: BTreeMap<NamespacedName, ServiceAccount>,
     pods: BTreeMap<NamespacedName, Pod>,
     services: BTreeMap<NamespacedName, Service>,
@@ -286,6 +289,8 @@ impl Index {
             Kind::TrafficSplit => self.traffic_splits.get(&nn())?.clone().into(),
             Kind::HttpRoute => Resource::HttpRoute(self.http_routes.get(&nn())?.clone()),
             Kind::GrpcRoute => Resource::GrpcRoute(self.grpc_routes.get(&nn())?.clone()),
+            Kind::Node => Resource::Node(self.k8s_nodes.get(&key.name)?.clone()),
+            Kind::ServiceCidr => Resource::ServiceCidr(self.service_cidrs.get(&key.name)?.clone()),
         })
     }
 
@@ -545,6 +550,37 @@ impl Index {
         })
     }
 
+    /// What the agents capture: every Node's pod CIDRs (`spec.podCIDRs`, else `spec.podCIDR`),
+    /// the ServiceCIDR objects' CIDRs and `configured` (the controller's `--service-cidr`);
+    /// IPv4 only, sorted, each once. A value that is not an IPv4 prefix is left out (the
+    /// API server validates them; IPv6 ones are not carried by the mesh yet).
+    pub fn capture_cidrs(&self, configured: &[String]) -> Vec<String> {
+        let pods = self
+            .k8s_nodes
+            .values()
+            .filter_map(|n| n.spec.as_ref())
+            .flat_map(|s| {
+                s.pod_cidrs
+                    .clone()
+                    .filter(|c| !c.is_empty())
+                    .or_else(|| s.pod_cidr.clone().map(|c| vec![c]))
+                    .unwrap_or_default()
+            });
+        let services = self
+            .service_cidrs
+            .values()
+            .filter_map(|c| c.spec.as_ref())
+            .flat_map(|s| s.cidrs.clone().unwrap_or_default());
+        let mut all: Vec<String> = pods
+            .chain(services)
+            .chain(configured.iter().cloned())
+            .filter(|c| mesh_api::convert::ipv4_cidr(c).is_ok())
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+
     /// The nodes with at least one enrolled, not terminated pod.
     pub fn nodes(&self) -> BTreeSet<String> {
         self.pods_by_node
@@ -574,6 +610,8 @@ impl Index {
             Resource::TrafficSplit(o) => self.traffic_splits.get(&nn) == Some(o),
             Resource::HttpRoute(o) => self.http_routes.get(&nn) == Some(o),
             Resource::GrpcRoute(o) => self.grpc_routes.get(&nn) == Some(o),
+            Resource::Node(o) => self.k8s_nodes.get(&key.name) == Some(o),
+            Resource::ServiceCidr(o) => self.service_cidrs.get(&key.name) == Some(o),
         }
     }
 
@@ -645,6 +683,12 @@ impl Index {
             Resource::GrpcRoute(o) => {
                 self.grpc_routes.insert(nn, o);
             }
+            Resource::Node(o) => {
+                self.k8s_nodes.insert(key.name.clone(), o);
+            }
+            Resource::ServiceCidr(o) => {
+                self.service_cidrs.insert(key.name.clone(), o);
+            }
         }
     }
 
@@ -698,6 +742,8 @@ impl Index {
             Kind::TrafficSplit => self.traffic_splits.remove(&nn).is_some(),
             Kind::HttpRoute => self.http_routes.remove(&nn).is_some(),
             Kind::GrpcRoute => self.grpc_routes.remove(&nn).is_some(),
+            Kind::Node => self.k8s_nodes.remove(&key.name).is_some(),
+            Kind::ServiceCidr => self.service_cidrs.remove(&key.name).is_some(),
         }
     }
 }

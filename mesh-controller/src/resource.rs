@@ -8,8 +8,9 @@
 
 use std::fmt;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 use mesh_core::gateway::{self, GatewayRoute};
 use mesh_core::model::NamespacedName;
 use mesh_core::route::RouteKind;
@@ -35,6 +36,11 @@ pub enum Kind {
     HttpRoute,
     #[serde(rename = "GRPCRoute")]
     GrpcRoute,
+    /// Read for its pod CIDRs (what the mesh captures).
+    Node,
+    /// Read for the service CIDRs (what the mesh captures).
+    #[serde(rename = "ServiceCIDR")]
+    ServiceCidr,
 }
 
 /// The identity of a resource: kind, namespace (empty for cluster-scoped kinds) and name.
@@ -63,6 +69,8 @@ pub enum Resource {
     TrafficSplit(smi::TrafficSplit),
     HttpRoute(GatewayRoute),
     GrpcRoute(GatewayRoute),
+    Node(Node),
+    ServiceCidr(ServiceCIDR),
 }
 
 /// Why a document is not a resource the controller can use.
@@ -84,7 +92,7 @@ pub enum ResourceError {
     #[error(
         "unknown kind {kind:?} (apiVersion {api_version:?}); the mesh reads Namespace, \
          ServiceAccount, Pod, Service, EndpointSlice, TrafficTarget, HTTPRouteGroup, TCPRoute, \
-         TrafficSplit, HTTPRoute and GRPCRoute"
+         TrafficSplit, HTTPRoute, GRPCRoute, Node and ServiceCIDR"
     )]
     UnknownKind { api_version: String, kind: String },
     #[error("{kind}: apiVersion {api_version:?} is not supported; expected {expected}")]
@@ -115,7 +123,7 @@ pub enum ResourceError {
 // === impl Kind ===
 
 impl Kind {
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 13] = [
         Kind::Namespace,
         Kind::ServiceAccount,
         Kind::Pod,
@@ -127,6 +135,8 @@ impl Kind {
         Kind::TrafficSplit,
         Kind::HttpRoute,
         Kind::GrpcRoute,
+        Kind::Node,
+        Kind::ServiceCidr,
     ];
 
     /// The Kubernetes `kind`.
@@ -143,6 +153,8 @@ impl Kind {
             Kind::TrafficSplit => "TrafficSplit",
             Kind::HttpRoute => "HTTPRoute",
             Kind::GrpcRoute => "GRPCRoute",
+            Kind::Node => "Node",
+            Kind::ServiceCidr => "ServiceCIDR",
         }
     }
 
@@ -151,7 +163,7 @@ impl Kind {
     }
 
     pub fn is_namespaced(self) -> bool {
-        self != Kind::Namespace
+        !matches!(self, Kind::Namespace | Kind::Node | Kind::ServiceCidr)
     }
 
     /// Whether the kind references others in its namespace or is referenced (a change to one
@@ -173,9 +185,10 @@ impl Kind {
     fn supports(self, api_version: &str) -> bool {
         let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
         match self {
-            Kind::Namespace | Kind::ServiceAccount | Kind::Pod | Kind::Service => {
+            Kind::Namespace | Kind::ServiceAccount | Kind::Pod | Kind::Service | Kind::Node => {
                 api_version == "v1"
             }
+            Kind::ServiceCidr => api_version == "networking.k8s.io/v1",
             Kind::EndpointSlice => api_version == "discovery.k8s.io/v1",
             Kind::TrafficTarget => {
                 group == smi::ACCESS_GROUP && matches!(version, "v1alpha2" | "v1alpha3")
@@ -192,7 +205,8 @@ impl Kind {
 
     fn expected_api_versions(self) -> &'static str {
         match self {
-            Kind::Namespace | Kind::ServiceAccount | Kind::Pod | Kind::Service => "v1",
+            Kind::Namespace | Kind::ServiceAccount | Kind::Pod | Kind::Service | Kind::Node => "v1",
+            Kind::ServiceCidr => "networking.k8s.io/v1",
             Kind::EndpointSlice => "discovery.k8s.io/v1",
             Kind::TrafficTarget => smi::TrafficTarget::VERSIONS,
             Kind::HttpRouteGroup | Kind::TcpRoute => {
@@ -252,6 +266,8 @@ impl Resource {
             Resource::TrafficSplit(_) => Kind::TrafficSplit,
             Resource::HttpRoute(_) => Kind::HttpRoute,
             Resource::GrpcRoute(_) => Kind::GrpcRoute,
+            Resource::Node(_) => Kind::Node,
+            Resource::ServiceCidr(_) => Kind::ServiceCidr,
         }
     }
 
@@ -260,6 +276,8 @@ impl Resource {
         let kind = self.kind();
         let (namespace, name) = match self {
             Resource::Namespace(o) => (None, o.metadata.name.as_deref()),
+            Resource::Node(o) => (None, o.metadata.name.as_deref()),
+            Resource::ServiceCidr(o) => (None, o.metadata.name.as_deref()),
             Resource::ServiceAccount(o) => {
                 (o.metadata.namespace.as_deref(), o.metadata.name.as_deref())
             }
@@ -421,6 +439,8 @@ pub fn parse(mut value: Value) -> Result<Resource, ResourceError> {
     };
     let resource = match kind {
         Kind::Namespace => Resource::Namespace(k8s(value, &key)?),
+        Kind::Node => Resource::Node(k8s(value, &key)?),
+        Kind::ServiceCidr => Resource::ServiceCidr(k8s(value, &key)?),
         Kind::ServiceAccount => Resource::ServiceAccount(k8s(value, &key)?),
         Kind::Pod => Resource::Pod(k8s(value, &key)?),
         Kind::Service => Resource::Service(k8s(value, &key)?),

@@ -222,6 +222,10 @@ pub struct NodeSnapshot {
     /// Every pod scheduled on the node, meshed or not, keyed by namespace/name.
     #[serde(default)]
     pub node_pods: BTreeMap<NamespacedName, NodePod>,
+    /// The destinations the mesh captures, from the cluster: every node's pod CIDRs and the
+    /// service CIDRs (IPv4, `a.b.c.d/n`). Empty when the cluster says nothing.
+    #[serde(default)]
+    pub capture: Vec<String>,
 }
 
 #[cfg(test)]

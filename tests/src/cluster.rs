@@ -71,7 +71,8 @@ pub enum Enrollment {
     /// `kubepods.slice`), the Pod objects name no place and have no address until the pod's
     /// network is set up, and the simulator calls the `mesh-cni` plugin as a container runtime
     /// does (ADD before the pod's command starts, DEL when it goes). The agents run with
-    /// `--discover-pods`.
+    /// `--discover-pods` and no `--capture`: what they capture comes from the cluster (Node
+    /// objects with each node's pod CIDR, the controller's `--service-cidr`).
     Cni,
 }
 
@@ -936,6 +937,17 @@ impl Cluster {
     /// hold them.
     pub fn pods_yaml(&self) -> String {
         let mut out = String::new();
+        // The Node objects, with the pod CIDR each node's bridge serves.
+        if self.enrollment == Enrollment::Cni {
+            for n in &self.nodes {
+                let _ = write!(
+                    out,
+                    "apiVersion: v1\nkind: Node\nmetadata:\n  name: {}\nspec:\n  podCIDR: 10.244.{i}.0/24\n  podCIDRs:\n  - 10.244.{i}.0/24\n---\n",
+                    n.name,
+                    i = n.index + 1
+                );
+            }
+        }
         let namespaces: BTreeSet<&str> = self.pods.iter().map(|p| p.namespace.as_str()).collect();
         for ns in namespaces {
             let _ = write!(
@@ -1050,6 +1062,9 @@ metadata:
             .arg(self.state.join("tokens"))
             .args(["--listen", &self.controller_addr().to_string()])
             .args(&self.controller_args);
+        if self.enrollment == Enrollment::Cni {
+            cmd.arg(format!("--service-cidr={}", CAPTURE[1]));
+        }
         let log = self.state.join("logs/controller.log");
         self.controller = Some(
             spawn_ready(cmd, &log, "READY", Duration::from_secs(30))
@@ -1084,8 +1099,12 @@ metadata:
                 "--bootstrap-token-file={}",
                 self.state.join("token").display()
             ));
-        for c in CAPTURE {
-            cmd.arg(format!("--capture={c}"));
+        // As on a real node, the cluster says what to capture (the Nodes' pod CIDRs and the
+        // controller's service CIDR) with `enrollment: cni`.
+        if self.enrollment == Enrollment::Config {
+            for c in CAPTURE {
+                cmd.arg(format!("--capture={c}"));
+            }
         }
         match self.enrollment {
             // The pods come from the controller's configuration (their Pod objects name the

@@ -3,7 +3,8 @@
 //! objects the controller reads name no cgroup or network namespace and carry no address until
 //! the pod's network is set up, and the real `mesh-cni` binary is run as a container runtime
 //! runs it (ADD before the pod's command starts, DEL when it goes) against agents started with
-//! `--discover-pods`. Privileged.
+//! `--discover-pods` and no `--capture` (the Node objects' pod CIDRs and the controller's
+//! `--service-cidr` say what is captured). Privileged.
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 

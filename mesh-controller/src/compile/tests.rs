@@ -13,6 +13,7 @@ fn td() -> TrustDomain {
 
 fn opts(traffic_policy: TrafficPolicyMode) -> CompileOptions {
     CompileOptions {
+        service_cidrs: vec!["10.96.0.0/12".into()],
         trust_domain: td(),
         traffic_policy,
     }
@@ -909,5 +910,53 @@ status: {phase: Succeeded}
     assert!(
         batch.ports.is_empty(),
         "nothing of an unmeshed pod is needed"
+    );
+}
+
+#[test]
+fn the_capture_list_is_every_node_s_pod_cidrs_and_the_service_cidrs() {
+    let docs = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: n1}
+spec: {podCIDR: 10.244.1.0/24, podCIDRs: [10.244.1.0/24, "fd00:1::/64"]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n2}
+spec: {podCIDR: 10.244.2.0/24}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n3}
+spec: {}
+---
+apiVersion: networking.k8s.io/v1
+kind: ServiceCIDR
+metadata: {name: kubernetes}
+spec: {cidrs: [10.96.0.0/12, "fd00:96::/108"]}
+---
+apiVersion: networking.k8s.io/v1
+kind: ServiceCIDR
+metadata: {name: extra}
+spec: {cidrs: [10.100.0.0/16]}
+"#;
+    let shared = index(&[docs]);
+    let n1 = compile_node(&shared.read(), &deny(), "n1");
+    // IPv4 only, each once (the configured 10.96.0.0/12 is also a ServiceCIDR's), sorted.
+    assert_eq!(
+        n1.capture,
+        [
+            "10.100.0.0/16",
+            "10.244.1.0/24",
+            "10.244.2.0/24",
+            "10.96.0.0/12"
+        ]
+    );
+    // Without Nodes or ServiceCIDRs, the configured service CIDR alone.
+    let empty = index(&[]);
+    assert_eq!(
+        compile_node(&empty.read(), &deny(), "n1").capture,
+        ["10.96.0.0/12"]
     );
 }

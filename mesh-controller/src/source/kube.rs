@@ -149,6 +149,10 @@ pub fn api_resource(kind: Kind) -> ApiResource {
         Kind::TrafficSplit => crd(smi::SPLIT_GROUP, "v1alpha4", "trafficsplits"),
         Kind::HttpRoute => crd(gateway::GATEWAY_GROUP, "v1", "httproutes"),
         Kind::GrpcRoute => crd(gateway::GATEWAY_GROUP, "v1", "grpcroutes"),
+        Kind::Node => ApiResource::erase::<k8s_openapi::api::core::v1::Node>(&()),
+        Kind::ServiceCidr => {
+            ApiResource::erase::<k8s_openapi::api::networking::v1::ServiceCIDR>(&())
+        }
     }
 }
 

@@ -79,6 +79,7 @@ fn key(kind: Kind, namespace: &str, name: &str) -> ResourceKey {
 
 fn options() -> CompileOptions {
     CompileOptions {
+        service_cidrs: vec![],
         trust_domain: TrustDomain::new("cluster.local").expect("trust domain"),
         traffic_policy: TrafficPolicyMode::DefaultDeny,
     }
