@@ -188,7 +188,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                                 let _ = call.reply.send(a);
                             }
                             crate::enroll::node::Decision::Wait => waiting.push(call),
-                            crate::enroll::node::Decision::Enroll { name } => {
+                            crate::enroll::node::Decision::Enroll { name }
+                            | crate::enroll::node::Decision::Unenroll { name } => {
                                 to_answer.push((call, name));
                             }
                         }
@@ -248,7 +249,16 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                     }
                 }
                 for (call, name) in to_answer {
-                    let answer = if dynamic.contains_key(&name) {
+                    let enrolled = dynamic.contains_key(&name);
+                    let answer = if call.request.op == mesh_cni::Op::Del {
+                        if enrolled {
+                            mesh_cni::Response::Failed {
+                                message: "still enrolled".into(),
+                            }
+                        } else {
+                            mesh_cni::Response::Removed
+                        }
+                    } else if enrolled {
                         mesh_cni::Response::Enrolled
                     } else {
                         let message = failures

@@ -46,6 +46,8 @@ pub enum Decision {
     Wait,
     /// The pod is located: answer once the enrollment of `name` was tried.
     Enroll { name: String },
+    /// The pod is forgotten: answer once `name` is unenrolled.
+    Unenroll { name: String },
 }
 
 /// The meshed pods of this node and where they live.
@@ -139,7 +141,7 @@ impl NodePods {
                     self.deleted.insert(uid);
                 }
                 self.located.remove(&name);
-                Decision::Answer(Response::Removed)
+                Decision::Unenroll { name }
             }
             Op::Check => match current {
                 Some(p) if !p.meshed => Decision::Answer(Response::NotMeshed),

@@ -232,7 +232,9 @@ fn del_and_the_pod_s_removal_take_it_out_and_it_is_not_adopted_again() {
     // may linger a moment, but it is not found again.
     assert_eq!(
         pods.call(&request(Op::Del, "web-0", Some(UID)), &s),
-        Decision::Answer(Response::Removed)
+        Decision::Unenroll {
+            name: "shop/web-0".into()
+        }
     );
     assert!(pods.desired(&s, &[]).0.is_empty());
     assert!(matches!(
