@@ -79,6 +79,9 @@ pub enum Command {
     Load(LoadArgs),
     /// Send one request and print the reply; exit 1 (kind and message on stderr) if it fails.
     Call(CallArgs),
+    /// Do nothing until SIGTERM or Ctrl-C, then exit 0: a pod sandbox's placeholder process
+    /// (what a container runtime's `pause` image runs), or a container that only waits.
+    Pause,
 }
 
 #[derive(Args, Debug)]
@@ -287,6 +290,10 @@ pub async fn run(command: Command) -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::Pause => {
+            shutdown_signal().await;
+            ExitCode::SUCCESS
         }
     }
 }

@@ -504,19 +504,41 @@ fn binary_servers_announce_and_stop_on_sigterm() {
             "{out:?}"
         );
 
-        let killed = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(killed.success());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                break status;
-            }
-            assert!(Instant::now() < deadline, "{sub} still runs after SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        assert!(status.success(), "{sub} exited with {status}");
+        sigterm_and_wait(&mut child, sub);
     }
+}
+
+/// Sends SIGTERM to `child` and asserts it exits 0 within 10 s.
+fn sigterm_and_wait(child: &mut std::process::Child, what: &str) {
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(killed.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "{what} still runs after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{what} exited with {status}");
+}
+
+#[test]
+fn pause_runs_until_sigterm_and_exits_0() {
+    let mut child = demo()
+        .arg("pause")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start pause");
+    // Time to install its signal handlers; it must still be waiting after it.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        child.try_wait().expect("wait").is_none(),
+        "pause exited on its own"
+    );
+    sigterm_and_wait(&mut child, "pause");
 }

@@ -19,7 +19,6 @@
 //! [`cleanup`] removes what a killed run left behind.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fmt::Write as _,
     fs,
     io::{BufRead, BufReader, Read},
     net::{Ipv4Addr, SocketAddrV4, TcpStream},
@@ -33,6 +32,10 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use nix::sched::{CloneFlags, setns};
 use serde::Deserialize;
+
+mod objects;
+
+pub use objects::{PodObject, node_objects_yaml, pod_objects_yaml, write_atomic};
 
 /// The fabric's address: the bridge joining the nodes, and the controller.
 pub const CONTROLLER_IP: Ipv4Addr = Ipv4Addr::new(10, 90, 0, 1);
@@ -72,7 +75,9 @@ pub enum Enrollment {
     /// network is set up, and the simulator calls the `mesh-cni` plugin as a container runtime
     /// does (ADD before the pod's command starts, DEL when it goes). The agents run with
     /// `--discover-pods` and no `--capture`: what they capture comes from the cluster (Node
-    /// objects with each node's pod CIDR, the controller's `--service-cidr`).
+    /// objects with each node's pod CIDR, the controller's `--service-cidr`). A
+    /// [`crate::runtime::RuntimeCluster`] runs its nodes so, with no simulated pods: a real
+    /// container runtime starts its pods and runs the plugin.
     Cni,
 }
 
@@ -113,6 +118,19 @@ pub struct PodSpec {
     /// pod runs nothing (a client shell).
     #[serde(default)]
     pub run: Vec<String>,
+}
+
+impl PodSpec {
+    /// The pod's command (`run`) with `{pod}` and `{ip}` replaced by its name and `ip`.
+    pub fn command(&self, ip: Ipv4Addr) -> Vec<String> {
+        self.run
+            .iter()
+            .map(|a| {
+                a.replace("{pod}", &self.name)
+                    .replace("{ip}", &ip.to_string())
+            })
+            .collect()
+    }
 }
 
 impl ClusterSpec {
@@ -290,6 +308,24 @@ impl Proc {
         let _ = self.child.wait();
     }
 
+    /// SIGTERM, then SIGKILL if it still runs after `grace`: a clean exit when it can.
+    pub fn stop(&mut self, grace: Duration) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+            thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+    }
+
+    /// Whether it has exited (and how).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -350,8 +386,8 @@ fn spawn_ready(mut cmd: Command, log: &Path, ready: &str, limit: Duration) -> Re
 /// How long a pod's application may take to listen on its declared ports.
 const APP_READY_LIMIT: Duration = Duration::from_secs(20);
 
-/// Starts a pod's command with stdout and stderr to `log`.
-fn spawn_app(mut cmd: Command, log: &Path) -> Result<Proc> {
+/// Starts a pod's command (or any long-running program) with stdout and stderr to `log`.
+pub fn spawn_app(mut cmd: Command, log: &Path) -> Result<Proc> {
     let out = fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
     let err = out.try_clone().context("the log's descriptor")?;
     let child = cmd
@@ -852,10 +888,10 @@ impl Cluster {
     /// Writes the pods' objects into the controller's directory (atomically: the controller
     /// never reads half a file).
     fn write_pods(&self) -> Result<()> {
-        let dir = self.state.join("resources");
-        let tmp = dir.join(".zz-cluster-pods.yaml.tmp");
-        fs::write(&tmp, self.pods_yaml())?;
-        fs::rename(&tmp, dir.join("zz-cluster-pods.yaml"))?;
+        write_atomic(
+            &self.state.join("resources/zz-cluster-pods.yaml"),
+            &self.pods_yaml(),
+        )?;
         // Where each pod lives, for `mesh-sim exec` in another process ([`running_pods`]).
         let places: String = self
             .pods
@@ -869,10 +905,7 @@ impl Cluster {
                 )
             })
             .collect();
-        let tmp = self.state.join(".places.tmp");
-        fs::write(&tmp, places)?;
-        fs::rename(&tmp, self.state.join(PLACES))?;
-        Ok(())
+        write_atomic(&self.state.join(PLACES), &places)
     }
 
     /// Adds a pod to `node` while the cluster runs: its namespace, cgroup and address, its
@@ -936,107 +969,36 @@ impl Cluster {
     /// Namespace (enrolled) and Pod objects for the simulated pods, as the API server would
     /// hold them.
     pub fn pods_yaml(&self) -> String {
-        let mut out = String::new();
-        // The Node objects, with the pod CIDR each node's bridge serves.
-        if self.enrollment == Enrollment::Cni {
-            for n in &self.nodes {
-                let _ = write!(
-                    out,
-                    "apiVersion: v1\nkind: Node\nmetadata:\n  name: {}\nspec:\n  podCIDR: 10.244.{i}.0/24\n  podCIDRs:\n  - 10.244.{i}.0/24\n---\n",
-                    n.name,
-                    i = n.index + 1
-                );
-            }
-        }
-        let namespaces: BTreeSet<&str> = self.pods.iter().map(|p| p.namespace.as_str()).collect();
-        for ns in namespaces {
-            let _ = write!(
-                out,
-                "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n  labels:\n    mesh.io/enrolled: \"true\"\n---\n"
-            );
-        }
-        for p in &self.pods {
-            let labels: String = p
-                .spec
-                .labels
-                .iter()
-                .map(|(k, v)| format!("    {k}: {}\n", yaml_str(v)))
-                .collect();
-            // Only the simulator's own shortcut names where a pod lives.
-            let place = match self.enrollment {
-                Enrollment::Config => format!(
-                    "    mesh.io/cgroup: {}\n    mesh.io/netns: {}\n",
-                    p.cgroup.display(),
-                    p.netns_path().display()
-                ),
-                Enrollment::Cni => String::new(),
-            };
-            let status = if p.wired {
-                format!(
-                    "  phase: Running\n  podIP: {ip}\n  podIPs:\n  - ip: {ip}\n",
-                    ip = p.ip
-                )
-            } else {
-                "  phase: Pending\n".to_string()
-            };
-            let _ = write!(
-                out,
-                "apiVersion: v1
-kind: Pod
-metadata:
-  name: {name}
-  namespace: {ns}
-  uid: {uid}
-  labels:
-{labels_or_empty}  annotations:
-    mesh.io/tls-mode: {mode}
-{place}{annotations}spec:
-  nodeName: {node}
-  serviceAccountName: {sa}
-  containers:
-  - name: app
-    image: local
-{ports}{probe}status:
-{status}---
-",
-                name = p.name,
-                ns = p.namespace,
-                uid = p.uid,
-                labels_or_empty = if labels.is_empty() {
-                    "    mesh.io/sim: \"true\"\n".to_string()
-                } else {
-                    labels
-                },
-                mode = p.spec.tls_mode.as_deref().unwrap_or("strict"),
-                annotations = p
-                    .spec
-                    .annotations
+        // The Node objects, with the pod CIDR each node's bridge serves: what the agents
+        // capture.
+        let nodes = match self.enrollment {
+            Enrollment::Cni => node_objects_yaml(
+                self.nodes
                     .iter()
-                    .map(|(k, v)| format!("    {k}: {}\n", yaml_str(v)))
-                    .collect::<String>(),
-                node = p.node,
-                sa = p.spec.service_account.as_deref().unwrap_or("default"),
-                probe = p
-                    .spec
-                    .probe_port
-                    .map(|port| format!(
-                        "    readinessProbe:\n      tcpSocket:\n        port: {port}\n"
-                    ))
-                    .unwrap_or_default(),
-                ports = if p.spec.ports.is_empty() {
-                    String::new()
-                } else {
-                    let list: String = p
-                        .spec
-                        .ports
-                        .iter()
-                        .map(|port| format!("    - containerPort: {port}\n"))
-                        .collect();
-                    format!("    ports:\n{list}")
+                    .map(|n| (n.name.as_str(), format!("10.244.{}.0/24", n.index + 1))),
+            ),
+            Enrollment::Config => String::new(),
+        };
+        nodes
+            + &pod_objects_yaml(self.pods.iter().map(|p| PodObject {
+                namespace: &p.namespace,
+                name: &p.name,
+                uid: &p.uid,
+                node: &p.node,
+                spec: &p.spec,
+                // Only the simulator's own shortcut names where a pod lives.
+                place: match self.enrollment {
+                    Enrollment::Config => Some((p.cgroup.clone(), p.netns_path())),
+                    Enrollment::Cni => None,
                 },
-            );
-        }
-        out
+                ip: p.wired.then_some(p.ip),
+            }))
+    }
+
+    /// The cgroup v2 directory all of this cluster's cgroups are below (`mesh-sim-<prefix>`):
+    /// the `--cgroup-root` of a kubelet on any of its nodes.
+    pub fn cgroup_root(&self) -> &Path {
+        &self.cgroup_root
     }
 
     pub fn controller_addr(&self) -> SocketAddrV4 {
@@ -1149,15 +1111,7 @@ metadata:
         if pod.spec.run.is_empty() {
             return Ok(());
         }
-        let argv: Vec<String> = pod
-            .spec
-            .run
-            .iter()
-            .map(|a| {
-                a.replace("{pod}", &pod.name)
-                    .replace("{ip}", &pod.ip.to_string())
-            })
-            .collect();
+        let argv = pod.spec.command(pod.ip);
         let program = self.program(&argv[0]);
         let mut cmd = command_in(&program, &pod.cgroup, &pod.netns_path())?;
         cmd.args(&argv[1..]);
@@ -1231,7 +1185,7 @@ metadata:
         self.teardown()
     }
 
-    fn teardown(&mut self) -> Result<()> {
+    pub(crate) fn teardown(&mut self) -> Result<()> {
         if std::mem::replace(&mut self.torn_down, true) {
             return Ok(());
         }
@@ -1242,16 +1196,7 @@ metadata:
         }
         for n in &mut self.nodes {
             if let Some(mut a) = n.agent.take() {
-                // SIGTERM first: a clean exit.
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(a.pid() as i32),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-                let deadline = Instant::now() + Duration::from_secs(3);
-                while Instant::now() < deadline && matches!(a.child.try_wait(), Ok(None)) {
-                    thread::sleep(Duration::from_millis(20));
-                }
-                a.kill();
+                a.stop(Duration::from_secs(3));
             }
         }
         self.stop_controller();
@@ -1365,10 +1310,6 @@ pub fn pod_uid(prefix: &str, node: &str, ns: &str, name: &str) -> String {
     )
 }
 
-fn yaml_str(v: &str) -> String {
-    serde_json::to_string(v).unwrap_or_else(|_| "\"\"".into())
-}
-
 fn netns_add(name: &str) -> Result<()> {
     run(&["ip", "netns", "add", name])?;
     ip(name, &["link", "set", "lo", "up"])
@@ -1418,15 +1359,69 @@ fn remove_cgroup_tree(path: &Path) -> usize {
     removed + 1
 }
 
+/// The mount points of this process's mount namespace and their file system types.
+fn mounts() -> Vec<(PathBuf, String)> {
+    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            // "<id> <parent> <maj:min> <root> <mount point> <opts> ... - <fstype> ..."
+            let (left, right) = line.split_once(" - ")?;
+            let point = left.split_whitespace().nth(4)?.replace("\\040", " ");
+            Some((
+                PathBuf::from(point),
+                right.split_whitespace().next()?.to_string(),
+            ))
+        })
+        .collect()
+}
+
+/// Where the cgroup v1 hierarchies are mounted (none on a cgroup v2 host; every controller's
+/// on a hybrid one).
+pub fn cgroup_v1_mounts() -> Vec<PathBuf> {
+    mounts()
+        .into_iter()
+        .filter(|(_, t)| t == "cgroup")
+        .map(|(p, _)| p)
+        .collect()
+}
+
+/// Unmounts everything mounted below `dir` (a container runtime's root file systems, shared
+/// memory and network namespace pins), deepest first; how many.
+fn unmount_below(dir: &Path) -> usize {
+    let mut points: Vec<PathBuf> = mounts()
+        .into_iter()
+        .map(|(p, _)| p)
+        .filter(|p| p.starts_with(dir) && p != dir)
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    points.dedup();
+    for p in &points {
+        if let Err(e) = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH) {
+            eprintln!("could not unmount {}: {e}", p.display());
+        }
+    }
+    points.len()
+}
+
 /// Removes everything a cluster with `prefix` created: its pods' and agents' processes (by
-/// cgroup), network namespaces, cgroups, pinned datapath state and state directory. Returns
-/// how many objects it removed. Safe to run when nothing is left.
+/// cgroup), network namespaces, cgroups, pinned datapath state and state directory, and what
+/// a container runtime run for it left there (processes in the cluster's cgroups, mounts in
+/// its state directory, the same cgroup subtree in cgroup v1 hierarchies of a hybrid host).
+/// Returns how many objects it removed. Safe to run when nothing is left.
 pub fn cleanup(prefix: &str) -> Result<usize> {
     let names = Names {
         prefix: prefix.into(),
     };
     let mut removed = 0;
     if let Ok(mount) = mesh_agent::cgroup::v2_mount() {
+        let root = names.cgroup_root(&mount);
+        if root.exists() {
+            removed += remove_cgroup_tree(&root);
+        }
+    }
+    // runc (cgroupfs driver) creates a container's cgroups in every v1 hierarchy too; their
+    // processes went with the v2 tree.
+    for mount in cgroup_v1_mounts() {
         let root = names.cgroup_root(&mount);
         if root.exists() {
             removed += remove_cgroup_tree(&root);
@@ -1451,8 +1446,10 @@ pub fn cleanup(prefix: &str) -> Result<usize> {
             }
         }
     }
+    removed += crate::runtime::remove_cni_cache(prefix);
     let state = names.state_dir();
     if state.exists() {
+        removed += unmount_below(&state);
         fs::remove_dir_all(&state).with_context(|| format!("remove {}", state.display()))?;
         removed += 1;
     }

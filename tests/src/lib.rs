@@ -544,4 +544,5 @@ pub fn fill(buf: &mut [u8], offset: u64) {
 pub mod bench;
 pub mod cluster;
 pub mod inprocess;
+pub mod runtime;
 pub mod sniff;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 #[allow(dead_code, reason = "each suite uses a subset")]
 mod common;
 
-use common::{ECHO_VIP, call, up_spec, wait_until_ok};
+use common::{ECHO_VIP, assert_hbone_only, call, up_spec, wait_until_ok};
 use mesh_tests::cluster::{Cluster, ClusterSpec, Enrollment, PodSpec, demo_dir};
 use mesh_tests::privileged;
 use mesh_tests::sniff::Sniffer;
@@ -147,18 +147,7 @@ fn pods_set_up_through_the_cni_plugin_are_meshed_before_they_start_and_removed_w
         String::from_utf8_lossy(&first.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&first.stdout).trim(), "echo hello");
-    let data: Vec<_> = segments.iter().filter(|s| !s.payload.is_empty()).collect();
-    assert!(
-        data.iter()
-            .any(|s| s.dst_port == 15008 && s.payload.starts_with(&[0x17, 0x03, 0x03])),
-        "the first call did not cross in HBONE"
-    );
-    assert!(
-        data.iter().all(|s| [s.src_port, s.dst_port]
-            .iter()
-            .any(|p| *p == 15008 || *p == 15012)),
-        "traffic between the nodes outside HBONE"
-    );
+    assert_hbone_only(&segments, "the client's first call");
     assert!(
         !call(&c, "demo/intruder", ECHO_VIP).status.success(),
         "the intruder got through"

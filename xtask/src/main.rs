@@ -357,7 +357,8 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// What test runs create: `mt<pid>*` namespaces, `mesh-test-*` cgroups, `mt<pid>-*` pins.
+/// What test runs create: `mt<pid>*` namespaces, `mesh-test-*` and `mesh-sim-mt<pid>*`
+/// cgroups (in the v1 hierarchies too), `mt<pid>-*` pins.
 fn leftovers() -> Vec<PathBuf> {
     let mut found = Vec::new();
     let is_test_name = |n: &str| {
@@ -373,8 +374,22 @@ fn leftovers() -> Vec<PathBuf> {
             }
         }
     }
-    for mount in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
-        if let Ok(entries) = fs::read_dir(mount) {
+    // The cgroup v2 mount (either place), and on a hybrid host the v1 hierarchies, where
+    // runc's cgroupfs driver creates the runtime test's pod cgroups too.
+    let mut mounts = vec![
+        PathBuf::from("/sys/fs/cgroup/unified"),
+        "/sys/fs/cgroup".into(),
+    ];
+    if let Ok(entries) = fs::read_dir("/sys/fs/cgroup") {
+        mounts.extend(
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.join("cgroup.procs").exists() && !p.ends_with("unified")),
+        );
+    }
+    for mount in mounts {
+        if let Ok(entries) = fs::read_dir(&mount) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().to_string();
                 let sim_test = name.strip_prefix("mesh-sim-").is_some_and(&is_test_name);
@@ -384,7 +399,28 @@ fn leftovers() -> Vec<PathBuf> {
             }
         }
     }
+    // A simulated cluster's state directory (with what a container runtime mounted in it).
+    if let Ok(entries) = fs::read_dir(std::env::temp_dir()) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.strip_prefix("mesh-sim-").is_some_and(&is_test_name) {
+                found.push(e.path());
+            }
+        }
+    }
     found
+}
+
+/// The mount points below `dir`, deepest first.
+fn mounts_below(dir: &Path) -> Vec<PathBuf> {
+    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4).map(PathBuf::from))
+        .filter(|p| p.starts_with(dir) && p != dir)
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    points
 }
 
 fn clean() -> Result<usize> {
@@ -397,6 +433,11 @@ fn clean() -> Result<usize> {
                 let _ = Command::new("ip").args(["netns", "del", &name]).status();
             }
         } else if s.starts_with("/sys/fs/bpf/") {
+            fs::remove_dir_all(path).with_context(|| format!("remove {s}"))?;
+        } else if path.starts_with(std::env::temp_dir()) {
+            for point in mounts_below(path) {
+                let _ = Command::new("umount").arg("-l").arg(&point).status();
+            }
             fs::remove_dir_all(path).with_context(|| format!("remove {s}"))?;
         } else {
             remove_cgroup_tree(path).with_context(|| format!("remove cgroup {s}"))?;

@@ -11,7 +11,11 @@
 //!   (`mesh-agent doctor` reads the ruleset), a C++ compiler (g++, for libFuzzer), and the
 //!   stock servers and clients of the compatibility suite (`tests/tests/compat.rs`): nginx,
 //!   Redis (server and tools), iperf3, and Python's grpcio, aiosmtpd and websockets for
-//!   Debian's `/usr/bin/python3`.
+//!   Debian's `/usr/bin/python3`;
+//! - for the container runtime test (`tests/tests/runtime.rs`): containerd (with `ctr` and its
+//!   runc shim), runc, the reference CNI plugins (`containernetworking-plugins`: bridge,
+//!   host-local, loopback under /usr/lib/cni), and protoc (`protobuf-compiler`), which the
+//!   build script of `k8s-cri`, the tests' CRI client, runs from PATH.
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
@@ -46,6 +50,15 @@ const PROGRAMS: &[(&str, &[&str], &str)] = &[
         &["-c", "import websockets"],
         "python3-websockets",
     ),
+    // The container runtime test: containerd drives runc through its shim and sets pods'
+    // networks up with the reference plugins; `ctr` imports the test's images.
+    ("containerd", &["--version"], "containerd"),
+    ("ctr", &["--version"], "containerd"),
+    ("containerd-shim-runc-v2", &["-v"], "containerd"),
+    ("runc", &["--version"], "runc"),
+    ("/usr/lib/cni/bridge", &[], "containernetworking-plugins"),
+    // k8s-cri's build script (the tests' CRI client) generates its code with protoc from PATH.
+    ("protoc", &["--version"], "protobuf-compiler"),
 ];
 
 fn ok(cmd: &mut Command) -> bool {

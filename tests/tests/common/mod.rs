@@ -99,3 +99,30 @@ pub fn wait_until_ok(c: &Cluster, pod: &str, target: &str) -> String {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Asserts that what crossed between the nodes during `what` (`segments`, captured on a
+/// node's link) was the mesh's own: TLS records to the HBONE port (15008), nothing outside
+/// HBONE and the control plane (15012), and the demo's `hello` never in the clear.
+pub fn assert_hbone_only(segments: &[mesh_tests::sniff::Segment], what: &str) {
+    let data: Vec<_> = segments.iter().filter(|s| !s.payload.is_empty()).collect();
+    assert!(
+        data.iter()
+            .any(|s| s.dst_port == 15008 && s.payload.starts_with(&[0x17, 0x03, 0x03])),
+        "{what} did not cross in HBONE (no TLS record to 15008)"
+    );
+    assert!(
+        data.iter().all(|s| [s.src_port, s.dst_port]
+            .iter()
+            .any(|p| *p == 15008 || *p == 15012)),
+        "{what}: traffic between the nodes outside HBONE: {:?}",
+        data.iter()
+            .map(|s| (s.src_port, s.dst_port))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        !data
+            .iter()
+            .any(|s| s.payload.windows(5).any(|w| w == b"hello")),
+        "{what}: the request crossed in the clear"
+    );
+}
