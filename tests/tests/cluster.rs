@@ -314,26 +314,7 @@ fn a_pod_added_while_the_mesh_runs_joins_its_service_and_leaves_it_when_removed(
         return;
     }
     let mut c = up(&[]);
-    let spec = mesh_tests::cluster::PodSpec {
-        namespace: "demo".into(),
-        name: "echo-2".into(),
-        service_account: Some("echo".into()),
-        labels: [("app".to_string(), "echo".to_string())].into(),
-        tls_mode: None,
-        ports: vec![9000],
-        annotations: Default::default(),
-        probe_port: None,
-        run: [
-            "mesh-demo",
-            "tcp-echo",
-            "--listen",
-            "0.0.0.0:9000",
-            "--name",
-            "{pod}",
-        ]
-        .map(String::from)
-        .to_vec(),
-    };
+    let spec = common::echo_pod("echo-2", &[("app", "echo")]);
     c.add_pod("node-1", spec).expect("add a pod");
     // The new endpoint answers through the mesh, and nothing fails meanwhile.
     load_until(&c, "demo/client", ECHO_VIP, "echo-2 joins", |r| {

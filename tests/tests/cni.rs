@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 #[allow(dead_code, reason = "each suite uses a subset")]
 mod common;
 
-use common::{ECHO_VIP, assert_hbone_only, call, up_spec, wait_until_ok};
+use common::{ECHO_VIP, assert_hbone_only, call, echo_pod, up_spec, wait_until_ok};
 use mesh_tests::cluster::{Cluster, ClusterSpec, Enrollment, PodSpec, demo_dir};
 use mesh_tests::privileged;
 use mesh_tests::sniff::Sniffer;
@@ -27,32 +27,6 @@ fn up_cni(extra: Vec<PodSpec>) -> Cluster {
         p.probe_port = Some(9000);
     }
     up_spec(&spec, &demo_dir().join("resources"), &[], &[])
-}
-
-fn echo_pod(name: &str, labels: &[(&str, &str)]) -> PodSpec {
-    PodSpec {
-        namespace: "demo".into(),
-        name: name.into(),
-        service_account: Some("echo".into()),
-        labels: labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        tls_mode: None,
-        ports: vec![9000],
-        annotations: Default::default(),
-        probe_port: None,
-        run: [
-            "mesh-demo",
-            "tcp-echo",
-            "--listen",
-            "0.0.0.0:9000",
-            "--name",
-            "{pod}",
-        ]
-        .map(String::from)
-        .to_vec(),
-    }
 }
 
 /// The agent's view of its pods (`/debug/pods`), by name.

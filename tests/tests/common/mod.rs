@@ -126,3 +126,30 @@ pub fn assert_hbone_only(segments: &[mesh_tests::sniff::Segment], what: &str) {
         "{what}: the request crossed in the clear"
     );
 }
+
+/// A pod of the demo namespace running the demo TCP echo on 9000 as service account `echo`.
+pub fn echo_pod(name: &str, labels: &[(&str, &str)]) -> mesh_tests::cluster::PodSpec {
+    mesh_tests::cluster::PodSpec {
+        namespace: "demo".into(),
+        name: name.into(),
+        service_account: Some("echo".into()),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        tls_mode: None,
+        ports: vec![9000],
+        annotations: Default::default(),
+        probe_port: None,
+        run: [
+            "mesh-demo",
+            "tcp-echo",
+            "--listen",
+            "0.0.0.0:9000",
+            "--name",
+            "{pod}",
+        ]
+        .map(String::from)
+        .to_vec(),
+    }
+}
