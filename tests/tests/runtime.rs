@@ -157,7 +157,10 @@ fn pods_started_by_containerd_are_meshed_before_their_first_connection_and_leave
 
     // The echo server on node-2, then the client and the intruder on node-1, each making one
     // call as its container's command: the first connection of each pod.
-    run_pod(&mut rc, "node-2", demo_pod("echo"));
+    // The kubelet probes echo on its port (a tcpSocket readiness probe in its Pod object).
+    let mut echo = demo_pod("echo");
+    echo.probe_port = Some(9000);
+    run_pod(&mut rc, "node-2", echo);
     let fabric = std::fs::File::open(Path::new("/run/netns").join(rc.cluster.names.fabric()))
         .expect("fabric netns");
     let capture = Sniffer::start_in(fabric, "n0");
@@ -177,6 +180,32 @@ fn pods_started_by_containerd_are_meshed_before_their_first_connection_and_leave
         intruder.exit_code, 0,
         "the intruder got through: {}",
         intruder.stdout
+    );
+
+    // The kubelet's probe: plaintext from node-2 itself reaches its STRICT echo on the probe
+    // port; the same from node-1 does not.
+    let echo_ip = rc
+        .pod("demo/echo")
+        .expect("echo")
+        .sandbox()
+        .expect("sandbox")
+        .ip;
+    let from_node = |node: &str| {
+        let demo = rc.cluster.bins.apps.join("mesh-demo").display().to_string();
+        let target = format!("{echo_ip}:9000");
+        rc.cluster
+            .exec_on_node(node, &[&demo, "call", "--target", &target, "--mode", "tcp"])
+            .expect("run the demo client on the node")
+    };
+    let probe = from_node("node-2");
+    assert!(
+        probe.status.success(),
+        "the node's probe of its STRICT pod was refused: {}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+    assert!(
+        !from_node("node-1").status.success(),
+        "plaintext from another node reached a STRICT pod's probe port"
     );
 
     // Each pod was handed over by the plugin (not found later), at the cgroup named for its
