@@ -179,10 +179,9 @@ impl NodePods {
             .collect();
         self.deleted.retain(|uid| uids.contains(uid.as_str()));
         self.located.retain(|name, found| {
-            snapshot
-                .node_pods
-                .values()
-                .any(|p| key(&p.name) == *name && p.uid == found.uid && p.meshed)
+            name.split_once('/')
+                .and_then(|(ns, n)| snapshot.node_pods.get(&NamespacedName::new(ns, n)))
+                .is_some_and(|p| p.uid == found.uid && p.meshed)
         });
     }
 
