@@ -139,6 +139,57 @@ fn run(cmd: &mut Command, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// What a build from nothing needs on the target directory's filesystem (the test binaries,
+/// the release eBPF build, the fuzz build, the runtime test's images), with some margin.
+const DISK_NEEDED_GIB: u64 = 12;
+
+/// Fails before building when the disk cannot hold a build from nothing: running out halfway
+/// shows up as a linker's bus error or an LLVM I/O failure, far from its cause.
+fn check_disk(target: &Path) -> Result<()> {
+    // The target directory may not exist yet: measure the nearest existing ancestor.
+    let existing = target
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    let free = free_bytes(existing)?;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let built = target.join("debug/deps").exists();
+    println!(
+        "disk: {:.1} GiB free on {} ({})",
+        gib(free),
+        existing.display(),
+        if built {
+            "incremental build"
+        } else {
+            "build from nothing"
+        }
+    );
+    if !built && free < DISK_NEEDED_GIB << 30 {
+        bail!(
+            "only {:.1} GiB free under {}; a build from nothing needs about {DISK_NEEDED_GIB} GiB \
+             (free some space or point CARGO_TARGET_DIR at a larger filesystem)",
+            gib(free),
+            existing.display()
+        );
+    }
+    Ok(())
+}
+
+fn free_bytes(path: &Path) -> Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).context("path with a NUL")?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `c` is a NUL-terminated path and `st` a writable statvfs.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("statvfs {}", path.display()));
+    }
+    // SAFETY: statvfs succeeded and filled the struct.
+    let st = unsafe { st.assume_init() };
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
 /// Totals of `cargo test` result lines.
 #[derive(Default, Debug, PartialEq, Eq)]
 struct Totals {
@@ -176,6 +227,7 @@ fn test(no_lint: bool, fuzz_seconds: Option<u64>, rest: &[String]) -> Result<()>
         ci,
     )?;
     prereqs::ensure()?;
+    check_disk(&target_dir())?;
     if !no_lint {
         step("cargo fmt --check");
         run(
