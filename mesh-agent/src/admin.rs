@@ -44,7 +44,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::config::{AdminConfig, Config, Listen, PodSpec};
+use crate::config::{AdminConfig, Config, Listen};
 use crate::control::ControlClient;
 use crate::debug::{
     DebugError,
@@ -54,6 +54,7 @@ use crate::debug::{
 use crate::identity::CertManager;
 use crate::state::{StateStore, StoreStats, Version};
 use crate::telemetry::Telemetry;
+use mesh_datapath::config::PodSpec;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {

@@ -8,13 +8,14 @@ use std::{
 
 use anyhow::Context as _;
 
+use mesh_datapath::{cgroup, config::PodSpec, ebpf::Datapath};
+use mesh_netns as netns;
+
 use crate::{
     admin::{self, AdminState},
-    cgroup,
-    config::{Config, PodSpec},
-    ebpf::Datapath,
+    config::Config,
     local::LocalPods,
-    netns, proxy,
+    proxy,
     telemetry::Telemetry,
 };
 
@@ -37,7 +38,7 @@ pub fn agent_cgroup(cfg: &Config, mount: &std::path::Path) -> anyhow::Result<Pat
 pub fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "starting");
     raise_nofile_limit();
-    let missing: Vec<String> = crate::features::check(false)
+    let missing: Vec<String> = mesh_datapath::features::check(false)
         .into_iter()
         .filter(|c| !c.ok)
         .map(|c| format!("{}: {}", c.name, c.detail))
@@ -150,7 +151,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         // CNI calls waiting for the controller to announce their pod, or for its enrollment.
         let mut waiting: Vec<crate::cni::CniCall> = Vec::new();
         let mut last_rejected: BTreeMap<String, String> = BTreeMap::new();
-        let mut last_capture: Option<Vec<crate::config::Cidr>> = None;
+        let mut last_capture: Option<Vec<mesh_datapath::config::Cidr>> = None;
         loop {
             if let Some(rx) = changes.as_mut() {
                 let (arrived, snapshot) = {
@@ -159,7 +160,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 };
                 // What the cluster says to capture (its pod and service CIDRs), with --capture;
                 // until the first configuration arrives, what the datapath held stays.
-                let cluster: Vec<crate::config::Cidr> = snapshot
+                let cluster: Vec<mesh_datapath::config::Cidr> = snapshot
                     .capture
                     .iter()
                     .filter_map(|c| c.parse().ok())
@@ -240,7 +241,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                         // Retried after RETRY_AFTER or at the next configuration change.
                         Err(e) => {
                             let reason = e
-                                .downcast_ref::<crate::ebpf::DatapathError>()
+                                .downcast_ref::<mesh_datapath::ebpf::DatapathError>()
                                 .map_or("proxy", |d| d.kind());
                             let error = format!("{e:#}");
                             tracing::warn!(pod = %name, reason, %error, "enroll failed: the pod is not meshed; retrying");

@@ -8,13 +8,17 @@ use std::{
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use mesh_datapath::{
+    config::{BPFFS_ROOT, Cidr, DatapathConfig, PodSpec},
+    ebpf,
+};
+
 use crate::{
     config::{
-        AdminConfig, BPFFS_ROOT, Cidr, Config, ConfigError, ControllerSettings, CredentialSource,
-        DEFAULT_ADMIN, DEFAULT_METRICS, DatapathConfig, Listen, PodSpec, ProxyConfig, SameNode,
+        AdminConfig, Config, ConfigError, ControllerSettings, CredentialSource, DEFAULT_ADMIN,
+        DEFAULT_METRICS, Listen, ProxyConfig, SameNode,
     },
     debug::commands,
-    ebpf,
     l7::HttpConfig,
 };
 use mesh_core::http_path::{EscapedSlashes, PathNormalization};
@@ -271,7 +275,7 @@ struct RunArgs {
     skmsg_budget: u64,
     /// Most inbound port entries (declared plus excluded ports) one pod may take in the
     /// node-wide inbound map (1-4096); a pod asking for more is refused enrollment.
-    #[arg(long, default_value_t = crate::config::DEFAULT_MAX_INBOUND_PORTS,
+    #[arg(long, default_value_t = mesh_datapath::config::DEFAULT_MAX_INBOUND_PORTS,
           value_parser = max_inbound_ports)]
     max_inbound_ports_per_pod: usize,
     /// cgroup v2 directory the agent moves itself into.
@@ -879,7 +883,7 @@ mod tests {
         let cfg = run(&[]).expect("defaults");
         assert_eq!(
             cfg.datapath.max_inbound_ports,
-            crate::config::DEFAULT_MAX_INBOUND_PORTS
+            mesh_datapath::config::DEFAULT_MAX_INBOUND_PORTS
         );
         assert!(
             !cfg.datapath.refuse_native_ipv6,

@@ -12,15 +12,14 @@
 //!   `/debug/status`.
 //! - [`probe`]: the per-pod capture check behind `status`.
 //! - [`flows`]: the kernel's flow events and the proxy's connection records, joined.
-//! - [`kernel`] and [`maps`]: attached programs, pinned maps, decoded entries.
+//! - attached programs, pinned maps and decoded entries: [`mesh_datapath::kernel`] and
+//!   [`mesh_datapath::maps`].
 //! - [`commands`]: the commands themselves: fetch, then print a table or JSON.
 //! - [`render`]: tables and short forms for people.
 
 pub mod client;
 pub mod commands;
 pub mod flows;
-pub mod kernel;
-pub mod maps;
 pub mod probe;
 pub mod render;
 pub mod views;

@@ -18,7 +18,7 @@ use prometheus_client::registry::Registry;
 
 use mesh_core::model::{NodeSnapshot, TlsMode, Workload};
 
-use crate::config::{Mode, PodSpec};
+use mesh_datapath::config::{Mode, PodSpec};
 
 pub mod node;
 
@@ -73,7 +73,7 @@ fn spec(name: &str, w: &Workload) -> Result<PodSpec, String> {
         iface: POD_IFACE.into(),
         inbound_ports: w.ports.clone(),
         excluded_inbound_ports: w.excluded_inbound_ports.clone(),
-        mode: w.mode.into(),
+        mode: datapath_mode(w.mode),
     })
 }
 
@@ -89,12 +89,11 @@ fn checked(spec: PodSpec) -> Result<PodSpec, String> {
     Ok(spec)
 }
 
-impl From<TlsMode> for Mode {
-    fn from(m: TlsMode) -> Mode {
-        match m {
-            TlsMode::Strict => Mode::Strict,
-            TlsMode::Permissive => Mode::Permissive,
-        }
+/// The datapath's inbound mode for a pod's TLS mode.
+pub fn datapath_mode(m: TlsMode) -> Mode {
+    match m {
+        TlsMode::Strict => Mode::Strict,
+        TlsMode::Permissive => Mode::Permissive,
     }
 }
 

@@ -39,17 +39,17 @@ use tracing::{debug, info, warn};
 use mesh_core::model::NamespacedName;
 
 use crate::config::ProxyConfig;
-use crate::ebpf::{self, PodSockets};
 use crate::hbone::{Dialer, HBONE_PORT, HbonePool, HboneServer, PoolConfig, ServerConfig};
 use crate::identity::CertManager;
 use crate::inbound::{AppDialer, PlaintextInbound, PodInbound};
 use crate::local::{LocalPod, LocalPods, Registration};
-use crate::netns::Worker;
 use crate::outbound::{Egress, OutboundConfig, PodOutbound};
 use crate::state::StateStore;
 use crate::telemetry::{
     Activity, ConnMeta, Ended, MeshPath, Metered, Peer, Reporter, ResponseFlag, Side, Telemetry,
 };
+use mesh_netns::PodSockets;
+use mesh_netns::Worker;
 
 /// After the grace period, how long cut connections get to record their end.
 const CUT_SETTLE: Duration = Duration::from_secs(1);
@@ -489,7 +489,7 @@ async fn accept_loop<F, Fut>(
 /// itself, and carrying the connection there would make the proxy dial itself in a loop until
 /// the agent runs out of descriptors. Both are refused.
 fn captured_destination(conn: &TcpStream) -> std::io::Result<SocketAddrV4> {
-    let dst = ebpf::original_dst(conn)?;
+    let dst = mesh_netns::original_dst(conn)?;
     if conn.local_addr().ok() == Some(SocketAddr::V4(dst)) {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,

@@ -607,7 +607,7 @@ impl Cluster {
                 "removed {removed} leftovers of an earlier run ({prefix})"
             ));
         }
-        let mount = mesh_agent::cgroup::v2_mount().context("cgroup v2")?;
+        let mount = mesh_datapath::cgroup::v2_mount().context("cgroup v2")?;
         let cgroup_root = names.cgroup_root(&mount);
         fs::create_dir(&cgroup_root)
             .with_context(|| format!("create {}", cgroup_root.display()))?;
@@ -1413,7 +1413,7 @@ pub fn cleanup(prefix: &str) -> Result<usize> {
         prefix: prefix.into(),
     };
     let mut removed = 0;
-    if let Ok(mount) = mesh_agent::cgroup::v2_mount() {
+    if let Ok(mount) = mesh_datapath::cgroup::v2_mount() {
         let root = names.cgroup_root(&mount);
         if root.exists() {
             removed += remove_cgroup_tree(&root);
@@ -1431,7 +1431,7 @@ pub fn cleanup(prefix: &str) -> Result<usize> {
     if let Ok(entries) = fs::read_dir("/sys/fs/bpf/mesh") {
         for e in entries.flatten() {
             if e.file_name().to_string_lossy().starts_with(&own) {
-                mesh_agent::ebpf::remove_instance(&e.path())
+                mesh_datapath::ebpf::remove_instance(&e.path())
                     .with_context(|| format!("remove {}", e.path().display()))?;
                 removed += 1;
             }

@@ -40,7 +40,7 @@ pub fn unique(tag: &str) -> String {
 pub fn privileged(test: &str) -> bool {
     let reason = if !nix::unistd::geteuid().is_root() {
         Some("needs root (BPF, network namespaces, cgroups)".to_string())
-    } else if mesh_agent::cgroup::v2_mount().is_err() {
+    } else if mesh_datapath::cgroup::v2_mount().is_err() {
         Some("no cgroup v2 hierarchy mounted".to_string())
     } else if !Path::new("/sys/kernel/btf/vmlinux").exists() {
         Some("kernel without BTF".to_string())
@@ -191,7 +191,7 @@ pub struct Cgroup {
 
 impl Cgroup {
     pub fn new(tag: &str) -> Cgroup {
-        let mount = mesh_agent::cgroup::v2_mount().expect("cgroup v2 mount");
+        let mount = mesh_datapath::cgroup::v2_mount().expect("cgroup v2 mount");
         let path = mount.join(format!("mesh-test-{}", unique(tag)));
         fs::create_dir(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
         Cgroup { path }
@@ -493,14 +493,14 @@ impl Agent {
     }
 
     pub fn pin_dir(&self) -> PathBuf {
-        Path::new(mesh_agent::config::BPFFS_ROOT).join(&self.instance)
+        Path::new(mesh_datapath::config::BPFFS_ROOT).join(&self.instance)
     }
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
         self.kill();
-        let _ = mesh_agent::ebpf::remove_instance(&self.pin_dir());
+        let _ = mesh_datapath::ebpf::remove_instance(&self.pin_dir());
     }
 }
 

@@ -196,7 +196,7 @@ impl RuntimeCluster {
             })
             .collect();
         let cluster = Cluster::up(prefix, &spec, resources, bins, &agent_args, &[], progress)?;
-        let mut hierarchies = vec![mesh_agent::cgroup::v2_mount().context("cgroup v2")?];
+        let mut hierarchies = vec![mesh_datapath::cgroup::v2_mount().context("cgroup v2")?];
         hierarchies.extend(crate::cluster::cgroup_v1_mounts());
         let mut rc = RuntimeCluster {
             images: cluster.state.join("images/images.tar"),

@@ -47,7 +47,7 @@ fn pinned_links(c: &Cluster, node: &str, key: &str) -> PathBuf {
     Path::new("/sys/fs/bpf/mesh")
         .join(c.names.instance(node))
         .join("links")
-        .join(mesh_agent::config::pin_name(key))
+        .join(mesh_datapath::config::pin_name(key))
 }
 
 fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {

@@ -48,7 +48,7 @@ fn agent_args(w: &World, extra: &[&str]) -> Vec<String> {
 }
 
 fn counter(agent: &Agent, c: Counter) -> u64 {
-    mesh_agent::ebpf::Maps::open(&agent.pin_dir())
+    mesh_datapath::ebpf::Maps::open(&agent.pin_dir())
         .expect("open pinned maps")
         .counter(c)
         .expect("read counter")
@@ -223,7 +223,7 @@ fn inbound_steering_covers_every_port_of_a_strict_pod_but_its_exclusions() {
     ];
     let agent = Agent::start(Path::new(AGENT), &instance("in"), &args);
     // Drain events of the agent's own start.
-    mesh_agent::ebpf::drain_flows(&agent.pin_dir()).expect("drain");
+    mesh_datapath::ebpf::drain_flows(&agent.pin_dir()).expect("drain");
 
     let remote: Ipv4Addr = REMOTE_IP.parse().expect("ip");
     for s in [&app, &undeclared] {
@@ -247,10 +247,10 @@ fn inbound_steering_covers_every_port_of_a_strict_pod_but_its_exclusions() {
     }
     assert_eq!(counter(&agent, Counter::SkLookupSteered), 2);
 
-    let flows = mesh_agent::ebpf::drain_flows(&agent.pin_dir()).expect("drain flows");
+    let flows = mesh_datapath::ebpf::drain_flows(&agent.pin_dir()).expect("drain flows");
     let verdicts: Vec<(u16, Option<FlowVerdict>)> = flows
         .iter()
-        .filter(|e| mesh_agent::ebpf::ip_from_key(e.src_ip) == remote)
+        .filter(|e| mesh_datapath::ebpf::ip_from_key(e.src_ip) == remote)
         .map(|e| (e.dst_port, FlowVerdict::from_u32(e.verdict)))
         .collect();
     assert_eq!(
@@ -262,7 +262,7 @@ fn inbound_steering_covers_every_port_of_a_strict_pod_but_its_exclusions() {
             (15008, Some(FlowVerdict::Mesh)),
         ]
     );
-    let maps = mesh_agent::ebpf::Maps::open(&agent.pin_dir()).expect("maps");
+    let maps = mesh_datapath::ebpf::Maps::open(&agent.pin_dir()).expect("maps");
     let c = maps
         .pod_counters(POD_IP.parse().expect("ip"))
         .expect("read")
@@ -382,7 +382,7 @@ fn unenroll_restores_direct_traffic_and_leaves_no_entries() {
         1000,
     );
     assert_eq!(r.server_saw(), r.local, "still captured after unenroll");
-    let maps = mesh_agent::ebpf::Maps::open(&agent.pin_dir()).expect("maps");
+    let maps = mesh_datapath::ebpf::Maps::open(&agent.pin_dir()).expect("maps");
     let left = maps.entries_for(POD_IP.parse().expect("ip")).expect("scan");
     assert!(left.is_empty(), "entries left in {left:?}");
     assert_eq!(
@@ -400,16 +400,16 @@ fn enrolling_bad_input_fails_clearly_and_changes_nothing() {
     }
     let w = world();
     let inst = instance("bad");
-    let mut cfg = mesh_agent::config::DatapathConfig::new(&inst).expect("config");
+    let mut cfg = mesh_datapath::config::DatapathConfig::new(&inst).expect("config");
     cfg.capture = vec!["10.77.0.0/24".parse().expect("cidr")];
     // A cap above the node-wide map's size, so that the map itself can be filled below.
     let map_size = mesh_common::INBOUND_ENTRIES as usize;
     cfg.max_inbound_ports = map_size + 1;
     let pin_dir = cfg.pin_dir();
     let _cleanup = PinCleanup(pin_dir.clone());
-    let mut dp = mesh_agent::ebpf::Datapath::load(cfg).expect("load datapath");
+    let mut dp = mesh_datapath::ebpf::Datapath::load(cfg).expect("load datapath");
 
-    let good: mesh_agent::config::PodSpec = pod_arg(&w, "")
+    let good: mesh_datapath::config::PodSpec = pod_arg(&w, "")
         .trim_start_matches("--pod=")
         .parse()
         .expect("spec");
@@ -556,7 +556,7 @@ fn a_strict_pod_fails_closed_while_the_agent_is_down_and_a_permissive_one_open()
     };
     assert_eq!(steered(&app.addr.to_string()), POD_IP);
     assert_eq!(steered(&perm_app.addr.to_string()), "10.77.1.2");
-    mesh_agent::ebpf::drain_flows(&agent.pin_dir()).expect("drain");
+    mesh_datapath::ebpf::drain_flows(&agent.pin_dir()).expect("drain");
 
     agent.kill();
     // STRICT: nothing answers but the proxy, and the proxy is gone.
@@ -578,17 +578,18 @@ fn a_strict_pod_fails_closed_while_the_agent_is_down_and_a_permissive_one_open()
         .expect("a PERMISSIVE pod fails open");
     assert_eq!(mesh_tests::reply_peer(&reply).ip().to_string(), "10.77.1.1");
 
-    let maps = mesh_agent::ebpf::Maps::open(&agent.pin_dir()).expect("maps");
+    let maps = mesh_datapath::ebpf::Maps::open(&agent.pin_dir()).expect("maps");
     assert_eq!(
         maps.counter(Counter::SkLookupRefusedNoListener)
             .expect("counter"),
         2
     );
-    let verdicts: Vec<(u16, Option<FlowVerdict>)> = mesh_agent::ebpf::drain_flows(&agent.pin_dir())
-        .expect("drain flows")
-        .iter()
-        .map(|e| (e.dst_port, FlowVerdict::from_u32(e.verdict)))
-        .collect();
+    let verdicts: Vec<(u16, Option<FlowVerdict>)> =
+        mesh_datapath::ebpf::drain_flows(&agent.pin_dir())
+            .expect("drain flows")
+            .iter()
+            .map(|e| (e.dst_port, FlowVerdict::from_u32(e.verdict)))
+            .collect();
     assert_eq!(
         verdicts,
         vec![
@@ -810,6 +811,6 @@ struct PinCleanup(std::path::PathBuf);
 
 impl Drop for PinCleanup {
     fn drop(&mut self) {
-        let _ = mesh_agent::ebpf::remove_instance(&self.0);
+        let _ = mesh_datapath::ebpf::remove_instance(&self.0);
     }
 }

@@ -166,10 +166,10 @@ fn detach_link(pin: &Path) {
 
 /// The pinned connect4 link of `pod` in the agent instance of `node`.
 fn connect4_pin(c: &Cluster, node: &str, pod: &str) -> PathBuf {
-    let dir = Path::new(mesh_agent::config::BPFFS_ROOT)
+    let dir = Path::new(mesh_datapath::config::BPFFS_ROOT)
         .join(c.names.instance(node))
         .join("links")
-        .join(mesh_agent::config::pin_name(pod));
+        .join(mesh_datapath::config::pin_name(pod));
     std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .flatten()

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Child;
 
-use mesh_agent::discovery::{self, DiscoveryError};
+use mesh_datapath::discovery::{self, DiscoveryError};
 use mesh_tests::{Cgroup, Netns, command_in, privileged};
 
 const BURSTABLE: &str = "0f0e0d0c-1b1a-4c3d-8e5f-a1b2c3d4e5f6";
@@ -64,7 +64,7 @@ fn pods_are_found_from_the_kernel_in_every_cgroup_layout() {
     if !privileged("pods_are_found_from_the_kernel_in_every_cgroup_layout") {
         return;
     }
-    let mount = mesh_agent::cgroup::v2_mount().expect("v2 mount");
+    let mount = mesh_datapath::cgroup::v2_mount().expect("v2 mount");
     let root = Cgroup::new("node");
     let mut tree = Tree { dirs: Vec::new() };
     let systemd = |uid: &str| uid.replace('-', "_");

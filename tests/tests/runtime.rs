@@ -254,7 +254,7 @@ fn pods_started_by_containerd_are_meshed_before_their_first_connection_and_leave
     let links = Path::new("/sys/fs/bpf/mesh")
         .join(rc.cluster.names.instance("node-1"))
         .join("links")
-        .join(mesh_agent::config::pin_name("demo/intruder"));
+        .join(mesh_datapath::config::pin_name("demo/intruder"));
     assert!(links.exists(), "{} is missing", links.display());
     let intruder = rc.pod("demo/intruder").expect("intruder").clone();
     rc.delete_pod("demo/intruder").expect("delete the intruder");

@@ -5,8 +5,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::*;
-use crate::config::{DatapathConfig, ProxyConfig};
+use crate::config::ProxyConfig;
 use crate::telemetry::{ConnMeta, MeshPath, Metered, Peer, Reporter, Side};
+use mesh_datapath::config::DatapathConfig;
 
 fn config() -> Config {
     Config {

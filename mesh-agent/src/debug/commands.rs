@@ -66,7 +66,7 @@ pub fn verdict(good: bool) -> u8 {
 
 /// Fails with [`EXIT_NOPERM`] unless running as root.
 pub fn require_root(command: &str) -> Result<()> {
-    if crate::debug::kernel::privileged() {
+    if mesh_datapath::kernel::privileged() {
         Ok(())
     } else {
         Err(CommandError::new(

@@ -27,9 +27,9 @@ use aya::maps::{MapData, RingBuf};
 use mesh_common::{FlowEvent, FlowVerdict};
 use serde::{Deserialize, Serialize};
 
-use crate::config::PodSpec;
-use crate::ebpf::ip_from_key;
 use crate::telemetry::{ConnEvent, Telemetry};
+use mesh_datapath::config::PodSpec;
+use mesh_datapath::ebpf::ip_from_key;
 
 /// How many joined records the agent keeps.
 pub const RECORDS: usize = 4096;

@@ -36,10 +36,10 @@ use mesh_common::{PROG_CONNECT4, PROG_SK_LOOKUP, PROG_SOCKOPS};
 use mesh_core::model::NodeSnapshot;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{DatapathConfig, Mode, PodSpec};
-use crate::debug::kernel::{self, Hook};
-use crate::features::Check;
 use crate::telemetry::Telemetry;
+use mesh_datapath::config::{DatapathConfig, Mode, PodSpec};
+use mesh_datapath::features::Check;
+use mesh_datapath::kernel::{self, Hook};
 
 /// How long the helper waits for its connection, then for the proxy to close it.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -264,11 +264,11 @@ impl PodProbe<'_> {
     fn enrolled(&self) -> Check {
         let spec = self.spec;
         let result = (|| {
-            let maps =
-                crate::ebpf::Maps::open(&self.datapath.pin_dir()).map_err(|e| e.to_string())?;
+            let maps = mesh_datapath::ebpf::Maps::open(&self.datapath.pin_dir())
+                .map_err(|e| e.to_string())?;
             let entry = maps
                 .pods
-                .get(&crate::ebpf::ip_key(spec.ip), 0)
+                .get(&mesh_datapath::ebpf::ip_key(spec.ip), 0)
                 .map_err(|_| format!("{} has no entry for {}", mesh_common::PODS_MAP, spec.ip))?;
             let cgroup_id = fs::metadata(&spec.cgroup)
                 .map(|m| std::os::unix::fs::MetadataExt::ino(&m))

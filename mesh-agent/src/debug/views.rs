@@ -9,8 +9,8 @@ use mesh_core::policy::InboundPolicy;
 use serde::{Deserialize, Serialize};
 
 use crate::admin::AdminState;
-use crate::config::{Mode, PodSpec};
 use crate::debug::DebugError;
+use mesh_datapath::config::{Mode, PodSpec};
 
 mod check;
 mod status;
@@ -72,7 +72,7 @@ fn mode_name(mode: Mode) -> &'static str {
 
 pub fn pods(state: &AdminState) -> Vec<PodView> {
     let snapshot = state.store.as_ref().map(|s| s.current());
-    let maps = crate::ebpf::Maps::open(&state.config.datapath.pin_dir());
+    let maps = mesh_datapath::ebpf::Maps::open(&state.config.datapath.pin_dir());
     let conns = state.telemetry.connections();
     state
         .pods()
@@ -116,8 +116,11 @@ pub fn pods(state: &AdminState) -> Vec<PodView> {
         .collect()
 }
 
-fn kernel_pod(maps: &crate::ebpf::Maps, p: &PodSpec) -> (Option<KernelPod>, Option<String>) {
-    let entry = match maps.pods.get(&crate::ebpf::ip_key(p.ip), 0) {
+fn kernel_pod(
+    maps: &mesh_datapath::ebpf::Maps,
+    p: &PodSpec,
+) -> (Option<KernelPod>, Option<String>) {
+    let entry = match maps.pods.get(&mesh_datapath::ebpf::ip_key(p.ip), 0) {
         Ok(e) => e,
         Err(_) => {
             return (

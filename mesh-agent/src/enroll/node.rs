@@ -5,7 +5,7 @@
 //! - **At sandbox creation**, the CNI plugin hands the agent the pod's namespace, name and UID,
 //!   its network namespace (`CNI_NETNS`) and the addresses the primary plugin assigned
 //!   ([`NodePods::add`]). The pod's cgroup is the one the kubelet created for that UID
-//!   ([`crate::discovery::find_pod_cgroup`]). The plugin's answer waits for the enrollment,
+//!   ([`mesh_datapath::discovery::find_pod_cgroup`]). The plugin's answer waits for the enrollment,
 //!   so no container of a meshed pod starts before its traffic is captured.
 //! - **Already running** (the agent started after the pod, or the pod joined the mesh after
 //!   it started): the cgroup by UID again, the network namespace from the processes in it,
@@ -22,8 +22,8 @@ use std::path::{Path, PathBuf};
 use mesh_cni::{Op, Request, Response};
 use mesh_core::model::{NamespacedName, NodePod, NodeSnapshot};
 
-use crate::config::PodSpec;
-use crate::discovery;
+use mesh_datapath::config::PodSpec;
+use mesh_datapath::discovery;
 
 /// Where a pod was found on the node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -256,7 +256,7 @@ fn spec(name: &str, pod: &NodePod, found: &Located) -> Result<PodSpec, String> {
         iface: found.iface.clone(),
         inbound_ports: pod.ports.clone(),
         excluded_inbound_ports: pod.excluded_inbound_ports.clone(),
-        mode: pod.mode.into(),
+        mode: super::datapath_mode(pod.mode),
     })
 }
 

@@ -41,7 +41,7 @@ impl Environment {
             .find_map(|l| l.strip_prefix("model name"))
             .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
             .unwrap_or_else(|| "unknown".into());
-        let cgroup = match mesh_agent::cgroup::v2_mount() {
+        let cgroup = match mesh_datapath::cgroup::v2_mount() {
             Ok(m) if m == Path::new("/sys/fs/cgroup") => "v2 unified at /sys/fs/cgroup".into(),
             Ok(m) => format!("hybrid: v1 controllers, v2 at {}", m.display()),
             Err(e) => format!("no cgroup v2: {e}"),

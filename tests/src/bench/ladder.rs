@@ -731,7 +731,7 @@ impl Bench<'_> {
     /// redirected to the proxy's outbound listener.
     fn iptables_redirect(&self) -> Result<()> {
         let pod = self.cluster.pod("bench/client")?;
-        let mount = mesh_agent::cgroup::v2_mount().context("cgroup v2")?;
+        let mount = mesh_datapath::cgroup::v2_mount().context("cgroup v2")?;
         let agent_cg = &self.cluster.nodes[0].agent_cgroup;
         let rel = agent_cg.strip_prefix(&mount).context("agent cgroup")?;
         let ports: Vec<String> = PORTS.iter().map(u16::to_string).collect();

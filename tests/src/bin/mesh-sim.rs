@@ -135,7 +135,7 @@ fn missing_privileges() -> Option<String> {
                 .into(),
         );
     }
-    if mesh_agent::cgroup::v2_mount().is_err() {
+    if mesh_datapath::cgroup::v2_mount().is_err() {
         return Some("needs a cgroup v2 hierarchy mounted (none found)".into());
     }
     if std::process::Command::new("ip").arg("-V").output().is_err() {

@@ -1,7 +1,7 @@
 //! The commands that read the kernel directly: `bpf` and `doctor` (root only).
 use std::path::Path;
 
-use crate::debug::maps;
+use mesh_datapath::maps;
 
 use super::status::maps_table;
 use super::*;
@@ -79,7 +79,7 @@ pub fn bpf(pin_dir: &Path, map: Option<&str>, key: Option<&str>, json: bool) -> 
 /// `mesh-agent doctor`.
 pub fn doctor(load: bool, json: bool) -> Result<u8> {
     require_root("doctor")?;
-    let checks = crate::features::doctor(load);
+    let checks = mesh_datapath::features::doctor(load);
     if json {
         println!("{}", serde_json::to_string_pretty(&checks)?);
     } else {

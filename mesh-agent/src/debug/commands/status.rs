@@ -2,10 +2,10 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::debug::maps::{self, MapSummary};
 use crate::debug::probe::PodHealth;
 use crate::debug::views::StatusView;
-use crate::features::Check;
+use mesh_datapath::features::Check;
+use mesh_datapath::maps::{self, MapSummary};
 
 use super::*;
 
@@ -45,15 +45,15 @@ pub fn status(admin: SocketAddr, pin_dir: &Path, json: bool) -> Result<u8> {
 }
 
 fn offline_status(pin_dir: &Path) -> Value {
-    if !crate::debug::kernel::privileged() {
+    if !mesh_datapath::kernel::privileged() {
         return serde_json::json!({
             "kernel_error": "not root: the kernel and the pinned maps were not read",
         });
     }
     serde_json::json!({
         "kernel": {
-            "release": crate::debug::kernel::release(),
-            "checks": crate::features::check(false),
+            "release": mesh_datapath::kernel::release(),
+            "checks": mesh_datapath::features::check(false),
         },
         "pin_dir": pin_dir.display().to_string(),
         "maps": maps::summaries(pin_dir),

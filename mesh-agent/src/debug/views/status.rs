@@ -7,11 +7,11 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 use crate::admin::AdminState;
-use crate::config::PodSpec;
-use crate::debug::kernel::{self, Hook};
-use crate::debug::maps::{self, MapSummary};
 use crate::debug::probe::{self, PodHealth, PodProbe};
-use crate::features::Check;
+use mesh_datapath::config::PodSpec;
+use mesh_datapath::features::Check;
+use mesh_datapath::kernel::{self, Hook};
+use mesh_datapath::maps::{self, MapSummary};
 
 /// Everything `status` reports, with a verdict.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -98,8 +98,10 @@ fn unix_ms(t: SystemTime) -> u64 {
 /// probe (see [`probe`]). Blocking: run it off the runtime.
 pub fn status(state: &AdminState) -> StatusView {
     let cfg = &state.config;
-    let mount = crate::cgroup::v2_mount().ok();
-    let own_cgroup = mount.as_ref().and_then(|m| crate::cgroup::current(m).ok());
+    let mount = mesh_datapath::cgroup::v2_mount().ok();
+    let own_cgroup = mount
+        .as_ref()
+        .and_then(|m| mesh_datapath::cgroup::current(m).ok());
     let agent = AgentView {
         version: env!("CARGO_PKG_VERSION").into(),
         instance: cfg.datapath.instance.clone(),
@@ -112,7 +114,7 @@ pub fn status(state: &AdminState) -> StatusView {
     };
     let kernel = KernelView {
         release: kernel::release(),
-        checks: crate::features::check(false),
+        checks: mesh_datapath::features::check(false),
     };
     let mut programs = Vec::new();
     if let Some(cg) = &own_cgroup {
@@ -149,7 +151,7 @@ pub fn status(state: &AdminState) -> StatusView {
             mesh_common::PROG_SK_LOOKUP,
             &p.netns,
         ));
-        if p.mode == crate::config::Mode::Strict {
+        if p.mode == mesh_datapath::config::Mode::Strict {
             programs.push(attachment(
                 &p.name,
                 Hook::SkLookup,
@@ -305,7 +307,7 @@ fn attachment(owner: &str, hook: Hook, program: &str, target: &Path) -> Attachme
 /// tc ingress on the pod's interface: listed through TCX (Linux 6.6+) from inside the pod's
 /// namespace. Older kernels attach a netlink filter, which this does not list.
 fn tc_attachment(p: &PodSpec) -> Option<Attachment> {
-    if !crate::features::kernel_at_least(6, 6) {
+    if !mesh_datapath::features::kernel_at_least(6, 6) {
         return None;
     }
     let program = mesh_common::PROG_TC_INGRESS;
@@ -320,10 +322,10 @@ fn tc_attachment(p: &PodSpec) -> Option<Attachment> {
         detail: None,
     };
     let iface = p.iface.clone();
-    let queried = crate::netns::open(&p.netns)
+    let queried = mesh_netns::open(&p.netns)
         .map_err(|e| e.to_string())
         .and_then(|ns| {
-            crate::netns::run_in(&ns, &p.netns, move || {
+            mesh_netns::run_in(&ns, &p.netns, move || {
                 let index = nix::net::if_::if_nametoindex(iface.as_str())
                     .map_err(|e| format!("no interface {iface}: {e}"))?;
                 kernel::attached(kernel::Target::IfIndex(index), Hook::TcxIngress)

@@ -3,7 +3,7 @@ use mesh_cni::PodRef;
 use mesh_core::SpiffeId;
 use mesh_core::model::{TlsMode, Workload};
 
-use crate::config::Mode;
+use mesh_datapath::config::Mode;
 
 const UID: &str = "6f1c2b7e-3d4a-4b8c-9e0f-1a2b3c4d5e6f";
 const OTHER_UID: &str = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";

@@ -39,10 +39,11 @@ use mesh_common::{
     PodEntry, SOCKS_MAP,
 };
 
+use mesh_netns::{self as netns, NetnsError, PodSockets};
+
 use crate::{
     cgroup::{self, CgroupError},
     config::{Cidr, DatapathConfig, Mode, PodSpec, pin_name},
-    netns::{self, NetnsError},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -458,14 +459,6 @@ pub fn drain_flows(pin_dir: &Path) -> Result<Vec<FlowEvent>> {
 
 // === Datapath ===
 
-/// The sockets the proxy owns inside one pod's network namespace.
-pub struct PodSockets {
-    /// 127.0.0.1:<outbound port>: where connect4 sends captured connections.
-    pub outbound: TcpListener,
-    /// 127.0.0.1:<inbound port>: where sk_lookup steers inbound plaintext.
-    pub inbound: TcpListener,
-}
-
 struct Enrolled {
     spec: PodSpec,
 }
@@ -633,7 +626,7 @@ impl Datapath {
             }
             let outbound = bind(out_port)?;
             let inbound = bind(in_port)?;
-            let cookie = netns_cookie(&outbound)
+            let cookie = netns::netns_cookie(&outbound)
                 .map_err(|e| format!("read the network namespace cookie: {e}"))?;
             Ok((PodSockets { outbound, inbound }, cookie))
         })?
@@ -980,51 +973,4 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
         .load()
         .map_err(prog_err(PROG_TC_INGRESS))?;
     Ok(())
-}
-
-const SO_NETNS_COOKIE: libc::c_int = 71;
-
-/// The cookie of the network namespace a socket lives in (Linux 5.14+).
-pub fn netns_cookie(sock: &impl AsRawFd) -> std::io::Result<u64> {
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: valid fd, output buffer and length of matching size.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc == 0 {
-        Ok(cookie)
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-/// `getsockopt(SOL_IP, SO_ORIGINAL_DST)` on an accepted socket.
-pub fn original_dst(sock: &impl AsRawFd) -> std::io::Result<std::net::SocketAddrV4> {
-    // SAFETY: sockaddr_in is plain data; zeroed is a valid value.
-    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: valid fd, output buffer and length of matching size.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_IP,
-            mesh_common::SO_ORIGINAL_DST,
-            (&mut addr as *mut libc::sockaddr_in).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(std::net::SocketAddrV4::new(
-        Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr)),
-        u16::from_be(addr.sin_port),
-    ))
 }

@@ -1,7 +1,14 @@
-//! Work inside another network namespace: a thread that `setns`es and runs jobs there, so the
-//! proxy's in-pod sockets are created in the pod's namespace while the agent stays in its own.
+//! A pod's network namespace seen from the agent: a thread that `setns`es and runs jobs there,
+//! so the proxy's in-pod sockets are created in the pod's namespace while the agent stays in
+//! its own; the sockets the proxy owns there; and the socket options that tell where an
+//! accepted connection was going and which namespace a socket lives in.
+//!
+//! It is what the datapath (which opens the sockets at enrollment) and the proxy (which serves
+//! them) share, without the proxy depending on the kernel programs.
 use std::{
     fs::File,
+    net::{Ipv4Addr, TcpListener},
+    os::fd::AsRawFd,
     os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
     sync::mpsc,
@@ -145,4 +152,59 @@ impl Worker {
             path: self.path.clone(),
         })
     }
+}
+
+/// The sockets the proxy owns inside one pod's network namespace.
+pub struct PodSockets {
+    /// 127.0.0.1:<outbound port>: where connect4 sends captured connections.
+    pub outbound: TcpListener,
+    /// 127.0.0.1:<inbound port>: where sk_lookup steers inbound plaintext.
+    pub inbound: TcpListener,
+}
+
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// The cookie of the network namespace a socket lives in (Linux 5.14+).
+pub fn netns_cookie(sock: &impl AsRawFd) -> std::io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, output buffer and length of matching size.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(cookie)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// `getsockopt(SOL_IP, SO_ORIGINAL_DST)` on an accepted socket.
+pub fn original_dst(sock: &impl AsRawFd) -> std::io::Result<std::net::SocketAddrV4> {
+    // SAFETY: sockaddr_in is plain data; zeroed is a valid value.
+    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: valid fd, output buffer and length of matching size.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_IP,
+            mesh_common::SO_ORIGINAL_DST,
+            (&mut addr as *mut libc::sockaddr_in).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(std::net::SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr)),
+        u16::from_be(addr.sin_port),
+    ))
 }

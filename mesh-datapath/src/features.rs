@@ -365,7 +365,7 @@ fn redirect_rules() -> Check {
 /// Programs on the hooks the datapath uses that apply to every process: the cgroup v2 root
 /// (its programs run for every cgroup below, pods included) and this network namespace.
 fn other_programs() -> Vec<Check> {
-    use crate::debug::kernel::{self, Hook};
+    use crate::kernel::{self, Hook};
     let Ok(mount) = crate::cgroup::v2_mount() else {
         return Vec::new();
     };
