@@ -7,8 +7,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mesh_agent::state::StateStore;
 use mesh_api::{convert, v1};
+use mesh_proxy::state::StateStore;
 use prost::Message;
 
 /// The node the agent runs on; seeds use it so that their workloads are accepted.

@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, Request};
 use libfuzzer_sys::fuzz_target;
-use mesh_agent::hbone::{ServerConfig, connect_target};
+use mesh_proxy::hbone::{ServerConfig, connect_target};
 use tokio::io::AsyncWriteExt;
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";

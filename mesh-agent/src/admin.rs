@@ -4,7 +4,7 @@
 //!
 //! - `GET /healthz`: `ok`, or 503 `draining` once shutdown began.
 //! - `GET /metrics`: Prometheus text format (certificates, connections).
-//! - `GET /debug/conns`: the connections open now ([`crate::telemetry::ConnInfo`]).
+//! - `GET /debug/conns`: the connections open now ([`mesh_proxy::telemetry::ConnInfo`]).
 //! - `GET /debug/config`: the agent's configuration, the version of the mesh configuration in
 //!   force with its size, and the configuration store's counters.
 //! - `GET /debug/certs`: the workload certificates held and where their rotation stands.
@@ -51,10 +51,10 @@ use crate::debug::{
     flows::{FlowLog, FlowQuery},
     views,
 };
-use crate::identity::CertManager;
-use crate::state::{StateStore, StoreStats, Version};
-use crate::telemetry::Telemetry;
 use mesh_datapath::config::PodSpec;
+use mesh_proxy::identity::CertManager;
+use mesh_proxy::state::{StateStore, StoreStats, Version};
+use mesh_proxy::telemetry::Telemetry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {

@@ -11,12 +11,11 @@ use anyhow::Context as _;
 use mesh_datapath::{cgroup, config::PodSpec, ebpf::Datapath};
 use mesh_netns as netns;
 
+use mesh_proxy::{local::LocalPods, proxy, telemetry::Telemetry};
+
 use crate::{
     admin::{self, AdminState},
     config::Config,
-    local::LocalPods,
-    proxy,
-    telemetry::Telemetry,
 };
 
 /// The cgroup the agent runs in. Its own sockets must never be captured, and the programs that
@@ -75,7 +74,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             .context("start the controller connection")?;
         // Policy changes reach the connections open when they arrive.
         let revocation = control.as_ref().map(|c| {
-            tokio::spawn(crate::revocation::watch(
+            tokio::spawn(mesh_proxy::revocation::watch(
                 c.store.clone(),
                 telemetry.clone(),
             ))

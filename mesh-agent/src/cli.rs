@@ -13,13 +13,17 @@ use mesh_datapath::{
     ebpf,
 };
 
+use mesh_proxy::{
+    config::{ProxyConfig, SameNode},
+    l7::HttpConfig,
+};
+
 use crate::{
     config::{
         AdminConfig, Config, ConfigError, ControllerSettings, CredentialSource, DEFAULT_ADMIN,
-        DEFAULT_METRICS, Listen, ProxyConfig, SameNode,
+        DEFAULT_METRICS, Listen,
     },
     debug::commands,
-    l7::HttpConfig,
 };
 use mesh_core::http_path::{EscapedSlashes, PathNormalization};
 
@@ -83,7 +87,7 @@ struct ControllerArgs {
     service_account_token_file: Option<PathBuf>,
     /// Whether meshed pods may reach destinations outside the mesh (allow or deny).
     #[arg(long, value_enum, default_value = "allow")]
-    egress: crate::outbound::Egress,
+    egress: mesh_proxy::outbound::Egress,
 }
 
 impl ControllerArgs {
@@ -317,7 +321,7 @@ impl RunArgs {
         datapath.skmsg_budget = self.skmsg_budget;
         datapath.max_inbound_ports = self.max_inbound_ports_per_pod;
         datapath.refuse_native_ipv6 = self.controller.controller.is_some()
-            && self.controller.egress == crate::outbound::Egress::Deny;
+            && self.controller.egress == mesh_proxy::outbound::Egress::Deny;
         let cfg = Config {
             datapath,
             controller: self.controller.settings()?,

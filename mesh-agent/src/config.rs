@@ -13,6 +13,8 @@ use serde::Serialize;
 pub enum ConfigError {
     #[error(transparent)]
     Datapath(#[from] mesh_datapath::config::ConfigError),
+    #[error(transparent)]
+    Proxy(#[from] mesh_proxy::config::ConfigError),
     #[error("{0}")]
     Controller(String),
     #[error("duration {value:?}: {reason} (write it like 30s, 5m or 1h)")]
@@ -27,6 +29,7 @@ impl ConfigError {
     pub fn kind(&self) -> &'static str {
         match self {
             ConfigError::Datapath(e) => e.kind(),
+            ConfigError::Proxy(e) => e.kind(),
             ConfigError::Controller(_) => "controller",
             ConfigError::Duration { .. } => "duration",
             ConfigError::Listen(_) => "listen",
@@ -40,11 +43,6 @@ pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr:
 /// Default Prometheus endpoint.
 pub const DEFAULT_METRICS: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 15020));
-/// Default time a connection may carry nothing before the proxy closes it.
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
-/// Default time open connections get to finish on shutdown.
-pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(30);
-
 /// A duration as on the command line: `30s`, `5m`, `1h`, `1h 30m`, `200ms`.
 pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
     humantime::parse_duration(s).map_err(|e| ConfigError::Duration {
@@ -61,10 +59,6 @@ pub fn parse_optional_listen(s: &str) -> Result<Option<SocketAddr>, ConfigError>
     s.parse()
         .map(Some)
         .map_err(|_| ConfigError::Listen(s.into()))
-}
-
-fn as_text<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(&humantime::format_duration(*d))
 }
 
 /// An address the agent serves on.
@@ -100,59 +94,6 @@ impl Default for AdminConfig {
     }
 }
 
-/// How a connection between two pods of this agent is carried.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum SameNode {
-    /// Inside the agent: admitted by the destination's policy with the caller's configured
-    /// identity, then copied between the two pods' sockets, without TLS or HTTP/2.
-    #[default]
-    InProcess,
-    /// In an HBONE tunnel (mutual TLS), as between nodes.
-    Hbone,
-}
-
-/// The proxy's connection handling.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ProxyConfig {
-    /// A connection that carries no byte either way for this long is closed.
-    #[serde(serialize_with = "as_text")]
-    pub idle_timeout: Duration,
-    /// On SIGTERM, how long open connections get to finish before they are cut.
-    #[serde(serialize_with = "as_text")]
-    pub drain_grace: Duration,
-    /// How connections between two pods of this agent are carried.
-    pub same_node: SameNode,
-    /// On HTTP ports, one request in this many gets an access-log line.
-    pub access_log_every: u64,
-    /// On HTTP ports: path normalization, and what refused callers are told.
-    pub http: crate::l7::HttpConfig,
-}
-
-impl Default for ProxyConfig {
-    fn default() -> Self {
-        ProxyConfig {
-            idle_timeout: DEFAULT_IDLE_TIMEOUT,
-            drain_grace: DEFAULT_DRAIN_GRACE,
-            same_node: SameNode::InProcess,
-            access_log_every: 1,
-            http: crate::l7::HttpConfig::default(),
-        }
-    }
-}
-
-impl ProxyConfig {
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.idle_timeout.is_zero() {
-            return Err(ConfigError::Flag {
-                flag: "--idle-timeout",
-                reason: "must be longer than 0s".into(),
-            });
-        }
-        Ok(())
-    }
-}
-
 /// The whole agent configuration for `mesh-agent run`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
@@ -173,7 +114,7 @@ pub struct Config {
     /// ([`crate::enroll::node`]): handed over by the CNI plugin at `cni_socket` when the
     /// runtime creates them, adopted from the cgroup hierarchy when already running.
     pub discover_pods: Option<DiscoverPods>,
-    pub proxy: ProxyConfig,
+    pub proxy: mesh_proxy::config::ProxyConfig,
     pub admin: AdminConfig,
 }
 
@@ -209,7 +150,7 @@ pub struct ControllerSettings {
     pub trust_domain: String,
     pub credential: CredentialSource,
     /// Whether meshed pods may reach destinations outside the mesh.
-    pub egress: crate::outbound::Egress,
+    pub egress: mesh_proxy::outbound::Egress,
 }
 
 impl ControllerSettings {
@@ -289,14 +230,5 @@ mod tests {
         );
         let e = parse_optional_listen("localhost").expect_err("no port");
         assert_eq!(e.kind(), "listen");
-
-        let zero = ProxyConfig {
-            idle_timeout: Duration::ZERO,
-            ..ProxyConfig::default()
-        };
-        assert!(zero.validate().is_err(), "a zero idle timeout is refused");
-        let text = serde_json::to_string(&ProxyConfig::default()).expect("json");
-        assert!(text.contains(r#""idle_timeout":"1h""#), "{text}");
-        assert!(text.contains(r#""same_node":"in-process""#), "{text}");
     }
 }

@@ -27,7 +27,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tracing::{info, warn};
 
-use crate::state::StateStore;
+use mesh_proxy::state::StateStore;
 
 /// How the agent proves its node at bootstrap.
 #[derive(Debug, Clone)]
@@ -500,13 +500,13 @@ impl Backoff {
 /// The controller as the certificate manager's signer.
 pub struct GrpcSigner(pub Arc<ControlClient>);
 
-impl crate::identity::Signer for GrpcSigner {
+impl mesh_proxy::identity::Signer for GrpcSigner {
     async fn sign(
         &self,
         id: &SpiffeId,
         csr_der: Vec<u8>,
-    ) -> Result<crate::identity::SignedCert, crate::identity::SignError> {
-        use crate::identity::{SignError, SignedCert};
+    ) -> Result<mesh_proxy::identity::SignedCert, mesh_proxy::identity::SignError> {
+        use mesh_proxy::identity::{SignError, SignedCert};
         use rustls::pki_types::CertificateDer;
         match self.0.sign_workload(id, csr_der).await {
             Ok(signed) => Ok(SignedCert {
@@ -526,7 +526,7 @@ impl crate::identity::Signer for GrpcSigner {
 pub struct ControlPlane {
     pub client: Arc<ControlClient>,
     pub store: Arc<StateStore>,
-    pub certs: Arc<crate::identity::CertManager>,
+    pub certs: Arc<mesh_proxy::identity::CertManager>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -571,9 +571,9 @@ pub fn start(
         max_backoff: Duration::from_secs(30),
     });
     let store = Arc::new(StateStore::new(&settings.node));
-    let certs = crate::identity::CertManager::new(
+    let certs = mesh_proxy::identity::CertManager::new(
         GrpcSigner(client.clone()),
-        crate::identity::CertConfig::default(),
+        mesh_proxy::identity::CertConfig::default(),
         registry,
     )
     .map_err(|e| ControlError::Key(e.to_string()))?;
@@ -601,7 +601,10 @@ pub fn start(
 
 /// Keeps a certificate for every identity of the node's workloads and the trust bundle of
 /// the configuration in force.
-pub async fn keep_identities(store: Arc<StateStore>, certs: Arc<crate::identity::CertManager>) {
+pub async fn keep_identities(
+    store: Arc<StateStore>,
+    certs: Arc<mesh_proxy::identity::CertManager>,
+) {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     use std::collections::BTreeSet;

@@ -444,17 +444,34 @@ pub fn ip_from_key(k: u32) -> Ipv4Addr {
 
 /// Drains the flow events currently in the ring buffer of an instance.
 pub fn drain_flows(pin_dir: &Path) -> Result<Vec<FlowEvent>> {
-    let map = open_pinned(&pin_dir.join("maps"), FLOWS_MAP)?;
-    let mut ring: RingBuf<MapData> = map.try_into().map_err(map_err(FLOWS_MAP))?;
-    let mut out = Vec::new();
-    while let Some(item) = ring.next() {
-        if item.len() >= std::mem::size_of::<FlowEvent>() {
-            // SAFETY: FlowEvent is plain integers; read_unaligned copes with any alignment and
-            // the length was checked.
-            out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowEvent>()) });
-        }
+    Ok(FlowReader::open(pin_dir)?.drain())
+}
+
+/// The reader of the kernel's flow ring (one per consumer: each event is read once).
+pub struct FlowReader {
+    ring: RingBuf<MapData>,
+}
+
+impl FlowReader {
+    /// Opens the flow ring pinned by the instance at `pin_dir`.
+    pub fn open(pin_dir: &Path) -> Result<FlowReader> {
+        let map = open_pinned(&pin_dir.join("maps"), FLOWS_MAP)?;
+        let ring: RingBuf<MapData> = map.try_into().map_err(map_err(FLOWS_MAP))?;
+        Ok(FlowReader { ring })
     }
-    Ok(out)
+
+    /// Takes every event queued since the last call.
+    pub fn drain(&mut self) -> Vec<FlowEvent> {
+        let mut out = Vec::new();
+        while let Some(item) = self.ring.next() {
+            if item.len() >= std::mem::size_of::<FlowEvent>() {
+                // SAFETY: FlowEvent is plain integers; read_unaligned copes with any alignment
+                // and the length was checked.
+                out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowEvent>()) });
+            }
+        }
+        out
+    }
 }
 
 // === Datapath ===

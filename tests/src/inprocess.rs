@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use mesh_agent::control::{BootstrapCredential, ControlClient, ControlConfig};
-use mesh_agent::state::StateStore;
 use mesh_controller::app::{self, Controller};
 use mesh_controller::config::{Args, Config};
 use mesh_core::identity::TrustDomain;
+use mesh_proxy::state::StateStore;
 
 /// The bootstrap token every test node gets.
 pub const TOKEN: &str = "test-bootstrap-token-0123456789";

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 use mesh_agent::control::{
     BootstrapCredential, ControlClient, ControlError, GrpcSigner, new_key_and_csr,
 };
-use mesh_agent::identity::{CertConfig, CertManager};
-use mesh_agent::tls;
 use mesh_core::SpiffeId;
 use mesh_core::identity::TrustDomain;
+use mesh_proxy::identity::{CertConfig, CertManager};
+use mesh_proxy::tls;
 use mesh_tests::inprocess::{
     ClusterDir, TestAgent, control_config, eventually, free_port, namespace, pod, td,
 };
@@ -267,18 +267,18 @@ async fn rogue_manager(id: &SpiffeId) -> Arc<CertManager> {
         ca: rcgen::Issuer<'static, KeyPair>,
         root: CertificateDer<'static>,
     }
-    impl mesh_agent::identity::Signer for Rogue {
+    impl mesh_proxy::identity::Signer for Rogue {
         async fn sign(
             &self,
             id: &SpiffeId,
             csr_der: Vec<u8>,
-        ) -> Result<mesh_agent::identity::SignedCert, mesh_agent::identity::SignError> {
+        ) -> Result<mesh_proxy::identity::SignedCert, mesh_proxy::identity::SignError> {
             let csr =
                 rcgen::CertificateSigningRequestParams::from_der(&csr_der.into()).expect("csr");
             let mut params = CertificateParams::default();
             params.subject_alt_names = vec![SanType::URI(id.uri().try_into().expect("uri"))];
             let leaf = params.signed_by(&csr.public_key, &self.ca).expect("leaf");
-            Ok(mesh_agent::identity::SignedCert {
+            Ok(mesh_proxy::identity::SignedCert {
                 chain: vec![leaf.der().clone()],
                 roots: vec![self.root.clone()],
             })
@@ -434,7 +434,7 @@ async fn an_agent_holds_certificates_for_the_workloads_of_its_node() {
         node: "node-a".into(),
         trust_domain: "cluster.local".into(),
         credential: CredentialSource::BootstrapTokenFile(files.path().join("token")),
-        egress: mesh_agent::outbound::Egress::Allow,
+        egress: mesh_proxy::outbound::Egress::Allow,
     };
     let mut registry = Registry::default();
     let plane = mesh_agent::control::start(&settings, &mut registry).expect("control plane");

@@ -5,9 +5,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::*;
-use crate::config::ProxyConfig;
-use crate::telemetry::{ConnMeta, MeshPath, Metered, Peer, Reporter, Side};
 use mesh_datapath::config::DatapathConfig;
+use mesh_proxy::config::ProxyConfig;
+use mesh_proxy::telemetry::{ConnMeta, MeshPath, Metered, Peer, Reporter, Side};
 
 fn config() -> Config {
     Config {
@@ -63,7 +63,7 @@ async fn the_admin_endpoint_serves_metrics_the_connection_table_and_the_config()
     };
     let state = Arc::new(AdminState::new(
         config(),
-        Some(crate::state::holding(&snapshot)),
+        Some(mesh_proxy::state::holding(&snapshot)),
         None,
         telemetry.clone(),
         registry,
@@ -243,7 +243,7 @@ async fn the_debug_pages_answer_policy_questions_with_the_proxys_decision() {
     let telemetry = Telemetry::new(&mut registry);
     let state = Arc::new(AdminState::new(
         config(),
-        Some(crate::state::holding(&shop())),
+        Some(mesh_proxy::state::holding(&shop())),
         None,
         telemetry.clone(),
         registry,

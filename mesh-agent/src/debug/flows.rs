@@ -23,13 +23,12 @@ use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use aya::maps::{MapData, RingBuf};
-use mesh_common::{FlowEvent, FlowVerdict};
+use mesh_common::FlowVerdict;
 use serde::{Deserialize, Serialize};
 
-use crate::telemetry::{ConnEvent, Telemetry};
 use mesh_datapath::config::PodSpec;
-use mesh_datapath::ebpf::ip_from_key;
+use mesh_datapath::ebpf::{FlowReader, ip_from_key};
+use mesh_proxy::telemetry::{ConnEvent, Telemetry};
 
 /// How many joined records the agent keeps.
 pub const RECORDS: usize = 4096;
@@ -157,7 +156,7 @@ struct Pending {
 }
 
 struct State {
-    ring: Option<RingBuf<MapData>>,
+    ring: Option<FlowReader>,
     kernel_error: Option<String>,
     /// The last proxy record taken from the telemetry.
     proxy_seq: u64,
@@ -319,13 +318,13 @@ impl FlowLog {
 
     fn drain_kernel(&self, st: &mut State) -> Vec<KernelSide> {
         if st.ring.is_none() {
-            match open_ring(&self.pin_dir) {
+            match FlowReader::open(&self.pin_dir) {
                 Ok(r) => {
                     st.ring = Some(r);
                     st.kernel_error = None;
                 }
                 Err(e) => {
-                    st.kernel_error = Some(e);
+                    st.kernel_error = Some(e.to_string());
                     return Vec::new();
                 }
             }
@@ -335,13 +334,7 @@ impl FlowLog {
         };
         let clock = Clock::now();
         let mut out = Vec::new();
-        while let Some(item) = ring.next() {
-            if item.len() < std::mem::size_of::<FlowEvent>() {
-                continue;
-            }
-            // SAFETY: FlowEvent is plain integers; read_unaligned copes with any alignment and
-            // the length was checked.
-            let e: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+        for e in ring.drain() {
             let src = SocketAddrV4::new(ip_from_key(e.src_ip), e.src_port);
             let dst = SocketAddrV4::new(ip_from_key(e.dst_ip), e.dst_port);
             out.push(KernelSide {
@@ -375,14 +368,6 @@ fn record(
 
 fn ip_of(addr: &str) -> &str {
     addr.rsplit_once(':').map_or(addr, |(ip, _)| ip)
-}
-
-fn open_ring(pin_dir: &std::path::Path) -> Result<RingBuf<MapData>, String> {
-    let path = pin_dir.join("maps").join(mesh_common::FLOWS_MAP);
-    let data = MapData::from_pin(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let map = aya::maps::Map::from_map_data(data).map_err(|e| e.to_string())?;
-    map.try_into()
-        .map_err(|e: aya::maps::MapError| e.to_string())
 }
 
 /// Converts `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) to wall-clock time.
@@ -421,8 +406,8 @@ impl Clock {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::telemetry::{ConnMeta, MeshPath, Peer, Reporter};
     use mesh_core::model::NamespacedName;
+    use mesh_proxy::telemetry::{ConnMeta, MeshPath, Peer, Reporter};
     use prometheus_client::registry::Registry;
 
     fn log() -> (FlowLog, Telemetry) {
@@ -574,7 +559,7 @@ mod tests {
         meta.src_addr = Some("127.0.0.1:45000".parse().expect("src"));
         telemetry.failed(
             meta,
-            crate::telemetry::ResponseFlag::NoRoute,
+            mesh_proxy::telemetry::ResponseFlag::NoRoute,
             "no_such_port",
             "no port",
         );

@@ -36,10 +36,10 @@ use mesh_common::{PROG_CONNECT4, PROG_SK_LOOKUP, PROG_SOCKOPS};
 use mesh_core::model::NodeSnapshot;
 use serde::{Deserialize, Serialize};
 
-use crate::telemetry::Telemetry;
 use mesh_datapath::config::{DatapathConfig, Mode, PodSpec};
 use mesh_datapath::features::Check;
 use mesh_datapath::kernel::{self, Hook};
+use mesh_proxy::telemetry::Telemetry;
 
 /// How long the helper waits for its connection, then for the proxy to close it.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);

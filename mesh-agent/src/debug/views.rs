@@ -148,7 +148,7 @@ fn kernel_pod(
 
 // === /debug/conns ===
 
-/// The open connections ([`crate::telemetry::ConnInfo`]), `pod`'s only if given, each with
+/// The open connections ([`mesh_proxy::telemetry::ConnInfo`]), `pod`'s only if given, each with
 /// `protocol`: the application protocol the configuration declares for its destination port
 /// (the service port's `appProtocol` or name), `tcp` when none does.
 pub fn conns(state: &AdminState, pod: Option<&str>) -> Vec<serde_json::Value> {
@@ -193,7 +193,7 @@ pub struct PolicyView {
     pub policy: Option<InboundPolicy>,
 }
 
-fn snapshot(state: &AdminState) -> Result<std::sync::Arc<crate::state::Applied>, DebugError> {
+fn snapshot(state: &AdminState) -> Result<std::sync::Arc<mesh_proxy::state::Applied>, DebugError> {
     let store = state.store.as_ref().ok_or_else(|| {
         DebugError::Unavailable(
             "this agent runs without a controller: no identities and no policy (every \

@@ -158,9 +158,10 @@ impl StateStore {
     }
 }
 
-/// A store that already holds `snapshot` as version (1, 1), for tests of its readers.
-#[cfg(test)]
-pub(crate) fn holding(snapshot: &NodeSnapshot) -> Arc<StateStore> {
+/// A store that already holds `snapshot` as version (1, 1), for tests of its readers (here
+/// and, with the `testing` feature, in the crates that use the proxy).
+#[cfg(any(test, feature = "testing"))]
+pub fn holding(snapshot: &NodeSnapshot) -> Arc<StateStore> {
     let store = Arc::new(StateStore::new(&snapshot.node));
     let (upserts, removals) = convert::diff(None, snapshot);
     let applied = store.apply(&v1::ConfigUpdate {
