@@ -9,15 +9,15 @@
 //!   force with its size, and the configuration store's counters.
 //! - `GET /debug/certs`: the workload certificates held and where their rotation stands.
 //! - `GET /debug/pods`: the enrolled pods, each as enrolled, as the datapath's maps hold it and
-//!   as the configuration names it ([`crate::debug::views::PodView`]).
+//!   as the configuration names it ([`crate::admin::views::PodView`]).
 //! - `GET /debug/policy/<ns>/<pod>`: a pod's compiled inbound policy.
 //! - `GET /debug/policy/check?from=F&to=T[&method=M&path=P&header=NAME:VALUE]`: the verdict
 //!   of the proxy's own `authorize` for a caller and a destination (`mesh-agent policy check`).
 //! - `GET /debug/flows[?after=SEQ&pod=NS/POD&limit=N&probes=1]`: connections as the kernel
-//!   and the proxy saw them, joined ([`crate::debug::flows`]); `status`'s probe connections
+//!   and the proxy saw them, joined ([`crate::admin::flows`]); `status`'s probe connections
 //!   only with `probes=1`.
 //! - `GET /debug/status`: kernel, programs, maps, controller, certificates, and a verdict per
-//!   pod from a probe connection ([`crate::debug::probe`]); takes a few seconds.
+//!   pod from a probe connection ([`crate::admin::probe`]); takes a few seconds.
 //!
 //! `/debug/conns` takes `?pod=NS/POD` too, and gives each connection the application
 //! `protocol` its destination port is declared with. Errors of the debug pages are JSON
@@ -26,6 +26,15 @@
 //!
 //! The metrics endpoint (`--metrics`) serves `GET /metrics` only, for Prometheus scrapes.
 //! Other paths answer 404, other methods 405.
+//!
+//! - [`views`]: what the admin endpoint answers on `/debug/pods`, `/debug/policy/...`,
+//!   `/debug/status`; the commands ([`crate::debug`]) read the same types.
+//! - [`probe`]: the per-pod capture check behind `status`.
+//! - [`flows`]: the kernel's flow events and the proxy's connection records, joined.
+
+pub mod flows;
+pub mod probe;
+pub mod views;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -46,15 +55,43 @@ use tracing::{debug, info, warn};
 
 use crate::config::{AdminConfig, Config, Listen};
 use crate::control::ControlClient;
-use crate::debug::{
-    DebugError,
-    flows::{FlowLog, FlowQuery},
-    views,
-};
+use flows::{FlowLog, FlowQuery};
 use mesh_datapath::config::PodSpec;
 use mesh_proxy::identity::CertManager;
 use mesh_proxy::state::{StateStore, StoreStats, Version};
 use mesh_proxy::telemetry::Telemetry;
+
+/// Why a debug page could not answer: an HTTP status, a stable kind and a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DebugError {
+    /// The request names something the agent does not know (a pod, a service, a source).
+    #[error("{0}")]
+    NotFound(String),
+    /// The request is malformed.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The agent cannot answer yet (no controller, no configuration).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl DebugError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DebugError::NotFound(_) => "not_found",
+            DebugError::BadRequest(_) => "bad_request",
+            DebugError::Unavailable(_) => "unavailable",
+        }
+    }
+
+    pub fn status(&self) -> u16 {
+        match self {
+            DebugError::NotFound(_) => 404,
+            DebugError::BadRequest(_) => 400,
+            DebugError::Unavailable(_) => 503,
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {

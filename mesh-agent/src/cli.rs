@@ -782,7 +782,7 @@ fn dispatch(command: Command) -> Result<ExitCode, Failure> {
             Ok(ExitCode::SUCCESS)
         }
         Command::ProbeConnect { target, timeout_ms } => {
-            let report = crate::debug::probe::helper(target, Duration::from_millis(timeout_ms));
+            let report = crate::admin::probe::helper(target, Duration::from_millis(timeout_ms));
             println!("{}", serde_json::to_string(&report)?);
             Ok(ExitCode::SUCCESS)
         }

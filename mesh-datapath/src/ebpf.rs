@@ -825,7 +825,7 @@ impl Datapath {
         let prog = program::<SchedClassifier>(&mut self.ebpf, PROG_TC_INGRESS)?;
         let target = format!("{} in {}", spec.iface, spec.netns.display());
         netns::run_in(ns, &spec.netns, move || -> Result<()> {
-            let tcx = crate::features::kernel_at_least(6, 6);
+            let tcx = crate::kernel::kernel_at_least(6, 6);
             if !tcx {
                 let _ = tc::qdisc_add_clsact(&iface);
                 let _ = tc::qdisc_detach_program(&iface, TcAttachType::Ingress, PROG_TC_INGRESS);
@@ -872,7 +872,7 @@ impl Datapath {
         let dir = self.pod_links_dir(spec);
         let iface = spec.iface.clone();
         let _ = netns::run_in(ns, &spec.netns, move || {
-            if !crate::features::kernel_at_least(6, 6) {
+            if !crate::kernel::kernel_at_least(6, 6) {
                 let _ = tc::qdisc_detach_program(&iface, TcAttachType::Ingress, PROG_TC_INGRESS);
             }
         });

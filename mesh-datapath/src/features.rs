@@ -99,16 +99,10 @@ pub fn check(load: bool) -> Vec<Check> {
     checks
 }
 
-/// True if the running kernel is at least `major.minor`.
-pub fn kernel_at_least(major: u8, minor: u8) -> bool {
-    aya::util::KernelVersion::current()
-        .is_ok_and(|v| v >= aya::util::KernelVersion::new(major, minor, 0))
-}
-
 fn kernel_version() -> Result<String, String> {
     let v = aya::util::KernelVersion::current().map_err(|e| format!("unknown: {e}"))?;
     let s = v.to_string();
-    if kernel_at_least(MIN_KERNEL.0 as u8, MIN_KERNEL.1 as u8) {
+    if crate::kernel::kernel_at_least(MIN_KERNEL.0 as u8, MIN_KERNEL.1 as u8) {
         Ok(s)
     } else {
         Err(format!(
@@ -249,7 +243,7 @@ fn cgroup_layout() -> Check {
 
 fn memlock() -> Check {
     use nix::sys::resource::{Resource, getrlimit};
-    let result = if kernel_at_least(5, 11) {
+    let result = if crate::kernel::kernel_at_least(5, 11) {
         Ok("not limiting: since Linux 5.11 BPF memory is charged to the cgroup".to_string())
     } else {
         match getrlimit(Resource::RLIMIT_MEMLOCK) {

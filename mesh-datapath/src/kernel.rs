@@ -9,6 +9,12 @@ use std::path::Path;
 
 use aya::programs::links::{FdLink, PinnedLink};
 
+/// True if the running kernel is at least `major.minor`.
+pub fn kernel_at_least(major: u8, minor: u8) -> bool {
+    aya::util::KernelVersion::current()
+        .is_ok_and(|v| v >= aya::util::KernelVersion::new(major, minor, 0))
+}
+
 /// A hook the datapath attaches to, with the kernel's attach type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hook {

@@ -15,7 +15,11 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use std::time::Duration;
+
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::telemetry::{Activity, Ended, Metered, ResponseFlag};
 
 /// First buffer of a direction.
 pub const MIN_BUF: usize = 16 * 1024;
@@ -124,6 +128,106 @@ where
         }
     })
     .await
+}
+
+// === The relay: the copy with its idle timeout, drain and revocation ===
+
+/// Why [`relay`] ended before both directions did.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("copy: {0}")]
+    Io(#[source] std::io::Error),
+    #[error("no byte either way for {0:?}: closed")]
+    Idle(Duration),
+    #[error("cut at the end of the shutdown grace period")]
+    Drained,
+    /// The destination's policy no longer allows the connection; the cause.
+    #[error("closed: {0}")]
+    Revoked(String),
+}
+
+impl RelayError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RelayError::Io(_) => "copy",
+            RelayError::Idle(_) => "idle_timeout",
+            RelayError::Drained => "drained",
+            RelayError::Revoked(_) => crate::telemetry::POLICY_REVOKED,
+        }
+    }
+
+    pub fn flag(&self) -> ResponseFlag {
+        match self {
+            RelayError::Io(_) => ResponseFlag::Io,
+            RelayError::Idle(_) => ResponseFlag::IdleTimeout,
+            RelayError::Drained => ResponseFlag::Drained,
+            RelayError::Revoked(_) => ResponseFlag::Denied,
+        }
+    }
+}
+
+/// Copies both ways between `app` and `upstream` ([`copy_both`]: buffers grow
+/// with the traffic) until both directions ended (each is shut down on its own when its reader
+/// ends), the connection carried nothing for `idle`, or it was cut (by the drain, or by a
+/// policy change that no longer allows it). Returns the bytes copied from `app` and to it; an
+/// early end is recorded on the connection's guard.
+pub async fn relay<S, U>(
+    app: &mut Metered<S>,
+    upstream: &mut U,
+    idle: Duration,
+) -> Result<(u64, u64), RelayError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    relay_watching(app, upstream, idle, None).await
+}
+
+/// [`relay`], also ended when `peer` (the accounting of the same connection at its other
+/// end, when this agent carries both) is cut: a same-node connection the destination's
+/// policy no longer allows closes on the caller's side too, denied with the same cause.
+pub async fn relay_watching<S, U>(
+    app: &mut Metered<S>,
+    upstream: &mut U,
+    idle: Duration,
+    peer: Option<Activity>,
+) -> Result<(u64, u64), RelayError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let activity = app.guard().activity();
+    let peer_cut = async {
+        match &peer {
+            Some(p) => (p.cut().await, p.revoked().map(str::to_owned)),
+            None => std::future::pending().await,
+        }
+    };
+    let result = tokio::select! {
+        copied = copy_both(app, upstream) => {
+            copied.map_err(RelayError::Io)
+        }
+        ended = activity.watchdog(idle) => Err(match ended {
+            Ended::Idle(after) => RelayError::Idle(after),
+            Ended::Cut => RelayError::Drained,
+            Ended::Revoked => {
+                RelayError::Revoked(activity.revoked().unwrap_or_default().to_owned())
+            }
+        }),
+        (ended, cause) = peer_cut => Err(match ended {
+            Ended::Revoked => RelayError::Revoked(cause.unwrap_or_default()),
+            Ended::Cut | Ended::Idle(_) => RelayError::Drained,
+        }),
+    };
+    let guard = app.guard_mut();
+    match &result {
+        // This connection's own revocation is recorded from its cut.
+        Err(RelayError::Revoked(_)) if activity.revoked().is_some() => guard.record_cut(),
+        Err(e @ RelayError::Revoked(cause)) => guard.deny(e.kind(), cause),
+        Err(e) => guard.fail(e.flag(), e.kind(), e),
+        Ok(_) => {}
+    }
+    result
 }
 
 #[cfg(test)]

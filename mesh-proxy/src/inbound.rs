@@ -25,9 +25,9 @@ use mesh_core::policy::{Conn, Permit, authorize};
 use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::copy::{RelayError, relay};
 use crate::hbone::{Carry, ConnectHandler, Refusal};
 use crate::l7::{HttpConfig, is_l7, pod_port_protocol};
-use crate::proxy::{RelayError, relay};
 use crate::state::{Applied, StateStore};
 use crate::telemetry::{
     Admission, ConnGuard, ConnMeta, MeshPath, Metered, Peer, Reporter, ResponseFlag, Side,

@@ -9,7 +9,7 @@
 //! the bytes are copied between the two pods' sockets. A refusal closes the connection at
 //! once, as a refused tunnel does.
 //!
-//! The copy loop is [`crate::proxy::relay`]: each direction is shut down on its own when its
+//! The copy loop is [`crate::copy::relay`]: each direction is shut down on its own when its
 //! reader ends (half-close both ways), with two buffers per connection sized for bulk
 //! transfers, and the connection is closed once it carried nothing either way for the idle
 //! timeout. Every connection is counted in the telemetry as `reporter="source"`.
@@ -27,11 +27,11 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::config::SameNode;
+use crate::copy::{RelayError, relay, relay_watching};
 use crate::hbone::{HBONE_PORT, HboneError, HbonePool};
 use crate::inbound::{AppDialer, Caller, Rejection};
 use crate::l7::{HttpConfig, is_l7, service_port_protocol};
 use crate::local::{LocalPod, LocalPods};
-use crate::proxy::{RelayError, relay, relay_watching};
 use crate::state::{StateStore, Version};
 use crate::telemetry::{
     ConnMeta, MeshPath, Metered, Peer, Reporter, ResponseFlag, Side, Telemetry, endpoint_pod,

@@ -10,9 +10,9 @@ use std::net::SocketAddr;
 
 use serde_json::Value;
 
+use crate::admin::views::PodView;
 use crate::debug::client::{AdminClient, ClientError, encode};
 use crate::debug::render::{self, Table, or_dash, short_id};
-use crate::debug::views::PodView;
 
 /// The answer is bad news (unhealthy, denied, failed, not found).
 pub const EXIT_FINDING: u8 = 1;

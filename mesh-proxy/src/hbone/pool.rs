@@ -74,8 +74,9 @@ impl Default for PoolConfig {
     fn default() -> Self {
         PoolConfig {
             max_streams_per_connection: 100,
-            // Enough streams for a pod's whole outbound connection cap to one destination.
-            max_connections_per_key: crate::outbound::DEFAULT_MAX_CONNECTIONS.div_ceil(100),
+            // The proxy sizes this from the pod's outbound connection cap
+            // ([`PoolConfig::for_connections`]); alone, 16,384 streams to one destination.
+            max_connections_per_key: 164,
             stream_window: DEFAULT_STREAM_WINDOW,
             connection_window: DEFAULT_CONNECTION_WINDOW,
             max_header_list_size: DEFAULT_MAX_HEADER_LIST_SIZE,
@@ -91,6 +92,16 @@ impl Default for PoolConfig {
 pub(super) const MAX_WINDOW: u32 = (1 << 31) - 1;
 
 impl PoolConfig {
+    /// Enough connections to one destination for `max_connections` streams (a pod's whole
+    /// outbound connection cap) at `max_streams_per_connection` each.
+    pub fn for_connections(self, max_connections: usize) -> PoolConfig {
+        PoolConfig {
+            max_connections_per_key: max_connections
+                .div_ceil(self.max_streams_per_connection.max(1)),
+            ..self
+        }
+    }
+
     pub fn validate(&self) -> Result<(), HboneError> {
         let check = |ok: bool, what: &'static str| {
             if ok {

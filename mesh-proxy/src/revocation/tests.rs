@@ -10,10 +10,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::*;
+use crate::copy::{RelayError, relay_watching};
 use crate::hbone::{HboneError, HbonePool, HboneServer, PoolConfig, ServerConfig};
 use crate::identity::testing::{TestCa, TestSigner, id, manager};
 use crate::inbound::{Caller, InboundStream, PlaintextInbound, PodInbound};
-use crate::proxy::{RelayError, relay_watching};
 use crate::telemetry::testing::{encode, sample};
 use crate::telemetry::{Admission, ConnEvent, ConnMeta, MeshPath, Metered, Peer, Reporter, Side};
 use crate::tls;

@@ -2,7 +2,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use crate::debug::flows::{FlowPage, FlowRecord};
+use crate::admin::flows::{FlowPage, FlowRecord};
 
 use super::*;
 

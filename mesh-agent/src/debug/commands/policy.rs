@@ -1,7 +1,7 @@
 //! `mesh-agent policy` and `policy check`.
 use std::fmt::Write as _;
 
-use crate::debug::views::{PolicyCheck, PolicyView};
+use crate::admin::views::{PolicyCheck, PolicyView};
 
 use super::*;
 

@@ -2,8 +2,8 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::debug::probe::PodHealth;
-use crate::debug::views::StatusView;
+use crate::admin::probe::PodHealth;
+use crate::admin::views::StatusView;
 use mesh_datapath::features::Check;
 use mesh_datapath::maps::{self, MapSummary};
 

@@ -1,6 +1,6 @@
 use super::flows::flow_header;
 use super::*;
-use crate::debug::flows::{FlowRecord, KernelSide, ProxySide};
+use crate::admin::flows::{FlowRecord, KernelSide, ProxySide};
 
 fn proxy(direction: &str, verdict: &str, reason: Option<&str>) -> ProxySide {
     ProxySide {

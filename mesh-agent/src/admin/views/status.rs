@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 use crate::admin::AdminState;
-use crate::debug::probe::{self, PodHealth, PodProbe};
+use crate::admin::probe::{self, PodHealth, PodProbe};
 use mesh_datapath::config::PodSpec;
 use mesh_datapath::features::Check;
 use mesh_datapath::kernel::{self, Hook};
@@ -307,7 +307,7 @@ fn attachment(owner: &str, hook: Hook, program: &str, target: &Path) -> Attachme
 /// tc ingress on the pod's interface: listed through TCX (Linux 6.6+) from inside the pod's
 /// namespace. Older kernels attach a netlink filter, which this does not list.
 fn tc_attachment(p: &PodSpec) -> Option<Attachment> {
-    if !mesh_datapath::features::kernel_at_least(6, 6) {
+    if !mesh_datapath::kernel::kernel_at_least(6, 6) {
         return None;
     }
     let program = mesh_common::PROG_TC_INGRESS;

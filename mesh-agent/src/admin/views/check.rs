@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{names, parse_name, snapshot};
 use crate::admin::AdminState;
-use crate::debug::DebugError;
+use crate::admin::DebugError;
 
 /// The question of `policy check`.
 #[derive(Debug, Clone, Default)]

@@ -9,7 +9,7 @@ use mesh_core::policy::InboundPolicy;
 use serde::{Deserialize, Serialize};
 
 use crate::admin::AdminState;
-use crate::debug::DebugError;
+use crate::admin::DebugError;
 use mesh_datapath::config::{Mode, PodSpec};
 
 mod check;
