@@ -37,6 +37,63 @@ pub fn agent_cgroup(cfg: &Config, mount: &std::path::Path) -> anyhow::Result<Pat
 pub fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "starting");
     raise_nofile_limit();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the runtime")?;
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("install SIGTERM handler")?;
+        let mut agent = start(cfg).await?;
+        println!("READY");
+        let _ = std::io::stdout().flush();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+            ended = agent.ended() => return ended,
+        }
+        agent.shutdown().await
+    })
+}
+
+/// A running agent, as [`start`] returns it.
+pub struct Agent {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Agent {
+    /// Drains like SIGTERM does (no new connection, open ones get the grace period), stops
+    /// every task of the agent and, with `unenroll_on_exit`, takes its pods out of the datapath.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        self.join().await
+    }
+
+    /// Resolves when the agent stopped on its own (an error), which it does not otherwise.
+    pub async fn ended(&mut self) -> anyhow::Result<()> {
+        self.join().await
+    }
+
+    async fn join(&mut self) -> anyhow::Result<()> {
+        match self.task.take() {
+            Some(task) => task.await.context("the agent's task")?,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Starts the whole agent on the current runtime: checks the node, moves the process into the
+/// agent's cgroup, loads the datapath, connects to the controller, serves the admin endpoints
+/// and enrolls the configured pods. Returns once those pods are served; the agent then follows
+/// the configuration until [`Agent::shutdown`].
+pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
     let missing: Vec<String> = mesh_datapath::features::check(false)
         .into_iter()
         .filter(|c| !c.ok)
@@ -58,11 +115,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         .attach_agent(&own)
         .context("attach the agent-scope programs")?;
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("start the runtime")?;
-    rt.block_on(async {
+    let (stop, mut stop_rx) = tokio::sync::watch::channel(false);
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
         let mut registry = prometheus_client::registry::Registry::default();
         let telemetry = Telemetry::new(&mut registry);
         telemetry.log_requests_every(cfg.proxy.access_log_every);
@@ -101,47 +156,50 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         let admin = Arc::new(admin);
         let endpoints = admin::start(&cfg.admin, &admin).await?;
         let failures = admin.enroll_failures.clone();
-        let start_pod = |datapath: &mut Datapath, pod: &PodSpec| -> anyhow::Result<proxy::PodProxy> {
-            let sockets = datapath
-                .enroll(pod)
-                .with_context(|| format!("enroll {}", pod.name))?;
-            let ns = netns::open(&pod.netns)?;
-            let worker = netns::Worker::spawn(&ns, &pod.netns)?;
-            let p = proxy::start(
-                &pod.name,
-                pod.ip,
-                proxy::PodNet::in_netns(worker),
-                sockets,
-                mesh.clone(),
-                telemetry.clone(),
-                &cfg.proxy,
-            )?;
-            tracing::info!(pod = %pod.name, ip = %pod.ip, "enrolled");
-            Ok(p)
-        };
+        let start_pod =
+            |datapath: &mut Datapath, pod: &PodSpec| -> anyhow::Result<proxy::PodProxy> {
+                let sockets = datapath
+                    .enroll(pod)
+                    .with_context(|| format!("enroll {}", pod.name))?;
+                let ns = netns::open(&pod.netns)?;
+                let worker = netns::Worker::spawn(&ns, &pod.netns)?;
+                let p = proxy::start(
+                    &pod.name,
+                    pod.ip,
+                    proxy::PodNet::in_netns(worker),
+                    sockets,
+                    mesh.clone(),
+                    telemetry.clone(),
+                    &cfg.proxy,
+                )?;
+                tracing::info!(pod = %pod.name, ip = %pod.ip, "enrolled");
+                Ok(p)
+            };
         let mut proxies = HashMap::new();
         for pod in &cfg.pods {
             proxies.insert(pod.name.clone(), start_pod(&mut datapath, pod)?);
         }
-        println!("READY");
-        let _ = std::io::stdout().flush();
+        let _ = ready_tx.send(());
 
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("install SIGTERM handler")?;
         // Pods enrolled from the configuration, with the spec they were enrolled with.
         let mut dynamic: BTreeMap<String, PodSpec> = BTreeMap::new();
         // Every configuration change: what to capture, and the pods to enroll.
         let mut changes = control.as_ref().map(|c| c.store.subscribe());
-        let node = cfg.controller.as_ref().map(|c| c.node.clone()).unwrap_or_default();
+        let node = cfg
+            .controller
+            .as_ref()
+            .map(|c| c.node.clone())
+            .unwrap_or_default();
         let fixed: Vec<String> = cfg.pods.iter().map(|p| p.name.clone()).collect();
         // On a real node: pods found through the CNI plugin and the cgroup hierarchy.
-        let mut node_pods = cfg.discover_pods.as_ref().map(|d| {
-            crate::enroll::node::NodePods::new(mount.clone(), d.netns_dirs.clone())
-        });
+        let mut node_pods = cfg
+            .discover_pods
+            .as_ref()
+            .map(|d| crate::enroll::node::NodePods::new(mount.clone(), d.netns_dirs.clone()));
         let (mut cni_calls, cni_task) = match &cfg.discover_pods {
             Some(d) => {
-                let (rx, task) = crate::cni::serve(&d.cni_socket)
-                    .context("listen for the CNI plugin")?;
+                let (rx, task) =
+                    crate::cni::serve(&d.cni_socket).context("listen for the CNI plugin")?;
                 tracing::info!(socket = %d.cni_socket.display(), "listening for the CNI plugin");
                 (Some(rx), Some(task))
             }
@@ -169,7 +227,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                         Ok(_) => {
                             tracing::info!(cluster = ?snapshot.capture, flags = ?cfg.datapath.capture, "capture");
                             if cluster.is_empty() && cfg.datapath.capture.is_empty() {
-                                tracing::warn!("nothing is captured: the cluster names no pod or service CIDR (Node.spec.podCIDRs, ServiceCIDR, the controller's --service-cidr) and no --capture is given");
+                                tracing::warn!(
+                                    "nothing is captured: the cluster names no pod or service CIDR (Node.spec.podCIDRs, ServiceCIDR, the controller's --service-cidr) and no --capture is given"
+                                );
                             }
                             last_capture = Some(cluster);
                         }
@@ -299,8 +359,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 }
             };
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => break,
-                _ = term.recv() => break,
+                _ = stop_rx.changed() => break,
                 () = retry => {}
                 () = tick => {}
                 call = cni_call => match call {
@@ -335,7 +394,16 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             }
         }
         Ok(())
-    })
+    });
+    let mut task = task;
+    tokio::select! {
+        ready = ready_rx => match ready {
+            Ok(()) => Ok(Agent { stop, task: Some(task) }),
+            // The task ended before it was ready: its error says why.
+            Err(_) => Err(task.await.context("the agent's task")?.err().unwrap_or_else(|| anyhow::anyhow!("the agent stopped while starting"))),
+        },
+        ended = &mut task => Err(ended.context("the agent's task")?.err().unwrap_or_else(|| anyhow::anyhow!("the agent stopped while starting"))),
+    }
 }
 
 /// Raises the soft limit on open files to the hard limit. The proxy holds two descriptors per

@@ -641,6 +641,23 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// The configuration `mesh-agent run ARGS` runs with, checked as the command checks it: for
+/// running the agent in-process ([`crate::app::start`]).
+pub fn run_config<S: AsRef<str>>(args: &[S]) -> anyhow::Result<Config> {
+    let argv = ["mesh-agent", "run"]
+        .into_iter()
+        .chain(args.iter().map(AsRef::as_ref));
+    let cli = Cli::try_parse_from(argv).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let Command::Run(args) = cli.command else {
+        anyhow::bail!("not `mesh-agent run`");
+    };
+    args.config().map_err(|f| match f {
+        Failure::Usage(msg) => anyhow::anyhow!(msg),
+        Failure::Runtime(e) => e,
+        Failure::Exit(e) => anyhow::anyhow!(e.message),
+    })
+}
+
 enum Failure {
     Usage(String),
     Runtime(anyhow::Error),
