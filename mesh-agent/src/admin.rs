@@ -3,7 +3,8 @@
 //! The admin endpoint (`--admin`, localhost by default):
 //!
 //! - `GET /healthz`: `ok`, or 503 `draining` once shutdown began.
-//! - `GET /metrics`: Prometheus text format (certificates, connections).
+//! - `GET /metrics`: Prometheus text format (certificates, connections, the datapath's
+//!   counters: [`kernel_metrics`]).
 //! - `GET /debug/conns`: the connections open now ([`mesh_proxy::telemetry::ConnInfo`]).
 //! - `GET /debug/config`: the agent's configuration, the version of the mesh configuration in
 //!   force with its size, and the configuration store's counters.
@@ -31,8 +32,10 @@
 //!   `/debug/status`; the commands ([`crate::debug`]) read the same types.
 //! - [`probe`]: the per-pod capture check behind `status`.
 //! - [`flows`]: the kernel's flow events and the proxy's connection records, joined.
+//! - [`kernel_metrics`]: the datapath's counters on `/metrics`.
 
 pub mod flows;
+pub mod kernel_metrics;
 pub mod probe;
 pub mod views;
 

@@ -120,6 +120,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
     let task = tokio::spawn(async move {
         let mut registry = prometheus_client::registry::Registry::default();
         let telemetry = Telemetry::new(&mut registry);
+        registry.register_collector(Box::new(admin::kernel_metrics::KernelCounters::pinned(
+            cfg.datapath.pin_dir(),
+        )));
         telemetry.log_requests_every(cfg.proxy.access_log_every);
         let control = cfg
             .controller

@@ -438,6 +438,18 @@ impl Counter {
             Counter::SkmsgPlainBytes => "skmsg_plain_bytes",
         }
     }
+
+    /// Counts connections the datapath let through uncaptured or unsteered because it could
+    /// not do its part (a full map, a failed socket assignment): what monitoring alerts on.
+    pub const fn fails_open(self) -> bool {
+        matches!(
+            self,
+            Counter::Connect4MapFull
+                | Counter::Connect6MapFull
+                | Counter::SkLookupNoListener
+                | Counter::SkLookupAssignError
+        )
+    }
 }
 
 const _: () = assert!((Counter::ALL.len() as u32) <= COUNTER_SLOTS);

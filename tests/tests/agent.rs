@@ -18,9 +18,16 @@ const REMOTE_IP: &str = "10.78.0.1";
 
 /// `GET /healthz` on the admin endpoint: its answer, or the connection error.
 fn healthz(admin: SocketAddr) -> std::io::Result<String> {
+    get(admin, "/healthz")
+}
+
+/// `GET path` on the admin endpoint: the whole answer, or the connection error.
+fn get(admin: SocketAddr, path: &str) -> std::io::Result<String> {
     let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(b"GET /healthz HTTP/1.1\r\nhost: agent\r\nconnection: close\r\n\r\n")?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: agent\r\nconnection: close\r\n\r\n").as_bytes(),
+    )?;
     let mut answer = String::new();
     s.read_to_string(&mut answer)?;
     Ok(answer)
@@ -102,6 +109,20 @@ fn the_whole_agent_runs_in_process_and_shuts_down_cleanly() {
         through.local.port(),
         "the pod's connection was not proxied: {through:?}"
     );
+
+    // The kernel's counters are on /metrics beside the proxy's.
+    let metrics = get(admin, "/metrics").expect("metrics");
+    for line in [
+        "mesh_datapath_events_total{event=\"connect4_redirected\"} 1",
+        "mesh_datapath_events_total{event=\"getsockopt_answered\"} 1",
+        "mesh_datapath_fail_open_total 0",
+        "mesh_datapath_counters_readable 1",
+    ] {
+        assert!(
+            metrics.contains(line),
+            "{line} missing in /metrics:\n{metrics}"
+        );
+    }
 
     rt.block_on(agent.shutdown())
         .expect("the agent shuts down cleanly");
