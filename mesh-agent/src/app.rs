@@ -67,19 +67,30 @@ impl Agent {
     /// every task of the agent and, with `unenroll_on_exit`, takes its pods out of the datapath.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
-        self.join().await
+        match self.task.as_mut() {
+            Some(_) => self.join().await,
+            // It ended already, and [`Agent::ended`] said how.
+            None => Ok(()),
+        }
     }
 
     /// Resolves when the agent stopped on its own (an error), which it does not otherwise.
+    /// Cancel-safe: dropping it leaves the agent running and [`Agent::shutdown`] usable.
     pub async fn ended(&mut self) -> anyhow::Result<()> {
-        self.join().await
-    }
-
-    async fn join(&mut self) -> anyhow::Result<()> {
-        match self.task.take() {
-            Some(task) => task.await.context("the agent's task")?,
+        match self.task.as_mut() {
+            Some(_) => self.join().await,
             None => std::future::pending().await,
         }
+    }
+
+    /// Waits for the task; the handle is let go only once it has finished.
+    async fn join(&mut self) -> anyhow::Result<()> {
+        let Some(task) = self.task.as_mut() else {
+            return Ok(());
+        };
+        let ended = task.await;
+        self.task = None;
+        ended.context("the agent's task")?
     }
 }
 

@@ -27,7 +27,7 @@ use rustls::client::verify_server_cert_signed_by_trust_anchor;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
 use rustls::server::ParsedCertificate;
 use rustls::sign::CertifiedKey;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -222,7 +222,7 @@ fn jitter(d: Duration) -> Duration {
 // === Debug view ===
 
 /// Where an identity's certificate stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CertState {
     /// The first certificate is being requested.
@@ -237,8 +237,26 @@ pub enum CertState {
     Expired,
 }
 
+impl CertState {
+    /// The name `/debug/certs` uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CertState::Issuing => "issuing",
+            CertState::Failed => "failed",
+            CertState::Valid => "valid",
+            CertState::Renewing => "renewing",
+            CertState::Expired => "expired",
+        }
+    }
+
+    /// A certificate is served (valid, or valid and being renewed).
+    pub fn serving(self) -> bool {
+        matches!(self, CertState::Valid | CertState::Renewing)
+    }
+}
+
 /// One identity's certificate, for the debug command. Times are RFC 3339, UTC.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CertInfo {
     pub identity: SpiffeId,
     pub state: CertState,

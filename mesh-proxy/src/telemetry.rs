@@ -102,7 +102,7 @@ use mesh_core::SpiffeId;
 use mesh_core::model::{NamespacedName, NodeSnapshot, Workload};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
@@ -138,7 +138,7 @@ pub const POLICY_REVOKED: &str = "policy_revoked";
 // === Label values ===
 
 /// Which side of the connection reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reporter {
     /// The caller's proxy (outbound).
@@ -164,7 +164,7 @@ impl Reporter {
 }
 
 /// How the connection's bytes travel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MeshPath {
     /// In an HBONE tunnel (mutual TLS) between two nodes' proxies.
@@ -197,7 +197,7 @@ impl MeshPath {
 }
 
 /// `connection_security_policy`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SecurityPolicy {
     /// Mutual TLS between two proxies.
@@ -256,7 +256,7 @@ impl ResponseFlag {
 // === Who and where ===
 
 /// One end of a connection, as far as the proxy knows it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Peer {
     /// The owner of the pod (see [`owner_name`]).
     pub workload: Option<String>,
@@ -742,7 +742,7 @@ impl Live {
         ConnInfo {
             id: self.id,
             pod: m.pod.to_string(),
-            direction: m.reporter.direction(),
+            direction: m.reporter.direction().into(),
             reporter: m.reporter,
             path: m.path,
             security: m.path.security(),
@@ -772,13 +772,13 @@ fn millis(d: Duration) -> u64 {
 }
 
 /// One open connection, for `/debug/conns`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConnInfo {
     pub id: u64,
     /// The meshed pod the proxy carries it for.
     pub pod: String,
     /// `outbound` or `inbound`.
-    pub direction: &'static str,
+    pub direction: std::borrow::Cow<'static, str>,
     pub reporter: Reporter,
     pub path: MeshPath,
     pub security: SecurityPolicy,

@@ -86,7 +86,7 @@ fn the_whole_agent_runs_in_process_and_shuts_down_cleanly() {
     .expect("the flags of `mesh-agent run`");
 
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let agent = rt
+    let mut agent = rt
         .block_on(mesh_agent::app::start(cfg))
         .expect("the agent starts");
 
@@ -124,8 +124,23 @@ fn the_whole_agent_runs_in_process_and_shuts_down_cleanly() {
         );
     }
 
-    rt.block_on(agent.shutdown())
-        .expect("the agent shuts down cleanly");
+    // Waiting for the agent to end and giving up on it, as `mesh-agent run` does when a
+    // signal comes, leaves it running and ready to shut down.
+    rt.block_on(async {
+        tokio::select! {
+            ended = agent.ended() => panic!("the agent ended on its own: {ended:?}"),
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    });
+    assert!(healthz(admin).is_ok(), "the agent stopped serving");
+
+    // Nothing is open: the drain ends at once, well within its grace period.
+    rt.block_on(tokio::time::timeout(
+        Duration::from_secs(20),
+        agent.shutdown(),
+    ))
+    .expect("the agent shuts down within 20 s")
+    .expect("the agent shuts down cleanly");
 
     // Stopped: nothing listens on the admin port, and --unenroll-on-exit took the pod out of
     // the datapath, so its connection now goes straight to the server.

@@ -107,6 +107,15 @@ async fn the_admin_endpoint_serves_metrics_the_connection_table_and_the_config()
     assert_eq!(conns[0]["dst_addr"], "10.0.0.9:443");
     assert_eq!(conns[0]["bytes_to_dst"], 3);
     assert_eq!(conns[0]["protocol"], "tcp");
+    // The commands read the page as its type: every field parses back.
+    let typed: Vec<views::OpenConn> = serde_json::from_str(&body).expect("typed connections");
+    assert_eq!(typed[0].conn.pod, "shop/web-0");
+    assert_eq!(typed[0].conn.direction, "outbound");
+    assert_eq!(typed[0].conn.bytes_to_dst, 3);
+    assert_eq!(typed[0].protocol, mesh_core::model::Protocol::default());
+    // A field the page no longer writes fails to parse instead of reading as a default.
+    let renamed = body.replace("\"bytes_to_dst\"", "\"bytes_sent\"");
+    assert!(serde_json::from_str::<Vec<views::OpenConn>>(&renamed).is_err());
     let (_, body) = request(admin, "GET", "/debug/conns?pod=shop/other").await;
     assert_eq!(body.trim(), "[]");
 

@@ -1,11 +1,14 @@
-//! What the admin endpoint answers on the debug pages the commands read: `/debug/pods`,
-//! `/debug/conns`, `/debug/policy/<ns>/<pod>`, `/debug/policy/check` ([`check`]) and
-//! `/debug/status` ([`status`]). Every view is `Serialize` for the agent and `Deserialize`
-//! for the commands.
+//! The typed API of the admin endpoint: what it answers on the debug pages the commands read:
+//! `/debug/pods`, `/debug/conns` ([`OpenConn`]), `/debug/certs`
+//! ([`mesh_proxy::identity::CertInfo`]), `/debug/policy/<ns>/<pod>`, `/debug/policy/check`
+//! ([`check`]) and `/debug/status` ([`status`]). Every view is `Serialize` for the agent and
+//! `Deserialize` for the commands, which never index untyped JSON: a renamed field fails to
+//! parse instead of printing a default.
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use mesh_core::model::{NamespacedName, Protocol, Workload};
 use mesh_core::policy::InboundPolicy;
+use mesh_proxy::telemetry::ConnInfo;
 use serde::{Deserialize, Serialize};
 
 use crate::admin::AdminState;
@@ -148,10 +151,19 @@ fn kernel_pod(
 
 // === /debug/conns ===
 
-/// The open connections ([`mesh_proxy::telemetry::ConnInfo`]), `pod`'s only if given, each with
-/// `protocol`: the application protocol the configuration declares for its destination port
-/// (the service port's `appProtocol` or name), `tcp` when none does.
-pub fn conns(state: &AdminState, pod: Option<&str>) -> Vec<serde_json::Value> {
+/// One open connection as `/debug/conns` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OpenConn {
+    /// The proxy's record of it.
+    #[serde(flatten)]
+    pub conn: ConnInfo,
+    /// The application protocol the configuration declares for its destination port (the
+    /// service port's `appProtocol` or name), `tcp` when none does.
+    pub protocol: Protocol,
+}
+
+/// The open connections, `pod`'s only if given.
+pub fn conns(state: &AdminState, pod: Option<&str>) -> Vec<OpenConn> {
     let mut protocols: std::collections::HashMap<SocketAddrV4, Protocol> =
         std::collections::HashMap::new();
     if let Some(store) = &state.store {
@@ -168,16 +180,14 @@ pub fn conns(state: &AdminState, pod: Option<&str>) -> Vec<serde_json::Value> {
         .connections()
         .into_iter()
         .filter(|c| pod.is_none_or(|p| c.pod == p))
-        .filter_map(|c| {
+        .map(|c| {
             let protocol = c
                 .dst_addr
                 .parse::<SocketAddrV4>()
                 .ok()
                 .and_then(|a| protocols.get(&a).copied())
                 .unwrap_or_default();
-            let mut v = serde_json::to_value(&c).ok()?;
-            v["protocol"] = serde_json::to_value(protocol).ok()?;
-            Some(v)
+            OpenConn { conn: c, protocol }
         })
         .collect()
 }

@@ -8,9 +8,10 @@
 //! reads the kernel runs without root.
 use std::net::SocketAddr;
 
-use serde_json::Value;
+use mesh_proxy::identity::CertInfo;
+use mesh_proxy::telemetry::Peer;
 
-use crate::admin::views::PodView;
+use crate::admin::views::{OpenConn, PodView};
 use crate::debug::client::{AdminClient, ClientError, encode};
 use crate::debug::render::{self, Table, or_dash, short_id};
 
@@ -81,7 +82,7 @@ pub fn require_root(command: &str) -> Result<()> {
 }
 
 fn pretty(body: &str) -> Result<String> {
-    let v: Value = serde_json::from_str(body)?;
+    let v: serde_json::Value = serde_json::from_str(body)?;
     Ok(serde_json::to_string_pretty(&v)?)
 }
 
@@ -240,17 +241,15 @@ fn pod_text(p: &PodView) -> String {
 
 // === conns ===
 
-fn peer(v: &Value) -> String {
-    let workload = v["workload"].as_str();
-    let namespace = v["namespace"].as_str();
-    match (namespace, workload, v["identity"].as_str()) {
+fn peer(p: &Peer) -> String {
+    match (&p.namespace, &p.workload, &p.identity) {
         (Some(ns), Some(w), _) => format!("{ns}/{w}"),
-        (_, _, Some(id)) => short_id(id),
+        (_, _, Some(id)) => short_id(&id.to_string()),
         _ => String::new(),
     }
 }
 
-fn endpoint(who: &Value, addr: Option<&str>) -> String {
+fn endpoint(who: &Peer, addr: Option<&str>) -> String {
     let p = peer(who);
     match (p.is_empty(), addr) {
         (false, _) => p,
@@ -271,7 +270,8 @@ pub fn conns(admin: SocketAddr, pod: Option<&str>, json: bool) -> Result<u8> {
         println!("{}", pretty(&body)?);
         return Ok(0);
     }
-    let conns: Vec<Value> = serde_json::from_str(&body)?;
+    let conns: Vec<OpenConn> = serde_json::from_str(&body)
+        .map_err(|e| CommandError::new(EXIT_FINDING, format!("the agent's connections: {e}")))?;
     let mut t = Table::new(&[
         "POD",
         "DIR",
@@ -283,28 +283,28 @@ pub fn conns(admin: SocketAddr, pod: Option<&str>, json: bool) -> Result<u8> {
         "RESPONSE",
         "AGE",
     ]);
-    for c in &conns {
-        let outbound = c["direction"] == "outbound";
+    for OpenConn { conn: c, protocol } in &conns {
+        let outbound = c.direction == "outbound";
         let (who, addr) = if outbound {
-            (&c["dst"], c["dst_addr"].as_str())
+            (&c.dst, Some(c.dst_addr.as_str()))
         } else {
-            (&c["src"], c["src_addr"].as_str())
+            (&c.src, c.src_addr.as_deref())
         };
         let mut peer = endpoint(who, None);
-        if let (true, Some(svc)) = (outbound, c["service"].as_str()) {
+        if let (true, Some(svc)) = (outbound, c.service.as_deref()) {
             let short: Vec<&str> = svc.split('.').take(2).collect();
             peer = format!("{peer} (svc {})", short.join("."));
         }
         t.row(vec![
-            c["pod"].as_str().unwrap_or("?").into(),
+            c.pod.clone(),
             if outbound { "out" } else { "in" }.into(),
-            c["path"].as_str().unwrap_or("?").into(),
-            c["protocol"].as_str().unwrap_or("tcp").into(),
+            label(&c.path),
+            label(protocol),
             peer,
             addr.unwrap_or("-").into(),
-            render::bytes(c["bytes_to_dst"].as_u64().unwrap_or(0)),
-            render::bytes(c["bytes_to_src"].as_u64().unwrap_or(0)),
-            render::millis(c["age_ms"].as_u64().unwrap_or(0)),
+            render::bytes(c.bytes_to_dst),
+            render::bytes(c.bytes_to_src),
+            render::millis(c.age_ms),
         ]);
     }
     if t.is_empty() {
@@ -319,6 +319,14 @@ pub fn conns(admin: SocketAddr, pod: Option<&str>, json: bool) -> Result<u8> {
     Ok(0)
 }
 
+/// A label value as the API writes it (`hbone`, `http`, ...).
+fn label(v: &impl serde::Serialize) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => "?".into(),
+    }
+}
+
 // === certs ===
 
 /// `mesh-agent certs`.
@@ -328,7 +336,8 @@ pub fn certs(admin: SocketAddr, json: bool) -> Result<u8> {
         println!("{}", pretty(&body)?);
         return Ok(0);
     }
-    let certs: Vec<Value> = serde_json::from_str(&body)?;
+    let certs: Vec<CertInfo> = serde_json::from_str(&body)
+        .map_err(|e| CommandError::new(EXIT_FINDING, format!("the agent's certificates: {e}")))?;
     if certs.is_empty() {
         println!("no workload certificates held (no controller, or no meshed pod yet)");
         return Ok(0);
@@ -338,35 +347,30 @@ pub fn certs(admin: SocketAddr, json: bool) -> Result<u8> {
         if i > 0 {
             println!();
         }
-        let state = c["state"].as_str().unwrap_or("?");
-        healthy &= matches!(state, "valid" | "renewing");
-        let time = |key: &str| match c[key].as_str() {
+        healthy &= c.state.serving();
+        let time = |t: &Option<String>| match t {
             Some(t) => format!("{t} ({})", render::relative(t)),
             None => "-".into(),
         };
         let mut pairs = vec![
-            ("state", state.to_string()),
-            ("serial", c["serial"].as_str().unwrap_or("-").into()),
-            ("issuer", c["issuer"].as_str().unwrap_or("-").into()),
-            ("not before", time("not_before")),
-            ("not after", time("not_after")),
-            ("next rotation", time("next_rotation")),
+            ("state", c.state.as_str().to_string()),
+            ("serial", or_dash(c.serial.as_ref())),
+            ("issuer", or_dash(c.issuer.as_ref())),
+            ("not before", time(&c.not_before)),
+            ("not after", time(&c.not_after)),
+            ("next rotation", time(&c.next_rotation)),
         ];
-        let failures = c["consecutive_failures"].as_u64().unwrap_or(0);
-        if failures > 0 || !c["last_error"].is_null() {
+        let failures = c.consecutive_failures;
+        if failures > 0 || c.last_error.is_some() {
             pairs.push((
                 "last error",
                 format!(
                     "{} ({failures} failures in a row)",
-                    c["last_error"].as_str().unwrap_or("-")
+                    or_dash(c.last_error.as_ref())
                 ),
             ));
         }
-        print!(
-            "{}\n{}",
-            c["identity"].as_str().unwrap_or("?"),
-            render::fields(&pairs)
-        );
+        print!("{}\n{}", c.identity, render::fields(&pairs));
     }
     Ok(verdict(healthy))
 }

@@ -6,6 +6,7 @@ use crate::admin::probe::PodHealth;
 use crate::admin::views::StatusView;
 use mesh_datapath::features::Check;
 use mesh_datapath::maps::{self, MapSummary};
+use serde::Serialize;
 
 use super::*;
 
@@ -27,13 +28,11 @@ pub fn status(admin: SocketAddr, pin_dir: &Path, json: bool) -> Result<u8> {
         }
         Err(e @ ClientError::Unreachable { .. }) => {
             // No agent: what the kernel holds is still worth seeing.
-            let offline = offline_status(pin_dir);
+            let mut offline = offline_status(pin_dir);
             eprintln!("mesh-agent: {e}");
             if json {
-                let mut v = offline.clone();
-                v["healthy"] = false.into();
-                v["agent_error"] = e.to_string().into();
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                offline.agent_error = Some(e.to_string());
+                println!("{}", serde_json::to_string_pretty(&offline)?);
             } else {
                 println!("agent     NOT RUNNING at {admin}");
                 print!("{}", offline_text(&offline));
@@ -44,47 +43,76 @@ pub fn status(admin: SocketAddr, pin_dir: &Path, json: bool) -> Result<u8> {
     }
 }
 
-fn offline_status(pin_dir: &Path) -> Value {
-    if !mesh_datapath::kernel::privileged() {
-        return serde_json::json!({
-            "kernel_error": "not root: the kernel and the pinned maps were not read",
-        });
-    }
-    serde_json::json!({
-        "kernel": {
-            "release": mesh_datapath::kernel::release(),
-            "checks": mesh_datapath::features::check(false),
-        },
-        "pin_dir": pin_dir.display().to_string(),
-        "maps": maps::summaries(pin_dir),
-    })
+/// `status --json` when no agent answers: what the kernel holds without it.
+#[derive(Debug, Clone, Serialize)]
+struct OfflineStatus {
+    /// Always false: no agent answered.
+    healthy: bool,
+    /// Why no agent answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    agent_error: Option<String>,
+    /// Why the kernel was not read (not root).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kernel_error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kernel: Option<OfflineKernel>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pin_dir: Option<String>,
+    maps: Vec<MapSummary>,
 }
 
-fn offline_text(v: &Value) -> String {
+#[derive(Debug, Clone, Serialize)]
+struct OfflineKernel {
+    release: String,
+    checks: Vec<Check>,
+}
+
+fn offline_status(pin_dir: &Path) -> OfflineStatus {
+    let mut status = OfflineStatus {
+        healthy: false,
+        agent_error: None,
+        kernel_error: None,
+        kernel: None,
+        pin_dir: None,
+        maps: Vec::new(),
+    };
+    if !mesh_datapath::kernel::privileged() {
+        status.kernel_error = Some("not root: the kernel and the pinned maps were not read".into());
+        return status;
+    }
+    status.kernel = Some(OfflineKernel {
+        release: mesh_datapath::kernel::release(),
+        checks: mesh_datapath::features::check(false),
+    });
+    status.pin_dir = Some(pin_dir.display().to_string());
+    status.maps = maps::summaries(pin_dir);
+    status
+}
+
+fn offline_text(v: &OfflineStatus) -> String {
     let mut out = String::new();
-    if let Some(e) = v["kernel_error"].as_str() {
+    if let Some(e) = &v.kernel_error {
         let _ = writeln!(out, "kernel    {e}");
         return out;
     }
-    let checks: Vec<Check> =
-        serde_json::from_value(v["kernel"]["checks"].clone()).unwrap_or_default();
-    let _ = writeln!(
-        out,
-        "kernel    {} ({})",
-        v["kernel"]["release"].as_str().unwrap_or("?"),
-        checks_summary(&checks)
-    );
+    if let Some(k) = &v.kernel {
+        let _ = writeln!(
+            out,
+            "kernel    {} ({})",
+            k.release,
+            checks_summary(&k.checks)
+        );
+    }
     out.push_str(&render::wrap(
         "pins      ",
         &format!(
             "{} (its links keep the programs attached: without the agent, captured \
              connections are refused)",
-            v["pin_dir"].as_str().unwrap_or("?")
+            or_dash(v.pin_dir.as_ref())
         ),
     ));
-    let maps: Vec<MapSummary> = serde_json::from_value(v["maps"].clone()).unwrap_or_default();
     out.push('\n');
-    out.push_str(&maps_table(&maps).render());
+    out.push_str(&maps_table(&v.maps).render());
     out
 }
 
