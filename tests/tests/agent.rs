@@ -135,12 +135,9 @@ fn the_whole_agent_runs_in_process_and_shuts_down_cleanly() {
     assert!(healthz(admin).is_ok(), "the agent stopped serving");
 
     // Nothing is open: the drain ends at once, well within its grace period.
-    rt.block_on(tokio::time::timeout(
-        Duration::from_secs(20),
-        agent.shutdown(),
-    ))
-    .expect("the agent shuts down within 20 s")
-    .expect("the agent shuts down cleanly");
+    rt.block_on(async { tokio::time::timeout(Duration::from_secs(20), agent.shutdown()).await })
+        .expect("the agent shuts down within 20 s")
+        .expect("the agent shuts down cleanly");
 
     // Stopped: nothing listens on the admin port, and --unenroll-on-exit took the pod out of
     // the datapath, so its connection now goes straight to the server.
