@@ -1002,7 +1002,16 @@ mod tests {
                 })
                 .collect()
         };
-        let args = strings(&spec["containers"][0]["args"]);
+        let container = |name: &str| {
+            spec["containers"]
+                .as_array()
+                .expect("containers")
+                .iter()
+                .find(|c| c["name"] == name)
+                .unwrap_or_else(|| panic!("{path}: no container {name}"))
+                .clone()
+        };
+        let args = strings(&container("agent")["args"]);
         assert_eq!(args[0], "run");
         let argv: Vec<&str> = args[1..].iter().map(String::as_str).collect();
         let cfg = run(&argv).unwrap_or_else(|e| panic!("{path}: {e}"));
@@ -1012,9 +1021,26 @@ mod tests {
         let setup = mesh_cni::cli::parse_setup(&install[2..], true)
             .unwrap_or_else(|e| panic!("{path}: the CNI installer's arguments: {e}"));
         assert_eq!(
-            setup.agent_socket.map(PathBuf::from),
+            setup.agent_socket.clone().map(PathBuf::from),
             Some(discover.cni_socket),
             "the plugin asks another socket than the agent listens on"
+        );
+        // The watcher keeps exactly what the init container installed.
+        let watch = strings(&container("cni-watch")["command"]);
+        assert_eq!(watch[..2], ["mesh-cni", "install"]);
+        let watching = mesh_cni::cli::parse_setup(&watch[2..], true)
+            .unwrap_or_else(|e| panic!("{path}: the CNI watcher's arguments: {e}"));
+        assert!(
+            watching.watch.is_some(),
+            "{path}: cni-watch without --watch"
+        );
+        assert_eq!(
+            mesh_cni::cli::Setup {
+                watch: None,
+                ..watching
+            },
+            setup,
+            "{path}: the watcher would install another entry than the init container"
         );
     }
 }

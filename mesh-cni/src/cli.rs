@@ -4,8 +4,15 @@
 //! ```text
 //! mesh-cni install --conf-dir /etc/cni/net.d --bin-dir /opt/cni/bin
 //!                  [--agent-socket PATH] [--exclude-namespace NS]... [--timeout-seconds N]
+//!                  [--watch [--watch-interval SECONDS]]
 //! mesh-cni uninstall --conf-dir /etc/cni/net.d [--bin-dir /opt/cni/bin]
 //! ```
+//!
+//! With `--watch`, `install` stays: every interval it checks that the runtime's configuration
+//! still ends with the plugin and the binary is still in place, and puts back what the primary
+//! CNI (an upgrade of it, a restart that rewrites its conflist) or someone else took away. It
+//! never removes the plugin, not even when stopped: a node without the agent keeps meshed
+//! pods waiting instead of starting them unmeshed.
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,7 +20,8 @@ use std::process::ExitCode;
 use crate::{CniEnv, CniError, PLUGIN_TYPE, install};
 
 const USAGE: &str = "usage: mesh-cni install --conf-dir DIR --bin-dir DIR [--agent-socket PATH] \
-                     [--exclude-namespace NS]... [--timeout-seconds N]\n       \
+                     [--exclude-namespace NS]... [--timeout-seconds N] \
+                     [--watch [--watch-interval SECONDS]]\n       \
                      mesh-cni uninstall --conf-dir DIR [--bin-dir DIR]\n\
                      (run by the container runtime with CNI_COMMAND set, it is a CNI plugin)";
 
@@ -68,6 +76,9 @@ fn plugin() -> ExitCode {
     }
 }
 
+/// How often `install --watch` checks the configuration when `--watch-interval` is not given.
+pub const DEFAULT_WATCH_SECONDS: u64 = 2;
+
 /// What `install` or `uninstall` was asked to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Setup {
@@ -77,6 +88,8 @@ pub struct Setup {
     pub agent_socket: Option<String>,
     pub exclude_namespaces: Vec<String>,
     pub timeout_seconds: Option<u64>,
+    /// `install --watch`: keep the plugin chained, checking every this often.
+    pub watch: Option<std::time::Duration>,
 }
 
 /// The arguments of `install` (`install = true`) or `uninstall`, as `--flag value` or
@@ -89,7 +102,10 @@ pub fn parse_setup(args: &[String], install: bool) -> Result<Setup, String> {
         agent_socket: None,
         exclude_namespaces: Vec::new(),
         timeout_seconds: None,
+        watch: None,
     };
+    let mut watch = false;
+    let mut interval = None;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -119,8 +135,27 @@ pub fn parse_setup(args: &[String], install: bool) -> Result<Setup, String> {
                         })?,
                 );
             }
+            "--watch" if install && inline.is_none() => watch = true,
+            "--watch-interval" if install => {
+                let v = value()?;
+                interval = Some(
+                    v.parse::<u64>()
+                        .ok()
+                        .filter(|n| (1..=3600).contains(n))
+                        .ok_or_else(|| format!("--watch-interval {v:?}: seconds from 1 to 3600"))?,
+                );
+            }
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
+    }
+    match (watch, interval) {
+        (true, i) => {
+            setup.watch = Some(std::time::Duration::from_secs(
+                i.unwrap_or(DEFAULT_WATCH_SECONDS),
+            ))
+        }
+        (false, Some(_)) => return Err(format!("--watch-interval needs --watch\n{USAGE}")),
+        (false, None) => {}
     }
     setup.conf_dir = conf_dir.ok_or_else(|| format!("--conf-dir is required\n{USAGE}"))?;
     if install && setup.bin_dir.is_none() {
@@ -137,6 +172,7 @@ fn setup(args: &[String], add: bool) -> Result<(), String> {
         agent_socket: socket,
         exclude_namespaces: exclude,
         timeout_seconds: timeout,
+        watch,
     } = parse_setup(args, add)?;
     if !add {
         for path in install::uninstall(&conf_dir).map_err(|e| e.to_string())? {
@@ -168,7 +204,44 @@ fn setup(args: &[String], add: bool) -> Result<(), String> {
     }
     let conf = install::install(&conf_dir, &entry).map_err(|e| e.to_string())?;
     println!("chained {PLUGIN_TYPE} into {}", conf.display());
-    Ok(())
+    let Some(every) = watch else {
+        return Ok(());
+    };
+    println!("watching {} every {}s", conf_dir.display(), every.as_secs());
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    loop {
+        std::thread::sleep(every);
+        match keep_installed(&me, &bin_dir, &conf_dir, &entry) {
+            Ok(Some(note)) => println!("{note}"),
+            Ok(None) => {}
+            // A primary CNI in the middle of rewriting its files: the next round tries again.
+            Err(e) => eprintln!("mesh-cni: {e}"),
+        }
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+    }
+}
+
+/// One round of `install --watch`: puts back the binary and the configuration entry if either
+/// is gone; says what it put back.
+pub fn keep_installed(
+    me: &std::path::Path,
+    bin_dir: &std::path::Path,
+    conf_dir: &std::path::Path,
+    entry: &serde_json::Value,
+) -> Result<Option<String>, install::InstallError> {
+    let mut notes = Vec::new();
+    if !bin_dir.join(PLUGIN_TYPE).is_file() {
+        let bin = install::install_binary(me, bin_dir)?;
+        notes.push(format!("put back {}", bin.display()));
+    }
+    if install::chained(conf_dir, entry)?.is_none() {
+        let conf = install::install(conf_dir, entry)?;
+        notes.push(format!(
+            "chained {PLUGIN_TYPE} into {} again (the configuration had changed)",
+            conf.display()
+        ));
+    }
+    Ok((!notes.is_empty()).then(|| notes.join("; ")))
 }
 
 #[cfg(test)]
@@ -221,5 +294,88 @@ mod tests {
         let e = parse_setup(&args(&["--conf-dir=/c", "--agent-socket=/s"]), false)
             .expect_err("uninstall with a socket");
         assert!(e.contains("unknown argument"), "{e}");
+    }
+
+    #[test]
+    fn watching_is_asked_for_with_an_interval_in_range() {
+        let base = ["--conf-dir=/c", "--bin-dir=/b"];
+        let parse = |extra: &[&str]| {
+            let all: Vec<&str> = base.iter().chain(extra).copied().collect();
+            parse_setup(&args(&all), true)
+        };
+        assert_eq!(parse(&[]).expect("no watch").watch, None);
+        assert_eq!(
+            parse(&["--watch"]).expect("watch").watch,
+            Some(std::time::Duration::from_secs(DEFAULT_WATCH_SECONDS))
+        );
+        assert_eq!(
+            parse(&["--watch", "--watch-interval=5"])
+                .expect("watch every 5 s")
+                .watch,
+            Some(std::time::Duration::from_secs(5))
+        );
+        for (bad, why) in [
+            (&["--watch-interval=5"][..], "needs --watch"),
+            (&["--watch", "--watch-interval=0"][..], "1 to 3600"),
+            (&["--watch=yes"][..], "unknown argument"),
+        ] {
+            let e = parse(bad).expect_err(why);
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+        let e = parse_setup(&args(&["--conf-dir=/c", "--watch"]), false).expect_err("uninstall");
+        assert!(e.contains("unknown argument"), "{e}");
+    }
+
+    #[test]
+    fn a_watch_round_puts_back_what_was_taken_and_leaves_the_rest() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (conf, bin) = (dir.path().join("net.d"), dir.path().join("bin"));
+        std::fs::create_dir_all(&conf).expect("conf dir");
+        std::fs::create_dir_all(&bin).expect("bin dir");
+        let me = dir.path().join("plugin");
+        std::fs::write(&me, b"#!/bin/sh\n").expect("plugin");
+        let primary = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "pods",
+            "plugins": [{"type": "bridge", "bridge": "cni0"}],
+        });
+        let primary_text = serde_json::to_string(&primary).expect("json");
+        std::fs::write(conf.join("10-pods.conflist"), &primary_text).expect("conflist");
+        let entry = serde_json::json!({"type": PLUGIN_TYPE, "agentSocket": "/run/a.sock"});
+
+        // Nothing installed yet: both are put back.
+        let note = keep_installed(&me, &bin, &conf, &entry)
+            .expect("round")
+            .expect("something put back");
+        assert!(
+            note.contains("put back") && note.contains("again"),
+            "{note}"
+        );
+        assert!(bin.join(PLUGIN_TYPE).is_file());
+        // In place: a round changes nothing.
+        assert_eq!(
+            keep_installed(&me, &bin, &conf, &entry).expect("round"),
+            None
+        );
+        // The primary CNI rewrites its conflist as it knows it: chained again, its own
+        // plugins kept.
+        std::fs::write(conf.join("10-pods.conflist"), &primary_text).expect("rewrite");
+        let note = keep_installed(&me, &bin, &conf, &entry)
+            .expect("round")
+            .expect("re-chained");
+        assert!(note.contains("10-pods.conflist"), "{note}");
+        let now: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(conf.join("10-pods.conflist")).expect("read"),
+        )
+        .expect("json");
+        assert_eq!(now["plugins"][0]["type"], "bridge");
+        assert_eq!(now["plugins"][1], entry);
+        // A configuration that sorts first appears: the plugin follows it.
+        std::fs::write(conf.join("05-new.conflist"), &primary_text).expect("new file");
+        let note = keep_installed(&me, &bin, &conf, &entry)
+            .expect("round")
+            .expect("followed");
+        assert!(note.contains("05-new.conflist"), "{note}");
+        assert!(install::chained(&conf, &entry).expect("read").is_some());
     }
 }

@@ -140,6 +140,21 @@ pub fn install(dir: &Path, entry: &Value) -> Result<PathBuf, InstallError> {
     Ok(first)
 }
 
+/// The file the runtime reads, when it already ends with exactly `entry`: what [`install`]
+/// would write there changes nothing. `None` when the primary CNI rewrote its configuration
+/// without the plugin, a file that sorts first appeared, or the entry differs.
+pub fn chained(dir: &Path, entry: &Value) -> Result<Option<PathBuf>, InstallError> {
+    let Some(first) = config_files(dir)?.into_iter().next() else {
+        return Ok(None);
+    };
+    let conf = read_json(&first)?;
+    let last = match conf.get("plugins") {
+        Some(Value::Array(list)) => list.last(),
+        _ => None,
+    };
+    Ok((last == Some(entry)).then_some(first))
+}
+
 /// Removes the plugin from every conflist in `dir`; returns the files it changed.
 pub fn uninstall(dir: &Path) -> Result<Vec<PathBuf>, InstallError> {
     let mut changed = Vec::new();
