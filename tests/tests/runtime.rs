@@ -115,6 +115,16 @@ fn processes_below(dir: &Path) -> Vec<String> {
     pids
 }
 
+/// A process killed when the test lets go of it, however the test ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn pods_started_by_containerd_are_meshed_before_their_first_connection_and_leave_nothing() {
     let test =
@@ -306,6 +316,55 @@ fn pods_started_by_containerd_are_meshed_before_their_first_connection_and_leave
         second.stderr
     );
     assert!(agent_pods(&rc, "node-1").contains_key("demo/client-2"));
+
+    // The network add-on rewrites its conflist on node-2 (an upgrade would) while the
+    // DaemonSet's watcher runs: the plugin is chained again, and the next meshed pod is
+    // handed over by it, not found later.
+    let rt2 = rc.runtime("node-2").expect("runtime");
+    let watcher = KillOnDrop(
+        std::process::Command::new(&rc.cluster.bins.cni)
+            .args([
+                "install",
+                "--watch",
+                "--watch-interval=1",
+                "--timeout-seconds=20",
+            ])
+            .arg(format!("--conf-dir={}", rt2.conf_dir.display()))
+            .arg(format!("--bin-dir={}", rt2.bin_dir.display()))
+            .arg(format!(
+                "--agent-socket={}",
+                rc.cluster.cni_socket("node-2").display()
+            ))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("run mesh-cni install --watch"),
+    );
+    let (conflist2, before2) = &originals[1];
+    std::fs::write(conflist2, serde_json::to_vec(before2).expect("JSON")).expect("rewrite");
+    wait_for("node-2's plugin chained again", || {
+        serde_json::from_slice::<Value>(&std::fs::read(conflist2).unwrap_or_default())
+            .ok()
+            .and_then(|v| v["plugins"].as_array().cloned())
+            .is_some_and(|l| l.last().is_some_and(|p| p["type"] == "mesh-cni"))
+    });
+    rt2.wait_cni_config(true)
+        .unwrap_or_else(|e| panic!("node-2's runtime did not load the plugin again: {e:#}"));
+    // Stopped before the uninstall below, which it would undo.
+    drop(watcher);
+    run_pod(&mut rc, "node-2", caller("client-3", "client"));
+    let third = finished(&rc, "demo/client-3");
+    assert_eq!(
+        (third.exit_code, third.stdout.trim()),
+        (0, "echo hello"),
+        "client-3's call failed: {}",
+        third.stderr
+    );
+    assert!(agent_pods(&rc, "node-2").contains_key("demo/client-3"));
+    let log = agent_log(&rc, "node-2");
+    assert!(
+        !log.contains("found a running pod"),
+        "node-2 adopted a pod the plugin should have handed over:\n{log}"
+    );
 
     // Uninstalled, the plugin leaves the conflist as the network add-on wrote it.
     for (node, (conflist, before)) in ["node-1", "node-2"].iter().zip(&originals) {
