@@ -115,6 +115,11 @@ pub enum CertError {
     Sign { id: SpiffeId, source: SignError },
     #[error("the certificate signed for {id} is unusable: {reason}")]
     BadCert { id: SpiffeId, reason: String },
+    #[error("the certificate signed for {id} is unusable: {source}")]
+    UnreadableCert {
+        id: SpiffeId,
+        source: cert::LeafError,
+    },
     #[error("the certificate of {id} expired at {not_after} and renewing it failed: {cause}")]
     Expired {
         id: SpiffeId,
@@ -134,7 +139,7 @@ impl CertError {
             CertError::Config(_) => "config",
             CertError::Csr { .. } => "csr",
             CertError::Sign { .. } => "sign",
-            CertError::BadCert { .. } => "bad_cert",
+            CertError::BadCert { .. } | CertError::UnreadableCert { .. } => "bad_cert",
             CertError::Expired { .. } => "expired",
             CertError::Cancelled { .. } => "cancelled",
             CertError::TrustBundle(_) => "trust_bundle",
@@ -531,7 +536,10 @@ impl Shared {
             .chain
             .first()
             .ok_or_else(|| bad("the chain is empty".to_string()))?;
-        let leaf = Leaf::parse(leaf_der).map_err(bad)?;
+        let leaf = Leaf::parse(leaf_der).map_err(|source| CertError::UnreadableCert {
+            id: id.clone(),
+            source,
+        })?;
         let expected = id.uri();
         if leaf.sans != [expected.as_str()] {
             return Err(bad(format!(

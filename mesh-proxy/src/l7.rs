@@ -289,6 +289,35 @@ pub(crate) fn server() -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// Why an HTTP connection of the proxy ended before its peer closed it.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The HTTP codec failed (a malformed message, a reset, an I/O error).
+    #[error("HTTP: {0}")]
+    Http(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("no byte either way for {0:?}: closed")]
+    Idle(Duration),
+    #[error("cut at the end of the drain")]
+    Drained,
+    /// The destination's policy no longer allows the connection; the cause.
+    #[error("closed: {0}")]
+    Revoked(String),
+}
+
+impl ServeError {
+    fn ended(ended: Ended, revoked: Option<&str>) -> ServeError {
+        match ended {
+            Ended::Idle(after) => ServeError::Idle(after),
+            Ended::Cut => ServeError::Drained,
+            Ended::Revoked => ServeError::Revoked(
+                revoked
+                    .unwrap_or("the policy no longer allows it")
+                    .to_string(),
+            ),
+        }
+    }
+}
+
 /// Serves `service` on the application connection `io` until it ends. It also ends when it
 /// carried no byte either way for `idle`, or when the drain cuts it; when the drain starts,
 /// it is asked to finish (HTTP/1.1: closes after the response in flight; HTTP/2: GOAWAY, the
@@ -298,7 +327,7 @@ pub(crate) async fn serve<I, S>(
     service: S,
     idle: Duration,
     telemetry: &Telemetry,
-) -> Result<(), String>
+) -> Result<(), ServeError>
 where
     I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     S: hyper::service::Service<
@@ -328,20 +357,13 @@ where
         let mut asked = false;
         loop {
             tokio::select! {
-                served = conn.as_mut() => break served.map_err(|e| e.to_string()),
+                served = conn.as_mut() => break served.map_err(ServeError::Http),
                 () = &mut draining, if !asked => {
                     asked = true;
                     conn.as_mut().graceful_shutdown();
                 }
                 ended = activity.watchdog(idle) => {
-                    return Err(match ended {
-                        Ended::Idle(after) => format!("idle for {after:?}"),
-                        Ended::Cut => "cut at the end of the drain".to_string(),
-                        Ended::Revoked => format!(
-                            "closed: {}",
-                            activity.revoked().unwrap_or("the policy no longer allows it")
-                        ),
-                    });
+                    return Err(ServeError::ended(ended, activity.revoked()));
                 }
             }
         }

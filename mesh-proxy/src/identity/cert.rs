@@ -33,10 +33,20 @@ pub(super) struct Leaf {
     pub(super) not_after: SystemTime,
 }
 
+/// Why a signed certificate cannot be read.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LeafError {
+    #[error("it does not parse: {0}")]
+    Der(#[source] x509_parser::nom::Err<x509_parser::error::X509Error>),
+    #[error("its SAN extension does not parse: {0}")]
+    San(#[source] x509_parser::error::X509Error),
+    #[error("its validity starts or ends before 1970 ({0})")]
+    BeforeEpoch(i64),
+}
+
 impl Leaf {
-    pub(super) fn parse(der: &CertificateDer<'_>) -> Result<Self, String> {
-        let (_, cert) =
-            X509Certificate::from_der(der).map_err(|e| format!("it does not parse: {e}"))?;
+    pub(super) fn parse(der: &CertificateDer<'_>) -> Result<Self, LeafError> {
+        let (_, cert) = X509Certificate::from_der(der).map_err(LeafError::Der)?;
         let sans = match cert.subject_alternative_name() {
             Ok(Some(ext)) => ext
                 .value
@@ -48,7 +58,7 @@ impl Leaf {
                 })
                 .collect(),
             Ok(None) => Vec::new(),
-            Err(e) => return Err(format!("its SAN extension does not parse: {e}")),
+            Err(e) => return Err(LeafError::San(e)),
         };
         let validity = cert.validity();
         Ok(Leaf {
@@ -65,10 +75,10 @@ impl Leaf {
     }
 }
 
-fn from_unix(secs: i64) -> Result<SystemTime, String> {
+fn from_unix(secs: i64) -> Result<SystemTime, LeafError> {
     u64::try_from(secs)
         .map(|s| UNIX_EPOCH + Duration::from_secs(s))
-        .map_err(|_| format!("its validity starts or ends before 1970 ({secs})"))
+        .map_err(|_| LeafError::BeforeEpoch(secs))
 }
 
 pub(super) fn unix_secs(t: SystemTime) -> i64 {

@@ -21,6 +21,7 @@ use hyper_util::rt::TokioIo;
 use tracing::debug;
 
 use super::ConnWatch;
+use crate::copy::RelayError;
 use crate::telemetry::Ended;
 
 /// A caller's request to switch protocols, taken from its head.
@@ -154,14 +155,20 @@ async fn splice(client: OnUpgrade, upstream: OnUpgrade, watch: Option<ConnWatch>
     let copy = crate::copy::copy_both(&mut client, &mut upstream);
     let ended = match watch {
         Some(watch) => tokio::select! {
-            copied = copy => copied.map(drop).map_err(|e| e.to_string()),
+            copied = copy => copied.map(drop).map_err(RelayError::Io),
             ended = watch.activity.watchdog(watch.idle) => Err(match ended {
-                Ended::Idle(after) => format!("idle for {after:?}"),
-                Ended::Cut => "cut at the end of the drain".to_string(),
-                Ended::Revoked => "closed: the policy no longer allows it".to_string(),
+                Ended::Idle(after) => RelayError::Idle(after),
+                Ended::Cut => RelayError::Drained,
+                Ended::Revoked => RelayError::Revoked(
+                    watch
+                        .activity
+                        .revoked()
+                        .unwrap_or("the policy no longer allows it")
+                        .to_string(),
+                ),
             }),
         },
-        None => copy.await.map(drop).map_err(|e| e.to_string()),
+        None => copy.await.map(drop).map_err(RelayError::Io),
     };
     if let Err(e) = ended {
         debug!(error = %e, "upgraded connection ended");
