@@ -33,8 +33,8 @@ use tokio::task::JoinHandle;
 
 mod cert;
 mod metrics;
-#[cfg(test)]
-pub(crate) mod testing;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 #[cfg(test)]
 mod tests;
 

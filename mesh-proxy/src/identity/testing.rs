@@ -1,4 +1,5 @@
-//! A throwaway CA and a [`Signer`] over it, for the identity and TLS tests.
+//! A throwaway CA and a [`Signer`] over it, for the identity and TLS tests and, with the
+//! `testing` feature, for the HBONE benchmark (`benches/hbone.rs`).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -20,13 +21,13 @@ use super::{CertConfig, CertManager, SignError, SignedCert, Signer};
 
 /// A self-signed P-256 root that signs workload certificates like the controller does
 /// (backdated by a tenth of the lifetime, server and client auth).
-pub(crate) struct TestCa {
+pub struct TestCa {
     issuer: Issuer<'static, KeyPair>,
     root: CertificateDer<'static>,
 }
 
 impl TestCa {
-    pub(crate) fn new(name: &str) -> Arc<Self> {
+    pub fn new(name: &str) -> Arc<Self> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("generate a CA key");
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -52,12 +53,12 @@ impl TestCa {
         })
     }
 
-    pub(crate) fn root(&self) -> CertificateDer<'static> {
+    pub fn root(&self) -> CertificateDer<'static> {
         self.root.clone()
     }
 
     /// Signs the CSR's key for `uri` (the CSR's own SANs are ignored).
-    pub(crate) fn sign(
+    pub fn sign(
         &self,
         uri: &str,
         csr_der: &[u8],
@@ -104,10 +105,10 @@ struct SignerState {
 
 /// A [`Signer`] over a [`TestCa`] that counts its calls and fails on demand.
 #[derive(Clone)]
-pub(crate) struct TestSigner(Arc<SignerState>);
+pub struct TestSigner(Arc<SignerState>);
 
 impl TestSigner {
-    pub(crate) fn new(ca: Arc<TestCa>, lifetime: Duration) -> Self {
+    pub fn new(ca: Arc<TestCa>, lifetime: Duration) -> Self {
         TestSigner(Arc::new(SignerState {
             ca: Mutex::new(ca),
             lifetime,
@@ -118,23 +119,23 @@ impl TestSigner {
         }))
     }
 
-    pub(crate) fn set_failing(&self, failing: bool) {
+    pub fn set_failing(&self, failing: bool) {
         self.0.failing.store(failing, Ordering::SeqCst);
     }
 
-    pub(crate) fn set_delay(&self, delay: Duration) {
+    pub fn set_delay(&self, delay: Duration) {
         *self.0.delay.lock().expect("delay lock") = delay;
     }
 
-    pub(crate) fn set_ca(&self, ca: Arc<TestCa>) {
+    pub fn set_ca(&self, ca: Arc<TestCa>) {
         *self.0.ca.lock().expect("ca lock") = ca;
     }
 
-    pub(crate) fn sign_as(&self, uri: Option<&str>) {
+    pub fn sign_as(&self, uri: Option<&str>) {
         *self.0.sign_as.lock().expect("sign_as lock") = uri.map(str::to_string);
     }
 
-    pub(crate) fn calls(&self) -> usize {
+    pub fn calls(&self) -> usize {
         self.0.calls.load(Ordering::SeqCst)
     }
 }
@@ -177,19 +178,19 @@ impl Signer for TestSigner {
 }
 
 /// A manager over `signer` with the default configuration, and the registry it reports to.
-pub(crate) fn manager(signer: &TestSigner) -> (Arc<CertManager>, Registry) {
+pub fn manager(signer: &TestSigner) -> (Arc<CertManager>, Registry) {
     let mut registry = Registry::default();
     let mgr = CertManager::new(signer.clone(), CertConfig::default(), &mut registry)
         .expect("default configuration is valid");
     (mgr, registry)
 }
 
-pub(crate) fn id(s: &str) -> SpiffeId {
+pub fn id(s: &str) -> SpiffeId {
     s.parse().expect("valid SPIFFE ID")
 }
 
 /// The value of the sample `name{labels}` in the registry's text exposition, 0 if absent.
-pub(crate) fn sample(registry: &Registry, name_and_labels: &str) -> f64 {
+pub fn sample(registry: &Registry, name_and_labels: &str) -> f64 {
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, registry).expect("encode metrics");
     text.lines()
@@ -198,7 +199,7 @@ pub(crate) fn sample(registry: &Registry, name_and_labels: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-pub(crate) fn rotations(registry: &Registry, id: &SpiffeId, result: &str) -> f64 {
+pub fn rotations(registry: &Registry, id: &SpiffeId, result: &str) -> f64 {
     sample(
         registry,
         &format!("mesh_cert_rotations_total{{identity=\"{id}\",result=\"{result}\"}}"),
@@ -206,19 +207,19 @@ pub(crate) fn rotations(registry: &Registry, id: &SpiffeId, result: &str) -> f64
 }
 
 /// The serial (hex) of a certificate.
-pub(crate) fn serial(cert: &CertificateDer<'_>) -> String {
+pub fn serial(cert: &CertificateDer<'_>) -> String {
     let (_, c) = X509Certificate::from_der(cert).expect("parse certificate");
     c.raw_serial().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Unix seconds at which a certificate expires.
-pub(crate) fn not_after(cert: &CertificateDer<'_>) -> i64 {
+pub fn not_after(cert: &CertificateDer<'_>) -> i64 {
     let (_, c) = X509Certificate::from_der(cert).expect("parse certificate");
     c.validity().not_after.timestamp()
 }
 
 /// Polls `check` every 50 ms until it returns `Some`, failing the test after `timeout`.
-pub(crate) async fn eventually<T>(
+pub async fn eventually<T>(
     what: &str,
     timeout: Duration,
     mut check: impl FnMut() -> Option<T>,
@@ -237,7 +238,7 @@ pub(crate) async fn eventually<T>(
 }
 
 /// Sleeps until the wall clock reaches `unix` seconds plus `margin`.
-pub(crate) async fn sleep_past(unix: i64, margin: Duration) {
+pub async fn sleep_past(unix: i64, margin: Duration) {
     let target = std::time::UNIX_EPOCH + Duration::from_secs(unix.max(0) as u64) + margin;
     if let Ok(d) = target.duration_since(std::time::SystemTime::now()) {
         tokio::time::sleep(d).await;
