@@ -507,6 +507,13 @@ async fn dial(
         .max_header_list_size(config.max_header_list_size)
         .max_frame_size(DEFAULT_MAX_FRAME_SIZE)
         .max_send_buffer_size(DEFAULT_MAX_SEND_BUFFER)
+        // h2 counts the resets it sends on its own (for frames that arrive on a stream the
+        // caller already let go of: an aborted download whose end of stream was on the wire)
+        // over the connection's whole life, and closes the connection at 1,024 by default:
+        // a pooled connection would die, with every tunnel on it, after a thousand ordinary
+        // hang-ups. The peer is a proxy that proved its workload identity in mutual TLS, the
+        // threat that limit guards against (a hostile server flooding resets) is not one here.
+        .max_local_error_reset_streams(None)
         .enable_push(false)
         .handshake(tls)
         .await

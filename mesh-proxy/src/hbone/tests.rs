@@ -265,6 +265,46 @@ async fn a_thousand_tunnels_share_few_connections() {
     assert_eq!(stats.streams_retried, 0);
 }
 
+/// Callers that hang up while the application is still sending (an aborted download) reset
+/// their tunnel with data in flight; the pooled connection carries on, however many do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_dropped_mid_download_do_not_cost_the_pooled_connection() {
+    const TUNNELS: usize = 1500;
+    let mesh = Mesh::new().await;
+    let server = Server::start(&mesh, forward(&[CLIENT]).0, ServerConfig::default()).await;
+    let firehose = app(|mut tcp| async move {
+        let chunk = vec![7u8; 16 * 1024];
+        while tcp.write_all(&chunk).await.is_ok() {}
+    })
+    .await;
+    // An application that answers a little and hangs up: its end of stream is on its way
+    // when the caller lets go.
+    let short = app(|mut tcp| async move {
+        let _ = tcp.write_all(&[7u8; 1024]).await;
+        let _ = tcp.shutdown().await;
+    })
+    .await;
+    let pool = mesh.pool(PoolConfig::default());
+    for i in 0..TUNNELS {
+        let target = if i % 2 == 0 { firehose } else { short };
+        let mut stream = mesh
+            .connect(&pool, &server, target)
+            .await
+            .unwrap_or_else(|e| panic!("tunnel {i} opens: {e}"));
+        let mut first = [0u8; 1024];
+        timeout(WAIT, stream.read_exact(&mut first))
+            .await
+            .expect("the download starts")
+            .unwrap_or_else(|e| panic!("tunnel {i} reads: {e}"));
+        drop(stream);
+    }
+    let stats = pool.stats().snapshot();
+    assert_eq!(
+        stats.connections_opened, 1,
+        "the pooled connection was lost along the way: {stats:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_certificateless_clients_are_dropped() {
     let mesh = Mesh::new().await;
