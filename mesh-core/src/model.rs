@@ -59,6 +59,16 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// Its name as the configuration and the debug pages write it (`tcp`, `http`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Http => "http",
+            Protocol::Http2 => "http2",
+            Protocol::Grpc => "grpc",
+        }
+    }
+
     /// The protocol of a Kubernetes service port: `appProtocol` first (`http`, `http2`,
     /// `grpc`, `h2c`, `kubernetes.io/h2c`, `tcp`), else the port name prefix (`http-`,
     /// `http2-`, `grpc-`, or the whole name), else TCP. Unknown values are TCP: a port the
@@ -231,6 +241,21 @@ pub struct NodeSnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn protocol_names_are_its_serialized_names() {
+        for p in [
+            Protocol::Tcp,
+            Protocol::Http,
+            Protocol::Http2,
+            Protocol::Grpc,
+        ] {
+            assert_eq!(
+                serde_json::to_value(p).expect("json"),
+                serde_json::Value::String(p.as_str().into())
+            );
+        }
+    }
 
     #[test]
     fn protocol_from_app_protocol_then_port_name() {

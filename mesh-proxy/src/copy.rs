@@ -147,6 +147,19 @@ pub enum RelayError {
 }
 
 impl RelayError {
+    /// How a connection's watchdog ended it; `revoked` is the policy's cause, if it gave one.
+    pub fn ended(ended: Ended, revoked: Option<&str>) -> RelayError {
+        match ended {
+            Ended::Idle(after) => RelayError::Idle(after),
+            Ended::Cut => RelayError::Drained,
+            Ended::Revoked => RelayError::Revoked(
+                revoked
+                    .unwrap_or("the policy no longer allows it")
+                    .to_owned(),
+            ),
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             RelayError::Io(_) => "copy",
@@ -207,13 +220,7 @@ where
         copied = copy_both(app, upstream) => {
             copied.map_err(RelayError::Io)
         }
-        ended = activity.watchdog(idle) => Err(match ended {
-            Ended::Idle(after) => RelayError::Idle(after),
-            Ended::Cut => RelayError::Drained,
-            Ended::Revoked => {
-                RelayError::Revoked(activity.revoked().unwrap_or_default().to_owned())
-            }
-        }),
+        ended = activity.watchdog(idle) => Err(RelayError::ended(ended, activity.revoked())),
         (ended, cause) = peer_cut => Err(match ended {
             Ended::Revoked => RelayError::Revoked(cause.unwrap_or_default()),
             Ended::Cut | Ended::Idle(_) => RelayError::Drained,

@@ -111,7 +111,8 @@ use serde::Serialize;
 use std::net::SocketAddrV4;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::telemetry::{Activity, Ended, Metered, Telemetry};
+use crate::copy::RelayError;
+use crate::telemetry::{Activity, Metered, Telemetry};
 
 pub mod deadline;
 pub(crate) mod retry;
@@ -295,27 +296,9 @@ pub enum ServeError {
     /// The HTTP codec failed (a malformed message, a reset, an I/O error).
     #[error("HTTP: {0}")]
     Http(#[source] Box<dyn std::error::Error + Send + Sync>),
-    #[error("no byte either way for {0:?}: closed")]
-    Idle(Duration),
-    #[error("cut at the end of the drain")]
-    Drained,
-    /// The destination's policy no longer allows the connection; the cause.
-    #[error("closed: {0}")]
-    Revoked(String),
-}
-
-impl ServeError {
-    fn ended(ended: Ended, revoked: Option<&str>) -> ServeError {
-        match ended {
-            Ended::Idle(after) => ServeError::Idle(after),
-            Ended::Cut => ServeError::Drained,
-            Ended::Revoked => ServeError::Revoked(
-                revoked
-                    .unwrap_or("the policy no longer allows it")
-                    .to_string(),
-            ),
-        }
-    }
+    /// Idle, drained or revoked, as any carried connection ends.
+    #[error(transparent)]
+    Ended(#[from] RelayError),
 }
 
 /// Serves `service` on the application connection `io` until it ends. It also ends when it
@@ -363,7 +346,7 @@ where
                     conn.as_mut().graceful_shutdown();
                 }
                 ended = activity.watchdog(idle) => {
-                    return Err(ServeError::ended(ended, activity.revoked()));
+                    return Err(RelayError::ended(ended, activity.revoked()).into());
                 }
             }
         }

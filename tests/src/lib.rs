@@ -504,6 +504,19 @@ impl Drop for Agent {
     }
 }
 
+/// `GET path` on an agent's admin endpoint (plain HTTP/1.1, the connection closed after
+/// the answer): the whole answer with its status line and headers, or the connection error.
+pub fn admin_get(admin: SocketAddr, path: &str) -> std::io::Result<String> {
+    let mut s = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: agent\r\nconnection: close\r\n\r\n").as_bytes(),
+    )?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)?;
+    Ok(answer)
+}
+
 /// An instance name unique to this test run.
 pub fn instance(tag: &str) -> String {
     format!("{}-{tag}", prefix())

@@ -3,14 +3,9 @@
 //!
 //! The agent moves its process into its own cgroup, so this file holds one test: the test
 //! process is that agent, and moves back when it is done.
-use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
-    path::Path,
-    time::Duration,
-};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
-use mesh_tests::{Cgroup, Netns, Sink, instance, link, privileged, probe};
+use mesh_tests::{Cgroup, Netns, Sink, admin_get, instance, link, privileged, probe};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_mesh-probe");
 const POD_IP: &str = "10.78.0.2";
@@ -18,19 +13,7 @@ const REMOTE_IP: &str = "10.78.0.1";
 
 /// `GET /healthz` on the admin endpoint: its answer, or the connection error.
 fn healthz(admin: SocketAddr) -> std::io::Result<String> {
-    get(admin, "/healthz")
-}
-
-/// `GET path` on the admin endpoint: the whole answer, or the connection error.
-fn get(admin: SocketAddr, path: &str) -> std::io::Result<String> {
-    let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nhost: agent\r\nconnection: close\r\n\r\n").as_bytes(),
-    )?;
-    let mut answer = String::new();
-    s.read_to_string(&mut answer)?;
-    Ok(answer)
+    admin_get(admin, "/healthz")
 }
 
 /// Puts the test process back where it started and removes the instance's pins when the
@@ -111,7 +94,7 @@ fn the_whole_agent_runs_in_process_and_shuts_down_cleanly() {
     );
 
     // The kernel's counters are on /metrics beside the proxy's.
-    let metrics = get(admin, "/metrics").expect("metrics");
+    let metrics = admin_get(admin, "/metrics").expect("metrics");
     for line in [
         "mesh_datapath_events_total{event=\"connect4_redirected\"} 1",
         "mesh_datapath_events_total{event=\"getsockopt_answered\"} 1",

@@ -7,7 +7,6 @@
 //! carries calls between its own pods inside itself unless told `--same-node=hbone`; the test
 //! that checks the wire for mutual TLS says so.
 
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -124,13 +123,7 @@ fn agent_args(
 
 /// The agent's metrics, from its admin endpoint.
 fn scrape(admin: SocketAddr) -> String {
-    let mut s = std::net::TcpStream::connect(admin).expect("connect to the agent's admin port");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: agent\r\nconnection: close\r\n\r\n")
-        .expect("send the request");
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).expect("read the metrics");
+    let answer = mesh_tests::admin_get(admin, "/metrics").expect("the agent's metrics");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     answer
 }

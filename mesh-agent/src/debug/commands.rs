@@ -298,8 +298,8 @@ pub fn conns(admin: SocketAddr, pod: Option<&str>, json: bool) -> Result<u8> {
         t.row(vec![
             c.pod.clone(),
             if outbound { "out" } else { "in" }.into(),
-            label(&c.path),
-            label(protocol),
+            c.path.as_str().into(),
+            protocol.as_str().into(),
             peer,
             addr.unwrap_or("-").into(),
             render::bytes(c.bytes_to_dst),
@@ -317,14 +317,6 @@ pub fn conns(admin: SocketAddr, pod: Option<&str>, json: bool) -> Result<u8> {
         );
     }
     Ok(0)
-}
-
-/// A label value as the API writes it (`hbone`, `http`, ...).
-fn label(v: &impl serde::Serialize) -> String {
-    match serde_json::to_value(v) {
-        Ok(serde_json::Value::String(s)) => s,
-        _ => "?".into(),
-    }
 }
 
 // === certs ===

@@ -22,7 +22,6 @@ use tracing::debug;
 
 use super::ConnWatch;
 use crate::copy::RelayError;
-use crate::telemetry::Ended;
 
 /// A caller's request to switch protocols, taken from its head.
 #[derive(Debug)]
@@ -156,17 +155,9 @@ async fn splice(client: OnUpgrade, upstream: OnUpgrade, watch: Option<ConnWatch>
     let ended = match watch {
         Some(watch) => tokio::select! {
             copied = copy => copied.map(drop).map_err(RelayError::Io),
-            ended = watch.activity.watchdog(watch.idle) => Err(match ended {
-                Ended::Idle(after) => RelayError::Idle(after),
-                Ended::Cut => RelayError::Drained,
-                Ended::Revoked => RelayError::Revoked(
-                    watch
-                        .activity
-                        .revoked()
-                        .unwrap_or("the policy no longer allows it")
-                        .to_string(),
-                ),
-            }),
+            ended = watch.activity.watchdog(watch.idle) => {
+                Err(RelayError::ended(ended, watch.activity.revoked()))
+            }
         },
         None => copy.await.map(drop).map_err(RelayError::Io),
     };
