@@ -9,6 +9,9 @@
 //! the bytes are copied between the two pods' sockets. A refusal closes the connection at
 //! once, as a refused tunnel does.
 //!
+//! Connections on an L4 port and each request on an L7 port ([`requests`]) reach their
+//! target the same way ([`connect`]) and fail with the same [`ConnectError`].
+//!
 //! The copy loop is [`crate::copy::relay`]: each direction is shut down on its own when its
 //! reader ends (half-close both ways), with two buffers per connection sized for bulk
 //! transfers, and the connection is closed once it carried nothing either way for the idle
@@ -18,25 +21,25 @@ use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mesh_core::SpiffeId;
 use mesh_core::model::NamespacedName;
 use mesh_core::resolve::{FastPicker, Resolver, Target};
 use serde::Serialize;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::config::SameNode;
 use crate::copy::{RelayError, relay, relay_watching};
-use crate::hbone::{HBONE_PORT, HboneError, HbonePool};
-use crate::inbound::{AppDialer, Caller, Rejection};
+use crate::hbone::HbonePool;
+use crate::inbound::AppDialer;
 use crate::l7::{HttpConfig, is_l7, service_port_protocol};
-use crate::local::{LocalPod, LocalPods};
+use crate::local::LocalPods;
 use crate::state::{StateStore, Version};
 use crate::telemetry::{
-    ConnMeta, MeshPath, Metered, Peer, Reporter, ResponseFlag, Side, Telemetry, endpoint_pod,
-    service_host,
+    ConnMeta, MeshPath, Metered, Peer, Reporter, ResponseFlag, Side, Telemetry, service_host,
 };
+
+pub use connect::{ConnectError, Upstream};
+use connect::{Connector, describe};
 
 /// Default cap on a pod's concurrent outbound connections.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
@@ -56,38 +59,12 @@ pub enum OutboundError {
     UnknownPod { pod: NamespacedName },
     #[error("{0}")]
     Unresolved(#[from] mesh_core::resolve::Unresolved),
-    #[error("{dst} is outside the mesh and egress is denied")]
-    EgressDenied { dst: SocketAddrV4 },
-    #[error("tunnel to {dst}: {source}")]
-    Tunnel {
-        dst: SocketAddrV4,
-        source: HboneError,
-    },
-    #[error("connect to {dst}: {source}")]
-    Direct {
-        dst: SocketAddrV4,
-        source: std::io::Error,
-    },
-    #[error("{0}")]
-    Relay(#[from] RelayError),
     #[error("{pod} already has {limit} outbound connections open (the cap); connection refused")]
     ConnectionCap { pod: NamespacedName, limit: usize },
-    #[error(
-        "{dst} is {pod} of this node, whose identity is {}, not {expected} as resolved; connection refused",
-        found.as_ref().map_or_else(|| "not configured yet".to_string(), ToString::to_string)
-    )]
-    IdentityMismatch {
-        dst: SocketAddrV4,
-        pod: NamespacedName,
-        expected: SpiffeId,
-        found: Option<SpiffeId>,
-    },
-    #[error("{pod} at {dst} (same node) refused the connection: {rejection}")]
-    SameNode {
-        dst: SocketAddrV4,
-        pod: NamespacedName,
-        rejection: Rejection,
-    },
+    #[error("{0}")]
+    Connect(#[from] ConnectError),
+    #[error("{0}")]
+    Relay(#[from] RelayError),
 }
 
 impl OutboundError {
@@ -95,15 +72,9 @@ impl OutboundError {
         match self {
             OutboundError::UnknownPod { .. } => "unknown_pod",
             OutboundError::Unresolved(u) => u.kind(),
-            OutboundError::EgressDenied { .. } => "egress_denied",
-            OutboundError::Tunnel { .. } if self.destination_denied() => "destination_denied",
-            OutboundError::Tunnel { .. } => "tunnel",
-            OutboundError::Direct { .. } => "direct",
-            OutboundError::Relay(e) => e.kind(),
             OutboundError::ConnectionCap { .. } => "connection_cap",
-            OutboundError::IdentityMismatch { .. } => "identity_mismatch",
-            OutboundError::SameNode { .. } if self.destination_denied() => "destination_denied",
-            OutboundError::SameNode { rejection, .. } => rejection.kind,
+            OutboundError::Connect(e) => e.kind(),
+            OutboundError::Relay(e) => e.kind(),
         }
     }
 
@@ -113,30 +84,9 @@ impl OutboundError {
             OutboundError::UnknownPod { .. } | OutboundError::Unresolved(_) => {
                 ResponseFlag::NoRoute
             }
-            OutboundError::EgressDenied { .. } => ResponseFlag::Denied,
-            OutboundError::Tunnel { .. } | OutboundError::SameNode { .. }
-                if self.destination_denied() =>
-            {
-                ResponseFlag::Denied
-            }
-            OutboundError::Tunnel { .. }
-            | OutboundError::Direct { .. }
-            | OutboundError::IdentityMismatch { .. }
-            | OutboundError::SameNode { .. } => ResponseFlag::ConnectFailed,
-            OutboundError::Relay(e) => e.flag(),
             OutboundError::ConnectionCap { .. } => ResponseFlag::Overflow,
-        }
-    }
-
-    /// The destination refused the connection by policy (for a tunnel: answered 403).
-    fn destination_denied(&self) -> bool {
-        match self {
-            OutboundError::Tunnel {
-                source: HboneError::Refused { status, .. },
-                ..
-            } => *status == crate::inbound::DENIED,
-            OutboundError::SameNode { rejection, .. } => rejection.status == crate::inbound::DENIED,
-            _ => false,
+            OutboundError::Connect(e) => e.flag(),
+            OutboundError::Relay(e) => e.flag(),
         }
     }
 }
@@ -193,14 +143,10 @@ impl Default for OutboundConfig {
 pub struct PodOutbound {
     pub pod: NamespacedName,
     pub store: Arc<StateStore>,
-    pub pool: HbonePool,
-    /// Opens sockets to destinations outside the mesh (in production: from the pod's netns).
-    pub dial: AppDialer,
-    pub egress: Egress,
+    /// How destinations are reached.
+    connector: Connector,
     idle_timeout: Duration,
     same_node: SameNode,
-    /// The pods of this agent, reached in process when `same_node` says so.
-    local: Option<Arc<LocalPods>>,
     telemetry: Telemetry,
     resolver: Mutex<Option<(Option<Version>, Arc<Resolver>)>>,
     slots: Arc<tokio::sync::Semaphore>,
@@ -221,12 +167,14 @@ impl PodOutbound {
         PodOutbound {
             pod,
             store,
-            pool,
-            dial,
-            egress: config.egress,
+            connector: Connector {
+                pool,
+                dial,
+                egress: config.egress,
+                local: None,
+            },
             idle_timeout: config.idle_timeout,
             same_node: config.same_node,
-            local: None,
             telemetry,
             resolver: Mutex::new(None),
             slots: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
@@ -237,16 +185,10 @@ impl PodOutbound {
 
     /// Reaches the pods of `local` in process, if the configuration's `same_node` says so.
     pub fn with_local_pods(mut self, local: Arc<LocalPods>) -> PodOutbound {
-        self.local = Some(local);
-        self
-    }
-
-    /// The pod of this agent at `ip`, when connections to it stay in process.
-    fn local_pod(&self, ip: std::net::Ipv4Addr) -> Option<Arc<LocalPod>> {
-        match self.same_node {
-            SameNode::InProcess => self.local.as_ref()?.get(ip),
-            SameNode::Hbone => None,
+        if self.same_node == SameNode::InProcess {
+            self.connector.local = Some(local);
         }
+        self
     }
 
     /// The resolver of the configuration in force, rebuilt when the version changes (keeping
@@ -317,23 +259,15 @@ impl PodOutbound {
         // endpoints have no proxy (they get the requests in the port's declared protocol). A
         // meshed service's connection is labelled by the way its first endpoint is reached.
         let l7 = match &resolution.target {
-            Target::Mesh { protocol, addr, .. } if is_l7(*protocol) => {
-                let path = match self.local_pod(*addr.ip()) {
-                    Some(_) => MeshPath::SameNode,
-                    None => MeshPath::Hbone,
-                };
-                Some((*protocol, Some(path)))
-            }
+            Target::Mesh { protocol, .. } if is_l7(*protocol) => Some(*protocol),
             Target::Plain { .. } if is_l7(service_port_protocol(snapshot, dst)) => {
-                Some((service_port_protocol(snapshot, dst), None))
+                Some(service_port_protocol(snapshot, dst))
             }
             _ => None,
         };
-        if let Some((protocol, path)) = l7 {
+        if let Some(protocol) = l7 {
             drop(lease.take());
-            if let Some(path) = path {
-                meta.path = path;
-            }
+            meta.path = self.connector.path_to(&resolution.target);
             meta.service = resolver_service(snapshot, dst);
             let conn = Metered::new(conn, self.telemetry.open(meta.clone()), Side::Source);
             self.http(
@@ -352,174 +286,53 @@ impl PodOutbound {
                 received: 0,
             });
         }
-        match resolution.target {
-            Target::Mesh {
-                addr,
-                identity,
-                service,
-                backend,
-                ..
-            } => {
-                let local = self.local_pod(*addr.ip());
-                meta.path = match local {
-                    Some(_) => MeshPath::SameNode,
-                    None => MeshPath::Hbone,
-                };
-                meta.dst_addr = SocketAddr::V4(addr);
-                meta.dst = Peer::of_identity(&identity);
-                if let Some(pod) = endpoint_pod(snapshot, backend.as_ref(), *addr.ip()) {
-                    meta.dst = Peer {
-                        identity: Some(identity.clone()),
-                        ..Peer::of_pod(&pod)
-                    };
-                }
-                meta.service = service.as_ref().map(service_host);
-                let caller = Caller {
-                    identity: src.clone(),
-                    path: MeshPath::SameNode,
-                    peer: meta.src.clone(),
-                    addr: meta.src_addr,
-                };
-                let conn = Metered::new(conn, self.telemetry.open(meta), Side::Source);
-                match local {
-                    Some(pod) => self.same_node(conn, caller, addr, &identity, &pod).await,
-                    None => self.tunnel(conn, &src, addr, &identity).await,
-                }
-            }
-            Target::Plain { addr, service } => {
-                meta.dst_addr = SocketAddr::V4(addr);
-                if let Some(pod) = endpoint_pod(snapshot, service.as_ref(), *addr.ip()) {
-                    meta.dst = Peer::of_pod(&pod);
-                }
-                meta.service = service.as_ref().map(service_host);
-                self.direct(conn, meta, addr).await
-            }
-            Target::Passthrough { addr } => match self.egress {
-                Egress::Allow => self.direct(conn, meta, addr).await,
-                Egress::Deny => {
-                    let e = OutboundError::EgressDenied { dst: addr };
-                    self.telemetry.denied(meta, e.kind(), &e);
-                    Err(e)
-                }
-            },
-        }
-    }
-
-    async fn tunnel(
-        &self,
-        mut conn: Metered<TcpStream>,
-        src: &SpiffeId,
-        addr: SocketAddrV4,
-        identity: &SpiffeId,
-    ) -> Result<Carried, OutboundError> {
-        let hbone = SocketAddr::from((*addr.ip(), HBONE_PORT));
-        let mut tunnel = match self
-            .pool
-            .connect(src, hbone, identity, SocketAddr::V4(addr))
-            .await
-        {
-            Ok(t) => t,
-            Err(source) => {
-                let e = OutboundError::Tunnel { dst: addr, source };
-                let guard = conn.guard_mut();
-                if e.destination_denied() {
-                    guard.deny(e.kind(), &e);
-                } else {
-                    guard.fail(e.flag(), e.kind(), &e);
-                }
-                return Err(e);
-            }
-        };
-        debug!(pod = %self.pod, endpoint = %addr, dst.id = %identity, "tunnel open");
-        self.carry(&mut conn, &mut tunnel, Path::Hbone).await
-    }
-
-    /// Carries a connection to `dst`, a pod of this agent, inside the agent: `dst` must be the
-    /// `identity` the destination resolved to, and admits `caller` as it would a tunnel.
-    async fn same_node(
-        &self,
-        mut conn: Metered<TcpStream>,
-        caller: Caller,
-        addr: SocketAddrV4,
-        identity: &SpiffeId,
-        dst: &LocalPod,
-    ) -> Result<Carried, OutboundError> {
-        let found = dst.identity();
-        if found.as_ref() != Some(identity) {
-            let e = OutboundError::IdentityMismatch {
-                dst: addr,
-                pod: dst.name().clone(),
-                expected: identity.clone(),
-                found,
-            };
-            conn.guard_mut().fail(e.flag(), e.kind(), &e);
-            return Err(e);
-        }
-        let mut app = match dst.inbound.admit(caller, SocketAddr::V4(addr)).await {
-            Ok(app) => app,
-            Err(rejection) => {
-                let e = OutboundError::SameNode {
-                    dst: addr,
-                    pod: dst.name().clone(),
-                    rejection,
-                };
-                let guard = conn.guard_mut();
-                if e.destination_denied() {
-                    guard.deny(e.kind(), &e);
-                } else {
-                    guard.fail(e.flag(), e.kind(), &e);
-                }
-                return Err(e);
-            }
-        };
-        debug!(pod = %self.pod, endpoint = %addr, dst.id = %identity, "same-node connection admitted");
-        // A revocation at the destination closes the caller's side too.
-        let destination = app.guard_mut().map(|g| g.activity());
-        match relay_watching(&mut conn, &mut app, self.idle_timeout, destination).await {
-            Ok((sent, received)) => Ok(Carried {
-                path: Path::SameNode,
-                sent,
-                received,
-            }),
-            Err(e) => {
-                // The destination's report ends the way the source's does.
-                if let Some(guard) = app.guard_mut() {
-                    guard.fail(e.flag(), e.kind(), &e);
-                }
-                Err(e.into())
-            }
-        }
-    }
-
-    async fn direct(
-        &self,
-        conn: TcpStream,
-        meta: ConnMeta,
-        addr: SocketAddrV4,
-    ) -> Result<Carried, OutboundError> {
-        let mut conn = Metered::new(conn, self.telemetry.open(meta), Side::Source);
-        let mut upstream = match (self.dial)(addr).await {
+        let target = resolution.target;
+        describe(
+            &mut meta,
+            snapshot,
+            &target,
+            self.connector.path_to(&target),
+        );
+        let upstream = match self.connector.connect(&src, &meta, &target).await {
             Ok(u) => u,
-            Err(source) => {
-                let e = OutboundError::Direct { dst: addr, source };
-                conn.guard_mut().fail(e.flag(), e.kind(), &e);
-                return Err(e);
+            Err(e) => {
+                if e.denied() {
+                    self.telemetry.denied(meta, e.kind(), &e);
+                } else {
+                    self.telemetry.failed(meta, e.flag(), e.kind(), &e);
+                }
+                return Err(e.into());
             }
         };
-        let _ = upstream.set_nodelay(true);
-        self.carry(&mut conn, &mut upstream, Path::Direct).await
+        debug!(pod = %self.pod, endpoint = %target.addr(), path = ?upstream.path(), "connected");
+        let conn = Metered::new(conn, self.telemetry.open(meta), Side::Source);
+        self.carry(conn, upstream).await
     }
 
-    async fn carry<U>(
+    /// Copies between the application's connection and the upstream until both ends are
+    /// done, or the connection sat idle for the idle timeout.
+    async fn carry(
         &self,
-        conn: &mut Metered<TcpStream>,
-        upstream: &mut U,
-        path: Path,
-    ) -> Result<Carried, OutboundError>
-    where
-        U: AsyncRead + AsyncWrite + Unpin,
-    {
-        let (sent, received) = relay(conn, upstream, self.idle_timeout).await?;
+        mut conn: Metered<TcpStream>,
+        upstream: Upstream,
+    ) -> Result<Carried, OutboundError> {
+        let path = upstream.path();
+        let copied = match upstream {
+            Upstream::Hbone(mut tunnel) => relay(&mut conn, &mut tunnel, self.idle_timeout).await,
+            Upstream::Direct(mut socket) => relay(&mut conn, &mut socket, self.idle_timeout).await,
+            Upstream::SameNode(mut app) => {
+                // A revocation at the destination closes the caller's side too.
+                let destination = app.guard_mut().map(|g| g.activity());
+                let copied =
+                    relay_watching(&mut conn, &mut app, self.idle_timeout, destination).await;
+                if let (Err(e), Some(guard)) = (&copied, app.guard_mut()) {
+                    // The destination's report ends the way the source's does.
+                    guard.fail(e.flag(), e.kind(), e);
+                }
+                copied
+            }
+        };
+        let (sent, received) = copied?;
         Ok(Carried {
             path,
             sent,
@@ -540,6 +353,7 @@ fn resolver_service(
         .map(|s| service_host(&s.name))
 }
 
+mod connect;
 mod requests;
 #[cfg(test)]
 mod tests;

@@ -25,7 +25,7 @@
 //! - [`IDENTITY_HEADER`] is removed from every request: only the destination's proxy sets it.
 
 use std::convert::Infallible;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddrV4;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,10 +41,8 @@ use mesh_core::resolve::{FastPicker, HeaderModifier, Resolver, Target, Unresolve
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::{Egress, PodOutbound};
-use crate::config::SameNode;
-use crate::hbone::{HBONE_PORT, HboneError, HbonePool};
-use crate::inbound::{AppDialer, Caller, DENIED, Rejection};
+use super::PodOutbound;
+use super::connect::{ConnectError, Connector, Upstream, describe};
 use crate::l7::deadline;
 use crate::l7::retry::{MAX_RETRIES, RetryBudget, idempotent, retriable_status};
 use crate::l7::upstream::{UpstreamError, Upstreams};
@@ -53,12 +51,8 @@ use crate::l7::{
     Body, BoxIo, Headers, HttpConfig, IDENTITY_HEADER, Wire, empty, grpc_status, is_grpc,
     normalize_path, refusal, strip_hop_by_hop, upgrade,
 };
-use crate::local::LocalPods;
 use crate::state::Applied;
-use crate::telemetry::{
-    ConnMeta, MeshPath, Metered, Peer, RequestRecord, ResponseFlag, Telemetry, endpoint_pod,
-    service_host,
-};
+use crate::telemetry::{ConnMeta, Metered, RequestRecord, ResponseFlag, Telemetry};
 
 /// What a pod's L7 requests share across its connections.
 #[derive(Debug)]
@@ -78,60 +72,6 @@ impl HttpShared {
     }
 }
 
-/// Why a connection to an endpoint could not be opened.
-#[derive(Debug, thiserror::Error)]
-enum ConnectError {
-    #[error("tunnel to {dst}: {source}")]
-    Tunnel {
-        dst: SocketAddrV4,
-        source: HboneError,
-    },
-    #[error("{pod} (same node) refused: {rejection}")]
-    SameNode {
-        pod: NamespacedName,
-        rejection: Rejection,
-    },
-    #[error("{dst} is {pod} of this node, whose identity is not {expected}")]
-    IdentityMismatch {
-        dst: SocketAddrV4,
-        pod: NamespacedName,
-        expected: SpiffeId,
-    },
-    #[error("connect to {dst}: {source}")]
-    Direct {
-        dst: SocketAddrV4,
-        source: std::io::Error,
-    },
-    #[error("{dst} is outside the mesh and egress is denied")]
-    EgressDenied { dst: SocketAddrV4 },
-}
-
-impl ConnectError {
-    /// The destination refused by policy.
-    fn denied(&self) -> bool {
-        match self {
-            ConnectError::Tunnel {
-                source: HboneError::Refused { status, .. },
-                ..
-            } => *status == DENIED,
-            ConnectError::SameNode { rejection, .. } => rejection.status == DENIED,
-            ConnectError::EgressDenied { .. } => true,
-            _ => false,
-        }
-    }
-
-    fn kind(&self) -> &'static str {
-        match self {
-            ConnectError::EgressDenied { .. } => "egress_denied",
-            _ if self.denied() => "destination_denied",
-            ConnectError::Tunnel { .. } => "tunnel",
-            ConnectError::SameNode { rejection, .. } => rejection.kind,
-            ConnectError::IdentityMismatch { .. } => "identity_mismatch",
-            ConnectError::Direct { .. } => "direct",
-        }
-    }
-}
-
 /// One application connection on an L7 port, and what its requests need.
 pub(super) struct HttpConn {
     pub pod: NamespacedName,
@@ -143,10 +83,7 @@ pub(super) struct HttpConn {
     pub protocol: Protocol,
     pub resolver: Arc<Resolver>,
     pub applied: Arc<Applied>,
-    pub pool: HbonePool,
-    pub local: Option<Arc<LocalPods>>,
-    pub dial: AppDialer,
-    pub egress: Egress,
+    pub connector: Connector,
     pub telemetry: Telemetry,
     pub shared: Arc<HttpShared>,
     /// The connection as the telemetry describes it (`reporter="source"`).
@@ -186,13 +123,7 @@ impl PodOutbound {
             protocol,
             resolver,
             applied,
-            pool: self.pool.clone(),
-            local: match self.same_node {
-                SameNode::InProcess => self.local.clone(),
-                SameNode::Hbone => None,
-            },
-            dial: self.dial.clone(),
-            egress: self.egress,
+            connector: self.connector.clone(),
             telemetry: self.telemetry.clone(),
             shared: self.http.clone(),
             meta,
@@ -331,7 +262,12 @@ impl HttpConn {
             };
             let _lease = route.resolution.lease;
             let target = route.resolution.target;
-            self.describe(&mut meta, &target);
+            describe(
+                &mut meta,
+                &self.applied.snapshot,
+                &target,
+                self.connector.path_to(&target),
+            );
             let mut request = rebuild(
                 &method,
                 &parts.uri,
@@ -467,50 +403,6 @@ impl HttpConn {
         }
     }
 
-    /// Fills in the telemetry's destination for a request going to `target`.
-    fn describe(&self, meta: &mut ConnMeta, target: &Target) {
-        let snapshot = &self.applied.snapshot;
-        meta.dst_addr = SocketAddr::V4(target.addr());
-        match target {
-            Target::Mesh {
-                addr,
-                identity,
-                service,
-                backend,
-                ..
-            } => {
-                meta.path = if self.local_pod(*addr.ip()).is_some() {
-                    MeshPath::SameNode
-                } else {
-                    MeshPath::Hbone
-                };
-                meta.dst = Peer::of_identity(identity);
-                if let Some(pod) = endpoint_pod(snapshot, backend.as_ref(), *addr.ip()) {
-                    meta.dst = Peer {
-                        identity: Some(identity.clone()),
-                        ..Peer::of_pod(&pod)
-                    };
-                }
-                meta.service = service.as_ref().map(service_host);
-            }
-            Target::Plain { addr, service } => {
-                meta.path = MeshPath::Direct;
-                meta.dst = endpoint_pod(snapshot, service.as_ref(), *addr.ip())
-                    .map_or_else(Peer::default, |p| Peer::of_pod(&p));
-                meta.service = service.as_ref().map(service_host);
-            }
-            Target::Passthrough { .. } => {
-                meta.path = MeshPath::Direct;
-                meta.dst = Peer::default();
-                meta.service = None;
-            }
-        }
-    }
-
-    fn local_pod(&self, ip: std::net::Ipv4Addr) -> Option<Arc<crate::local::LocalPod>> {
-        self.local.as_ref()?.get(ip)
-    }
-
     /// The version a request of `client` version leaves in for `target`: a meshed pod's proxy
     /// takes the caller's version (and speaks the declared one to its application); an
     /// endpoint without a proxy is spoken to in the port's declared protocol; a destination
@@ -548,52 +440,10 @@ impl HttpConn {
 
     /// A new connection to the target.
     async fn connect(&self, target: &Target, meta: &ConnMeta) -> Result<BoxIo, ConnectError> {
-        match target {
-            Target::Mesh { addr, identity, .. } => {
-                let addr = *addr;
-                if let Some(pod) = self.local_pod(*addr.ip()) {
-                    if pod.identity().as_ref() != Some(identity) {
-                        return Err(ConnectError::IdentityMismatch {
-                            dst: addr,
-                            pod: pod.name().clone(),
-                            expected: identity.clone(),
-                        });
-                    }
-                    let caller = Caller {
-                        identity: self.src.clone(),
-                        path: MeshPath::SameNode,
-                        peer: meta.src.clone(),
-                        addr: meta.src_addr,
-                    };
-                    return match pod.inbound.admit(caller, SocketAddr::V4(addr)).await {
-                        Ok(stream) => Ok(Box::new(stream)),
-                        Err(rejection) => Err(ConnectError::SameNode {
-                            pod: pod.name().clone(),
-                            rejection,
-                        }),
-                    };
-                }
-                let hbone = SocketAddr::from((*addr.ip(), HBONE_PORT));
-                self.pool
-                    .connect(&self.src, hbone, identity, SocketAddr::V4(addr))
-                    .await
-                    .map(|s| Box::new(s) as BoxIo)
-                    .map_err(|source| ConnectError::Tunnel { dst: addr, source })
-            }
-            Target::Plain { addr, .. } => self.direct(*addr).await,
-            Target::Passthrough { addr } => match self.egress {
-                Egress::Allow => self.direct(*addr).await,
-                Egress::Deny => Err(ConnectError::EgressDenied { dst: *addr }),
-            },
-        }
-    }
-
-    async fn direct(&self, addr: SocketAddrV4) -> Result<BoxIo, ConnectError> {
-        let stream = (self.dial)(addr)
+        self.connector
+            .connect(&self.src, meta, target)
             .await
-            .map_err(|source| ConnectError::Direct { dst: addr, source })?;
-        let _ = stream.set_nodelay(true);
-        Ok(Box::new(stream))
+            .map(Upstream::boxed)
     }
 }
 

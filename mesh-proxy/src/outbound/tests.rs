@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use super::*;
-use crate::hbone::{Dialer, HboneServer, PoolConfig, ServerConfig};
+use crate::hbone::{Dialer, HBONE_PORT, HboneError, HboneServer, PoolConfig, ServerConfig};
 use crate::identity::testing::{TestCa, TestSigner, id, manager};
 use crate::inbound::PodInbound;
 use crate::telemetry::testing::{encode, sample};
@@ -261,7 +261,16 @@ async fn a_service_call_crosses_nodes_in_an_hbone_tunnel() {
         .expect("carried");
     assert_eq!(carried.path, Path::Hbone);
     assert_eq!((carried.sent, carried.received), (1_000_000, 1_000_000));
-    assert_eq!(nodes.outbound.pool.stats().snapshot().streams_opened, 1);
+    assert_eq!(
+        nodes
+            .outbound
+            .connector
+            .pool
+            .stats()
+            .snapshot()
+            .streams_opened,
+        1
+    );
 
     // node-a reports the call as its source, node-b as its destination, with the same
     // Istio labels; requests count as received, responses as sent, whoever reports.
@@ -445,10 +454,10 @@ async fn a_denied_call_is_closed_promptly_and_never_reaches_the_app() {
         .expect("result")
         .expect_err("refused");
     match e {
-        OutboundError::Tunnel {
+        OutboundError::Connect(ConnectError::Tunnel {
             source: HboneError::Refused { status, reason },
             ..
-        } => {
+        }) => {
             assert_eq!(status, crate::inbound::DENIED);
             assert!(!reason.contains(WEB), "a plain refusal: {reason}");
         }

@@ -237,7 +237,7 @@ impl OneNode {
 
     /// No HBONE connection was opened, by the pool or to api-0's 15008.
     fn assert_no_tunnel(&self) {
-        let pool = self.outbound.pool.stats().snapshot();
+        let pool = self.outbound.connector.pool.stats().snapshot();
         assert_eq!(
             (
                 pool.connections_opened,
@@ -247,7 +247,7 @@ impl OneNode {
             (0, 0, 0),
             "{pool:?}"
         );
-        assert_eq!(self.outbound.pool.connections(), 0);
+        assert_eq!(self.outbound.connector.pool.connections(), 0);
         assert_eq!(self.hbone_accepted.load(Ordering::SeqCst), 0);
         assert_eq!(self.hbone.stats().snapshot().streams_opened, 0);
     }
@@ -382,7 +382,7 @@ async fn a_same_node_caller_without_a_traffic_target_is_refused_promptly() {
     let e = handled.await.expect("task").expect_err("refused");
     assert_eq!(e.kind(), "destination_denied");
     match &e {
-        OutboundError::SameNode { rejection, .. } => {
+        OutboundError::Connect(ConnectError::SameNode { rejection, .. }) => {
             assert_eq!(rejection.status, crate::inbound::DENIED);
             assert_eq!(rejection.kind, "no_traffic_target");
             assert!(rejection.reason.contains(WEB), "{}", rejection.reason);
@@ -477,7 +477,7 @@ async fn with_the_hbone_setting_same_node_calls_take_a_tunnel() {
     assert_eq!(echoed, b"through TLS");
     let carried = handled.await.expect("task").expect("carried");
     assert_eq!(carried.path, Path::Hbone);
-    let pool = node.outbound.pool.stats().snapshot();
+    let pool = node.outbound.connector.pool.stats().snapshot();
     assert_eq!(
         (pool.connections_opened, pool.streams_opened),
         (1, 1),
