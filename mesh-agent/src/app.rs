@@ -1,21 +1,22 @@
 //! Composition root: wires the datapath, the pods and the proxy for `mesh-agent run`.
-use std::{
-    collections::{BTreeMap, HashMap},
-    io::Write as _,
-    path::PathBuf,
-    sync::Arc,
-};
+use std::{io::Write as _, path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
 
-use mesh_datapath::{cgroup, config::PodSpec, ebpf::Datapath};
+use mesh_datapath::{
+    cgroup,
+    config::{Cidr, PodSpec},
+    ebpf::{Datapath, DatapathError},
+};
 use mesh_netns as netns;
 
-use mesh_proxy::{local::LocalPods, proxy, telemetry::Telemetry};
+use mesh_proxy::{config::ProxyConfig, local::LocalPods, proxy, telemetry::Telemetry};
 
 use crate::{
     admin::{self, AdminState},
     config::Config,
+    enroll::node::NodePods,
+    enroll::reconcile::{EnrollError, Node, Reconciler, Wanted},
 };
 
 /// The cgroup the agent runs in. Its own sockets must never be captured, and the programs that
@@ -169,47 +170,31 @@ pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
         }
         let admin = Arc::new(admin);
         let endpoints = admin::start(&cfg.admin, &admin).await?;
-        let failures = admin.enroll_failures.clone();
-        let start_pod =
-            |datapath: &mut Datapath, pod: &PodSpec| -> anyhow::Result<proxy::PodProxy> {
-                let sockets = datapath
-                    .enroll(pod)
-                    .with_context(|| format!("enroll {}", pod.name))?;
-                let ns = netns::open(&pod.netns)?;
-                let worker = netns::Worker::spawn(&ns, &pod.netns)?;
-                let p = proxy::start(
-                    &pod.name,
-                    pod.ip,
-                    proxy::PodNet::in_netns(worker),
-                    sockets,
-                    mesh.clone(),
-                    telemetry.clone(),
-                    &cfg.proxy,
-                )?;
-                tracing::info!(pod = %pod.name, ip = %pod.ip, "enrolled");
-                Ok(p)
-            };
-        let mut proxies = HashMap::new();
-        for pod in &cfg.pods {
-            proxies.insert(pod.name.clone(), start_pod(&mut datapath, pod)?);
-        }
+        let node = AgentNode {
+            datapath,
+            mesh,
+            telemetry: telemetry.clone(),
+            proxy: cfg.proxy.clone(),
+        };
+        // On a real node: pods found through the CNI plugin and the cgroup hierarchy.
+        let wanted = match (&cfg.discover_pods, &cfg.controller) {
+            (Some(d), _) => Wanted::Discovered(NodePods::new(mount.clone(), d.netns_dirs.clone())),
+            (None, Some(c)) if cfg.enroll_from_config => Wanted::Config {
+                node: c.node.clone(),
+            },
+            _ => Wanted::Fixed,
+        };
+        let mut pods = Reconciler::new(
+            node,
+            wanted,
+            admin.enroll_failures.clone(),
+            !cfg.datapath.capture.is_empty(),
+        );
+        pods.enroll_fixed(&cfg.pods)?;
         let _ = ready_tx.send(());
 
-        // Pods enrolled from the configuration, with the spec they were enrolled with.
-        let mut dynamic: BTreeMap<String, PodSpec> = BTreeMap::new();
         // Every configuration change: what to capture, and the pods to enroll.
         let mut changes = control.as_ref().map(|c| c.store.subscribe());
-        let node = cfg
-            .controller
-            .as_ref()
-            .map(|c| c.node.clone())
-            .unwrap_or_default();
-        let fixed: Vec<String> = cfg.pods.iter().map(|p| p.name.clone()).collect();
-        // On a real node: pods found through the CNI plugin and the cgroup hierarchy.
-        let mut node_pods = cfg
-            .discover_pods
-            .as_ref()
-            .map(|d| crate::enroll::node::NodePods::new(mount.clone(), d.netns_dirs.clone()));
         let (mut cni_calls, cni_task) = match &cfg.discover_pods {
             Some(d) => {
                 let (rx, task) =
@@ -219,131 +204,13 @@ pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
             }
             None => (None, None),
         };
-        // CNI calls waiting for the controller to announce their pod, or for its enrollment.
-        let mut waiting: Vec<crate::cni::CniCall> = Vec::new();
-        let mut last_rejected: BTreeMap<String, String> = BTreeMap::new();
-        let mut last_capture: Option<Vec<mesh_datapath::config::Cidr>> = None;
         loop {
             if let Some(rx) = changes.as_mut() {
                 let (arrived, snapshot) = {
                     let applied = rx.borrow_and_update();
                     (applied.version.is_some(), applied.snapshot.clone())
                 };
-                // What the cluster says to capture (its pod and service CIDRs), with --capture;
-                // until the first configuration arrives, what the datapath held stays.
-                let cluster: Vec<mesh_datapath::config::Cidr> = snapshot
-                    .capture
-                    .iter()
-                    .filter_map(|c| c.parse().ok())
-                    .collect();
-                if arrived && last_capture.as_ref() != Some(&cluster) {
-                    match datapath.set_capture(&cluster) {
-                        Ok(_) => {
-                            tracing::info!(cluster = ?snapshot.capture, flags = ?cfg.datapath.capture, "capture");
-                            if cluster.is_empty() && cfg.datapath.capture.is_empty() {
-                                tracing::warn!(
-                                    "nothing is captured: the cluster names no pod or service CIDR (Node.spec.podCIDRs, ServiceCIDR, the controller's --service-cidr) and no --capture is given"
-                                );
-                            }
-                            last_capture = Some(cluster);
-                        }
-                        Err(e) => tracing::warn!(error = %e, "cannot update what is captured"),
-                    }
-                }
-                // CNI calls first: a pod handed over now is enrolled in this same round.
-                let mut to_answer = Vec::new();
-                if let Some(np) = node_pods.as_mut() {
-                    for call in std::mem::take(&mut waiting) {
-                        if call.reply.is_closed() {
-                            continue;
-                        }
-                        match np.call(&call.request, &snapshot) {
-                            crate::enroll::node::Decision::Answer(a) => {
-                                let _ = call.reply.send(a);
-                            }
-                            crate::enroll::node::Decision::Wait => waiting.push(call),
-                            crate::enroll::node::Decision::Enroll { name }
-                            | crate::enroll::node::Decision::Unenroll { name } => {
-                                to_answer.push((call, name));
-                            }
-                        }
-                    }
-                }
-                let (wanted, rejected) = match node_pods.as_mut() {
-                    Some(np) => np.desired(&snapshot, &fixed),
-                    None if cfg.enroll_from_config => {
-                        crate::enroll::desired(&snapshot, &node, &fixed)
-                    }
-                    None => Default::default(),
-                };
-                let rejected: BTreeMap<String, String> = rejected.into_iter().collect();
-                admin.set_wanted(wanted.values().cloned().collect());
-                for (pod, reason) in &rejected {
-                    // Said once per reason, not at every configuration change.
-                    if last_rejected.get(pod) != Some(reason) {
-                        tracing::warn!(%pod, %reason, "cannot enroll a pod of the configuration");
-                    }
-                }
-                // Gone or changed: stop its proxy, then take it out of the datapath.
-                let stale: Vec<String> = dynamic
-                    .iter()
-                    .filter(|(name, spec)| wanted.get(*name) != Some(*spec))
-                    .map(|(name, _)| name.clone())
-                    .collect();
-                for name in stale {
-                    proxies.remove(&name);
-                    if let Some(spec) = dynamic.remove(&name)
-                        && let Err(e) = datapath.unenroll(&spec)
-                    {
-                        tracing::warn!(pod = %name, error = %e, "unenroll failed");
-                    }
-                    tracing::info!(pod = %name, "unenrolled: no longer in the configuration as it was");
-                }
-                // Pods no longer wanted have nothing left to retry.
-                failures.retain(|name| wanted.contains_key(name));
-                for (name, spec) in wanted {
-                    if dynamic.contains_key(&name) {
-                        continue;
-                    }
-                    match start_pod(&mut datapath, &spec) {
-                        Ok(p) => {
-                            failures.clear(&name);
-                            proxies.insert(name.clone(), p);
-                            dynamic.insert(name, spec);
-                        }
-                        // Retried after RETRY_AFTER or at the next configuration change.
-                        Err(e) => {
-                            let reason = e
-                                .downcast_ref::<mesh_datapath::ebpf::DatapathError>()
-                                .map_or("proxy", |d| d.kind());
-                            let error = format!("{e:#}");
-                            tracing::warn!(pod = %name, reason, %error, "enroll failed: the pod is not meshed; retrying");
-                            failures.failed(&name, reason, error);
-                        }
-                    }
-                }
-                for (call, name) in to_answer {
-                    let enrolled = dynamic.contains_key(&name);
-                    let answer = if call.request.op == mesh_cni::Op::Del {
-                        if enrolled {
-                            mesh_cni::Response::Failed {
-                                message: "still enrolled".into(),
-                            }
-                        } else {
-                            mesh_cni::Response::Removed
-                        }
-                    } else if enrolled {
-                        mesh_cni::Response::Enrolled
-                    } else {
-                        let message = failures
-                            .get(&name)
-                            .or_else(|| rejected.get(&name).cloned())
-                            .unwrap_or_else(|| "not enrolled".into());
-                        mesh_cni::Response::Failed { message }
-                    };
-                    let _ = call.reply.send(answer);
-                }
-                last_rejected = rejected;
+                admin.set_wanted(pods.round(&snapshot, arrived));
             }
             let changed = async {
                 match changes.as_mut() {
@@ -352,7 +219,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
                 }
             };
             let retry = async {
-                if failures.any() {
+                if pods.retrying() {
                     tokio::time::sleep(crate::enroll::RETRY_AFTER).await
                 } else {
                     std::future::pending().await
@@ -366,10 +233,10 @@ pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
             };
             // A plugin that gave up is noticed within a second.
             let tick = async {
-                if waiting.is_empty() {
-                    std::future::pending().await
-                } else {
+                if pods.waiting() {
                     tokio::time::sleep(std::time::Duration::from_secs(1)).await
+                } else {
+                    std::future::pending().await
                 }
             };
             tokio::select! {
@@ -377,7 +244,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
                 () = retry => {}
                 () = tick => {}
                 call = cni_call => match call {
-                    Some(call) => waiting.push(call),
+                    Some(call) => pods.hold(call),
                     None => cni_calls = None,
                 },
                 alive = changed => {
@@ -389,24 +256,17 @@ pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
         }
         tracing::info!("shutting down");
         admin.set_draining();
-        let drained = proxy::drain(proxies.values(), &telemetry, cfg.proxy.drain_grace).await;
+        let drained = proxy::drain(pods.served(), &telemetry, cfg.proxy.drain_grace).await;
         tracing::info!(
             open = drained.open,
             cut = drained.cut,
             elapsed = ?drained.elapsed,
             "drained"
         );
-        drop(proxies);
         for task in endpoints.into_iter().chain(revocation).chain(cni_task) {
             task.abort();
         }
-        if cfg.unenroll_on_exit {
-            for pod in cfg.pods.iter().chain(dynamic.values()) {
-                if let Err(e) = datapath.unenroll(pod) {
-                    tracing::warn!(pod = %pod.name, error = %e, "unenroll failed");
-                }
-            }
-        }
+        pods.finish(cfg.unenroll_on_exit);
         Ok(())
     });
     let mut task = task;
@@ -417,6 +277,57 @@ pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
             Err(_) => Err(task.await.context("the agent's task")?.err().unwrap_or_else(|| anyhow::anyhow!("the agent stopped while starting"))),
         },
         ended = &mut task => Err(ended.context("the agent's task")?.err().unwrap_or_else(|| anyhow::anyhow!("the agent stopped while starting"))),
+    }
+}
+
+/// The node as the agent changes it: the datapath, and a proxy for each pod it enrolls.
+struct AgentNode {
+    datapath: Datapath,
+    mesh: Option<proxy::Mesh>,
+    telemetry: Telemetry,
+    proxy: ProxyConfig,
+}
+
+impl Node for AgentNode {
+    type Served = proxy::PodProxy;
+
+    fn enroll(&mut self, pod: &PodSpec) -> Result<proxy::PodProxy, EnrollError> {
+        let sockets = self
+            .datapath
+            .enroll(pod)
+            .map_err(|source| EnrollError::Datapath {
+                pod: pod.name.clone(),
+                source: Box::new(source),
+            })?;
+        let netns = |source| EnrollError::Netns {
+            pod: pod.name.clone(),
+            source,
+        };
+        let ns = netns::open(&pod.netns).map_err(netns)?;
+        let worker = netns::Worker::spawn(&ns, &pod.netns).map_err(netns)?;
+        let served = proxy::start(
+            &pod.name,
+            pod.ip,
+            proxy::PodNet::in_netns(worker),
+            sockets,
+            self.mesh.clone(),
+            self.telemetry.clone(),
+            &self.proxy,
+        )
+        .map_err(|source| EnrollError::Proxy {
+            pod: pod.name.clone(),
+            source,
+        })?;
+        tracing::info!(pod = %pod.name, ip = %pod.ip, "enrolled");
+        Ok(served)
+    }
+
+    fn unenroll(&mut self, pod: &PodSpec) -> Result<(), DatapathError> {
+        self.datapath.unenroll(pod)
+    }
+
+    fn set_capture(&mut self, cluster: &[Cidr]) -> Result<(), DatapathError> {
+        self.datapath.set_capture(cluster).map(|_| ())
     }
 }
 

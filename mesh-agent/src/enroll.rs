@@ -21,12 +21,32 @@ use mesh_core::model::{NodeSnapshot, TlsMode, Workload};
 use mesh_datapath::config::{Mode, PodSpec};
 
 pub mod node;
+pub mod reconcile;
 
 /// The interface a pod reaches its node through.
 pub const POD_IFACE: &str = "eth0";
 
 /// Ports a pod may not ask to have steered: the proxy's own.
 const RESERVED: [u16; 3] = [15001, 15006, mesh_common::HBONE_PORT];
+
+/// Why a pod the configuration places here cannot be enrolled.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("no {what} path")]
+    NoPath { what: &'static str },
+    #[error("{what} path {} is not absolute", path.display())]
+    RelativePath { what: &'static str, path: PathBuf },
+    #[error("no IPv4 address yet")]
+    NoAddress,
+    #[error("port {port} cannot be steered (0 or the proxy's own)")]
+    ReservedPort { port: u16 },
+    #[error("CNI_NETNS {netns:?} is not an absolute path")]
+    RelativeNetns { netns: String },
+    #[error("the primary plugin assigned no IPv4 address (got {ips:?}); the mesh needs one")]
+    NoIpv4 { ips: Vec<String> },
+    #[error("cannot find it on this node: {0}")]
+    NotFound(#[from] mesh_datapath::discovery::DiscoveryError),
+}
 
 /// The pods the configuration wants enrolled on `node`, by `namespace/name`, leaving out
 /// `fixed` names (pods given on the command line win). Workloads that cannot be enrolled are
@@ -35,7 +55,7 @@ pub fn desired(
     snapshot: &NodeSnapshot,
     node: &str,
     fixed: &[String],
-) -> (BTreeMap<String, PodSpec>, Vec<(String, String)>) {
+) -> (BTreeMap<String, PodSpec>, Vec<(String, Refusal)>) {
     let mut pods = BTreeMap::new();
     let mut rejected = Vec::new();
     for w in snapshot.workloads.values().filter(|w| w.node == node) {
@@ -53,18 +73,18 @@ pub fn desired(
     (pods, rejected)
 }
 
-fn spec(name: &str, w: &Workload) -> Result<PodSpec, String> {
-    let path = |what: &str, p: &Option<String>| {
-        let p = PathBuf::from(p.as_deref().ok_or(format!("no {what} path"))?);
-        if p.is_absolute() {
-            Ok(p)
+fn spec(name: &str, w: &Workload) -> Result<PodSpec, Refusal> {
+    let path = |what: &'static str, p: &Option<String>| {
+        let path = PathBuf::from(p.as_deref().ok_or(Refusal::NoPath { what })?);
+        if path.is_absolute() {
+            Ok(path)
         } else {
-            Err(format!("{what} path {} is not absolute", p.display()))
+            Err(Refusal::RelativePath { what, path })
         }
     };
     let cgroup = path("cgroup", &w.cgroup)?;
     let netns = path("network namespace", &w.netns)?;
-    let ip = *w.ips.first().ok_or("no IPv4 address yet")?;
+    let ip = *w.ips.first().ok_or(Refusal::NoAddress)?;
     checked(PodSpec {
         name: name.to_string(),
         cgroup,
@@ -78,13 +98,13 @@ fn spec(name: &str, w: &Workload) -> Result<PodSpec, String> {
 }
 
 /// `spec` unless it asks to steer a port the agent cannot give it.
-fn checked(spec: PodSpec) -> Result<PodSpec, String> {
+fn checked(spec: PodSpec) -> Result<PodSpec, Refusal> {
     if let Some(p) = spec
         .inbound_ports
         .iter()
         .find(|p| **p == 0 || RESERVED.contains(p))
     {
-        return Err(format!("port {p} cannot be steered (0 or the proxy's own)"));
+        return Err(Refusal::ReservedPort { port: *p });
     }
     Ok(spec)
 }
@@ -208,7 +228,10 @@ mod tests {
         assert_eq!(web.inbound_ports, [8080, 9090]);
         assert_eq!(web.mode, Mode::Permissive);
         assert_eq!(web.iface, "eth0");
-        let reasons: BTreeMap<_, _> = rejected.into_iter().collect();
+        let reasons: BTreeMap<_, _> = rejected
+            .into_iter()
+            .map(|(pod, r)| (pod, r.to_string()))
+            .collect();
         assert_eq!(reasons.len(), 2, "{reasons:?}");
         assert!(reasons["demo/relative"].contains("not absolute"));
         assert!(reasons["demo/greedy"].contains("15008"));

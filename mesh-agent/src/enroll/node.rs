@@ -25,6 +25,8 @@ use mesh_core::model::{NamespacedName, NodePod, NodeSnapshot};
 use mesh_datapath::config::PodSpec;
 use mesh_datapath::discovery;
 
+use super::Refusal;
+
 /// Where a pod was found on the node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Located {
@@ -85,7 +87,7 @@ impl NodePods {
         &mut self,
         snapshot: &NodeSnapshot,
         fixed: &[String],
-    ) -> (BTreeMap<String, PodSpec>, Vec<(String, String)>) {
+    ) -> (BTreeMap<String, PodSpec>, Vec<(String, Refusal)>) {
         self.forget_gone(snapshot);
         let mut pods = BTreeMap::new();
         let mut rejected = Vec::new();
@@ -111,7 +113,7 @@ impl NodePods {
                         self.located.insert(name.clone(), found);
                     }
                     Err(e) => {
-                        rejected.push((name, format!("cannot find it on this node: {e}")));
+                        rejected.push((name, e.into()));
                         continue;
                     }
                 }
@@ -164,7 +166,9 @@ impl NodePods {
                         self.located.insert(name.clone(), found);
                         Decision::Enroll { name }
                     }
-                    Err(message) => Decision::Answer(Response::Failed { message }),
+                    Err(refusal) => Decision::Answer(Response::Failed {
+                        message: refusal.to_string(),
+                    }),
                 }
             }
         }
@@ -186,26 +190,21 @@ impl NodePods {
     }
 
     /// A pod handed over by the CNI plugin.
-    fn locate(&self, pod: &NodePod, request: &Request) -> Result<Located, String> {
+    fn locate(&self, pod: &NodePod, request: &Request) -> Result<Located, Refusal> {
         let netns = PathBuf::from(&request.netns);
         if !netns.is_absolute() {
-            return Err(format!(
-                "CNI_NETNS {:?} is not an absolute path",
-                request.netns
-            ));
+            return Err(Refusal::RelativeNetns {
+                netns: request.netns.clone(),
+            });
         }
         let ip = request
             .ips
             .iter()
             .find_map(|a| a.split('/').next()?.parse::<Ipv4Addr>().ok())
-            .ok_or_else(|| {
-                format!(
-                    "the primary plugin assigned no IPv4 address (got {:?}); the mesh needs one",
-                    request.ips
-                )
+            .ok_or_else(|| Refusal::NoIpv4 {
+                ips: request.ips.clone(),
             })?;
-        let cgroup =
-            discovery::find_pod_cgroup(&self.cgroup_root, &pod.uid).map_err(|e| e.to_string())?;
+        let cgroup = discovery::find_pod_cgroup(&self.cgroup_root, &pod.uid)?;
         Ok(Located {
             uid: pod.uid.clone(),
             cgroup,
@@ -247,7 +246,7 @@ fn key(nn: &NamespacedName) -> String {
     format!("{}/{}", nn.namespace, nn.name)
 }
 
-fn spec(name: &str, pod: &NodePod, found: &Located) -> Result<PodSpec, String> {
+fn spec(name: &str, pod: &NodePod, found: &Located) -> Result<PodSpec, Refusal> {
     super::checked(PodSpec {
         name: name.to_string(),
         cgroup: found.cgroup.clone(),

@@ -205,7 +205,10 @@ fn a_running_pod_that_cannot_be_found_is_reported() {
     let (wanted, rejected) = pods.desired(&s, &[]);
     assert!(wanted.is_empty());
     assert_eq!(rejected.len(), 1);
-    assert!(rejected[0].1.contains("no process runs"), "{rejected:?}");
+    assert!(
+        rejected[0].1.to_string().contains("no process runs"),
+        "{rejected:?}"
+    );
 }
 
 #[test]
