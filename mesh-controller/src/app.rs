@@ -4,7 +4,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -18,9 +19,11 @@ use crate::auth::Authenticator;
 use crate::ca::{self, Ca, CaError};
 use crate::config::{Bootstrap, CaSource, Config, Source};
 use crate::index::SharedIndex;
+use crate::leader::{self, Election, Leadership};
 use crate::metrics::Metrics;
 use crate::server::Server;
 use crate::source;
+use crate::trust_bundle;
 
 /// Lifetime of the controller's own serving certificate; it is reissued at every start.
 const SERVING_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -31,7 +34,7 @@ pub enum StartError {
     #[error("certificate authority: {0}")]
     Ca(#[from] CaError),
     #[error("kubernetes client: {0}")]
-    Kube(String),
+    Kube(#[from] kube::Error),
     #[error("bind {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -93,9 +96,7 @@ impl Drop for Controller {
 }
 
 async fn kube_client() -> Result<kube::Client, StartError> {
-    kube::Client::try_default()
-        .await
-        .map_err(|e| StartError::Kube(e.to_string()))
+    Ok(kube::Client::try_default().await?)
 }
 
 async fn load_ca(config: &Config) -> Result<Ca, StartError> {
@@ -163,9 +164,34 @@ pub async fn start(config: Config) -> Result<Controller, StartError> {
         }
         Source::Kubernetes => {
             let client = kube_client().await?;
+            let leadership = match &config.leader_election {
+                Some(election) => {
+                    let api =
+                        kube::Api::<Lease>::namespaced(client.clone(), &election.lease.namespace);
+                    let (leadership, task) = Election::new(
+                        api,
+                        &election.lease.name,
+                        &election.holder,
+                        leader::LEASE_DURATION,
+                    )
+                    .start();
+                    tasks.push(task);
+                    leadership
+                }
+                None => Leadership::always(),
+            };
+            if let Some(bundle) = &config.trust_bundle {
+                let api = kube::Api::<ConfigMap>::namespaced(client.clone(), &bundle.namespace);
+                tasks.push(tokio::spawn(trust_bundle::keep(
+                    api,
+                    bundle.name.clone(),
+                    roots_pem.clone(),
+                    leadership.clone(),
+                )));
+            }
             let idx = index.clone();
             tasks.push(tokio::spawn(async move {
-                source::kube::run(client, idx).await;
+                source::kube::run(client, idx, leadership).await;
             }));
         }
     }

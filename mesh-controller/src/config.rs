@@ -86,6 +86,27 @@ pub struct Args {
     /// CIDRs. Repeatable. ServiceCIDR objects, where there are any, are used as well.
     #[arg(long = "service-cidr", value_name = "CIDR")]
     pub service_cidrs: Vec<String>,
+    /// Cluster mode: `namespace/name` of the ConfigMap the controller publishes its trust
+    /// roots in (key `ca.crt`), which the agents mount.
+    #[arg(long, default_value = "mesh-system/mesh-ca-root")]
+    pub trust_bundle: String,
+    /// Cluster mode: do not publish the trust bundle (the operator distributes the roots).
+    #[arg(long, conflicts_with = "trust_bundle")]
+    pub no_trust_bundle: bool,
+    /// Cluster mode: run replicas, of which the one holding the Lease `--lease` writes to the
+    /// API (SMI status, the trust bundle); every replica serves agents.
+    #[arg(long)]
+    pub leader_elect: bool,
+    /// The Lease of `--leader-elect`, `namespace/name`.
+    #[arg(
+        long,
+        default_value = "mesh-system/mesh-controller",
+        requires = "leader_elect"
+    )]
+    pub lease: String,
+    /// This replica's name in the Lease (default: `$POD_NAME`, else the host name).
+    #[arg(long, requires = "leader_elect")]
+    pub lease_holder: Option<String>,
     /// Names and addresses in the controller's serving certificate, comma-separated.
     #[arg(
         long,
@@ -145,6 +166,25 @@ pub struct Config {
     pub service_cidrs: Vec<String>,
     pub server: ServerSettings,
     pub server_names: Vec<String>,
+    /// Cluster mode: the ConfigMap the trust roots are published in.
+    pub trust_bundle: Option<NamespacedRef>,
+    /// Cluster mode: the election among replicas, when there is one.
+    pub leader_election: Option<LeaderElection>,
+}
+
+/// A namespaced object's name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NamespacedRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// The election among controller replicas.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LeaderElection {
+    pub lease: NamespacedRef,
+    /// This replica's name in the Lease.
+    pub holder: String,
 }
 
 fn duration(flag: &'static str, s: &str) -> Result<Duration, ConfigError> {
@@ -153,6 +193,20 @@ fn duration(flag: &'static str, s: &str) -> Result<Duration, ConfigError> {
         return Err(bad(flag, "must be at least 2s"));
     }
     Ok(d)
+}
+
+/// A replica's name when none is given: its pod's (`POD_NAME`, from the downward API), else
+/// the host's (a pod's host name is its name).
+fn default_holder() -> String {
+    std::env::var("POD_NAME")
+        .ok()
+        .filter(|n| !n.trim().is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .unwrap_or_default()
 }
 
 fn namespaced(flag: &'static str, s: &str) -> Result<(String, String), ConfigError> {
@@ -232,6 +286,37 @@ impl Config {
         for cidr in &args.service_cidrs {
             mesh_api::convert::ipv4_cidr(cidr).map_err(|e| bad("--service-cidr", e))?;
         }
+        let kubernetes = matches!(source, Source::Kubernetes);
+        let trust_bundle = match (kubernetes, args.no_trust_bundle) {
+            (true, false) => {
+                let (namespace, name) = namespaced("--trust-bundle", &args.trust_bundle)?;
+                Some(NamespacedRef { namespace, name })
+            }
+            _ => None,
+        };
+        let leader_election = match (args.leader_elect, kubernetes) {
+            (false, _) => None,
+            (true, false) => {
+                return Err(bad("--leader-elect", "only in cluster mode (--kubernetes)"));
+            }
+            (true, true) => {
+                let (namespace, name) = namespaced("--lease", &args.lease)?;
+                let holder = match &args.lease_holder {
+                    Some(h) => h.trim().to_string(),
+                    None => default_holder(),
+                };
+                if holder.is_empty() {
+                    return Err(bad(
+                        "--lease-holder",
+                        "empty; name this replica (its pod's name)",
+                    ));
+                }
+                Some(LeaderElection {
+                    lease: NamespacedRef { namespace, name },
+                    holder,
+                })
+            }
+        };
         if args.server_names.iter().all(|n| n.trim().is_empty()) {
             return Err(bad("--server-names", "at least one name is needed"));
         }
@@ -249,6 +334,8 @@ impl Config {
                 node_validity: duration("--node-cert-ttl", &args.node_cert_ttl)?,
             },
             server_names: args.server_names.clone(),
+            trust_bundle,
+            leader_election,
         })
     }
 
@@ -368,6 +455,45 @@ mod tests {
     }
 
     #[test]
+    fn cluster_mode_publishes_the_trust_bundle_and_elects_a_leader_when_asked() {
+        let c = args(&["--kubernetes"]).expect("valid");
+        let bundle = NamespacedRef {
+            namespace: "mesh-system".into(),
+            name: "mesh-ca-root".into(),
+        };
+        assert_eq!(c.trust_bundle, Some(bundle));
+        assert_eq!(c.leader_election, None);
+        let c = args(&["--kubernetes", "--no-trust-bundle"]).expect("valid");
+        assert_eq!(c.trust_bundle, None);
+        let local = args(&["--local-dir", "/c", "--bootstrap-tokens", "/t"]).expect("valid");
+        assert_eq!(
+            local.trust_bundle, None,
+            "local mode has no API to publish to"
+        );
+
+        let c = args(&[
+            "--kubernetes",
+            "--trust-bundle=mesh/roots",
+            "--leader-elect",
+            "--lease=mesh/controller",
+            "--lease-holder=controller-0",
+        ])
+        .expect("valid");
+        assert_eq!(
+            c.trust_bundle
+                .map(|b| format!("{}/{}", b.namespace, b.name)),
+            Some("mesh/roots".to_string())
+        );
+        let election = c.leader_election.expect("an election");
+        assert_eq!(election.lease.namespace, "mesh");
+        assert_eq!(election.lease.name, "controller");
+        assert_eq!(election.holder, "controller-0");
+        // Without a name given, the pod's (or the host's).
+        let c = args(&["--kubernetes", "--leader-elect"]).expect("valid");
+        assert!(!c.leader_election.expect("an election").holder.is_empty());
+    }
+
+    #[test]
     fn bad_flags_name_the_flag() {
         for (argv, flag) in [
             (vec!["--local-dir", "/c"], "--bootstrap-tokens"),
@@ -392,6 +518,28 @@ mod tests {
             (
                 vec!["--kubernetes", "--token-audiences", ","],
                 "--token-audiences",
+            ),
+            (
+                vec!["--kubernetes", "--trust-bundle", "mesh-ca-root"],
+                "--trust-bundle",
+            ),
+            (
+                vec![
+                    "--local-dir",
+                    "/c",
+                    "--bootstrap-tokens",
+                    "/t",
+                    "--leader-elect",
+                ],
+                "--leader-elect",
+            ),
+            (
+                vec!["--kubernetes", "--leader-elect", "--lease", "x/"],
+                "--lease",
+            ),
+            (
+                vec!["--kubernetes", "--leader-elect", "--lease-holder", " "],
+                "--lease-holder",
             ),
         ] {
             let e = args(&argv).expect_err(&format!("{argv:?}"));

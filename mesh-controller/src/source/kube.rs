@@ -44,6 +44,7 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use crate::index::{Index, SharedIndex};
+use crate::leader::Leadership;
 use crate::resource::{self, Kind, Resource, ResourceKey};
 
 /// The origin of everything this source writes to the index.
@@ -63,10 +64,11 @@ const PATCH_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::fro
 /// Watches every kind and writes SMI status conditions until the future is dropped (which
 /// stops every task it started). Never returns: a watcher that fails retries with backoff,
 /// and a task that stops anyway is restarted.
-pub async fn run(client: kube::Client, index: SharedIndex) {
+pub async fn run(client: kube::Client, index: SharedIndex, leadership: Leadership) {
     let mut tasks = Tasks {
         client,
         index,
+        leadership,
         set: JoinSet::new(),
         running: HashMap::new(),
     };
@@ -96,6 +98,8 @@ pub async fn run(client: kube::Client, index: SharedIndex) {
 struct Tasks {
     client: kube::Client,
     index: SharedIndex,
+    /// The status writer writes only while this replica leads.
+    leadership: Leadership,
     set: JoinSet<()>,
     running: HashMap<Id, Task>,
 }
@@ -105,7 +109,9 @@ impl Tasks {
         let (client, index) = (self.client.clone(), self.index.clone());
         let handle = match task {
             Task::Watch(kind) => self.set.spawn(watch_kind(client, index, kind)),
-            Task::Status => self.set.spawn(write_status(client, index)),
+            Task::Status => self
+                .set
+                .spawn(write_status(client, index, self.leadership.clone())),
         };
         self.running.insert(handle.id(), task);
     }
@@ -544,7 +550,22 @@ pub(crate) fn status_patch(verdict: &Verdict, now: Timestamp) -> Value {
     })
 }
 
-async fn write_status(client: kube::Client, index: SharedIndex) {
+/// Writes status conditions while this replica leads. A replica that starts leading starts
+/// with a fresh writer: what an earlier leader wrote is not known here, so each condition is
+/// written once again.
+async fn write_status(client: kube::Client, index: SharedIndex, mut leadership: Leadership) {
+    loop {
+        leadership.until_leading().await;
+        tokio::select! {
+            () = write_status_while_leading(&client, &index) => return,
+            () = leadership.until_not_leading() => {
+                info!("not leading: status conditions are left to the leader");
+            }
+        }
+    }
+}
+
+async fn write_status_while_leading(client: &kube::Client, index: &SharedIndex) {
     let mut generations = index.subscribe();
     let mut writer = StatusWriter::default();
     loop {
@@ -553,7 +574,7 @@ async fn write_status(client: kube::Client, index: SharedIndex) {
             writer.plan(&index, Instant::now())
         };
         for (key, verdict) in plan {
-            let result = patch_status(&client, &key, &verdict).await;
+            let result = patch_status(client, &key, &verdict).await;
             writer.done(key, verdict, result);
         }
         let retry = writer.next_retry();

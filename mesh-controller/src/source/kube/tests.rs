@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use super::*;
 use crate::compile::{CompileOptions, compile_node};
 use crate::index::ENROLLED_LABEL;
+use crate::leader::Leadership;
 
 mod mock;
 
@@ -109,9 +110,13 @@ struct Running {
 
 impl Running {
     fn start(api: &MockApi) -> Self {
+        Running::start_with(api, Leadership::always())
+    }
+
+    fn start_with(api: &MockApi, leadership: Leadership) -> Self {
         let (client, server) = api.client();
         let index = SharedIndex::new();
-        let source = tokio::spawn(run(client, index.clone()));
+        let source = tokio::spawn(run(client, index.clone(), leadership));
         Running {
             index,
             source,
@@ -211,6 +216,35 @@ async fn watch_events_become_node_snapshots() {
     assert_eq!(a.policies[&api_2].rules.len(), 1);
     assert!(!a.policies.contains_key(&api_1));
     assert!(!running.contains(&key(Kind::Pod, "shop", "api-1")));
+}
+
+#[tokio::test]
+async fn only_the_leading_replica_writes_status_conditions() {
+    let api = MockApi::new();
+    api.seed([
+        namespace("shop", true),
+        traffic_target(
+            "shop",
+            "dangling",
+            ("HTTPRouteGroup", "routes"),
+            "web",
+            "api",
+        ),
+    ]);
+    let (leads, rx) = tokio::sync::watch::channel(false);
+    let running = Running::start_with(&api, crate::leader::testing(rx));
+    let path = "/apis/access.smi-spec.io/v1alpha3/namespaces/shop/traffictargets/dangling/status";
+    eventually("the TrafficTarget is rejected", || {
+        !running.index.read().rejections().is_empty()
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(api.patches(path).is_empty(), "a follower wrote a condition");
+    leads.send(true).expect("leading");
+    eventually("the leader writes the condition", || {
+        !api.patches(path).is_empty()
+    })
+    .await;
 }
 
 #[tokio::test]
