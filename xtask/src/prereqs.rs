@@ -15,7 +15,9 @@
 //! - for the container runtime test (`tests/tests/runtime.rs`): containerd (with `ctr` and its
 //!   runc shim), runc, the reference CNI plugins (`containernetworking-plugins`: bridge,
 //!   host-local, loopback under /usr/lib/cni), and protoc (`protobuf-compiler`), which the
-//!   build script of `k8s-cri`, the tests' CRI client, runs from PATH.
+//!   build script of `k8s-cri`, the tests' CRI client, runs from PATH;
+//! - Prometheus (`prometheus`), which the dashboard test (`tests/tests/dashboard.rs`) runs
+//!   against the simulated cluster to check every panel's query.
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
@@ -59,6 +61,8 @@ const PROGRAMS: &[(&str, &[&str], &str)] = &[
     ("/usr/lib/cni/bridge", &[], "containernetworking-plugins"),
     // k8s-cri's build script (the tests' CRI client) generates its code with protoc from PATH.
     ("protoc", &["--version"], "protobuf-compiler"),
+    // The dashboard test scrapes the simulated cluster with a real Prometheus.
+    ("prometheus", &["--version"], "prometheus"),
 ];
 
 fn ok(cmd: &mut Command) -> bool {
