@@ -2,7 +2,8 @@
 //!
 //! The admin endpoint (`--admin`, localhost by default):
 //!
-//! - `GET /healthz`: `ok`, or 503 `draining` once shutdown began.
+//! - `GET /healthz`: `ok`, or 503 `draining` once shutdown began, or 503 `uninstalled` once
+//!   the mesh is removed from the node ([`crate::uninstall`]).
 //! - `GET /metrics`: Prometheus text format (certificates, connections, the datapath's
 //!   counters: [`kernel_metrics`]).
 //! - `GET /debug/conns`: the connections open now ([`mesh_proxy::telemetry::ConnInfo`]).
@@ -42,7 +43,7 @@ pub mod views;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -129,12 +130,20 @@ pub struct AdminState {
     pub flows: FlowLog,
     /// One `/debug/status` at a time: each starts a probe process per pod.
     status: std::sync::Mutex<()>,
-    draining: AtomicBool,
+    /// What `/healthz` answers: [`SERVING`], [`DRAINING`] or [`UNINSTALLED`].
+    health: AtomicU8,
     /// Pods whose enrollment failed, with why.
     pub enroll_failures: Arc<crate::enroll::EnrollFailures>,
     /// The pods the agent found to enroll beyond the command line's.
     wanted: std::sync::Mutex<Vec<PodSpec>>,
 }
+
+/// `/healthz`: the agent serves.
+const SERVING: u8 = 0;
+/// `/healthz`: shutdown began.
+const DRAINING: u8 = 1;
+/// `/healthz`: the mesh is removed from the node.
+const UNINSTALLED: u8 = 2;
 
 impl AdminState {
     pub fn new(
@@ -157,7 +166,7 @@ impl AdminState {
             started: SystemTime::now(),
             flows,
             status: std::sync::Mutex::new(()),
-            draining: AtomicBool::new(false),
+            health: AtomicU8::new(SERVING),
             wanted: std::sync::Mutex::new(Vec::new()),
         }
     }
@@ -192,9 +201,16 @@ impl AdminState {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = pods;
     }
 
-    /// From now on `/healthz` answers 503.
+    /// From now on `/healthz` answers 503 `draining`.
     pub fn set_draining(&self) {
-        self.draining.store(true, Ordering::Release);
+        let _ =
+            self.health
+                .compare_exchange(SERVING, DRAINING, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// From now on `/healthz` answers 503 `uninstalled`: the mesh is removed from the node.
+    pub fn set_uninstalled(&self) {
+        self.health.store(UNINSTALLED, Ordering::Release);
     }
 }
 
@@ -329,10 +345,11 @@ pub fn answer(
     }
     let query = Query::parse(uri.query().unwrap_or(""));
     match path {
-        "/healthz" if state.draining.load(Ordering::Acquire) => {
-            text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into())
-        }
-        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/healthz" => match state.health.load(Ordering::Acquire) {
+            SERVING => text(StatusCode::OK, "ok\n".into()),
+            DRAINING => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into()),
+            _ => text(StatusCode::SERVICE_UNAVAILABLE, "uninstalled\n".into()),
+        },
         "/metrics" => metrics(&state.registry),
         "/debug/conns" => json(&views::conns(state, query.get("pod"))),
         "/debug/config" => json(&config_view(state)),

@@ -106,6 +106,13 @@ impl Drop for Agent {
 /// and enrolls the configured pods. Returns once those pods are served; the agent then follows
 /// the configuration until [`Agent::shutdown`].
 pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
+    if cfg
+        .uninstall_signal
+        .as_deref()
+        .is_some_and(crate::uninstall::requested)
+    {
+        return start_uninstalled(cfg).await;
+    }
     let missing: Vec<String> = mesh_datapath::features::check(false)
         .into_iter()
         .filter(|c| !c.ok)
@@ -204,7 +211,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
             }
             None => (None, None),
         };
-        loop {
+        let uninstalling = loop {
             if let Some(rx) = changes.as_mut() {
                 let (arrived, snapshot) = {
                     let applied = rx.borrow_and_update();
@@ -239,8 +246,15 @@ pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
                     std::future::pending().await
                 }
             };
+            let uninstall = async {
+                match &cfg.uninstall_signal {
+                    Some(file) => crate::uninstall::until_requested(file).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                _ = stop_rx.changed() => break,
+                _ = stop_rx.changed() => break false,
+                () = uninstall => break true,
                 () = retry => {}
                 () = tick => {}
                 call = cni_call => match call {
@@ -253,6 +267,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
                     }
                 }
             }
+        };
+        if uninstalling {
+            tracing::warn!("the mesh is being removed from this node: letting every pod go");
         }
         tracing::info!("shutting down");
         admin.set_draining();
@@ -263,10 +280,28 @@ pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
             elapsed = ?drained.elapsed,
             "drained"
         );
-        for task in endpoints.into_iter().chain(revocation).chain(cni_task) {
+        // No more CNI calls or policy changes to follow; the admin pages stay while the
+        // agent lives.
+        for task in revocation.into_iter().chain(cni_task) {
             task.abort();
         }
-        pods.finish(cfg.unenroll_on_exit);
+        if uninstalling {
+            // Every pod unenrolled and the datapath dropped (its programs held by pins only),
+            // then the pins removed: nothing of the mesh is left in the kernel.
+            pods.finish(true);
+            remove_pins(&cfg.datapath.pin_dir());
+            admin.set_uninstalled();
+            tracing::info!("the mesh is removed from this node; idle until stopped");
+            let _ = stop_rx.changed().await;
+            for task in endpoints {
+                task.abort();
+            }
+        } else {
+            for task in endpoints {
+                task.abort();
+            }
+            pods.finish(cfg.unenroll_on_exit);
+        }
         Ok(())
     });
     let mut task = task;
@@ -278,6 +313,45 @@ pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
         },
         ended = &mut task => Err(ended.context("the agent's task")?.err().unwrap_or_else(|| anyhow::anyhow!("the agent stopped while starting"))),
     }
+}
+
+/// Removes everything the instance pinned (detaching its programs), saying what failed.
+fn remove_pins(pin_dir: &std::path::Path) {
+    match mesh_datapath::ebpf::remove_instance(pin_dir) {
+        Ok(()) => tracing::info!(pins = %pin_dir.display(), "removed the datapath's pins"),
+        Err(e) => tracing::error!(pins = %pin_dir.display(), error = %e,
+            "cannot remove the datapath's pins; `mesh-agent clean` removes them"),
+    }
+}
+
+/// An agent started while its pod asks for the mesh's removal: it removes whatever the last
+/// one may have left, loads nothing, and serves `/healthz` (503 `uninstalled`) until stopped.
+async fn start_uninstalled(cfg: Config) -> anyhow::Result<Agent> {
+    tracing::warn!("the mesh is being removed from this node: not starting the datapath");
+    remove_pins(&cfg.datapath.pin_dir());
+    let mut registry = prometheus_client::registry::Registry::default();
+    let telemetry = Telemetry::new(&mut registry);
+    let admin = Arc::new(AdminState::new(
+        cfg.clone(),
+        None,
+        None,
+        telemetry,
+        registry,
+    ));
+    admin.set_uninstalled();
+    let endpoints = admin::start(&cfg.admin, &admin).await?;
+    let (stop, mut stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(async move {
+        let _ = stop_rx.changed().await;
+        for task in endpoints {
+            task.abort();
+        }
+        Ok(())
+    });
+    Ok(Agent {
+        stop,
+        task: Some(task),
+    })
 }
 
 /// The node as the agent changes it: the datapath, and a proxy for each pod it enrolls.

@@ -288,6 +288,11 @@ struct RunArgs {
     /// Unenroll every pod on SIGTERM (by default capture survives agent restarts).
     #[arg(long)]
     unenroll_on_exit: bool,
+    /// The downward API file of this pod's annotations: once it says
+    /// mesh.io/uninstall="true" (set by the chart's pre-delete hook), the agent lets every pod
+    /// go, removes everything it pinned and idles (see the uninstall module).
+    #[arg(long, value_name = "FILE")]
+    uninstall_signal: Option<PathBuf>,
     /// Also enroll the pods the controller places on this node with a cgroup and network
     /// namespace (annotations mesh.io/cgroup and mesh.io/netns, as the single-machine mesh
     /// writes them), and unenroll them when they go. Needs --controller.
@@ -328,6 +333,7 @@ impl RunArgs {
             cgroup: self.cgroup,
             pods: self.pods,
             unenroll_on_exit: self.unenroll_on_exit,
+            uninstall_signal: self.uninstall_signal,
             enroll_from_config: self.enroll_from_config,
             discover_pods: self.discover_pods.then_some(crate::config::DiscoverPods {
                 cni_socket: self.cni_socket,

@@ -107,6 +107,9 @@ pub struct Config {
     pub pods: Vec<PodSpec>,
     /// Unenroll every pod on a clean shutdown (otherwise capture survives restarts).
     pub unenroll_on_exit: bool,
+    /// The downward API annotations file that may ask for the mesh's removal from the node
+    /// ([`crate::uninstall`]).
+    pub uninstall_signal: Option<PathBuf>,
     /// Also enroll the pods the controller's configuration places on this node with a cgroup
     /// and a network namespace ([`crate::enroll`]), following them as they come and go.
     pub enroll_from_config: bool,

@@ -8,3 +8,4 @@ pub mod config;
 pub mod control;
 pub mod debug;
 pub mod enroll;
+pub mod uninstall;

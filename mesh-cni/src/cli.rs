@@ -4,7 +4,7 @@
 //! ```text
 //! mesh-cni install --conf-dir /etc/cni/net.d --bin-dir /opt/cni/bin
 //!                  [--agent-socket PATH] [--exclude-namespace NS]... [--timeout-seconds N]
-//!                  [--watch [--watch-interval SECONDS]]
+//!                  [--watch [--watch-interval SECONDS]] [--uninstall-signal FILE]
 //! mesh-cni uninstall --conf-dir /etc/cni/net.d [--bin-dir /opt/cni/bin]
 //! ```
 //!
@@ -13,6 +13,11 @@
 //! CNI (an upgrade of it, a restart that rewrites its conflist) or someone else took away. It
 //! never removes the plugin, not even when stopped: a node without the agent keeps meshed
 //! pods waiting instead of starting them unmeshed.
+//!
+//! The one exception is the mesh's removal: `--uninstall-signal` names the downward API file
+//! of the pod's annotations, and once it says `mesh.io/uninstall="true"` (the chart's
+//! pre-delete hook sets it, see [`crate::signal`]) the plugin is taken out of the chain and its
+//! binary removed, and nothing is put back; an `install` started then installs nothing.
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,7 +26,7 @@ use crate::{CniEnv, CniError, PLUGIN_TYPE, install};
 
 const USAGE: &str = "usage: mesh-cni install --conf-dir DIR --bin-dir DIR [--agent-socket PATH] \
                      [--exclude-namespace NS]... [--timeout-seconds N] \
-                     [--watch [--watch-interval SECONDS]]\n       \
+                     [--watch [--watch-interval SECONDS]] [--uninstall-signal FILE]\n       \
                      mesh-cni uninstall --conf-dir DIR [--bin-dir DIR]\n\
                      (run by the container runtime with CNI_COMMAND set, it is a CNI plugin)";
 
@@ -90,6 +95,8 @@ pub struct Setup {
     pub timeout_seconds: Option<u64>,
     /// `install --watch`: keep the plugin chained, checking every this often.
     pub watch: Option<std::time::Duration>,
+    /// `install`: the downward API annotations file that may ask for the mesh's removal.
+    pub uninstall_signal: Option<PathBuf>,
 }
 
 /// The arguments of `install` (`install = true`) or `uninstall`, as `--flag value` or
@@ -103,6 +110,7 @@ pub fn parse_setup(args: &[String], install: bool) -> Result<Setup, String> {
         exclude_namespaces: Vec::new(),
         timeout_seconds: None,
         watch: None,
+        uninstall_signal: None,
     };
     let mut watch = false;
     let mut interval = None;
@@ -136,6 +144,9 @@ pub fn parse_setup(args: &[String], install: bool) -> Result<Setup, String> {
                 );
             }
             "--watch" if install && inline.is_none() => watch = true,
+            "--uninstall-signal" if install => {
+                setup.uninstall_signal = Some(PathBuf::from(value()?));
+            }
             "--watch-interval" if install => {
                 let v = value()?;
                 interval = Some(
@@ -173,22 +184,28 @@ fn setup(args: &[String], add: bool) -> Result<(), String> {
         exclude_namespaces: exclude,
         timeout_seconds: timeout,
         watch,
+        uninstall_signal,
     } = parse_setup(args, add)?;
+    let removal = |bin_dir: Option<&std::path::Path>| -> Result<(), String> {
+        for note in remove(&conf_dir, bin_dir)? {
+            println!("{note}");
+        }
+        Ok(())
+    };
     if !add {
-        for path in install::uninstall(&conf_dir).map_err(|e| e.to_string())? {
-            println!("removed {PLUGIN_TYPE} from {}", path.display());
-        }
-        if let Some(bin) = bin_dir {
-            let path = bin.join(PLUGIN_TYPE);
-            match std::fs::remove_file(&path) {
-                Ok(()) => println!("removed {}", path.display()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(format!("remove {}: {e}", path.display())),
-            }
-        }
-        return Ok(());
+        return removal(bin_dir.as_deref());
     }
     let bin_dir = bin_dir.unwrap_or_default();
+    let removing = || {
+        uninstall_signal
+            .as_deref()
+            .is_some_and(crate::uninstall_requested)
+    };
+    if removing() {
+        println!("the mesh is being removed from this node: not installing {PLUGIN_TYPE}");
+        removal(Some(&bin_dir))?;
+        return idle(watch);
+    }
     let me = std::env::current_exe().map_err(|e| format!("find this program: {e}"))?;
     let bin = install::install_binary(&me, &bin_dir).map_err(|e| e.to_string())?;
     println!("installed {}", bin.display());
@@ -211,6 +228,12 @@ fn setup(args: &[String], add: bool) -> Result<(), String> {
     let _ = std::io::Write::flush(&mut std::io::stdout());
     loop {
         std::thread::sleep(every);
+        if removing() {
+            println!("the mesh is being removed from this node: taking {PLUGIN_TYPE} out");
+            removal(Some(&bin_dir))?;
+            let _ = std::io::Write::flush(&mut std::io::stdout());
+            return idle(watch);
+        }
         match keep_installed(&me, &bin_dir, &conf_dir, &entry) {
             Ok(Some(note)) => println!("{note}"),
             Ok(None) => {}
@@ -218,6 +241,40 @@ fn setup(args: &[String], add: bool) -> Result<(), String> {
             Err(e) => eprintln!("mesh-cni: {e}"),
         }
         let _ = std::io::Write::flush(&mut std::io::stdout());
+    }
+}
+
+/// Takes the plugin out of every conflist in `conf_dir` and removes its binary from
+/// `bin_dir`; says what it removed.
+pub fn remove(
+    conf_dir: &std::path::Path,
+    bin_dir: Option<&std::path::Path>,
+) -> Result<Vec<String>, String> {
+    let mut notes: Vec<String> = install::uninstall(conf_dir)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|path| format!("removed {PLUGIN_TYPE} from {}", path.display()))
+        .collect();
+    if let Some(bin) = bin_dir {
+        let path = bin.join(PLUGIN_TYPE);
+        match std::fs::remove_file(&path) {
+            Ok(()) => notes.push(format!("removed {}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("remove {}: {e}", path.display())),
+        }
+    }
+    Ok(notes)
+}
+
+/// After the removal: a watcher stays (the container must not exit and be restarted into a
+/// loop), doing nothing; a one-shot install returns.
+fn idle(watch: Option<std::time::Duration>) -> Result<(), String> {
+    if watch.is_none() {
+        return Ok(());
+    }
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    loop {
+        std::thread::park();
     }
 }
 

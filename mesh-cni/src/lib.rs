@@ -30,8 +30,10 @@ use serde_json::Value;
 
 pub mod cli;
 pub mod install;
+pub mod signal;
 
 pub use install::{install, uninstall};
+pub use signal::{UNINSTALL_ANNOTATION, uninstall_requested};
 
 /// The plugin's `type` in a conflist, and its binary's name.
 pub const PLUGIN_TYPE: &str = "mesh-cni";

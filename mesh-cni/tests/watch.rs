@@ -78,3 +78,56 @@ fn the_watcher_chains_the_plugin_again_after_the_primary_cni_rewrites_its_confli
         "the watcher took the plugin out when it stopped"
     );
 }
+
+#[test]
+fn the_watcher_takes_the_plugin_out_for_good_once_the_mesh_is_being_removed() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (conf_dir, bin_dir) = (dir.path().join("net.d"), dir.path().join("bin"));
+    std::fs::create_dir_all(&conf_dir).expect("conf dir");
+    std::fs::create_dir_all(&bin_dir).expect("bin dir");
+    let conf = conf_dir.join("10-flannel.conflist");
+    let primary =
+        r#"{"cniVersion":"1.0.0","name":"cbr0","plugins":[{"type":"flannel"},{"type":"portmap"}]}"#;
+    std::fs::write(&conf, primary).expect("primary conflist");
+    let annotations = dir.path().join("annotations");
+    std::fs::write(&annotations, "app=\"mesh-agent\"\n").expect("annotations");
+    let install = |watch: bool| {
+        let mut cmd = Command::new(CNI);
+        cmd.arg("install");
+        if watch {
+            cmd.args(["--watch", "--watch-interval=1"]);
+        }
+        cmd.arg(format!("--conf-dir={}", conf_dir.display()))
+            .arg(format!("--bin-dir={}", bin_dir.display()))
+            .arg(format!("--uninstall-signal={}", annotations.display()))
+            .stdout(Stdio::null());
+        cmd
+    };
+
+    let _watcher = Killed(install(true).spawn().expect("run mesh-cni install --watch"));
+    wait_for("the first install", || chained(&conf));
+
+    // The pre-delete hook annotates the pod; the kubelet rewrites the file.
+    std::fs::write(
+        &annotations,
+        "app=\"mesh-agent\"\nmesh.io/uninstall=\"true\"\n",
+    )
+    .expect("annotate");
+    wait_for("the plugin taken out", || !chained(&conf));
+    wait_for("the binary removed", || !bin_dir.join("mesh-cni").exists());
+    let list: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&conf).expect("read")).expect("json");
+    assert_eq!(list["plugins"].as_array().map(Vec::len), Some(2));
+
+    // The primary CNI rewriting its conflist does not bring it back, nor does a new install.
+    std::fs::write(&conf, primary).expect("rewrite");
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(!chained(&conf), "put back during the removal");
+    let status = install(false).status().expect("install");
+    assert!(status.success());
+    assert!(
+        !chained(&conf),
+        "a new install chained it during the removal"
+    );
+    assert!(!bin_dir.join("mesh-cni").exists());
+}

@@ -16,3 +16,4 @@ pub mod resource;
 pub mod server;
 pub mod source;
 pub mod trust_bundle;
+pub mod uninstall;

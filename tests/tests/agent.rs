@@ -141,6 +141,39 @@ fn the_whole_agent_runs_in_process_and_shuts_down_cleanly() {
         direct.local.port(),
         "the pod is still captured after shutdown: {direct:?}"
     );
+
+    // Started while its pod asks for the mesh's removal (an agent restarted during
+    // `helm uninstall`): it removes what the last one pinned, loads nothing, says so.
+    assert!(cleanup.pins.exists(), "the first agent pinned nothing");
+    let files = tempfile::tempdir().expect("temporary directory");
+    let annotations = files.path().join("annotations");
+    std::fs::write(&annotations, "mesh.io/uninstall=\"true\"\n").expect("annotations");
+    let cfg = mesh_agent::cli::run_config(&[
+        "--instance".to_string(),
+        cleanup
+            .pins
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("instance")
+            .to_string(),
+        format!("--cgroup={}", agent_cg.path.display()),
+        format!("--uninstall-signal={}", annotations.display()),
+        format!("--admin={admin}"),
+        "--metrics=off".to_string(),
+    ])
+    .expect("the flags of `mesh-agent run`");
+    let agent = rt
+        .block_on(mesh_agent::app::start(cfg))
+        .expect("the agent starts");
+    let health = healthz(admin).expect("the admin endpoint answers");
+    assert!(
+        health.contains(" 503 ") && health.trim_end().ends_with("uninstalled"),
+        "{health}"
+    );
+    assert!(!cleanup.pins.exists(), "pins left behind");
+    rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), agent.shutdown()).await })
+        .expect("the idle agent stops at once")
+        .expect("cleanly");
     drop(rt);
     drop(cleanup);
 }

@@ -590,3 +590,90 @@ fn a_pod_runs_any_program_and_one_that_never_listens_is_named_with_its_log() {
     }
     c.down().expect("teardown");
 }
+
+#[test]
+fn an_uninstalled_mesh_lets_every_pod_go_and_leaves_nothing_in_the_kernel() {
+    if !privileged("an_uninstalled_mesh_lets_every_pod_go_and_leaves_nothing_in_the_kernel") {
+        return;
+    }
+    // The agents read their pod's annotations as the DaemonSet's downward API file gives them.
+    let files = tempfile::tempdir().expect("temporary directory");
+    let annotations = files.path().join("annotations");
+    std::fs::write(&annotations, "app=\"mesh-agent\"\n").expect("annotations");
+    let signal = annotations.to_str().expect("a UTF-8 path");
+    let c = common::up_with_args(
+        &demo_dir().join("resources"),
+        &["--uninstall-signal", signal],
+        &[],
+    );
+    let demo = c.bins.apps.join("mesh-demo");
+    let echo = format!("{}:9000", c.pod("demo/echo").expect("pod").ip);
+    let from_node = || {
+        c.exec_on_node(
+            "node-1",
+            &[
+                demo.to_str().expect("path"),
+                "call",
+                "--target",
+                &echo,
+                "--mode",
+                "tcp",
+            ],
+        )
+        .expect("run on node-1")
+    };
+    let pins = |node: &str| {
+        std::path::Path::new(mesh_datapath::config::BPFFS_ROOT).join(c.names.instance(node))
+    };
+    assert!(
+        !from_node().status.success(),
+        "the STRICT pod is closed to plaintext"
+    );
+    assert!(pins("node-1").exists() && pins("node-2").exists());
+
+    // The chart's pre-delete hook annotates the agents' pods.
+    std::fs::write(
+        &annotations,
+        "app=\"mesh-agent\"\nmesh.io/uninstall=\"true\"\n",
+    )
+    .expect("annotate");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for node in ["node-1", "node-2"] {
+        // 503 once draining began; the pins removed, then it says `uninstalled`.
+        while !(c
+            .agent_admin(node, "/healthz")
+            .is_err_and(|e| e.to_string().contains(" 503 "))
+            && !pins(node).exists())
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{node}'s agent never said uninstalled: {:?}\n{}",
+                c.agent_admin(node, "/healthz"),
+                std::fs::read_to_string(c.state.join(format!("logs/agent-{node}.log")))
+                    .unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert!(
+            !pins(node).exists(),
+            "{node}: pins left in {}",
+            pins(node).display()
+        );
+    }
+
+    // Every pod works without the mesh: the STRICT pod answers plaintext, pods reach each
+    // other directly.
+    let out = from_node();
+    assert!(
+        out.status.success(),
+        "the STRICT pod unreachable after the removal: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = call(&c, "demo/client", &echo);
+    assert!(
+        out.status.success(),
+        "client -> echo after the removal: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.down().expect("teardown");
+}

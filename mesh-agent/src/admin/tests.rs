@@ -16,6 +16,7 @@ fn config() -> Config {
         cgroup: None,
         pods: Vec::new(),
         unenroll_on_exit: false,
+        uninstall_signal: None,
         enroll_from_config: false,
         discover_pods: None,
         proxy: ProxyConfig::default(),
