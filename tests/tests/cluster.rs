@@ -640,11 +640,13 @@ fn an_uninstalled_mesh_lets_every_pod_go_and_leaves_nothing_in_the_kernel() {
     let deadline = Instant::now() + Duration::from_secs(30);
     for node in ["node-1", "node-2"] {
         // 503 once draining began; the pins removed, then it says `uninstalled`.
-        while !(c
-            .agent_admin(node, "/healthz")
-            .is_err_and(|e| e.to_string().contains(" 503 "))
-            && !pins(node).exists())
-        {
+        let done = || {
+            let unready = c
+                .agent_admin(node, "/healthz")
+                .is_err_and(|e| e.to_string().contains(" 503 "));
+            unready && !pins(node).exists()
+        };
+        while !done() {
             assert!(
                 Instant::now() < deadline,
                 "{node}'s agent never said uninstalled: {:?}\n{}",
