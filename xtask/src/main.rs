@@ -5,6 +5,7 @@
 //!   every fuzz target for a bounded time).
 //! - `cargo xtask demo`: the single-machine mesh: a simulated cluster and the demo scenario.
 //! - `cargo xtask clean`: remove what an interrupted test run left behind.
+//! - `cargo xtask manifests`: write deploy/*.yaml from the Helm chart ([`xtask::manifests`]).
 use std::{
     fs,
     io::{BufRead, BufReader},
@@ -28,7 +29,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install missing prerequisites (apt packages, nightly rust-src, bpf-linker, cargo-fuzz).
+    /// Install missing prerequisites (apt packages, nightly rust-src, bpf-linker, cargo-fuzz,
+    /// helm, kubernetes-validate).
     Prereqs,
     /// Run formatting and lint checks and all tests; prints "N passed, N failed, N skipped".
     Test {
@@ -55,6 +57,9 @@ enum Task {
     },
     /// Remove leftovers of interrupted test runs (namespaces, cgroups, pinned objects).
     Clean,
+    /// Write deploy/*.yaml (the plain manifests) from the Helm chart deploy/helm/mesh with
+    /// its default values; the chart tests fail while they differ.
+    Manifests,
     /// The performance ladder (root): no mesh, iptables and eBPF capture, sk_msg, HBONE, HTTP/1.1
     /// with L7 policy, gRPC; each step on a fresh simulated cluster, release build. See
     /// benches/README.md.
@@ -88,6 +93,7 @@ fn main() -> ExitCode {
         } => test(no_lint, fuzz_seconds, &rest),
         Task::Demo { keep, down } => demo(keep, down),
         Task::Clean => clean().map(|n| println!("removed {n} leftover objects")),
+        Task::Manifests => manifests(),
         Task::Bench {
             fast,
             steps,
@@ -103,6 +109,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `cargo xtask manifests`.
+fn manifests() -> Result<()> {
+    let rendered = xtask::manifests::render(Path::new(xtask::tools::HELM), &root())?;
+    for m in xtask::manifests::split(&rendered)? {
+        fs::write(root().join(m.path), &m.text).with_context(|| format!("write {}", m.path))?;
+        println!("wrote {}", m.path);
+    }
+    Ok(())
 }
 
 fn root() -> PathBuf {

