@@ -3,7 +3,9 @@
 //! The admin endpoint (`--admin`, localhost by default):
 //!
 //! - `GET /healthz`: `ok`, or 503 `draining` once shutdown began, or 503 `uninstalled` once
-//!   the mesh is removed from the node ([`crate::uninstall`]).
+//!   the mesh is removed from the node ([`crate::uninstall`]): readiness.
+//! - `GET /livez`: `ok` while the agent serves at all: liveness (a draining or uninstalled
+//!   agent is not one to restart).
 //! - `GET /metrics`: Prometheus text format (certificates, connections, the datapath's
 //!   counters: [`kernel_metrics`]).
 //! - `GET /debug/conns`: the connections open now ([`mesh_proxy::telemetry::ConnInfo`]).
@@ -326,6 +328,7 @@ pub fn answer(
             matches!(
                 path,
                 "/healthz"
+                    | "/livez"
                     | "/metrics"
                     | "/debug/conns"
                     | "/debug/config"
@@ -345,6 +348,7 @@ pub fn answer(
     }
     let query = Query::parse(uri.query().unwrap_or(""));
     match path {
+        "/livez" => text(StatusCode::OK, "ok\n".into()),
         "/healthz" => match state.health.load(Ordering::Acquire) {
             SERVING => text(StatusCode::OK, "ok\n".into()),
             DRAINING => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into()),

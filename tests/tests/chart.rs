@@ -685,9 +685,14 @@ fn the_pods_have_priorities_probes_resources_and_the_least_privilege_each_needs(
         let agent = container(pod, "containers", "agent");
         let args = strings(&agent["args"]);
         let admin = flag(&args, "admin").expect("--admin");
-        for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+        // Readiness says draining or removed; liveness only that the agent serves at all.
+        for (probe, path) in [
+            ("startupProbe", "/healthz"),
+            ("readinessProbe", "/healthz"),
+            ("livenessProbe", "/livez"),
+        ] {
             let get = &agent[probe]["httpGet"];
-            assert_eq!(get["path"], "/healthz", "{probe}");
+            assert_eq!(get["path"], path, "{probe}");
             assert_eq!(
                 format!("{}:{}", get["host"].as_str().expect("host"), get["port"]),
                 admin,
@@ -771,4 +776,80 @@ fn the_pods_have_priorities_probes_resources_and_the_least_privilege_each_needs(
             }
         }
     }
+}
+
+/// `helm uninstall` first removes the mesh from every node: the pre-delete hook annotates the
+/// pods the DaemonSet makes, and every container of those pods reads the annotation.
+#[test]
+fn the_uninstall_hook_reaches_every_container_of_the_agents() {
+    for (values, ns) in [
+        (None, "mesh-system"),
+        (Some(CUSTOM_VALUES), CUSTOM_NAMESPACE),
+    ] {
+        let objects = objects(&rendered(values));
+        let job = find(&objects, "Job", "mesh-uninstall");
+        assert_eq!(job["metadata"]["annotations"]["helm.sh/hook"], "pre-delete");
+        let args = strings(&job["spec"]["template"]["spec"]["containers"][0]["args"]);
+        assert_eq!(args[0], "uninstall", "{values:?}");
+        assert_eq!(flag(&args, "namespace").as_deref(), Some(ns));
+        let selector = flag(&args, "selector").expect("--selector");
+        let ds = find(&objects, "DaemonSet", "mesh-agent");
+        let labels = &ds["spec"]["template"]["metadata"]["labels"];
+        for term in selector.split(',') {
+            let (k, v) = term.split_once('=').expect("key=value");
+            assert_eq!(
+                labels[k], v,
+                "the hook's selector misses the agents: {selector}"
+            );
+        }
+        // Its account may list and annotate pods, in the agents' namespace only.
+        let role = find(&objects, "Role", "mesh-uninstall");
+        assert_eq!(role["metadata"]["namespace"], ns);
+        assert_eq!(role["rules"][0]["resources"][0], "pods");
+        assert_eq!(
+            role["rules"][0]["verbs"],
+            serde_json::json!(["list", "patch"])
+        );
+
+        // Every container reads the pod's annotations where its --uninstall-signal says.
+        let pod = &ds["spec"]["template"]["spec"];
+        let podinfo = pod["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .find(|v| v["name"] == "podinfo")
+            .expect("the podinfo volume");
+        assert_eq!(
+            podinfo["downwardAPI"]["items"][0]["fieldRef"]["fieldPath"],
+            "metadata.annotations"
+        );
+        let file = podinfo["downwardAPI"]["items"][0]["path"]
+            .as_str()
+            .expect("path");
+        for (list, name, key) in [
+            ("initContainers", "install-cni", "command"),
+            ("containers", "cni-watch", "command"),
+            ("containers", "agent", "args"),
+        ] {
+            let c = container(pod, list, name);
+            let mount = c["volumeMounts"]
+                .as_array()
+                .expect("mounts")
+                .iter()
+                .find(|m| m["name"] == "podinfo")
+                .unwrap_or_else(|| panic!("{name} does not mount podinfo"));
+            let expected = format!("{}/{file}", mount["mountPath"].as_str().expect("mountPath"));
+            assert_eq!(
+                flag(&strings(&c[key]), "uninstall-signal").as_deref(),
+                Some(expected.as_str()),
+                "{name}"
+            );
+        }
+    }
+    // Without the hook (uninstall.enabled=false) nothing of it renders.
+    let off = render(None, &["--set", "uninstall.enabled=false"]).expect("renders");
+    assert!(
+        !off.contains("mesh-uninstall"),
+        "the hook rendered while disabled"
+    );
 }

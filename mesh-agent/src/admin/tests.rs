@@ -149,6 +149,20 @@ async fn the_admin_endpoint_serves_metrics_the_connection_table_and_the_config()
         request(admin, "GET", "/healthz").await,
         (503, "draining\n".into())
     );
+    // Not ready, still alive: liveness does not restart a draining or uninstalled agent.
+    assert_eq!(request(admin, "GET", "/livez").await, (200, "ok\n".into()));
+    state.set_uninstalled();
+    assert_eq!(
+        request(admin, "GET", "/healthz").await,
+        (503, "uninstalled\n".into())
+    );
+    state.set_draining();
+    assert_eq!(
+        request(admin, "GET", "/healthz").await,
+        (503, "uninstalled\n".into()),
+        "draining again does not hide the removal"
+    );
+    assert_eq!(request(admin, "GET", "/livez").await, (200, "ok\n".into()));
     drop(conn);
 }
 

@@ -48,4 +48,5 @@ container chained.
 {{- if not (has (include "mesh.namespace" .) .Values.cni.excludeNamespaces) }}
 - --exclude-namespace={{ include "mesh.namespace" . }}
 {{- end }}
+- --uninstall-signal=/etc/podinfo/annotations
 {{- end -}}
