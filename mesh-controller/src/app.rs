@@ -189,6 +189,12 @@ pub async fn start(config: Config) -> Result<Controller, StartError> {
                     leadership.clone(),
                 )));
             }
+            tasks.push(tokio::spawn({
+                let client = client.clone();
+                async move {
+                    source::gateway_api::check(client).await;
+                }
+            }));
             let idx = index.clone();
             tasks.push(tokio::spawn(async move {
                 source::kube::run(client, idx, leadership).await;
