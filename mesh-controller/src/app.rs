@@ -95,6 +95,14 @@ impl Drop for Controller {
     }
 }
 
+/// The labels of the objects the controller creates (the CA Secret, the trust bundle).
+pub fn part_of_mesh() -> std::collections::BTreeMap<String, String> {
+    std::collections::BTreeMap::from([(
+        "app.kubernetes.io/part-of".to_string(),
+        "mesh".to_string(),
+    )])
+}
+
 async fn kube_client() -> Result<kube::Client, StartError> {
     Ok(kube::Client::try_default().await?)
 }

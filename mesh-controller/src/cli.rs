@@ -36,21 +36,25 @@ enum Command {
     },
 }
 
+/// A runtime of `builder`, or the exit code that says it could not start.
+fn runtime(
+    mut builder: tokio::runtime::Builder,
+) -> Result<tokio::runtime::Runtime, std::process::ExitCode> {
+    builder.enable_all().build().map_err(|e| {
+        eprintln!("mesh-controller: start the runtime: {e}");
+        std::process::ExitCode::from(70)
+    })
+}
+
 /// `mesh-controller uninstall`.
 fn uninstall(
     namespace: &str,
     selector: &str,
     timeout: std::time::Duration,
 ) -> std::process::ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(tokio::runtime::Builder::new_current_thread()) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("mesh-controller: start the runtime: {e}");
-            return std::process::ExitCode::from(70);
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async {
         let client = match kube::Client::try_default().await {
@@ -110,15 +114,9 @@ pub fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(64);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(tokio::runtime::Builder::new_multi_thread()) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("mesh-controller: start the runtime: {e}");
-            return std::process::ExitCode::from(70);
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async {
         let controller = match app::start(config).await {

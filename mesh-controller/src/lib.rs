@@ -15,5 +15,7 @@ pub mod metrics;
 pub mod resource;
 pub mod server;
 pub mod source;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod trust_bundle;
 pub mod uninstall;

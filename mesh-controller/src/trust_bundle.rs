@@ -28,10 +28,7 @@ pub fn bundle(name: &str, roots_pem: &str) -> ConfigMap {
     ConfigMap {
         metadata: ObjectMeta {
             name: Some(name.to_string()),
-            labels: Some(BTreeMap::from([(
-                "app.kubernetes.io/part-of".to_string(),
-                "mesh".to_string(),
-            )])),
+            labels: Some(crate::app::part_of_mesh()),
             ..ObjectMeta::default()
         },
         data: Some(BTreeMap::from([(KEY.to_string(), roots_pem.to_string())])),
@@ -112,13 +109,7 @@ mod tests {
             );
             let body = req.into_body().collect().await.expect("body").to_bytes();
             let sent: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
-            send.send_response(
-                Response::builder()
-                    .status(200)
-                    .header("content-type", "application/json")
-                    .body(Body::from(serde_json::to_vec(&sent).expect("json")))
-                    .expect("response"),
-            );
+            send.send_response(crate::testing::json_response(200, &sent));
             sent
         });
         publish(&api, "mesh-ca-root", "-----BEGIN CERTIFICATE-----\n")
@@ -150,15 +141,8 @@ mod tests {
             .expect("the new leader writes at once")
             .expect("a request");
         assert_eq!(req.method(), Method::PATCH);
-        send.send_response(
-            Response::builder()
-                .status(200)
-                .header("content-type", "application/json")
-                .body(Body::from(
-                    serde_json::to_vec(&bundle("mesh-ca-root", "pem")).expect("json"),
-                ))
-                .expect("response"),
-        );
+        let written = serde_json::to_value(bundle("mesh-ca-root", "pem")).expect("JSON");
+        send.send_response(crate::testing::json_response(200, &written));
         keeper.abort();
     }
 }

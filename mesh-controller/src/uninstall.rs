@@ -141,13 +141,7 @@ mod tests {
     }
 
     fn respond(send: tower_test::mock::SendResponse<Response<Body>>, body: &Value) {
-        send.send_response(
-            Response::builder()
-                .status(200)
-                .header("content-type", "application/json")
-                .body(Body::from(serde_json::to_vec(body).expect("json")))
-                .expect("response"),
-        );
+        send.send_response(crate::testing::json_response(200, body));
     }
 
     #[tokio::test]

@@ -51,10 +51,7 @@ pub async fn load_or_create(
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some(name.to_string()),
-            labels: Some(BTreeMap::from([(
-                "app.kubernetes.io/part-of".to_string(),
-                "mesh".to_string(),
-            )])),
+            labels: Some(crate::app::part_of_mesh()),
             ..ObjectMeta::default()
         },
         type_: Some("Opaque".to_string()),

@@ -31,10 +31,7 @@ fn lease(holder: &str, version: &str, seconds: i32) -> Value {
             "leaseTransitions": 3}})
 }
 
-fn status(code: u16, reason: &str) -> Value {
-    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-        "reason": reason, "code": code, "message": reason})
-}
+use crate::testing::{json_response, status};
 
 /// An API server that answers `script` in order and returns the bodies it was sent.
 fn server(script: Vec<Answer>) -> (Api<Lease>, tokio::task::JoinHandle<Vec<Value>>) {
@@ -56,13 +53,7 @@ fn server(script: Vec<Answer>) -> (Api<Lease>, tokio::task::JoinHandle<Vec<Value
             if !body.is_empty() {
                 sent.push(serde_json::from_slice(&body).expect("JSON body"));
             }
-            send.send_response(
-                Response::builder()
-                    .status(a.status)
-                    .header("content-type", "application/json")
-                    .body(Body::from(serde_json::to_vec(&a.body).expect("json")))
-                    .expect("response"),
-            );
+            send.send_response(json_response(a.status, &a.body));
         }
         sent
     });

@@ -166,28 +166,15 @@ mod tests {
             old["spec"] = serde_json::json!({"group": "gateway.networking.k8s.io",
                 "names": {"kind": "HTTPRoute", "plural": "httproutes"}, "scope": "Namespaced",
                 "versions": []});
-            send.send_response(
-                Response::builder()
-                    .status(200)
-                    .header("content-type", "application/json")
-                    .body(Body::from(serde_json::to_vec(&old).expect("json")))
-                    .expect("response"),
-            );
+            send.send_response(crate::testing::json_response(200, &old));
             let (req, send) = handle.next_request().await.expect("grpcroutes");
             assert!(
                 req.uri()
                     .path()
                     .ends_with("/grpcroutes.gateway.networking.k8s.io")
             );
-            let missing = serde_json::json!({"kind": "Status", "apiVersion": "v1",
-                "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"});
-            send.send_response(
-                Response::builder()
-                    .status(404)
-                    .header("content-type", "application/json")
-                    .body(Body::from(serde_json::to_vec(&missing).expect("json")))
-                    .expect("response"),
-            );
+            let missing = crate::testing::status(404, "NotFound");
+            send.send_response(crate::testing::json_response(404, &missing));
         });
         let found = check(client).await;
         server.await.expect("server");
