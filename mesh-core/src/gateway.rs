@@ -31,7 +31,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::identity::dns_label;
-use crate::model::NamespacedName;
+use crate::meta::NamespacedName;
 use crate::route::{
     HeaderModifier, HeaderValueMatch, ParentRef, PathMatch, RequestMatch, Route, RouteBackend,
     RouteKind, RouteRule, ValueMatch,

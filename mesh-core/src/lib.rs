@@ -8,6 +8,7 @@
 pub mod gateway;
 pub mod http_path;
 pub mod identity;
+pub mod meta;
 pub mod model;
 pub mod policy;
 pub mod resolve;

@@ -11,41 +11,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::identity::SpiffeId;
+pub use crate::meta::{NamespacedName, TlsMode};
 use crate::policy::InboundPolicy;
 use crate::route::Route;
-
-/// `namespace/name`, the key of every namespaced object in the model.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct NamespacedName {
-    pub namespace: String,
-    pub name: String,
-}
-
-impl NamespacedName {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        NamespacedName {
-            namespace: namespace.into(),
-            name: name.into(),
-        }
-    }
-}
-
-impl std::fmt::Display for NamespacedName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
-
-/// Whether a meshed pod also accepts plaintext from outside the mesh.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum TlsMode {
-    /// Only mTLS (HBONE on 15008) is accepted; plaintext to captured ports is refused.
-    #[default]
-    Strict,
-    /// Plaintext is also accepted, and policy sees the caller as unauthenticated.
-    Permissive,
-}
 
 /// The application protocol of a service port, which decides L4 or L7 handling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]

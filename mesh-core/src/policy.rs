@@ -12,7 +12,7 @@ use regex::Regex;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::identity::SpiffeId;
-use crate::model::{NamespacedName, TlsMode};
+use crate::meta::{NamespacedName, TlsMode};
 
 /// SMI traffic policy mode: `DefaultDeny` needs a TrafficTarget for every caller;
 /// `Permissive` allows every caller (OSM's permissive traffic policy mode).

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::NamespacedName;
+use crate::meta::NamespacedName;
 use crate::policy::{AnchoredRegex, Request};
 
 /// Which Gateway API kind a route was read from.

@@ -33,7 +33,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
 use crate::identity::{dns_label, dns_subdomain};
-use crate::model::NamespacedName;
+use crate::meta::NamespacedName;
 use crate::policy::RegexError;
 
 pub(crate) mod read;

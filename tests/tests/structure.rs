@@ -19,6 +19,7 @@ const ACYCLIC: &[&str] = &[
     "mesh-agent",
     "mesh-cni",
     "mesh-api",
+    "mesh-core",
 ];
 
 fn workspace() -> PathBuf {
