@@ -1,8 +1,8 @@
 //! OCI image layout archives: the layout (`oci-layout`, `index.json`, `blobs/sha256/...`) of
-//! one or more images in a tar file, as `ctr images import`, `podman load`, `skopeo copy
-//! oci-archive:...` and `docker load` take it. Layers are stored uncompressed (a registry
-//! push may compress them); every blob is named by its SHA-256 digest; nothing in it depends
-//! on when or where it was written.
+//! one or more images in a tar file, as `ctr images import`, `podman load` and `skopeo copy
+//! oci-archive:...` take it. Layers are stored uncompressed (a registry push may compress
+//! them); every blob is named by its SHA-256 digest; nothing in it depends on when or where
+//! it was written.
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
