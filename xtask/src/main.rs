@@ -5,6 +5,8 @@
 //!   every fuzz target for a bounded time).
 //! - `cargo xtask demo`: the single-machine mesh: a simulated cluster and the demo scenario.
 //! - `cargo xtask clean`: remove what an interrupted test run left behind.
+//! - `cargo xtask image`: the container images `mesh-agent` and `mesh-controller` as OCI
+//!   archives under `target/images/`, with no registry.
 use std::{
     fs,
     io::{BufRead, BufReader},
@@ -17,6 +19,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod fuzz;
+mod image;
 mod prereqs;
 
 #[derive(Parser)]
@@ -55,6 +58,20 @@ enum Task {
     },
     /// Remove leftovers of interrupted test runs (namespaces, cgroups, pinned objects).
     Clean,
+    /// Build the container images mesh-agent and mesh-controller as OCI image archives
+    /// (target/images/<image>-<version>.oci.tar), with no registry and no container engine.
+    Image {
+        /// The cargo profile to build and package.
+        #[arg(long, default_value = "release", value_parser = ["release", "debug"])]
+        profile: String,
+        /// Package mesh-agent, mesh-controller and a statically linked mesh-cni from this
+        /// directory instead of building them.
+        #[arg(long, value_name = "DIR")]
+        binaries: Option<PathBuf>,
+        /// Where to write the archives (default: target/images).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
     /// The performance ladder (root): no mesh, iptables and eBPF capture, sk_msg, HBONE, HTTP/1.1
     /// with L7 policy, gRPC; each step on a fresh simulated cluster, release build. See
     /// benches/README.md.
@@ -88,6 +105,11 @@ fn main() -> ExitCode {
         } => test(no_lint, fuzz_seconds, &rest),
         Task::Demo { keep, down } => demo(keep, down),
         Task::Clean => clean().map(|n| println!("removed {n} leftover objects")),
+        Task::Image {
+            profile,
+            binaries,
+            out,
+        } => image::build(profile == "release", binaries, out),
         Task::Bench {
             fast,
             steps,

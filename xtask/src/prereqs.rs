@@ -15,7 +15,9 @@
 //! - for the container runtime test (`tests/tests/runtime.rs`): containerd (with `ctr` and its
 //!   runc shim), runc, the reference CNI plugins (`containernetworking-plugins`: bridge,
 //!   host-local, loopback under /usr/lib/cni), and protoc (`protobuf-compiler`), which the
-//!   build script of `k8s-cri`, the tests' CRI client, runs from PATH.
+//!   build script of `k8s-cri`, the tests' CRI client, runs from PATH;
+//! - for `cargo xtask image` and its test (`tests/tests/images.rs`): the static C library
+//!   (`libc6-dev`), which the statically linked `mesh-cni` is linked with.
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
@@ -59,6 +61,12 @@ const PROGRAMS: &[(&str, &[&str], &str)] = &[
     ("/usr/lib/cni/bridge", &[], "containernetworking-plugins"),
     // k8s-cri's build script (the tests' CRI client) generates its code with protoc from PATH.
     ("protoc", &["--version"], "protobuf-compiler"),
+    // The static C library the statically linked mesh-cni of the agent's image links with.
+    (
+        "test",
+        &["-e", "/usr/lib/x86_64-linux-gnu/libc.a"],
+        "libc6-dev",
+    ),
 ];
 
 fn ok(cmd: &mut Command) -> bool {
