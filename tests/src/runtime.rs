@@ -46,6 +46,7 @@ use crate::cluster::{
     listening_ports, pod_objects_yaml, pod_uid, write_atomic,
 };
 
+pub mod containerd;
 pub mod cri;
 pub mod image;
 mod node;

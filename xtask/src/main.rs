@@ -6,6 +6,8 @@
 //! - `cargo xtask demo`: the single-machine mesh: a simulated cluster and the demo scenario.
 //! - `cargo xtask clean`: remove what an interrupted test run left behind.
 //! - `cargo xtask manifests`: write deploy/*.yaml from the Helm chart ([`xtask::manifests`]).
+//! - `cargo xtask image`: the container images `mesh-agent` and `mesh-controller` as OCI
+//!   archives under `target/images/`, with no registry.
 use std::{
     fs,
     io::{BufRead, BufReader},
@@ -18,6 +20,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod fuzz;
+mod image;
 mod prereqs;
 
 #[derive(Parser)]
@@ -60,6 +63,20 @@ enum Task {
     /// Write deploy/*.yaml (the plain manifests) from the Helm chart deploy/helm/mesh with
     /// its default values; the chart tests fail while they differ.
     Manifests,
+    /// Build the container images mesh-agent and mesh-controller as OCI image archives
+    /// (target/images/<image>-<version>.oci.tar), with no registry and no container engine.
+    Image {
+        /// The cargo profile to build and package.
+        #[arg(long, default_value = "release", value_parser = ["release", "debug"])]
+        profile: String,
+        /// Package mesh-agent, mesh-controller and a statically linked mesh-cni from this
+        /// directory instead of building them.
+        #[arg(long, value_name = "DIR")]
+        binaries: Option<PathBuf>,
+        /// Where to write the archives (default: target/images).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
     /// The performance ladder (root): no mesh, iptables and eBPF capture, sk_msg, HBONE, HTTP/1.1
     /// with L7 policy, gRPC; each step on a fresh simulated cluster, release build. See
     /// benches/README.md.
@@ -94,6 +111,11 @@ fn main() -> ExitCode {
         Task::Demo { keep, down } => demo(keep, down),
         Task::Clean => clean().map(|n| println!("removed {n} leftover objects")),
         Task::Manifests => manifests(),
+        Task::Image {
+            profile,
+            binaries,
+            out,
+        } => image::build(profile == "release", binaries, out),
         Task::Bench {
             fast,
             steps,

@@ -26,6 +26,8 @@
 //!   per release, offline) goes into its own virtual environment, /opt/mesh-tools, made with
 //!   Debian's python3: Debian's Python is externally managed (PEP 668), and a venv installs
 //!   without `--break-system-packages` and without touching the system's packages.
+//! - for `cargo xtask image` and its test (`tests/tests/images.rs`): the static C library
+//!   (`libc6-dev`), which the statically linked `mesh-cni` is linked with.
 use std::{
     fs,
     path::Path,
@@ -77,6 +79,12 @@ const PROGRAMS: &[(&str, &[&str], &str)] = &[
     ("protoc", &["--version"], "protobuf-compiler"),
     // The dashboard test scrapes the simulated cluster with a real Prometheus.
     ("prometheus", &["--version"], "prometheus"),
+    // The static C library the statically linked mesh-cni of the agent's image links with.
+    (
+        "test",
+        &["-e", "/usr/lib/x86_64-linux-gnu/libc.a"],
+        "libc6-dev",
+    ),
 ];
 
 fn ok(cmd: &mut Command) -> bool {

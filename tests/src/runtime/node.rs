@@ -308,7 +308,7 @@ disabled_plugins = [
 }
 
 /// The snapshotter this kernel supports: overlayfs where it has overlay, else native.
-fn snapshotter() -> &'static str {
+pub(crate) fn snapshotter() -> &'static str {
     let filesystems = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
     if filesystems
         .lines()
