@@ -39,6 +39,14 @@ pub fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("install") => setup(&args[1..], true),
         Some("uninstall") => setup(&args[1..], false),
+        Some("--help" | "-h" | "help") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        Some("--version" | "-V") => {
+            println!("mesh-cni {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
         _ => Err(USAGE.to_string()),
     };
     match result {

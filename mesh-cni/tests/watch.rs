@@ -131,3 +131,18 @@ fn the_watcher_takes_the_plugin_out_for_good_once_the_mesh_is_being_removed() {
     );
     assert!(!bin_dir.join("mesh-cni").exists());
 }
+
+#[test]
+fn help_and_version_answer_and_anything_else_is_a_usage_error() {
+    let run = |arg: &str| Command::new(CNI).arg(arg).output().expect("run mesh-cni");
+    let help = run("--help");
+    assert!(help.status.success());
+    assert!(String::from_utf8_lossy(&help.stdout).contains("mesh-cni install"));
+    let version = run("--version");
+    assert!(version.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&version.stdout).trim(),
+        format!("mesh-cni {}", env!("CARGO_PKG_VERSION"))
+    );
+    assert_eq!(run("instal").status.code(), Some(64));
+}

@@ -20,6 +20,7 @@ const ACYCLIC: &[&str] = &[
     "mesh-cni",
     "mesh-api",
     "mesh-core",
+    "mesh-oci",
 ];
 
 fn workspace() -> PathBuf {
