@@ -141,7 +141,7 @@ mod tests {
     fn splits_by_kind_and_keeps_a_leading_comment_with_its_document() {
         let rendered = "---\n# Source: a\n# header\n---\napiVersion: v1\nkind: Namespace\n\
                         ---\nkind: DaemonSet\n---\nkind: CustomResourceDefinition\n\
-                        ---\nkind: Deployment\n";
+                        ---\nkind: Deployment\n---\nkind: ConfigMap\n";
         let files = split(rendered).expect("split");
         let get = |p: &str| {
             files
@@ -156,6 +156,7 @@ mod tests {
         );
         assert!(get("deploy/agent.yaml").ends_with("kind: DaemonSet\n"));
         assert!(!get("deploy/agent.yaml").contains("---"));
+        assert!(get("deploy/grafana-dashboard.yaml").ends_with("kind: ConfigMap\n"));
         assert!(split("---\nkind: Ingress\n").is_err());
     }
 }
