@@ -225,28 +225,73 @@ pub enum Pages {
     Metrics,
 }
 
-/// Binds the admin and metrics listeners and serves them on their own tasks (abort them to
-/// stop). An address given on the command line that cannot be bound is an error; a default
-/// one is logged and skipped.
+/// The admin and metrics endpoints being served.
+pub struct Endpoints {
+    tasks: Vec<JoinHandle<()>>,
+    /// Second descriptors of their listeners, for a successor agent.
+    listeners: Vec<std::os::fd::OwnedFd>,
+}
+
+impl Endpoints {
+    /// Stops serving (a successor that holds the listeners too goes on serving them).
+    pub fn stop(self) {
+        for task in self.tasks {
+            task.abort();
+        }
+    }
+
+    /// New descriptors of the listeners.
+    pub fn listeners(&self) -> std::io::Result<Vec<std::os::fd::OwnedFd>> {
+        self.listeners.iter().map(|fd| fd.try_clone()).collect()
+    }
+}
+
+/// Binds the admin and metrics listeners and serves them on their own tasks. A listener
+/// handed over by an earlier agent on the same address is served instead of binding one. An
+/// address given on the command line that cannot be bound is an error; a default one is
+/// logged and skipped.
 pub async fn start(
     config: &AdminConfig,
     state: &Arc<AdminState>,
-) -> Result<Vec<JoinHandle<()>>, AdminError> {
+    mut inherited: Vec<std::net::TcpListener>,
+) -> Result<Endpoints, AdminError> {
     if !config.admin.addr.ip().is_loopback() {
         warn!(addr = %config.admin.addr, "the admin endpoint is reachable from other hosts");
     }
-    let mut tasks = Vec::new();
+    let mut served = Endpoints {
+        tasks: Vec::new(),
+        listeners: Vec::new(),
+    };
     let endpoints = [(Some(config.admin), Pages::Admin, "admin")]
         .into_iter()
         .chain([(config.metrics, Pages::Metrics, "metrics")]);
     for (listen, pages, what) in endpoints {
         let Some(listen) = listen else { continue };
-        if let Some(listener) = bind(&listen, what).await? {
+        let handed = inherited
+            .iter()
+            .position(|l| l.local_addr().ok() == Some(listen.addr))
+            .map(|i| inherited.swap_remove(i))
+            .and_then(|l| {
+                l.set_nonblocking(true)
+                    .and_then(|()| TcpListener::from_std(l))
+                    .ok()
+            });
+        let listener = match handed {
+            Some(l) => Some(l),
+            None => bind(&listen, what).await?,
+        };
+        if let Some(listener) = listener {
             info!(addr = %listener.local_addr().unwrap_or(listen.addr), what, "serving HTTP");
-            tasks.push(tokio::spawn(serve(listener, state.clone(), pages)));
+            use std::os::fd::AsFd as _;
+            if let Ok(fd) = listener.as_fd().try_clone_to_owned() {
+                served.listeners.push(fd);
+            }
+            served
+                .tasks
+                .push(tokio::spawn(serve(listener, state.clone(), pages)));
         }
     }
-    Ok(tasks)
+    Ok(served)
 }
 
 /// Binds `listen`; `None` when a default address is taken.

@@ -17,7 +17,19 @@ use crate::{
     config::Config,
     enroll::node::NodePods,
     enroll::reconcile::{EnrollError, Node, Reconciler, Wanted},
+    handover::{self, Event, Inherited, Offer},
 };
+
+/// Why the agent's main loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// SIGTERM or [`Agent::shutdown`].
+    Stopped,
+    /// The pod asked for the mesh's removal from the node.
+    Uninstalling,
+    /// A successor serves every pod from the same sockets.
+    HandedOver,
+}
 
 /// The cgroup the agent runs in. Its own sockets must never be captured, and the programs that
 /// act on the proxy's sockets attach there, so it is never the v2 root.
@@ -133,6 +145,15 @@ pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
     datapath
         .attach_agent(&own)
         .context("attach the agent-scope programs")?;
+    let mut inherited = take_over(cfg.handover_socket.clone()).await;
+    let inherited_pods = inherited
+        .as_mut()
+        .map(|i| std::mem::take(&mut i.pods))
+        .unwrap_or_default();
+    let inherited_endpoints = inherited
+        .as_mut()
+        .map(|i| std::mem::take(&mut i.endpoints))
+        .unwrap_or_default();
 
     let (stop, mut stop_rx) = tokio::sync::watch::channel(false);
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
@@ -176,12 +197,13 @@ pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
             admin = admin.with_control(c.client.clone());
         }
         let admin = Arc::new(admin);
-        let endpoints = admin::start(&cfg.admin, &admin).await?;
+        let endpoints = admin::start(&cfg.admin, &admin, inherited_endpoints).await?;
         let node = AgentNode {
             datapath,
             mesh,
             telemetry: telemetry.clone(),
             proxy: cfg.proxy.clone(),
+            inherited: inherited_pods,
         };
         // On a real node: pods found through the CNI plugin and the cgroup hierarchy.
         let wanted = match (&cfg.discover_pods, &cfg.controller) {
@@ -198,6 +220,13 @@ pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
             !cfg.datapath.capture.is_empty(),
         );
         pods.enroll_fixed(&cfg.pods)?;
+        // With no agent to take over from, successors are served from the start.
+        let mut handovers = match (&cfg.handover_socket, &inherited) {
+            (Some(path), None) => serve_handover(path),
+            _ => None,
+        };
+        // Whether a successor holds the listening sockets (then they are never refused).
+        let mut successor = false;
         let _ = ready_tx.send(());
 
         // Every configuration change: what to capture, and the pods to enroll.
@@ -211,13 +240,22 @@ pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
             }
             None => (None, None),
         };
-        let uninstalling = loop {
+        let ending = loop {
+            let mut reconciled = changes.is_none();
             if let Some(rx) = changes.as_mut() {
                 let (arrived, snapshot) = {
                     let applied = rx.borrow_and_update();
                     (applied.version.is_some(), applied.snapshot.clone())
                 };
                 admin.set_wanted(pods.round(&snapshot, arrived));
+                reconciled = arrived;
+            }
+            // Every pod this agent wants is served: the one it took over from stops accepting.
+            if reconciled && let Some(from) = inherited.take() {
+                took_over(from, pods.node_mut());
+                if let Some(path) = &cfg.handover_socket {
+                    handovers = serve_handover(path);
+                }
             }
             let changed = async {
                 match changes.as_mut() {
@@ -252,9 +290,27 @@ pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
                     None => std::future::pending().await,
                 }
             };
+            let handover = async {
+                match handovers.as_mut() {
+                    Some(h) => h.next().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                _ = stop_rx.changed() => break false,
-                () = uninstall => break true,
+                _ = stop_rx.changed() => break Ending::Stopped,
+                () = uninstall => break Ending::Uninstalling,
+                event = handover => match event {
+                    Some(Event::Asked(reply)) => {
+                        successor = true;
+                        let _ = reply.send(offer(&pods, &endpoints));
+                    }
+                    Some(Event::Taken) => break Ending::HandedOver,
+                    Some(Event::GaveUp(e)) => {
+                        successor = false;
+                        tracing::warn!(error = %e, "the successor did not take over; serving on");
+                    }
+                    None => handovers = None,
+                },
                 () = retry => {}
                 () = tick => {}
                 call = cni_call => match call {
@@ -268,12 +324,32 @@ pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
                 }
             }
         };
-        if uninstalling {
-            tracing::warn!("the mesh is being removed from this node: letting every pod go");
+        // No successor is served once stopping.
+        drop(handovers);
+        let released = ending == Ending::HandedOver || successor;
+        match ending {
+            Ending::Uninstalling => {
+                tracing::warn!("the mesh is being removed from this node: letting every pod go")
+            }
+            Ending::HandedOver => tracing::info!(
+                "the successor serves every pod: accepting no more, draining the open connections"
+            ),
+            Ending::Stopped => tracing::info!("shutting down"),
         }
-        tracing::info!("shutting down");
         admin.set_draining();
-        let drained = proxy::drain(pods.served(), &telemetry, cfg.proxy.drain_grace).await;
+        let mut endpoints = Some(endpoints);
+        if released {
+            // The successor serves them from the same listeners.
+            if let Some(e) = endpoints.take() {
+                e.stop();
+            }
+        }
+        let stop = if released {
+            proxy::Stop::Release
+        } else {
+            proxy::Stop::Refuse
+        };
+        let drained = proxy::drain(pods.served(), stop, &telemetry, cfg.proxy.drain_grace).await;
         tracing::info!(
             open = drained.open,
             cut = drained.cut,
@@ -285,22 +361,26 @@ pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
         for task in revocation.into_iter().chain(cni_task) {
             task.abort();
         }
-        if uninstalling {
-            // Every pod unenrolled and the datapath dropped (its programs held by pins only),
-            // then the pins removed: nothing of the mesh is left in the kernel.
-            pods.finish(true);
-            remove_pins(&cfg.datapath.pin_dir());
-            admin.set_uninstalled();
-            tracing::info!("the mesh is removed from this node; idle until stopped");
-            let _ = stop_rx.changed().await;
-            for task in endpoints {
-                task.abort();
+        match ending {
+            Ending::Uninstalling => {
+                // Every pod unenrolled and the datapath dropped (its programs held by pins
+                // only), then the pins removed: nothing of the mesh is left in the kernel.
+                pods.finish(true);
+                remove_pins(&cfg.datapath.pin_dir());
+                admin.set_uninstalled();
+                tracing::info!("the mesh is removed from this node; idle until stopped");
+                let _ = stop_rx.changed().await;
             }
-        } else {
-            for task in endpoints {
-                task.abort();
+            Ending::HandedOver => {
+                // The successor's pods: never unenrolled from here.
+                pods.finish(false);
+                tracing::info!("handed over; idle until stopped");
+                let _ = stop_rx.changed().await;
             }
-            pods.finish(cfg.unenroll_on_exit);
+            Ending::Stopped => pods.finish(cfg.unenroll_on_exit && !released),
+        }
+        if let Some(e) = endpoints {
+            e.stop();
         }
         Ok(())
     });
@@ -313,6 +393,76 @@ pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
         },
         ended = &mut task => Err(ended.context("the agent's task")?.err().unwrap_or_else(|| anyhow::anyhow!("the agent stopped while starting"))),
     }
+}
+
+/// The listening sockets of the agent serving at `path`, if one does. Failing to take them is
+/// logged: this agent then listens itself, once the other one has stopped.
+async fn take_over(path: Option<PathBuf>) -> Option<Inherited> {
+    let path = path?;
+    let shown = path.display().to_string();
+    let taken = tokio::task::spawn_blocking(move || handover::take_over(&path)).await;
+    match taken {
+        Ok(Ok(Some(inherited))) => {
+            tracing::info!(socket = %shown, from = %inherited.from, pods = inherited.pods.len(),
+                endpoints = inherited.endpoints.len(), "took over the running agent's listening sockets");
+            Some(inherited)
+        }
+        Ok(Ok(None)) => None,
+        Ok(Err(e)) => {
+            tracing::warn!(socket = %shown, error = %e,
+                "cannot take over from the running agent; listening anew once it stopped");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the hand-over task failed");
+            None
+        }
+    }
+}
+
+/// Tells the agent taken over from that this one serves every pod, and closes the sockets
+/// it handed over for pods this agent does not serve.
+fn took_over(from: Inherited, node: &mut AgentNode) {
+    let unclaimed = std::mem::take(&mut node.inherited);
+    if !unclaimed.is_empty() {
+        tracing::info!(pods = ?unclaimed.keys().collect::<Vec<_>>(),
+            "closing the handed-over sockets of pods not served here");
+    }
+    match from.taken() {
+        Ok(()) => tracing::info!("took over: the earlier agent stops accepting and drains"),
+        Err(e) => tracing::warn!(error = %e, "cannot tell the earlier agent it was taken over"),
+    }
+}
+
+/// Serves successors at `path`; a failure is logged (this agent then cannot be taken over).
+fn serve_handover(path: &std::path::Path) -> Option<handover::Handovers> {
+    match handover::serve(path) {
+        Ok(rx) => {
+            tracing::info!(socket = %path.display(), "a successor can take over here");
+            Some(rx)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot serve successors; an upgrade will not be hitless");
+            None
+        }
+    }
+}
+
+/// What a successor gets: every served pod's listeners and the admin endpoints'.
+fn offer(pods: &Reconciler<AgentNode>, endpoints: &admin::Endpoints) -> Offer {
+    let mut offer = Offer::default();
+    for (name, proxy) in pods.served_by_name() {
+        match proxy.listening() {
+            Ok(Some(listening)) => offer.pods.push((name.to_string(), listening)),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(pod = %name, error = %e, "cannot hand over the listeners"),
+        }
+    }
+    match endpoints.listeners() {
+        Ok(fds) => offer.endpoints = fds,
+        Err(e) => tracing::warn!(error = %e, "cannot hand over the admin endpoints"),
+    }
+    offer
 }
 
 /// Removes everything the instance pinned (detaching its programs), saying what failed.
@@ -339,13 +489,11 @@ async fn start_uninstalled(cfg: Config) -> anyhow::Result<Agent> {
         registry,
     ));
     admin.set_uninstalled();
-    let endpoints = admin::start(&cfg.admin, &admin).await?;
+    let endpoints = admin::start(&cfg.admin, &admin, Vec::new()).await?;
     let (stop, mut stop_rx) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(async move {
         let _ = stop_rx.changed().await;
-        for task in endpoints {
-            task.abort();
-        }
+        endpoints.stop();
         Ok(())
     });
     Ok(Agent {
@@ -360,19 +508,23 @@ struct AgentNode {
     mesh: Option<proxy::Mesh>,
     telemetry: Telemetry,
     proxy: ProxyConfig,
+    /// Listening sockets handed over by the agent this one took over from, by pod, until
+    /// the pod is enrolled with them.
+    inherited: std::collections::BTreeMap<String, netns::PodSockets>,
 }
 
 impl Node for AgentNode {
     type Served = proxy::PodProxy;
 
     fn enroll(&mut self, pod: &PodSpec) -> Result<proxy::PodProxy, EnrollError> {
-        let sockets = self
-            .datapath
-            .enroll(pod)
-            .map_err(|source| EnrollError::Datapath {
-                pod: pod.name.clone(),
-                source: Box::new(source),
-            })?;
+        let handed = self.inherited.remove(&pod.name);
+        let sockets =
+            self.datapath
+                .enroll_with(pod, handed)
+                .map_err(|source| EnrollError::Datapath {
+                    pod: pod.name.clone(),
+                    source: Box::new(source),
+                })?;
         let netns = |source| EnrollError::Netns {
             pod: pod.name.clone(),
             source,

@@ -293,6 +293,12 @@ struct RunArgs {
     /// go, removes everything it pinned and idles (see the uninstall module).
     #[arg(long, value_name = "FILE")]
     uninstall_signal: Option<PathBuf>,
+    /// The unix socket through which a running agent hands its listening sockets to the next
+    /// one (an upgrade or a restart where the new agent starts first), so no pod is ever
+    /// without a listener; `off` to never hand over.
+    /// [default: /var/run/mesh/handover/<instance>.sock]
+    #[arg(long, value_name = "PATH|off", value_parser = handover_socket)]
+    handover_socket: Option<HandoverSocket>,
     /// Also enroll the pods the controller places on this node with a cgroup and network
     /// namespace (annotations mesh.io/cgroup and mesh.io/netns, as the single-machine mesh
     /// writes them), and unenroll them when they go. Needs --controller.
@@ -316,6 +322,26 @@ struct RunArgs {
     controller: ControllerArgs,
 }
 
+/// `--handover-socket`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum HandoverSocket {
+    Off,
+    At(PathBuf),
+}
+
+fn handover_socket(s: &str) -> Result<HandoverSocket, String> {
+    if s == "off" {
+        return Ok(HandoverSocket::Off);
+    }
+    let path = PathBuf::from(s);
+    if !path.is_absolute() || path.file_name().is_none() {
+        return Err(format!(
+            "{s:?} is not an absolute path to a socket (or `off`)"
+        ));
+    }
+    Ok(HandoverSocket::At(path))
+}
+
 impl RunArgs {
     /// Constructs and validates the configuration.
     fn config(self) -> Result<Config, Failure> {
@@ -334,6 +360,11 @@ impl RunArgs {
             pods: self.pods,
             unenroll_on_exit: self.unenroll_on_exit,
             uninstall_signal: self.uninstall_signal,
+            handover_socket: match self.handover_socket {
+                Some(HandoverSocket::Off) => None,
+                Some(HandoverSocket::At(path)) => Some(path),
+                None => Some(crate::handover::default_socket(&self.instance.instance)),
+            },
             enroll_from_config: self.enroll_from_config,
             discover_pods: self.discover_pods.then_some(crate::config::DiscoverPods {
                 cni_socket: self.cni_socket,
@@ -830,6 +861,30 @@ mod tests {
             Failure::Runtime(e) => panic!("not a usage error: {e}"),
             Failure::Exit(e) => panic!("not a usage error: {}", e.message),
         })
+    }
+
+    #[test]
+    fn the_handover_socket_is_per_instance_a_path_or_off() {
+        let cfg = run(&["--instance=edge"]).expect("default");
+        assert_eq!(
+            cfg.handover_socket.as_deref(),
+            Some(std::path::Path::new("/var/run/mesh/handover/edge.sock"))
+        );
+        let cfg = run(&["--handover-socket=/run/x/h.sock"]).expect("a path");
+        assert_eq!(
+            cfg.handover_socket.as_deref(),
+            Some(std::path::Path::new("/run/x/h.sock"))
+        );
+        assert_eq!(
+            run(&["--handover-socket=off"])
+                .expect("off")
+                .handover_socket,
+            None
+        );
+        for bad in ["h.sock", "", "/"] {
+            let err = run(&[&format!("--handover-socket={bad}")]).expect_err(bad);
+            assert!(err.contains("absolute path"), "{bad}: {err}");
+        }
     }
 
     #[test]

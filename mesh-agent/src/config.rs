@@ -110,6 +110,9 @@ pub struct Config {
     /// The downward API annotations file that may ask for the mesh's removal from the node
     /// ([`crate::uninstall`]).
     pub uninstall_signal: Option<PathBuf>,
+    /// Where the running agent hands its listening sockets to a successor
+    /// ([`crate::handover`]); `None`: never.
+    pub handover_socket: Option<PathBuf>,
     /// Also enroll the pods the controller's configuration places on this node with a cgroup
     /// and a network namespace ([`crate::enroll`]), following them as they come and go.
     pub enroll_from_config: bool,

@@ -8,4 +8,5 @@ pub mod config;
 pub mod control;
 pub mod debug;
 pub mod enroll;
+pub mod handover;
 pub mod uninstall;

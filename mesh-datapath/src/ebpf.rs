@@ -592,6 +592,17 @@ impl Datapath {
     /// Enrolls a pod: attaches (or adopts) its links, opens the proxy's sockets in its network
     /// namespace, and records it in the maps. Idempotent. On error nothing is changed.
     pub fn enroll(&mut self, spec: &PodSpec) -> Result<PodSockets> {
+        self.enroll_with(spec, None)
+    }
+
+    /// [`Datapath::enroll`], keeping the listening sockets an earlier agent handed over when
+    /// they are the pod's: in its network namespace, on the proxy's ports. The kernel queues
+    /// connections on them all along, so the pod is never without a listener.
+    pub fn enroll_with(
+        &mut self,
+        spec: &PodSpec,
+        inherited: Option<PodSockets>,
+    ) -> Result<PodSockets> {
         let pod_err = |reason: String| DatapathError::Pod {
             pod: spec.name.clone(),
             reason,
@@ -630,7 +641,15 @@ impl Datapath {
 
         let (out_port, in_port) = (self.cfg.outbound_port, self.cfg.inbound_port);
         let iface = spec.iface.clone();
+        let pod = spec.name.clone();
         let (sockets, cookie) = netns::run_in(&ns, &spec.netns, move || {
+            if let Some(sockets) = inherited {
+                match inherited_fit(&sockets, out_port, in_port) {
+                    Ok(cookie) => return Ok((sockets, cookie)),
+                    Err(e) => tracing::warn!(%pod, error = %e,
+                        "the listeners handed over are not this pod's; listening anew"),
+                }
+            }
             let bind = |port| {
                 TcpListener::bind((Ipv4Addr::LOCALHOST, port))
                     .and_then(|l| l.set_nonblocking(true).map(|()| l))
@@ -645,7 +664,14 @@ impl Datapath {
             let inbound = bind(in_port)?;
             let cookie = netns::netns_cookie(&outbound)
                 .map_err(|e| format!("read the network namespace cookie: {e}"))?;
-            Ok((PodSockets { outbound, inbound }, cookie))
+            Ok((
+                PodSockets {
+                    outbound,
+                    inbound,
+                    hbone: None,
+                },
+                cookie,
+            ))
         })?
         .map_err(pod_err)?;
 
@@ -901,6 +927,42 @@ impl Datapath {
     pub fn enrolled(&self) -> impl Iterator<Item = &PodSpec> {
         self.pods.values().map(|p| &p.spec)
     }
+}
+
+/// Whether listening sockets handed over by an earlier agent serve the pod whose network
+/// namespace the calling thread is in: both listening, in this namespace, on the proxy's
+/// loopback ports. The namespace's cookie when they do.
+fn inherited_fit(
+    sockets: &PodSockets,
+    out_port: u16,
+    in_port: u16,
+) -> std::result::Result<u64, String> {
+    let here = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|probe| netns::netns_cookie(&probe))
+        .map_err(|e| format!("read the network namespace cookie: {e}"))?;
+    for (what, sock, port) in [
+        ("outbound", &sockets.outbound, out_port),
+        ("inbound", &sockets.inbound, in_port),
+    ] {
+        let cookie = netns::netns_cookie(sock).map_err(|e| format!("{what}: {e}"))?;
+        if cookie != here {
+            return Err(format!(
+                "the {what} listener is in another network namespace"
+            ));
+        }
+        let want = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        match sock.local_addr() {
+            Ok(addr) if addr == want => {}
+            other => return Err(format!("the {what} listener is on {other:?}, not {want}")),
+        }
+        let listening = socket2::SockRef::from(sock)
+            .is_listener()
+            .map_err(|e| format!("{what}: {e}"))?;
+        if !listening {
+            return Err(format!("the {what} socket is not listening"));
+        }
+    }
+    Ok(here)
 }
 
 /// Unenrolls a pod of an instance from its pinned state alone (no running agent needed).

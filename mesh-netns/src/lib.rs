@@ -160,6 +160,9 @@ pub struct PodSockets {
     pub outbound: TcpListener,
     /// 127.0.0.1:<inbound port>: where sk_lookup steers inbound plaintext.
     pub inbound: TcpListener,
+    /// <pod IP>:15008, when one was handed over by the agent before (a new agent listens
+    /// there itself once it knows the pod's identity).
+    pub hbone: Option<TcpListener>,
 }
 
 const SO_NETNS_COOKIE: libc::c_int = 71;

@@ -21,8 +21,8 @@
 use std::{
     future::Future,
     net::{SocketAddr, SocketAddrV4, TcpListener as StdListener},
-    os::fd::OwnedFd,
-    sync::{Arc, OnceLock},
+    os::fd::{AsFd as _, OwnedFd},
+    sync::{Arc, Mutex, OnceLock, PoisonError},
     time::Duration,
 };
 
@@ -68,7 +68,7 @@ pub struct Mesh {
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("register listener with the runtime: {0}")]
-    Listener(std::io::Error),
+    Listener(#[source] std::io::Error),
     #[error("pod name {0:?} is not namespace/name")]
     PodName(String),
     #[error("HBONE: {0}")]
@@ -171,8 +171,39 @@ pub struct PodProxy {
     inbound: JoinHandle<()>,
     refusing: watch::Sender<bool>,
     hbone: Arc<OnceLock<Arc<HboneServer<PodInbound>>>>,
+    /// Its listening sockets, for a successor agent to take over; dropped when the proxy
+    /// stops accepting for good.
+    fds: Mutex<Option<ListenerFds>>,
     /// The pod's entry in the agent's [`LocalPods`], removed with the proxy.
     _local: Option<Registration>,
+}
+
+/// Second descriptors of a pod's listening sockets: the same sockets the accept loops use.
+struct ListenerFds {
+    outbound: OwnedFd,
+    inbound: OwnedFd,
+    /// Set once the proxy listens on the pod's HBONE port.
+    hbone: Arc<OnceLock<OwnedFd>>,
+}
+
+/// The listening sockets of one pod's proxy (new descriptors of them), as handed to a
+/// successor agent.
+#[derive(Debug)]
+pub struct Listening {
+    pub outbound: OwnedFd,
+    pub inbound: OwnedFd,
+    pub hbone: Option<OwnedFd>,
+}
+
+/// How a drain stops the listeners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Nobody will accept on them: outbound and HBONE listeners close, and the inbound one
+    /// resets what it accepts (closed, the datapath would let plaintext through to the
+    /// application directly).
+    Refuse,
+    /// A successor agent accepts on the same sockets: this process only stops accepting.
+    Release,
 }
 
 impl PodProxy {
@@ -186,7 +217,38 @@ impl PodProxy {
         if let Some(server) = self.hbone.get() {
             server.drain_connections();
         }
+        // Nobody else holds them: the outbound and HBONE sockets close with their loops.
+        self.fds
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         debug!(pod = %self.pod, "stopped accepting");
+    }
+
+    /// Takes no new connection and leaves the listening sockets to the successor agent that
+    /// holds them too: every accept loop ends (inbound included: the successor answers it),
+    /// and the HBONE connections get GOAWAY (their open tunnels go on).
+    pub fn release(&self) {
+        for task in self.accepting.iter().chain([&self.inbound]) {
+            task.abort();
+        }
+        if let Some(server) = self.hbone.get() {
+            server.drain_connections();
+        }
+        debug!(pod = %self.pod, "released the listeners");
+    }
+
+    /// New descriptors of the pod's listening sockets; `None` once it stopped accepting.
+    pub fn listening(&self) -> std::io::Result<Option<Listening>> {
+        let fds = self.fds.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(fds) = fds.as_ref() else {
+            return Ok(None);
+        };
+        Ok(Some(Listening {
+            outbound: fds.outbound.try_clone()?,
+            inbound: fds.inbound.try_clone()?,
+            hbone: fds.hbone.get().map(OwnedFd::try_clone).transpose()?,
+        }))
     }
 }
 
@@ -213,6 +275,13 @@ pub fn start(
         Some((ns, n)) if !ns.is_empty() && !n.is_empty() => NamespacedName::new(ns, n),
         _ => return Err(ProxyError::PodName(pod.into())),
     };
+    let dup = |l: &StdListener| l.try_clone().map(OwnedFd::from);
+    let hbone_fd = Arc::new(OnceLock::new());
+    let fds = Mutex::new(Some(ListenerFds {
+        outbound: dup(&sockets.outbound).map_err(ProxyError::Listener)?,
+        inbound: dup(&sockets.inbound).map_err(ProxyError::Listener)?,
+        hbone: hbone_fd.clone(),
+    }));
     let outbound = TcpListener::from_std(sockets.outbound).map_err(ProxyError::Listener)?;
     let inbound = TcpListener::from_std(sockets.inbound).map_err(ProxyError::Listener)?;
     let (refusing, refusing_rx) = watch::channel(false);
@@ -253,6 +322,7 @@ pub fn start(
             inbound: in_task,
             refusing,
             hbone,
+            fds,
             _local: None,
         });
     };
@@ -310,6 +380,8 @@ pub fn start(
         handler,
         idle,
         server: hbone.clone(),
+        inherited: sockets.hbone,
+        fd: hbone_fd,
     };
     let accepting = vec![
         tokio::spawn(accept_loop(
@@ -344,6 +416,7 @@ pub fn start(
         inbound,
         refusing,
         hbone,
+        fds,
         _local: Some(local),
     })
 }
@@ -430,12 +503,17 @@ struct HboneSide {
     idle: Duration,
     /// Set once serving, for [`PodProxy::stop_accepting`].
     server: Arc<OnceLock<Arc<HboneServer<PodInbound>>>>,
+    /// The listener an earlier agent handed over, used when it is bound to the pod's
+    /// HBONE address.
+    inherited: Option<StdListener>,
+    /// Set to the listener's second descriptor once listening, for [`PodProxy::listening`].
+    fd: Arc<OnceLock<OwnedFd>>,
 }
 
 impl HboneSide {
     /// Serves HBONE on the pod's `ip:15008` once the configuration names the pod's identity.
     /// Each connection runs on its own task: stopping this loop closes the listener only.
-    async fn run(self) {
+    async fn run(mut self) {
         let pod = &self.pod;
         let mut changes = self.mesh.store.subscribe();
         let identity = loop {
@@ -453,13 +531,30 @@ impl HboneSide {
             }
         };
         let addr = SocketAddr::from((self.ip, HBONE_PORT));
-        let listener = match (self.net.listen)(addr).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(%pod, %addr, error = %e, "cannot listen on the pod's HBONE port");
-                return;
-            }
+        let inherited = self
+            .inherited
+            .take()
+            .filter(|l| l.local_addr().ok() == Some(addr))
+            .map(|l| {
+                l.set_nonblocking(true)
+                    .and_then(|()| TcpListener::from_std(l))
+            });
+        let listener = match inherited {
+            Some(Ok(l)) => l,
+            _ => match (self.net.listen)(addr).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(%pod, %addr, error = %e, "cannot listen on the pod's HBONE port");
+                    return;
+                }
+            },
         };
+        match listener.as_fd().try_clone_to_owned() {
+            Ok(fd) => {
+                let _ = self.fd.set(fd);
+            }
+            Err(e) => warn!(%pod, error = %e, "HBONE listener cannot be handed over"),
+        }
         let tls = match crate::tls::server_config(self.mesh.certs.clone(), identity.clone()) {
             Ok(t) => t,
             Err(e) => {
@@ -577,16 +672,20 @@ pub struct Drained {
     pub elapsed: Duration,
 }
 
-/// Stops every proxy from accepting, then waits until no connection is open or `grace`
-/// passed, and cuts what is left.
+/// Stops every proxy from accepting as `stop` says, then waits until no connection is open
+/// or `grace` passed, and cuts what is left.
 pub async fn drain<'a>(
     proxies: impl IntoIterator<Item = &'a PodProxy>,
+    stop: Stop,
     telemetry: &Telemetry,
     grace: Duration,
 ) -> Drained {
     let started = Instant::now();
     for proxy in proxies {
-        proxy.stop_accepting();
+        match stop {
+            Stop::Refuse => proxy.stop_accepting(),
+            Stop::Release => proxy.release(),
+        }
     }
     telemetry.start_drain();
     let open = telemetry.live();

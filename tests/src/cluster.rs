@@ -581,6 +581,8 @@ pub struct Cluster {
     /// Extra arguments for every agent, and for the controller.
     agent_args: Vec<String>,
     controller_args: Vec<String>,
+    /// Agents replaced by [`Cluster::replace_agent`], draining or exited.
+    retired: Vec<Proc>,
     torn_down: bool,
 }
 
@@ -625,6 +627,7 @@ impl Cluster {
             enrollment: spec.enrollment,
             agent_args: agent_args.to_vec(),
             controller_args: controller_args.to_vec(),
+            retired: Vec::new(),
             torn_down: false,
         };
         progress(&format!(
@@ -1080,8 +1083,75 @@ impl Cluster {
                     .arg(self.cni_socket(&node.name));
             }
         }
+        cmd.arg("--handover-socket")
+            .arg(self.state.join(format!("handover/{}.sock", node.name)));
         cmd.args(&self.agent_args);
         Ok(cmd)
+    }
+
+    /// Replaces the agent of node `i` as an upgrade does: a new agent starts beside the
+    /// running one and takes its listening sockets over; once the old one says the new one
+    /// serves every pod, it is stopped (SIGTERM) and left to drain its open connections
+    /// ([`Cluster::wait_retired`]).
+    pub fn replace_agent(&mut self, i: usize) -> Result<()> {
+        let name = self.nodes[i].name.clone();
+        let mut old = self.nodes[i]
+            .agent
+            .take()
+            .with_context(|| format!("no agent runs on {name}"))?;
+        // The old agent's log moves aside; the new one writes the usual file.
+        let aside = self
+            .state
+            .join(format!("logs/agent-{name}.{}.log", self.retired.len()));
+        fs::rename(&old.log, &aside).context("move the old agent's log aside")?;
+        old.log = aside;
+        if let Err(e) = self.start_agent(i) {
+            self.retired.push(old);
+            return Err(e);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !fs::read_to_string(&old.log)
+            .unwrap_or_default()
+            .contains("the successor serves every pod")
+        {
+            if old.exited().is_some() || Instant::now() > deadline {
+                let tail = old.tail(30);
+                self.retired.push(old);
+                bail!("the old agent of {name} did not hand over; its last lines:\n{tail}");
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(old.pid() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        self.retired.push(old);
+        Ok(())
+    }
+
+    /// Waits until every agent replaced so far has exited; their exit statuses and logs.
+    pub fn wait_retired(
+        &mut self,
+        limit: Duration,
+    ) -> Result<Vec<(std::process::ExitStatus, PathBuf)>> {
+        let deadline = Instant::now() + limit;
+        let mut done = Vec::new();
+        for old in &mut self.retired {
+            loop {
+                if let Some(status) = old.exited() {
+                    done.push((status, old.log.clone()));
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "a replaced agent still runs; its last lines:\n{}",
+                        old.tail(30)
+                    );
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(done)
     }
 
     /// Starts (or restarts) the agent of node `i` and waits until it is ready.
@@ -1198,6 +1268,9 @@ impl Cluster {
             if let Some(mut a) = n.agent.take() {
                 a.stop(Duration::from_secs(3));
             }
+        }
+        for mut a in self.retired.drain(..) {
+            a.stop(Duration::from_secs(3));
         }
         self.stop_controller();
         cleanup(&self.names.prefix).map(|_| ())

@@ -501,6 +501,8 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.kill();
         let _ = mesh_datapath::ebpf::remove_instance(&self.pin_dir());
+        // Killed, it leaves its hand-over socket behind.
+        let _ = std::fs::remove_file(mesh_agent::handover::default_socket(&self.instance));
     }
 }
 

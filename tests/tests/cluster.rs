@@ -4,6 +4,8 @@
 use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 #[allow(dead_code, reason = "each suite uses a subset")]
@@ -11,10 +13,12 @@ mod common;
 
 use common::{ECHO_VIP, call, up, up_with, wait_until_ok};
 use mesh_tests::cluster::{Cluster, demo_dir};
-use mesh_tests::privileged;
 use mesh_tests::sniff::Sniffer;
+use mesh_tests::{installed, privileged};
 
 const ECHO_LOCAL_VIP: &str = "10.96.0.21:9000";
+/// Debian's interpreter, for a client the demo has not.
+const PYTHON: &str = "/usr/bin/python3";
 const WEB_VIP: &str = "10.96.0.10:80";
 
 fn sniff_fabric(c: &Cluster, iface: &str) -> Sniffer {
@@ -235,6 +239,141 @@ fn the_mesh_rides_out_controller_and_agent_restarts() {
         "traffic between the nodes outside HBONE after the restart"
     );
     assert!(segments.iter().any(|s| s.dst_port == 15008));
+    assert_eq!(
+        wait_until_ok(&c, "demo/client", ECHO_LOCAL_VIP).trim(),
+        "echo-local hello"
+    );
+    c.down().expect("teardown");
+}
+
+/// Loads of 100 new connections from `pod` to `target`, one after another until `stop` is
+/// set: the requests answered and the failures by kind, summed over the loads.
+fn load_until_stopped(
+    c: &Cluster,
+    pod: &str,
+    target: &str,
+    stop: &Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(u64, serde_json::Map<String, serde_json::Value>)> {
+    let p = c.pod(pod).expect("pod");
+    let (demo, cgroup, netns) = (
+        c.bins.apps.join("mesh-demo"),
+        p.cgroup.clone(),
+        p.netns_path(),
+    );
+    let (target, stop) = (target.to_string(), stop.clone());
+    std::thread::spawn(move || {
+        let (mut answered, mut failed) = (0, serde_json::Map::new());
+        while !stop.load(Ordering::Relaxed) {
+            let mut cmd =
+                mesh_tests::cluster::command_in(&demo, &cgroup, &netns).expect("command in pod");
+            cmd.args(["load", "--target", &target, "--mode", "tcp"])
+                .args(["--requests", "100", "--concurrency", "2", "--json"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let report = load_report(cmd.spawn().expect("spawn the load client"));
+            answered += report["pods"]
+                .as_object()
+                .map_or(0, |p| p.values().filter_map(|v| v.as_u64()).sum::<u64>());
+            for (kind, n) in report["failures"].as_object().into_iter().flatten() {
+                let sum = failed.get(kind).and_then(|v| v.as_u64()).unwrap_or(0);
+                failed.insert(kind.clone(), (sum + n.as_u64().unwrap_or(0)).into());
+            }
+        }
+        (answered, failed)
+    })
+}
+
+/// One TCP connection from `pod` to `target` that sends a line and reads its echo every 20 ms
+/// until the file `stop` exists. Prints the round trips made; exits 1 on the first failure.
+const HOLD_ONE_CONNECTION: &str = r#"
+import os, socket, sys, time
+host, port, stop = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+conn = socket.create_connection((host, port), timeout=5)
+lines = conn.makefile("rb")
+n = 0
+while not os.path.exists(stop):
+    conn.sendall(b"hello\n")
+    reply = lines.readline()
+    if not reply.endswith(b"hello\n"):
+        print(f"round trip {n}: got {reply!r}", file=sys.stderr)
+        sys.exit(1)
+    n += 1
+    time.sleep(0.02)
+conn.close()
+print(n)
+"#;
+
+#[test]
+fn agents_replaced_under_load_lose_no_connection_and_no_request() {
+    let test = "agents_replaced_under_load_lose_no_connection_and_no_request";
+    let python = std::path::Path::new(PYTHON);
+    if !privileged(test) || !installed(test, &[(PYTHON, &["-c", "import socket"], "python3")]) {
+        return;
+    }
+    let mut c = up(&[]);
+    for vip in [ECHO_VIP, ECHO_LOCAL_VIP] {
+        wait_until_ok(&c, "demo/client", vip);
+    }
+    // New connections all along, across the nodes and within node-1, and one connection
+    // opened before the replacements and used all through them.
+    let stop = Arc::new(AtomicBool::new(false));
+    let loads =
+        [ECHO_VIP, ECHO_LOCAL_VIP].map(|vip| load_until_stopped(&c, "demo/client", vip, &stop));
+    let stop_file = c.state.join("hold-stop");
+    let client = c.pod("demo/client").expect("client");
+    let (host, port) = ECHO_VIP.split_once(':').expect("vip");
+    let held = mesh_tests::cluster::command_in(python, &client.cgroup, &client.netns_path())
+        .expect("command in pod")
+        .args(["-c", HOLD_ONE_CONNECTION, host, port])
+        .arg(&stop_file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the held connection");
+    std::thread::sleep(Duration::from_millis(500));
+
+    // node-1 carries the client's side (outbound, same node), node-2 echo's (HBONE inbound).
+    for node in ["node-1", "node-2"] {
+        let i = c.node_index(node).expect("node");
+        c.replace_agent(i).expect("replace the agent");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    std::fs::write(&stop_file, "").expect("stop the held connection");
+    stop.store(true, Ordering::Relaxed);
+    for (load, vip) in loads.into_iter().zip([ECHO_VIP, ECHO_LOCAL_VIP]) {
+        let (answered, failed) = load.join().expect("load thread");
+        assert!(
+            failed.is_empty(),
+            "{vip}: failures across the replacements: {failed:?}"
+        );
+        assert!(answered >= 200, "{vip}: only {answered} requests made");
+    }
+    let out = held.wait_with_output().expect("held connection");
+    assert!(
+        out.status.success(),
+        "the connection open across the replacements broke: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let trips: u64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("round trips");
+    assert!(
+        trips > 20,
+        "only {trips} round trips on the held connection"
+    );
+
+    // The old agents drained (the held connection ended) and left; the new ones serve alone.
+    for (status, log) in c
+        .wait_retired(Duration::from_secs(30))
+        .expect("the old agents exit")
+    {
+        assert!(status.success(), "{status}: {}", log.display());
+    }
+    assert_eq!(
+        wait_until_ok(&c, "demo/client", ECHO_VIP).trim(),
+        "echo hello"
+    );
     assert_eq!(
         wait_until_ok(&c, "demo/client", ECHO_LOCAL_VIP).trim(),
         "echo-local hello"

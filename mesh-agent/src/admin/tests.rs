@@ -17,6 +17,7 @@ fn config() -> Config {
         pods: Vec::new(),
         unenroll_on_exit: false,
         uninstall_signal: None,
+        handover_socket: None,
         enroll_from_config: false,
         discover_pods: None,
         proxy: ProxyConfig::default(),

@@ -200,6 +200,15 @@ impl<N: Node> Reconciler<N> {
         self.served.values()
     }
 
+    /// Every pod served, by `namespace/name`.
+    pub fn served_by_name(&self) -> impl Iterator<Item = (&str, &N::Served)> {
+        self.served.iter().map(|(name, s)| (name.as_str(), s))
+    }
+
+    pub fn node_mut(&mut self) -> &mut N {
+        &mut self.node
+    }
+
     /// The pods enrolled by the reconcile (not the fixed ones).
     pub fn enrolled(&self) -> &BTreeMap<String, PodSpec> {
         &self.enrolled

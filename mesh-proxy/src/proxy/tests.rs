@@ -35,13 +35,17 @@ async fn echo_app() -> SocketAddr {
 }
 
 async fn transparent_pod() -> Pod {
-    let app = echo_app().await;
     let listener = || {
         let l = StdListener::bind("127.0.0.1:0").expect("bind");
         l.set_nonblocking(true).expect("nonblocking");
         l
     };
-    let (outbound, inbound) = (listener(), listener());
+    transparent_pod_on(listener(), listener()).await
+}
+
+/// A pod without a controller serving on the given listeners.
+async fn transparent_pod_on(outbound: StdListener, inbound: StdListener) -> Pod {
+    let app = echo_app().await;
     let addrs = (
         outbound.local_addr().expect("addr"),
         inbound.local_addr().expect("addr"),
@@ -56,7 +60,11 @@ async fn transparent_pod() -> Pod {
         "shop/api-0",
         Ipv4Addr::LOCALHOST,
         net,
-        PodSockets { outbound, inbound },
+        PodSockets {
+            outbound,
+            inbound,
+            hbone: None,
+        },
         None,
         telemetry.clone(),
         &ProxyConfig::default(),
@@ -109,7 +117,7 @@ async fn a_drain_refuses_new_connections_and_lets_open_ones_finish() {
     .expect("the probe connection closes");
 
     let grace = Duration::from_secs(20);
-    let drained = drain([&pod.proxy], &pod.telemetry, grace);
+    let drained = drain([&pod.proxy], Stop::Refuse, &pod.telemetry, grace);
     let client = async {
         // The drain stops the listeners as it starts.
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -147,13 +155,66 @@ async fn a_drain_refuses_new_connections_and_lets_open_ones_finish() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_pod_leaves_its_listeners_to_the_successor() {
+    let old = transparent_pod().await;
+    let mut open = TcpStream::connect(old.inbound).await.expect("connect");
+    echo(&mut open, b"before").await;
+    // The successor serves the same sockets, as a handover passes them.
+    let fds = old.proxy.listening().expect("dup").expect("listening");
+    assert!(
+        fds.hbone.is_none(),
+        "no HBONE listener without a controller"
+    );
+    let new = transparent_pod_on(fds.outbound.into(), fds.inbound.into()).await;
+    assert_eq!((new.outbound, new.inbound), (old.outbound, old.inbound));
+
+    let drained = drain([&old.proxy], Stop::Release, &old.telemetry, WAIT);
+    let client = async {
+        // Not one new connection is refused: the old proxy accepts none any more (with
+        // `Stop::Refuse` it would reset those it takes from the shared queue).
+        for i in 0..20u8 {
+            let mut s = TcpStream::connect(old.inbound).await.expect("connect");
+            echo(&mut s, &[b'a' + i]).await;
+        }
+        echo(&mut open, b"during the drain").await;
+        open.shutdown().await.expect("half-close");
+        let mut rest = Vec::new();
+        open.read_to_end(&mut rest).await.expect("read to the end");
+    };
+    let (drained, ()) = tokio::join!(drained, client);
+    assert_eq!((drained.open, drained.cut), (1, 0), "{drained:?}");
+    let served = [("reporter", "destination"), ("mesh_path", "plaintext")];
+    assert_eq!(
+        sample(
+            &encode(&new.registry),
+            "istio_tcp_connections_opened_total",
+            &served
+        ),
+        20
+    );
+    // The old proxy gone, the sockets stay with the successor.
+    drop(old);
+    let mut s = TcpStream::connect(new.inbound).await.expect("connect");
+    echo(&mut s, b"after").await;
+    // Accepted, then reset at once (no original destination on loopback): not refused.
+    match TcpStream::connect(new.outbound).await {
+        Ok(_) => {}
+        Err(e) => assert_ne!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionRefused,
+            "the outbound listener closed with the old proxy"
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_grace_period_cuts_a_stuck_connection() {
     let pod = transparent_pod().await;
     let mut stuck = TcpStream::connect(pod.inbound).await.expect("connect");
     echo(&mut stuck, b"hello").await;
 
     let grace = Duration::from_millis(300);
-    let drained = drain([&pod.proxy], &pod.telemetry, grace).await;
+    let drained = drain([&pod.proxy], Stop::Refuse, &pod.telemetry, grace).await;
     assert_eq!((drained.open, drained.cut), (1, 1), "{drained:?}");
     assert!(drained.elapsed >= grace, "{drained:?}");
     assert!(drained.elapsed < WAIT, "{drained:?}");
@@ -209,6 +270,7 @@ async fn a_meshed_pod_is_in_the_node_registry_while_its_proxy_runs() {
         PodSockets {
             outbound: listener(),
             inbound: listener(),
+            hbone: None,
         },
         Some(mesh),
         Telemetry::new(&mut registry),
