@@ -310,6 +310,11 @@ fn the_values_schema_refuses_bad_values_with_the_key_in_the_message() {
         ("agent.captureCIDRs={10.0.0.0/33}", "captureCIDRs"),
         ("controller.workloadCertTTL=a day", "workloadCertTTL"),
         ("namespace.name=Mesh_System", "name"),
+        // A rolling update that could never move.
+        (
+            "agent.updateStrategy.maxSurge=0,agent.updateStrategy.maxUnavailable=0",
+            "updateStrategy",
+        ),
         // A misspelt key is refused, not ignored.
         ("controller.replica=3", "replica"),
     ] {
@@ -412,6 +417,18 @@ fn the_rendered_agent_and_cni_arguments_are_accepted_by_the_real_parsers() {
         };
         assert_eq!(host_path("cni-conf"), conf);
         assert_eq!(host_path("cni-bin"), bin);
+        // A node's old and new agent meet at the hand-over socket: a host directory.
+        let handover = cfg.handover_socket.as_ref().expect("--handover-socket");
+        let mount = container(ds, "containers", "agent")["volumeMounts"]
+            .as_array()
+            .expect("mounts")
+            .iter()
+            .find(|m| handover.starts_with(m["mountPath"].as_str().expect("path")))
+            .expect("the hand-over socket is on no volume");
+        assert_eq!(
+            host_path(mount["name"].as_str().expect("name")),
+            mount["mountPath"]
+        );
         let controller = strings(
             &container(
                 &find(&objects, "Deployment", "mesh-controller")["spec"]["template"]["spec"],
@@ -679,10 +696,24 @@ fn the_pods_have_priorities_probes_resources_and_the_least_privilege_each_needs(
         let objects = objects(&rendered(values));
         let ds = &find(&objects, "DaemonSet", "mesh-agent")["spec"];
         assert_eq!(ds["updateStrategy"]["type"], "RollingUpdate", "{values:?}");
+        // An upgrade starts the new agent beside the old one, which hands its sockets over.
+        let rolling = &ds["updateStrategy"]["rollingUpdate"];
+        let (surge, unavailable) = match values {
+            None => (1.into(), 0.into()),
+            // Restarted in place, a tenth of the nodes at a time.
+            Some(_) => (0.into(), "10%".into()),
+        };
+        assert_eq!(
+            (&rolling["maxSurge"], &rolling["maxUnavailable"]),
+            (&surge, &unavailable)
+        );
         let pod = &ds["template"]["spec"];
         assert_eq!(pod["hostPID"], true);
         assert_eq!(pod["hostNetwork"], true);
         let agent = container(pod, "containers", "agent");
+        // On the host network a declared port is a host port, which two agents of one node
+        // cannot both have: the scheduler would never place the new one.
+        assert!(agent["ports"].is_null(), "{values:?}: {}", agent["ports"]);
         let args = strings(&agent["args"]);
         let admin = flag(&args, "admin").expect("--admin");
         // Readiness says draining or removed; liveness only that the agent serves at all.
