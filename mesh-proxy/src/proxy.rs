@@ -555,6 +555,14 @@ impl HboneSide {
             }
             Err(e) => warn!(%pod, error = %e, "HBONE listener cannot be handed over"),
         }
+        // Accept only with a certificate to present: until then the kernel queues the
+        // connections (and an agent that handed this listener over still serves them).
+        let mut pause = Duration::from_millis(100);
+        while let Err(e) = self.mesh.certs.fetch(&identity).await {
+            warn!(%pod, %identity, error = %e, retry_in = ?pause, "no certificate to serve HBONE with yet");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(5));
+        }
         let tls = match crate::tls::server_config(self.mesh.certs.clone(), identity.clone()) {
             Ok(t) => t,
             Err(e) => {

@@ -1094,6 +1094,12 @@ impl Cluster {
     /// serves every pod, it is stopped (SIGTERM) and left to drain its open connections
     /// ([`Cluster::wait_retired`]).
     pub fn replace_agent(&mut self, i: usize) -> Result<()> {
+        self.replace_agent_with(i, &[])
+    }
+
+    /// [`Cluster::replace_agent`] with a new agent started with `extra` arguments besides
+    /// the usual ones (other datapath parameters take the path of a new build's programs).
+    pub fn replace_agent_with(&mut self, i: usize, extra: &[&str]) -> Result<()> {
         let name = self.nodes[i].name.clone();
         let mut old = self.nodes[i]
             .agent
@@ -1105,7 +1111,9 @@ impl Cluster {
             .join(format!("logs/agent-{name}.{}.log", self.retired.len()));
         fs::rename(&old.log, &aside).context("move the old agent's log aside")?;
         old.log = aside;
-        if let Err(e) = self.start_agent(i) {
+        let mut cmd = self.agent_command(i)?;
+        cmd.args(extra);
+        if let Err(e) = self.spawn_agent(i, cmd) {
             self.retired.push(old);
             return Err(e);
         }
@@ -1157,6 +1165,10 @@ impl Cluster {
     /// Starts (or restarts) the agent of node `i` and waits until it is ready.
     pub fn start_agent(&mut self, i: usize) -> Result<()> {
         let cmd = self.agent_command(i)?;
+        self.spawn_agent(i, cmd)
+    }
+
+    fn spawn_agent(&mut self, i: usize, cmd: Command) -> Result<()> {
         let log = self
             .state
             .join(format!("logs/agent-{}.log", self.nodes[i].name));

@@ -277,6 +277,8 @@ fn load_until_stopped(
             for (kind, n) in report["failures"].as_object().into_iter().flatten() {
                 let sum = failed.get(kind).and_then(|v| v.as_u64()).unwrap_or(0);
                 failed.insert(kind.clone(), (sum + n.as_u64().unwrap_or(0)).into());
+                let example = &report["failure_examples"][kind];
+                failed.insert(format!("{kind} example"), example.clone());
             }
         }
         (answered, failed)
@@ -333,9 +335,12 @@ fn agents_replaced_under_load_lose_no_connection_and_no_request() {
     std::thread::sleep(Duration::from_millis(500));
 
     // node-1 carries the client's side (outbound, same node), node-2 echo's (HBONE inbound).
-    for node in ["node-1", "node-2"] {
+    // node-1's new agent runs other datapath parameters, which is the path of a new build:
+    // its programs are attached beside the old ones, then the old ones removed. node-2's is
+    // the same build, which adopts the pinned programs.
+    for (node, extra) in [("node-1", &["--skmsg-budget=2M"][..]), ("node-2", &[])] {
         let i = c.node_index(node).expect("node");
-        c.replace_agent(i).expect("replace the agent");
+        c.replace_agent_with(i, extra).expect("replace the agent");
         std::thread::sleep(Duration::from_millis(500));
     }
     std::fs::write(&stop_file, "").expect("stop the held connection");
@@ -370,6 +375,17 @@ fn agents_replaced_under_load_lose_no_connection_and_no_request() {
     {
         assert!(status.success(), "{status}: {}", log.display());
     }
+    let log = |node: &str| {
+        std::fs::read_to_string(c.state.join(format!("logs/agent-{node}.log"))).unwrap_or_default()
+    };
+    assert!(
+        !log("node-1").contains("adopted pinned links"),
+        "node-1 kept the old programs"
+    );
+    assert!(
+        log("node-2").contains("adopted pinned links"),
+        "node-2 did not adopt its programs"
+    );
     assert_eq!(
         wait_until_ok(&c, "demo/client", ECHO_VIP).trim(),
         "echo hello"
