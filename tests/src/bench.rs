@@ -11,5 +11,6 @@ pub mod client;
 pub mod env;
 pub mod ladder;
 pub mod report;
+pub mod restart;
 pub mod server;
 pub mod wire;

@@ -1178,6 +1178,14 @@ impl Cluster {
         Ok(())
     }
 
+    /// Stops the agent of node `i` as a restart in place does: SIGTERM, then SIGKILL if it
+    /// still runs after `grace`.
+    pub fn stop_agent(&mut self, i: usize, grace: Duration) {
+        if let Some(mut a) = self.nodes[i].agent.take() {
+            a.stop(grace);
+        }
+    }
+
     /// Kills the agent of node `i` (SIGKILL: its datapath stays pinned, as after a crash).
     pub fn kill_agent(&mut self, i: usize) {
         if let Some(mut a) = self.nodes[i].agent.take() {

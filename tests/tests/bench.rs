@@ -46,6 +46,24 @@ fn the_fast_ladder_measures_every_step_and_the_mesh_steps_cross_the_proxy() {
         "the fast mode runs the eight steps"
     );
     assert!(!report.environment.kernel.is_empty() && report.environment.cpus > 0);
+    // The restart scenario ran every way, under load.
+    let keys: Vec<&str> = report.restarts.iter().map(|r| r.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["in-place", "handover", "handover-new-programs", "crash"],
+        "the restart scenario"
+    );
+    for r in &report.restarts {
+        assert!(
+            r.new_connections > 0 && r.requests > 0 && r.agent_seconds > 0.0,
+            "{}: no load measured: {r:?}",
+            r.key
+        );
+    }
+    assert!(
+        stdout.contains("## Agent restart under load"),
+        "no restart table:\n{stdout}"
+    );
 
     for s in &report.steps {
         let bulk = median(values(s, "bulk_mb_s")).expect("a throughput");

@@ -12,6 +12,10 @@
 //!   echo comes back on the same connection, so every hop carries full load both ways at
 //!   once; every byte sent must come back. Throughput in MB/s, both directions summed.
 //! - `hold`: opens connections, says `held`, keeps them until stdin closes.
+//! - `churn` (the restart scenario): until stdin closes, new connections one after another
+//!   on two threads, one connection held open with a round trip every 10 ms, and HTTP
+//!   requests on a kept-alive connection; prints every outcome with its wall-clock time
+//!   ([`Churn`]).
 //!
 //! Each prints one JSON object ([`Sample`]) on stdout.
 use std::io::{BufReader, Read, Write};
@@ -91,6 +95,11 @@ pub fn main(args: &[String]) -> Result<()> {
         "bulk" => bulk(proto, addr, num(3)?)?,
         "duplex" if proto == Proto::Tcp => duplex(addr, num(3)? as usize, num(4)?)?,
         "hold" => return hold(proto, addr, num(3)? as usize),
+        "churn" => {
+            let http = args.get(3).context("churn needs the HTTP address")?;
+            println!("{}", serde_json::to_string(&churn(addr, http)?)?);
+            return Ok(());
+        }
         other => bail!("unknown client command {other:?}"),
     };
     println!("{}", serde_json::to_string(&sample)?);
@@ -393,4 +402,177 @@ fn hold(proto: Proto, addr: &str, n: usize) -> Result<()> {
     let _ = std::io::stdin().read(&mut [0u8; 1])?;
     drop(held);
     Ok(())
+}
+
+// === Churn ===
+
+/// What `churn` saw; times are milliseconds since the Unix epoch, latencies microseconds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Churn {
+    /// New connections that carried their round trip: (start, latency).
+    pub connected: Vec<(u64, u64)>,
+    /// New connections that failed: (start, kind).
+    pub failed: Vec<(u64, String)>,
+    /// Round trips on the held connection.
+    pub held_trips: u64,
+    /// When the held connection broke (it is opened again after each break).
+    pub held_broken: Vec<(u64, String)>,
+    /// HTTP requests answered: (start, latency).
+    pub requests: Vec<(u64, u64)>,
+    /// HTTP requests that failed: (start, kind).
+    pub failed_requests: Vec<(u64, String)>,
+}
+
+/// How long `churn` waits after a failed call before the next.
+const FAILED_PAUSE: Duration = Duration::from_millis(10);
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The kind of a failed call, from its I/O error.
+fn failure_kind(e: &anyhow::Error) -> String {
+    use std::io::ErrorKind as K;
+    let io = e.chain().find_map(|c| c.downcast_ref::<std::io::Error>());
+    match io.map(|e| e.kind()) {
+        Some(K::ConnectionRefused) => "refused",
+        Some(K::ConnectionReset | K::BrokenPipe | K::ConnectionAborted) => "reset",
+        Some(K::UnexpectedEof) => "eof",
+        Some(K::TimedOut | K::WouldBlock) => "timeout",
+        _ if e.to_string().contains("closed") => "eof",
+        _ => "other",
+    }
+    .into()
+}
+
+/// A TCP connection with 2 s bounds on connecting, reading and writing.
+fn bounded(addr: &str) -> Result<TcpStream> {
+    let sa: std::net::SocketAddr = addr.parse().with_context(|| format!("address {addr}"))?;
+    let s = TcpStream::connect_timeout(&sa, Duration::from_secs(2))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.set_write_timeout(Some(Duration::from_secs(2)))?;
+    Ok(s)
+}
+
+fn churn(echo: &str, http: &str) -> Result<Churn> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let stop = Arc::new(AtomicBool::new(false));
+    let out = Arc::new(Mutex::new(Churn::default()));
+    let mut threads = Vec::new();
+    for _ in 0..2 {
+        let (stop, out, echo) = (stop.clone(), out.clone(), echo.to_string());
+        threads.push(thread::spawn(move || {
+            let (req, mut resp) = payload(64);
+            while !stop.load(Ordering::Relaxed) {
+                let (at, started) = (now_ms(), Instant::now());
+                let done = bounded(&echo).and_then(|mut s| {
+                    s.write_all(&req)?;
+                    wire::read_exact(&s, &mut resp)?;
+                    Ok(())
+                });
+                let failed = {
+                    let mut o = out.lock().expect("churn results");
+                    match done {
+                        Ok(()) => o.connected.push((at, started.elapsed().as_micros() as u64)),
+                        Err(e) => o.failed.push((at, failure_kind(&e))),
+                    }
+                    !o.failed.is_empty() && o.failed.last().is_some_and(|(t, _)| *t == at)
+                };
+                // A refusal comes back at once: pace the retries like a client would.
+                if failed {
+                    thread::sleep(FAILED_PAUSE);
+                }
+            }
+        }));
+    }
+    {
+        let (stop, out, echo) = (stop.clone(), out.clone(), echo.to_string());
+        threads.push(thread::spawn(move || {
+            let (req, mut resp) = payload(16);
+            let mut held = None;
+            while !stop.load(Ordering::Relaxed) {
+                let at = now_ms();
+                // Only an established connection breaks; failing to open the next one is not
+                // counted again.
+                let established = held.is_some();
+                let conn = match held.take() {
+                    Some(c) => Ok(c),
+                    None => bounded(&echo),
+                };
+                let trip = conn.and_then(|mut s| {
+                    s.write_all(&req)?;
+                    wire::read_exact(&s, &mut resp)?;
+                    Ok(s)
+                });
+                match trip {
+                    Ok(s) => {
+                        held = Some(s);
+                        out.lock().expect("churn results").held_trips += 1;
+                    }
+                    Err(e) if established => out
+                        .lock()
+                        .expect("churn results")
+                        .held_broken
+                        .push((at, failure_kind(&e))),
+                    Err(_) => {}
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+        }));
+    }
+    {
+        let (stop, out, http) = (stop.clone(), out.clone(), http.to_string());
+        threads.push(thread::spawn(move || {
+            let (req, mut resp) = payload(64);
+            let open = |addr: &str| -> Result<Conn> {
+                Ok(Conn::Http(BufReader::with_capacity(
+                    64 * 1024,
+                    bounded(addr)?,
+                )))
+            };
+            let mut conn: Option<Conn> = None;
+            while !stop.load(Ordering::Relaxed) {
+                let (at, started) = (now_ms(), Instant::now());
+                // A kept-alive connection the server closed before answering is tried again
+                // once on a new one, as HTTP/1.1 clients do.
+                let reused = conn.is_some();
+                let mut result = match conn.take() {
+                    Some(c) => Ok(c),
+                    None => open(&http),
+                }
+                .and_then(|mut c| c.round_trip(&req, &mut resp).map(|()| c));
+                if reused && result.as_ref().is_err_and(|e| failure_kind(e) == "eof") {
+                    result =
+                        open(&http).and_then(|mut c| c.round_trip(&req, &mut resp).map(|()| c));
+                }
+                let mut o = out.lock().expect("churn results");
+                let pause = match result {
+                    Ok(c) => {
+                        conn = Some(c);
+                        o.requests.push((at, started.elapsed().as_micros() as u64));
+                        Duration::from_millis(2)
+                    }
+                    Err(e) => {
+                        o.failed_requests.push((at, failure_kind(&e)));
+                        FAILED_PAUSE
+                    }
+                };
+                drop(o);
+                thread::sleep(pause);
+            }
+        }));
+    }
+    println!("churning");
+    std::io::stdout().flush()?;
+    let _ = std::io::stdin().read(&mut [0u8; 1])?;
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    let churn = std::mem::take(&mut *out.lock().expect("churn results"));
+    Ok(churn)
 }

@@ -237,10 +237,10 @@ pub struct Options {
 }
 
 /// The service in front of the server pod (only the mesh resolves it).
-const SERVICE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
-const HTTP_SERVICE_PORT: u16 = 80;
+pub(super) const SERVICE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
+pub(super) const HTTP_SERVICE_PORT: u16 = 80;
 
-const RESOURCES: &str = "\
+pub(super) const RESOURCES: &str = "\
 apiVersion: v1
 kind: Service
 metadata: {name: server, namespace: bench}
@@ -313,7 +313,7 @@ fn pod(name: &str, mesh: bool, server: Option<&PathBuf>) -> PodSpec {
     }
 }
 
-fn spec(step: &Step, exe: &PathBuf) -> ClusterSpec {
+pub(super) fn spec(step: &Step, exe: &PathBuf) -> ClusterSpec {
     let mesh = step.capture != Capture::None;
     let (client, mut server) = (pod("client", mesh, None), pod("server", mesh, Some(exe)));
     if step.tool == Tool::Iperf3 {
@@ -345,7 +345,7 @@ fn spec(step: &Step, exe: &PathBuf) -> ClusterSpec {
     }
 }
 
-fn agent_args(step: &Step) -> Vec<String> {
+pub(super) fn agent_args(step: &Step) -> Vec<String> {
     let mut args = Vec::new();
     if !step.skmsg {
         args.push("--no-skmsg".to_string());

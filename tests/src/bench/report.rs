@@ -14,6 +14,9 @@ pub struct Report {
     pub environment: Environment,
     pub plan: Plan,
     pub steps: Vec<StepResult>,
+    /// The restart scenario, when it ran.
+    #[serde(default)]
+    pub restarts: Vec<super::restart::RestartResult>,
 }
 
 /// One step of the ladder.
@@ -252,6 +255,9 @@ impl Report {
             }
         }
         o.push_str(&self.ratios());
+        if !self.restarts.is_empty() {
+            o.push_str(&super::restart::markdown(&self.restarts));
+        }
         o
     }
 

@@ -16,7 +16,7 @@ use mesh_tests::bench::{
     env::Environment,
     ladder::{self, Options, Plan, STEPS},
     report::{self, Report},
-    server,
+    restart, server,
 };
 use mesh_tests::cluster::Binaries;
 
@@ -53,6 +53,10 @@ enum Command {
         /// Print ratios against an earlier run's JSON.
         #[arg(long)]
         compare: Option<PathBuf>,
+        /// Also run the restart scenario with the steps named by --steps (it runs with the
+        /// whole ladder anyway).
+        #[arg(long)]
+        restarts: bool,
         /// Prefix of the clusters' namespaces, cgroups and pins (each step appends its number).
         #[arg(long, default_value = "mbench")]
         prefix: String,
@@ -100,6 +104,7 @@ fn main() -> ExitCode {
             json,
             markdown,
             compare,
+            restarts,
             prefix,
         } => {
             if !nix::unistd::geteuid().is_root() {
@@ -113,7 +118,9 @@ fn main() -> ExitCode {
             if let Some(r) = reps {
                 plan.reps = r.max(1);
             }
-            run(plan, &steps, &prefix).and_then(|r| {
+            // The restart scenario runs with the whole ladder, or when asked for.
+            let restarts = restarts || steps.is_empty();
+            run(plan, &steps, restarts, &prefix).and_then(|r| {
                 let md = r.markdown();
                 print!("{md}");
                 if let Some(path) = json {
@@ -146,7 +153,7 @@ fn read(path: &PathBuf) -> Result<Report> {
         .with_context(|| format!("{} is not a ladder report", path.display()))
 }
 
-fn run(plan: Plan, only: &[u8], prefix: &str) -> Result<Report> {
+fn run(plan: Plan, only: &[u8], restarts: bool, prefix: &str) -> Result<Report> {
     if let Some(bad) = only.iter().find(|id| !STEPS.iter().any(|s| s.id == **id)) {
         bail!("there is no step {bad} (steps 1 to {})", STEPS.len());
     }
@@ -184,10 +191,16 @@ fn run(plan: Plan, only: &[u8], prefix: &str) -> Result<Report> {
     for step in steps {
         results.push(ladder::run_step(step, &opts)?);
     }
+    let restarts = if restarts {
+        restart::run_all(&opts)?
+    } else {
+        Vec::new()
+    };
     environment.finish();
     Ok(Report {
         environment,
         plan: opts.plan,
         steps: results,
+        restarts,
     })
 }
