@@ -132,6 +132,15 @@ fn container<'a>(pod: &'a Value, list: &str, name: &str) -> &'a Value {
 }
 
 /// The value of `--flag=value` in `args` (the chart writes every flag so).
+/// The first element of the array `list` that `pick` accepts.
+fn item<'a>(list: &'a Value, what: &str, pick: impl Fn(&Value) -> bool) -> &'a Value {
+    list.as_array()
+        .unwrap_or_else(|| panic!("{what}: not in a list: {list}"))
+        .iter()
+        .find(|v| pick(v))
+        .unwrap_or_else(|| panic!("no {what}"))
+}
+
 fn flag(args: &[String], name: &str) -> Option<String> {
     let prefix = format!("--{name}=");
     args.iter()
@@ -400,13 +409,7 @@ fn the_rendered_agent_and_cni_arguments_are_accepted_by_the_real_parsers() {
         );
         // The CNI containers write the host directories the volumes name.
         let host_path = |volume: &str| {
-            ds["volumes"]
-                .as_array()
-                .expect("volumes")
-                .iter()
-                .find(|v| v["name"] == volume)
-                .map(|v| v["hostPath"]["path"].clone())
-                .expect("volume")
+            item(&ds["volumes"], volume, |v| v["name"] == volume)["hostPath"]["path"].clone()
         };
         let (conf, bin) = match values {
             None => ("/etc/cni/net.d", "/opt/cni/bin"),
@@ -419,12 +422,11 @@ fn the_rendered_agent_and_cni_arguments_are_accepted_by_the_real_parsers() {
         assert_eq!(host_path("cni-bin"), bin);
         // A node's old and new agent meet at the hand-over socket: a host directory.
         let handover = cfg.handover_socket.as_ref().expect("--handover-socket");
-        let mount = container(ds, "containers", "agent")["volumeMounts"]
-            .as_array()
-            .expect("mounts")
-            .iter()
-            .find(|m| handover.starts_with(m["mountPath"].as_str().expect("path")))
-            .expect("the hand-over socket is on no volume");
+        let mount = item(
+            &container(ds, "containers", "agent")["volumeMounts"],
+            "mount of the hand-over socket",
+            |m| handover.starts_with(m["mountPath"].as_str().expect("path")),
+        );
         assert_eq!(
             host_path(mount["name"].as_str().expect("name")),
             mount["mountPath"]
@@ -441,12 +443,7 @@ fn the_rendered_agent_and_cni_arguments_are_accepted_by_the_real_parsers() {
             flag(&args, "trust-domain"),
             flag(&controller, "trust-domain")
         );
-        let projected = ds["volumes"]
-            .as_array()
-            .expect("volumes")
-            .iter()
-            .find(|v| v["name"] == "token")
-            .expect("token volume");
+        let projected = item(&ds["volumes"], "token volume", |v| v["name"] == "token");
         assert_eq!(
             Some(
                 projected["projected"]["sources"][0]["serviceAccountToken"]["audience"]
@@ -458,12 +455,9 @@ fn the_rendered_agent_and_cni_arguments_are_accepted_by_the_real_parsers() {
         );
         // The agents mount the ConfigMap the controller publishes.
         let bundle = flag(&controller, "trust-bundle").expect("--trust-bundle");
-        let mounted = ds["volumes"]
-            .as_array()
-            .expect("volumes")
-            .iter()
-            .find(|v| v["name"] == "controller-ca")
-            .expect("controller-ca volume");
+        let mounted = item(&ds["volumes"], "controller-ca volume", |v| {
+            v["name"] == "controller-ca"
+        });
         assert_eq!(
             bundle.split_once('/').map(|(_, n)| n),
             mounted["configMap"]["name"].as_str()
@@ -732,12 +726,9 @@ fn the_pods_have_priorities_probes_resources_and_the_least_privilege_each_needs(
         }
         assert!(agent["resources"]["requests"].is_object());
         let privileged = agent["securityContext"]["privileged"] == true;
-        let bpffs = agent["volumeMounts"]
-            .as_array()
-            .expect("mounts")
-            .iter()
-            .find(|m| m["mountPath"] == "/sys/fs/bpf")
-            .expect("bpffs mount");
+        let bpffs = item(&agent["volumeMounts"], "bpffs mount", |m| {
+            m["mountPath"] == "/sys/fs/bpf"
+        });
         // Kubernetes refuses Bidirectional propagation in an unprivileged container.
         assert_eq!(
             bpffs["mountPropagation"],
@@ -844,12 +835,9 @@ fn the_uninstall_hook_reaches_every_container_of_the_agents() {
 
         // Every container reads the pod's annotations where its --uninstall-signal says.
         let pod = &ds["spec"]["template"]["spec"];
-        let podinfo = pod["volumes"]
-            .as_array()
-            .expect("volumes")
-            .iter()
-            .find(|v| v["name"] == "podinfo")
-            .expect("the podinfo volume");
+        let podinfo = item(&pod["volumes"], "podinfo volume", |v| {
+            v["name"] == "podinfo"
+        });
         assert_eq!(
             podinfo["downwardAPI"]["items"][0]["fieldRef"]["fieldPath"],
             "metadata.annotations"
@@ -863,12 +851,11 @@ fn the_uninstall_hook_reaches_every_container_of_the_agents() {
             ("containers", "agent", "args"),
         ] {
             let c = container(pod, list, name);
-            let mount = c["volumeMounts"]
-                .as_array()
-                .expect("mounts")
-                .iter()
-                .find(|m| m["name"] == "podinfo")
-                .unwrap_or_else(|| panic!("{name} does not mount podinfo"));
+            let mount = item(
+                &c["volumeMounts"],
+                &format!("podinfo mount of {name}"),
+                |m| m["name"] == "podinfo",
+            );
             let expected = format!("{}/{file}", mount["mountPath"].as_str().expect("mountPath"));
             assert_eq!(
                 flag(&strings(&c[key]), "uninstall-signal").as_deref(),
