@@ -9,6 +9,8 @@ mod common;
 mod control;
 #[path = "hostile/datapath.rs"]
 mod datapath;
+#[path = "hostile/handover.rs"]
+mod handover;
 #[path = "hostile/l7.rs"]
 mod l7;
 #[path = "hostile/revoke.rs"]

@@ -447,6 +447,27 @@ fn failure_kind(e: &anyhow::Error) -> String {
     .into()
 }
 
+/// Reads exactly `buf.len()` bytes within 2 s, riding out a sockmap's spurious `EAGAIN` as
+/// [`wire::read_exact`] does, but not past the deadline.
+fn read_exact_bounded(mut s: &TcpStream, buf: &mut [u8]) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut got = 0;
+    while got < buf.len() {
+        match s.read(&mut buf[got..]) {
+            Ok(0) => {
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into());
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 /// A TCP connection with 2 s bounds on connecting, reading and writing.
 fn bounded(addr: &str) -> Result<TcpStream> {
     let sa: std::net::SocketAddr = addr.parse().with_context(|| format!("address {addr}"))?;
@@ -471,8 +492,7 @@ fn churn(echo: &str, http: &str) -> Result<Churn> {
                 let (at, started) = (now_ms(), Instant::now());
                 let done = bounded(&echo).and_then(|mut s| {
                     s.write_all(&req)?;
-                    wire::read_exact(&s, &mut resp)?;
-                    Ok(())
+                    read_exact_bounded(&s, &mut resp)
                 });
                 let failed = {
                     let mut o = out.lock().expect("churn results");
@@ -505,7 +525,7 @@ fn churn(echo: &str, http: &str) -> Result<Churn> {
                 };
                 let trip = conn.and_then(|mut s| {
                     s.write_all(&req)?;
-                    wire::read_exact(&s, &mut resp)?;
+                    read_exact_bounded(&s, &mut resp)?;
                     Ok(s)
                 });
                 match trip {

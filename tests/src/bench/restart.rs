@@ -63,10 +63,15 @@ pub struct RestartResult {
     pub failed_connections: u64,
     /// Failed new connections by kind (refused, reset, eof, timeout, other).
     pub failures: std::collections::BTreeMap<String, u64>,
-    /// Times the held connection broke.
+    /// Round trips on the held connection, and the times it broke.
+    #[serde(default)]
+    pub held_trips: u64,
     pub held_broken: u64,
     pub requests: u64,
     pub failed_requests: u64,
+    /// Failed requests by kind.
+    #[serde(default)]
+    pub request_failures: std::collections::BTreeMap<String, u64>,
     /// New-connection latency, ms: p99 before the agent was touched, p99 and max within the
     /// window.
     pub p99_before_ms: f64,
@@ -261,10 +266,14 @@ fn summarize(
         .filter(|(at, _)| window.contains(at))
         .map(|(_, us)| *us)
         .collect();
-    let mut failures = std::collections::BTreeMap::new();
-    for (_, kind) in &churn.failed {
-        *failures.entry(kind.clone()).or_insert(0) += 1;
-    }
+    let kinds = |v: &[(u64, String)]| {
+        let mut by = std::collections::BTreeMap::new();
+        for (_, kind) in v {
+            *by.entry(kind.clone()).or_insert(0) += 1;
+        }
+        by
+    };
+    let failures = kinds(&churn.failed);
     let last_failure = churn
         .failed
         .iter()
@@ -278,9 +287,11 @@ fn summarize(
         new_connections: (churn.connected.len() + churn.failed.len()) as u64,
         failed_connections: churn.failed.len() as u64,
         failures,
+        held_trips: churn.held_trips,
         held_broken: churn.held_broken.len() as u64,
         requests: (churn.requests.len() + churn.failed_requests.len()) as u64,
         failed_requests: churn.failed_requests.len() as u64,
+        request_failures: kinds(&churn.failed_requests),
         p99_before_ms: percentile(before, 0.99),
         p99_window_ms: percentile(during.clone(), 0.99),
         max_window_ms: percentile(during, 1.0),
@@ -303,6 +314,14 @@ pub fn markdown(results: &[RestartResult]) -> String {
     );
     for r in results {
         let kinds: Vec<String> = r.failures.iter().map(|(k, n)| format!("{n} {k}")).collect();
+        let described = |n: u64, by: &std::collections::BTreeMap<String, u64>| {
+            if n == 0 {
+                return "0".to_string();
+            }
+            let kinds: Vec<String> = by.iter().map(|(k, n)| format!("{n} {k}")).collect();
+            format!("{n} ({})", kinds.join(", "))
+        };
+        let failed_requests = described(r.failed_requests, &r.request_failures);
         let failed = if kinds.is_empty() {
             "0".to_string()
         } else {
@@ -310,14 +329,15 @@ pub fn markdown(results: &[RestartResult]) -> String {
         };
         let _ = writeln!(
             md,
-            "| {} | {:.2} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.0} |",
+            "| {} | {:.2} | {} | {} | {}/{} | {} | {} | {:.2} | {:.2} | {:.2} | {:.0} |",
             r.title,
             r.agent_seconds,
             r.new_connections,
             failed,
+            r.held_trips,
             r.held_broken,
             r.requests,
-            r.failed_requests,
+            failed_requests,
             r.p99_before_ms,
             r.p99_window_ms,
             r.max_window_ms,
@@ -356,7 +376,7 @@ mod tests {
         assert_eq!(r.failing_ms, 300.0);
         let md = markdown(&[r]);
         assert!(
-            md.contains("| crash | 1.00 | 6 | 2 (2 refused) | 1 | 2 | 1 |"),
+            md.contains("| crash | 1.00 | 6 | 2 (2 refused) | 10/1 | 2 | 1 (1 eof) |"),
             "{md}"
         );
     }
