@@ -308,7 +308,7 @@ pub fn markdown(results: &[RestartResult]) -> String {
          and sends HTTP requests through the L7 proxy on a kept-alive connection. Window: from \
          touching the agent until 1 s after the new one serves. The agents drain for 5 s \
          (`--drain-grace`).\n\n\
-         | how | agent back (s) | new conns | failed | held conn broken | requests | failed \
+         | how | agent back (s) | new conns | failed | held conn trips/broken | requests | failed \
          requests | p99 before (ms) | p99 in window (ms) | max in window (ms) | failing for (ms) |\n\
          |---|---|---|---|---|---|---|---|---|---|---|\n",
     );
