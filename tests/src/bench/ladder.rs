@@ -345,6 +345,20 @@ pub(super) fn spec(step: &Step, exe: &PathBuf) -> ClusterSpec {
     }
 }
 
+/// Whether each agent lists every pod of its node in `/debug/pods`.
+pub(super) fn all_enrolled(cluster: &Cluster) -> bool {
+    cluster.nodes.iter().all(|n| {
+        let Ok(pods) = cluster.agent_admin(&n.name, "/debug/pods") else {
+            return false;
+        };
+        cluster
+            .pods
+            .iter()
+            .filter(|p| p.node == n.name)
+            .all(|p| pods.contains(&format!("\"{}\"", p.key())))
+    })
+}
+
 pub(super) fn agent_args(step: &Step) -> Vec<String> {
     let mut args = Vec::new();
     if !step.skmsg {
@@ -514,18 +528,8 @@ impl Bench<'_> {
         }
     }
 
-    /// Whether each agent lists every pod of its node in `/debug/pods`.
     fn all_enrolled(&self) -> bool {
-        self.cluster.nodes.iter().all(|n| {
-            let Ok(pods) = self.cluster.agent_admin(&n.name, "/debug/pods") else {
-                return false;
-            };
-            self.cluster
-                .pods
-                .iter()
-                .filter(|p| p.node == n.name)
-                .all(|p| pods.contains(&format!("\"{}\"", p.key())))
-        })
+        all_enrolled(&self.cluster)
     }
 
     fn agent_pids(&self) -> Vec<u32> {

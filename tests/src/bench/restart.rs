@@ -217,10 +217,18 @@ fn measure(
     Ok((churn, touched, served, agent_seconds))
 }
 
-/// Waits until a new connection to `echo` from the client pod carries a round trip.
+/// Waits until every pod is enrolled and a new connection to `echo` from the client pod
+/// carries a round trip. Before the enrollment a connection would go around the mesh and
+/// stay so: the load would not measure the agent at all.
 fn wait_served(cluster: &Cluster, echo: &str, label: &str, opts: &Options) -> Result<()> {
     let pod = cluster.pod("bench/client")?;
     let deadline = Instant::now() + Duration::from_secs(60);
+    while !ladder::all_enrolled(cluster) {
+        if Instant::now() > deadline {
+            bail!("{label}: the agents never served every pod");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     loop {
         let out = crate::cluster::command_in(&opts.exe, &pod.cgroup, &pod.netns_path())?
             .args(["client", "tcp", "rr", echo, "1", "1"])
