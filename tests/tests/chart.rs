@@ -141,6 +141,12 @@ fn item<'a>(list: &'a Value, what: &str, pick: impl Fn(&Value) -> bool) -> &'a V
         .unwrap_or_else(|| panic!("no {what}"))
 }
 
+/// The controller's arguments as the Deployment renders them.
+fn controller_args(objects: &[Value]) -> Vec<String> {
+    let pod = &find(objects, "Deployment", "mesh-controller")["spec"]["template"]["spec"];
+    strings(&container(pod, "containers", "controller")["args"])
+}
+
 fn flag(args: &[String], name: &str) -> Option<String> {
     let prefix = format!("--{name}=");
     args.iter()
@@ -266,13 +272,7 @@ fn the_namespace_value_reaches_every_namespaced_object_and_flag() {
             }
         }
         assert_eq!(find(&objects, "Namespace", ns)["kind"], "Namespace");
-        let controller = strings(
-            &container(
-                &find(&objects, "Deployment", "mesh-controller")["spec"]["template"]["spec"],
-                "containers",
-                "controller",
-            )["args"],
-        );
+        let controller = controller_args(&objects);
         let host = format!("mesh-controller.{ns}.svc");
         for (name, want) in [
             ("ca-secret", format!("{ns}/mesh-ca")),
@@ -431,13 +431,7 @@ fn the_rendered_agent_and_cni_arguments_are_accepted_by_the_real_parsers() {
             host_path(mount["name"].as_str().expect("name")),
             mount["mountPath"]
         );
-        let controller = strings(
-            &container(
-                &find(&objects, "Deployment", "mesh-controller")["spec"]["template"]["spec"],
-                "containers",
-                "controller",
-            )["args"],
-        );
+        let controller = controller_args(&objects);
         // Both ends of the bootstrap agree: trust domain, token audience.
         assert_eq!(
             flag(&args, "trust-domain"),
@@ -483,13 +477,7 @@ fn the_rendered_controller_arguments_are_accepted_by_its_parser() {
     let landed = PENDING_CONTROLLER_FLAGS.iter().any(|f| known.contains(*f));
     for values in [None, Some(CUSTOM_VALUES)] {
         let objects = objects(&rendered(values));
-        let args = strings(
-            &container(
-                &find(&objects, "Deployment", "mesh-controller")["spec"]["template"]["spec"],
-                "containers",
-                "controller",
-            )["args"],
-        );
+        let args = controller_args(&objects);
         let mut checked = vec!["mesh-controller".to_string()];
         for a in &args {
             let name = a.trim_start_matches("--").split('=').next().unwrap_or("");

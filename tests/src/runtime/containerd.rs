@@ -59,7 +59,7 @@ impl Containerd {
         let cgroup = Cgroup::new(tag);
         let socket = dir.path().join("containerd.sock");
         let config = dir.path().join("config.toml");
-        std::fs::write(&config, config_toml(dir.path(), &socket))?;
+        std::fs::write(&config, config_toml(dir.path(), &socket, false))?;
         let mut cmd = Command::new("containerd");
         cmd.arg("--config").arg(&config);
         let proc = spawn_app(cmd, &dir.path().join("containerd.log"))
@@ -278,17 +278,23 @@ impl Drop for Containerd {
     }
 }
 
-/// containerd's configuration: everything under `dir`, no CRI plugin.
-fn config_toml(dir: &Path, socket: &Path) -> String {
+/// containerd's configuration: everything under `dir`, its API at `socket`, only the plugins
+/// used (without `cri`, not the CRI plugin either). Plugin sections may follow.
+pub(crate) fn config_toml(dir: &Path, socket: &Path, cri: bool) -> String {
     let dir = dir.display();
     let socket = socket.display();
+    let no_cri = if cri {
+        ""
+    } else {
+        "  \"io.containerd.grpc.v1.cri\",\n"
+    };
     format!(
         r#"version = 2
 root = "{dir}/root"
 state = "{dir}/state"
+# No other snapshotters, no /opt plugin directory.
 disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
-  "io.containerd.snapshotter.v1.aufs",
+{no_cri}  "io.containerd.snapshotter.v1.aufs",
   "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.devmapper",
   "io.containerd.snapshotter.v1.zfs",

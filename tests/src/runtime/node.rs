@@ -248,32 +248,9 @@ impl NodeRuntime {
 /// plugin's sandbox image, snapshotter, runc with the cgroupfs driver, and CNI directories.
 fn containerd_config(rt: &NodeRuntime, snapshotter: &str) -> String {
     let dir = rt.dir.display();
+    let base = super::containerd::config_toml(&rt.dir, &rt.socket, true);
     format!(
-        r#"version = 2
-root = "{dir}/root"
-state = "{dir}/state"
-# Only what the CRI plugin needs: no other snapshotters, no /opt plugin directory.
-disabled_plugins = [
-  "io.containerd.snapshotter.v1.aufs",
-  "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.zfs",
-  "io.containerd.internal.v1.opt",
-  "io.containerd.tracing.processor.v1.otlp",
-]
-
-[grpc]
-  address = "{socket}"
-
-[ttrpc]
-  address = "{socket}.ttrpc"
-
-[debug]
-  address = ""
-
-[metrics]
-  address = ""
-
+        r#"{base}
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{sandbox}"
   # Pinned network namespaces under the state directory, not /var/run/netns: everything of
@@ -300,7 +277,6 @@ disabled_plugins = [
     conf_dir = "{conf}"
     max_conf_num = 1
 "#,
-        socket = rt.socket.display(),
         sandbox = image::SANDBOX_IMAGE,
         bin = rt.bin_dir.display(),
         conf = rt.conf_dir.display(),
