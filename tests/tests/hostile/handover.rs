@@ -68,11 +68,19 @@ fn another_user_of_the_node_cannot_take_the_pods_sockets_over() {
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o777))
         .expect("chmod socket");
     assert_eq!(ask_as_nobody(&socket), "got 0 bytes 0 fds");
-    let log = std::fs::read_to_string(c.state.join("logs/agent-node-1.log")).unwrap_or_default();
-    assert!(
-        log.contains("not as this agent's uid"),
-        "the agent did not say why it refused"
-    );
+    // The refusal reaches the agent's main loop, and its log, a moment later.
+    let log = c.state.join("logs/agent-node-1.log");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("not as this agent's uid")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not say why it refused"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 
     // And it serves on as before.
     assert_eq!(
