@@ -197,6 +197,10 @@ struct ServeArgs {
     /// reason stays in the access log and metrics. For debugging only.
     #[arg(long)]
     expose_refusal_reasons: bool,
+    /// Threads of the agent's runtime (the proxy's and the control loops'). [default: one per
+    /// CPU the agent may run on]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    worker_threads: Option<u16>,
 }
 
 /// `--escaped-slashes` (mesh-core's type has no clap derive).
@@ -372,6 +376,7 @@ impl RunArgs {
             }),
             proxy: self.serve.proxy(),
             admin: self.serve.admin(),
+            worker_threads: self.serve.worker_threads.map(usize::from),
         };
         cfg.validate().map_err(usage)?;
         Ok(cfg)
@@ -920,6 +925,21 @@ mod tests {
         assert_eq!(cfg.admin.metrics, None);
         assert_eq!(cfg.proxy.idle_timeout, Duration::from_secs(90));
         assert_eq!(cfg.proxy.drain_grace, Duration::ZERO);
+    }
+
+    #[test]
+    fn the_runtime_has_as_many_threads_as_asked_else_one_per_cpu() {
+        assert_eq!(run(&[]).expect("defaults").worker_threads, None);
+        assert_eq!(
+            run(&["--worker-threads=1"]).expect("one").worker_threads,
+            Some(1)
+        );
+        for bad in ["0", "-1", "two", "1025"] {
+            assert!(
+                run(&[&format!("--worker-threads={bad}")]).is_err(),
+                "--worker-threads={bad} accepted"
+            );
+        }
     }
 
     #[test]

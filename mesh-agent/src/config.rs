@@ -122,6 +122,8 @@ pub struct Config {
     pub discover_pods: Option<DiscoverPods>,
     pub proxy: mesh_proxy::config::ProxyConfig,
     pub admin: AdminConfig,
+    /// Threads of the runtime; `None`: one per CPU the agent may run on.
+    pub worker_threads: Option<usize>,
 }
 
 /// `--discover-pods`: where pods come from on a real node.

@@ -1,14 +1,27 @@
-//! Micro-benchmark of the copy under every proxied connection: [`copy_both`] between two
-//! in-memory duplex pipes, one standing for the application's socket and one for the
-//! upstream, so the figure is the copy loop's own cost (buffer growth, polling, half-close)
-//! without the kernel's. Run with `cargo bench -p mesh-proxy --bench hot`.
+//! Micro-benchmarks of what the proxy does on every connection, run with
+//! `cargo bench -p mesh-proxy --bench hot`:
+//!
+//! - the copy under every proxied connection: [`copy_both`] between two in-memory duplex
+//!   pipes, one standing for the application's socket and one for the upstream, so the figure
+//!   is the copy loop's own cost (buffer growth, polling, half-close) without the kernel's;
+//! - the declared protocol of the port a connection is for (is it L7?), on a configuration of
+//!   a large cluster: asked on every inbound connection and every outbound one to a service.
 
+use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::io;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use mesh_core::SpiffeId;
+use mesh_core::identity::TrustDomain;
+use mesh_core::model::{
+    Endpoint, NamespacedName, NodeSnapshot, Protocol, Service, ServicePort, TlsMode, Workload,
+};
 use mesh_proxy::copy::{MAX_BUF, copy_both};
+use mesh_proxy::l7::PortIndex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::runtime::Runtime;
 
@@ -79,6 +92,101 @@ fn bench_copy(c: &mut Criterion) {
     group.finish();
 }
 
+/// Services in the cluster's configuration (every node gets all of them).
+const SERVICES: u32 = 1_000;
+
+/// The pods of this node, each behind one of the services.
+const LOCAL_PODS: u32 = 20;
+
+/// A service IP of the cluster.
+fn vip(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(0x0a60_0000 + i)
+}
+
+/// The `n`-th pod IP of service `i` (pods of this node are each service's first endpoint).
+fn pod_ip(i: u32, n: u32) -> Ipv4Addr {
+    Ipv4Addr::from(0x0a00_0000 + (i << 8) + n + 1)
+}
+
+/// A node's configuration in a cluster of [`SERVICES`] services of 4 meshed endpoints and two
+/// ports each (`http` 80 -> 8080, `tcp` 5432 -> 5432), the first endpoint of the first
+/// [`LOCAL_PODS`] services being this node's pods.
+fn large_snapshot() -> NodeSnapshot {
+    let td = TrustDomain::new("cluster.local").expect("trust domain");
+    let id = |i: u32| SpiffeId::workload(&td, "shop", &format!("sa-{i}")).expect("identity");
+    let pod = |i: u32| NamespacedName::new("shop", format!("pod-{i}"));
+    let services = (0..SERVICES).map(|i| Service {
+        name: NamespacedName::new("shop", format!("svc-{i:04}")),
+        vip: Some(vip(i)),
+        ports: vec![
+            ServicePort {
+                name: "http".into(),
+                port: 80,
+                target_port: 8080,
+                protocol: Protocol::Http,
+            },
+            ServicePort {
+                name: "tcp".into(),
+                port: 5432,
+                target_port: 5432,
+                protocol: Protocol::Tcp,
+            },
+        ],
+        endpoints: (0..4)
+            .map(|n| Endpoint {
+                ip: pod_ip(i, n),
+                workload: Some(pod(i)),
+                identity: Some(id(i)),
+                node: Some(format!("node-{n}")),
+                ready: true,
+            })
+            .collect(),
+    });
+    let workloads = (0..LOCAL_PODS).map(|i| Workload {
+        name: pod(i),
+        uid: format!("uid-{i}"),
+        service_account: format!("sa-{i}"),
+        identity: id(i),
+        node: "node-0".into(),
+        ips: vec![pod_ip(i, 0)],
+        mode: TlsMode::Strict,
+        labels: BTreeMap::new(),
+        cgroup: None,
+        netns: None,
+        ports: vec![8080, 5432],
+        excluded_inbound_ports: Vec::new(),
+    });
+    NodeSnapshot {
+        node: "node-0".into(),
+        workloads: workloads.map(|w| (w.name.clone(), w)).collect(),
+        services: Arc::new(services.map(|s| (s.name.clone(), Arc::new(s))).collect()),
+        ..NodeSnapshot::default()
+    }
+}
+
+fn bench_protocol(c: &mut Criterion) {
+    let snapshot = large_snapshot();
+    let local = NamespacedName::new("shop", "pod-7");
+    let last_vip = SocketAddrV4::new(vip(SERVICES - 1), 80);
+    let mut group = c.benchmark_group("protocol");
+    group.bench_function("index_build", |b| {
+        b.iter(|| PortIndex::new(black_box(&snapshot)))
+    });
+    let index = PortIndex::new(&snapshot);
+    assert_eq!(index.pod_port(&local, 8080), Protocol::Http);
+    assert_eq!(index.service_port(last_vip), Protocol::Http);
+    group.bench_function("inbound_pod_port", |b| {
+        b.iter(|| index.pod_port(black_box(&local), black_box(8080)))
+    });
+    group.bench_function("inbound_undeclared_port", |b| {
+        b.iter(|| index.pod_port(black_box(&local), black_box(7000)))
+    });
+    group.bench_function("outbound_service_port", |b| {
+        b.iter(|| index.service_port(black_box(last_vip)))
+    });
+    group.finish();
+}
+
 /// Short runs: a regression check to run before and after a change.
 fn config() -> Criterion {
     Criterion::default()
@@ -90,6 +198,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = bench_copy
+    targets = bench_copy, bench_protocol
 }
 criterion_main!(benches);

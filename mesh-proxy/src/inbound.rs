@@ -27,7 +27,7 @@ use tokio::net::TcpStream;
 
 use crate::copy::{RelayError, relay};
 use crate::hbone::{Carry, ConnectHandler, Refusal};
-use crate::l7::{HttpConfig, is_l7, pod_port_protocol};
+use crate::l7::{HttpConfig, is_l7};
 use crate::state::{Applied, StateStore};
 use crate::telemetry::{
     Admission, ConnGuard, ConnMeta, MeshPath, Metered, Peer, Reporter, ResponseFlag, Side,
@@ -93,7 +93,7 @@ impl Rejection {
 /// Decides an HBONE CONNECT from `peer` to `authority` for `pod`. On success, the address of
 /// the application to connect to.
 pub fn admit_hbone(
-    config: &NodeSnapshot,
+    config: &Applied,
     pod: &NamespacedName,
     peer: &SpiffeId,
     authority: SocketAddr,
@@ -105,7 +105,7 @@ pub fn admit_hbone(
             "IPv4 destinations only",
         ));
     };
-    let workload = config.workloads.get(pod).ok_or_else(|| {
+    let workload = config.snapshot.workloads.get(pod).ok_or_else(|| {
         Rejection::new(
             UNAVAILABLE,
             "unknown_pod",
@@ -119,7 +119,7 @@ pub fn admit_hbone(
             format!("{} is not an address of {pod}", target.ip()),
         ));
     }
-    let policy = config.policies.get(pod).ok_or_else(|| {
+    let policy = config.snapshot.policies.get(pod).ok_or_else(|| {
         Rejection::new(UNAVAILABLE, "no_policy", format!("no policy for {pod} yet"))
     })?;
     let conn = Conn {
@@ -137,12 +137,12 @@ pub fn admit_hbone(
 /// ([`Permit::HttpConnection`]) needs a port whose requests the proxy parses: on an L4 port
 /// nothing could check them, so the connection is refused rather than let through whole.
 fn check_requests_checkable(
-    config: &NodeSnapshot,
+    config: &Applied,
     pod: &NamespacedName,
     port: u16,
     permit: &Permit<'_>,
 ) -> Result<(), Rejection> {
-    if !permit.requires_request_checks() || is_l7(pod_port_protocol(config, pod, port)) {
+    if !permit.requires_request_checks() || is_l7(config.ports.pod_port(pod, port)) {
         return Ok(());
     }
     Err(Rejection::new(
@@ -158,11 +158,11 @@ fn check_requests_checkable(
 /// Decides a plaintext connection (steered to 15006) to `dst` of `pod`: STRICT pods refuse
 /// it, PERMISSIVE pods let policy decide with an unauthenticated caller.
 pub fn admit_plaintext(
-    config: &NodeSnapshot,
+    config: &Applied,
     pod: &NamespacedName,
     dst: SocketAddrV4,
 ) -> Result<(), Rejection> {
-    let policy = config.policies.get(pod).ok_or_else(|| {
+    let policy = config.snapshot.policies.get(pod).ok_or_else(|| {
         Rejection::new(UNAVAILABLE, "no_policy", format!("no policy for {pod} yet"))
     })?;
     let conn = Conn {
@@ -181,14 +181,14 @@ pub fn admit_plaintext(
 /// plaintext) and port. A connection whose requests are checked one by one keeps being
 /// carried that way, so a port's declared protocol is not asked again.
 pub fn recheck(
-    config: &NodeSnapshot,
+    config: &Applied,
     pod: &NamespacedName,
     authority: SocketAddr,
     admission: &Admission,
 ) -> Result<(), Rejection> {
     let decided = match (&admission.caller, authority) {
         (None, _) if admission.node_probe => {
-            if probe::is_probe_port(config, pod, authority.port()) {
+            if probe::is_probe_port(&config.snapshot, pod, authority.port()) {
                 Ok(())
             } else {
                 Err(Rejection::new(
@@ -231,7 +231,7 @@ fn confirm(
     if Arc::ptr_eq(&now, decided_on) {
         return Ok(());
     }
-    recheck(&now.snapshot, pod, authority, admission).inspect_err(|r| guard.deny(r.kind, &r.reason))
+    recheck(&now, pod, authority, admission).inspect_err(|r| guard.deny(r.kind, &r.reason))
 }
 
 /// How the inbound handler reaches the application (in production: a socket made in the
@@ -333,7 +333,7 @@ impl PodInbound {
         meta.src = caller.peer;
         meta.src_addr = caller.addr;
         meta.dst = local_peer(&config.snapshot, &self.pod);
-        let target = match admit_hbone(&config.snapshot, &self.pod, &caller.identity, authority) {
+        let target = match admit_hbone(&config, &self.pod, &caller.identity, authority) {
             Ok(t) => t,
             Err(rejection) => {
                 self.telemetry
@@ -341,7 +341,7 @@ impl PodInbound {
                 return Err(rejection);
             }
         };
-        let protocol = pod_port_protocol(&config.snapshot, &self.pod, target.port());
+        let protocol = config.ports.pod_port(&self.pod, target.port());
         let l7 = is_l7(protocol);
         let admission = Admission {
             caller: Some(caller.identity.clone()),
@@ -650,12 +650,12 @@ impl PlaintextInbound {
         meta.dst = local_peer(&config.snapshot, &self.pod);
         let node_probe =
             probe::is_node_probe(&config.snapshot, &self.pod, meta.src_addr, dst, &self.node);
-        if !node_probe && let Err(rejection) = admit_plaintext(&config.snapshot, &self.pod, dst) {
+        if !node_probe && let Err(rejection) = admit_plaintext(&config, &self.pod, dst) {
             self.telemetry
                 .denied(meta, rejection.kind, &rejection.reason);
             return Err(PlaintextError::Refused(rejection));
         }
-        let protocol = pod_port_protocol(&config.snapshot, &self.pod, dst.port());
+        let protocol = config.ports.pod_port(&self.pod, dst.port());
         // A probe is carried as it comes: no request of it is checked against policy.
         let l7 = is_l7(protocol) && !node_probe;
         let admission = Admission {

@@ -108,11 +108,12 @@ use mesh_core::http_path::{self, PathError, PathNormalization};
 use mesh_core::model::{NamespacedName, NodeSnapshot, Protocol};
 use mesh_core::policy::HeaderLookup;
 use serde::Serialize;
-use std::net::SocketAddrV4;
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::copy::RelayError;
-use crate::telemetry::{Activity, Metered, Telemetry};
+use crate::telemetry::{Activity, Metered, Telemetry, service_host};
 
 pub mod deadline;
 pub(crate) mod retry;
@@ -225,31 +226,80 @@ pub fn is_l7(protocol: Protocol) -> bool {
     !matches!(protocol, Protocol::Tcp)
 }
 
-/// The protocol of port `port` of `pod` as the services that target it declare it (the first
-/// service port, by service name, whose endpoint is one of the pod's addresses).
-pub fn pod_port_protocol(snapshot: &NodeSnapshot, pod: &NamespacedName, port: u16) -> Protocol {
-    let Some(workload) = snapshot.workloads.get(pod) else {
-        return Protocol::Tcp;
-    };
-    snapshot
-        .services
-        .values()
-        .filter(|svc| svc.endpoints.iter().any(|e| workload.ips.contains(&e.ip)))
-        .flat_map(|svc| svc.ports.iter())
-        .find(|p| p.target_port == port)
-        .map_or(Protocol::Tcp, |p| p.protocol)
+/// The declared protocols of a configuration's ports and the services behind its VIPs,
+/// indexed once per configuration version ([`crate::state::Applied::ports`]): every
+/// connection asks, and a scan of every service on each would cost in proportion to the
+/// cluster's size.
+#[derive(Debug, Default)]
+pub struct PortIndex {
+    /// A pod of this node and a port -> the protocol the services targeting it declare.
+    pods: HashMap<NamespacedName, HashMap<u16, Protocol>>,
+    /// A service VIP and port -> the declared protocol.
+    service_ports: HashMap<SocketAddrV4, Protocol>,
+    /// A service VIP -> the service's DNS name, for telemetry.
+    service_names: HashMap<Ipv4Addr, String>,
 }
 
-/// The declared protocol of the service port at `dst` (a service VIP and port), as the
-/// application addressed it; TCP for any other address.
-pub fn service_port_protocol(snapshot: &NodeSnapshot, dst: SocketAddrV4) -> Protocol {
-    snapshot
-        .services
-        .values()
-        .filter(|svc| svc.vip == Some(*dst.ip()))
-        .flat_map(|svc| svc.ports.iter())
-        .find(|p| p.port == dst.port())
-        .map_or(Protocol::Tcp, |p| p.protocol)
+impl PortIndex {
+    /// Indexes `snapshot`. Where several services declare a port, the first by service name
+    /// (namespace/name order) wins, and within a service its first port.
+    pub fn new(snapshot: &NodeSnapshot) -> PortIndex {
+        let local: HashMap<Ipv4Addr, &NamespacedName> = snapshot
+            .workloads
+            .values()
+            .flat_map(|w| w.ips.iter().map(move |ip| (*ip, &w.name)))
+            .collect();
+        let mut index = PortIndex::default();
+        for svc in snapshot.services.values() {
+            for pod in svc.endpoints.iter().filter_map(|e| local.get(&e.ip)) {
+                for p in &svc.ports {
+                    index
+                        .pods
+                        .entry((*pod).clone())
+                        .or_default()
+                        .entry(p.target_port)
+                        .or_insert(p.protocol);
+                }
+            }
+            if let Some(vip) = svc.vip {
+                for p in &svc.ports {
+                    index
+                        .service_ports
+                        .entry(SocketAddrV4::new(vip, p.port))
+                        .or_insert(p.protocol);
+                }
+                index
+                    .service_names
+                    .entry(vip)
+                    .or_insert_with(|| service_host(&svc.name));
+            }
+        }
+        index
+    }
+
+    /// The protocol of port `port` of `pod` (a pod of this node) as the services that target
+    /// it declare it; TCP when none does.
+    pub fn pod_port(&self, pod: &NamespacedName, port: u16) -> Protocol {
+        self.pods
+            .get(pod)
+            .and_then(|ports| ports.get(&port))
+            .copied()
+            .unwrap_or(Protocol::Tcp)
+    }
+
+    /// The declared protocol of the service port at `dst` (a service VIP and port), as the
+    /// application addressed it; TCP for any other address.
+    pub fn service_port(&self, dst: SocketAddrV4) -> Protocol {
+        self.service_ports
+            .get(&dst)
+            .copied()
+            .unwrap_or(Protocol::Tcp)
+    }
+
+    /// The DNS name of the service whose VIP is `ip`, for a connection's telemetry.
+    pub fn service_name(&self, ip: Ipv4Addr) -> Option<&str> {
+        self.service_names.get(&ip).map(String::as_str)
+    }
 }
 
 /// The accounting and idle timeout of the connection a request came on, in the request's

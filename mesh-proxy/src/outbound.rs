@@ -31,11 +31,11 @@ use crate::config::SameNode;
 use crate::copy::{RelayError, relay, relay_watching};
 use crate::hbone::HbonePool;
 use crate::inbound::AppDialer;
-use crate::l7::{HttpConfig, is_l7, service_port_protocol};
+use crate::l7::{HttpConfig, is_l7};
 use crate::local::LocalPods;
 use crate::state::{StateStore, Version};
 use crate::telemetry::{
-    ConnMeta, MeshPath, Metered, Peer, Reporter, ResponseFlag, Side, Telemetry, service_host,
+    ConnMeta, MeshPath, Metered, Peer, Reporter, ResponseFlag, Side, Telemetry,
 };
 
 pub use connect::{ConnectError, Upstream};
@@ -260,15 +260,15 @@ impl PodOutbound {
         // meshed service's connection is labelled by the way its first endpoint is reached.
         let l7 = match &resolution.target {
             Target::Mesh { protocol, .. } if is_l7(*protocol) => Some(*protocol),
-            Target::Plain { .. } if is_l7(service_port_protocol(snapshot, dst)) => {
-                Some(service_port_protocol(snapshot, dst))
+            Target::Plain { .. } if is_l7(applied.ports.service_port(dst)) => {
+                Some(applied.ports.service_port(dst))
             }
             _ => None,
         };
         if let Some(protocol) = l7 {
             drop(lease.take());
             meta.path = self.connector.path_to(&resolution.target);
-            meta.service = resolver_service(snapshot, dst);
+            meta.service = applied.ports.service_name(*dst.ip()).map(str::to_owned);
             let conn = Metered::new(conn, self.telemetry.open(meta.clone()), Side::Source);
             self.http(
                 conn,
@@ -339,18 +339,6 @@ impl PodOutbound {
             received,
         })
     }
-}
-
-/// The DNS name of the service whose VIP is `dst`, for the connection's telemetry.
-fn resolver_service(
-    snapshot: &mesh_core::model::NodeSnapshot,
-    dst: SocketAddrV4,
-) -> Option<String> {
-    snapshot
-        .services
-        .values()
-        .find(|s| s.vip == Some(*dst.ip()))
-        .map(|s| service_host(&s.name))
 }
 
 mod connect;

@@ -27,7 +27,7 @@ use mesh_core::model::{NamespacedName, NodeSnapshot};
 use tracing::info;
 
 use crate::inbound::recheck;
-use crate::state::StateStore;
+use crate::state::{Applied, StateStore};
 use crate::telemetry::Telemetry;
 
 /// The pods whose workload or policy differ between `old` and `new` (added, removed or
@@ -49,11 +49,7 @@ pub fn changed_pods(old: &NodeSnapshot, new: &NodeSnapshot) -> BTreeSet<Namespac
 
 /// Decides the open inbound connections of `pods` again on `config` and closes the ones it
 /// no longer admits. Returns how many were closed.
-pub fn revoke(
-    telemetry: &Telemetry,
-    config: &NodeSnapshot,
-    pods: &BTreeSet<NamespacedName>,
-) -> usize {
+pub fn revoke(telemetry: &Telemetry, config: &Applied, pods: &BTreeSet<NamespacedName>) -> usize {
     if pods.is_empty() {
         return 0;
     }
@@ -86,7 +82,7 @@ pub async fn watch(store: Arc<StateStore>, telemetry: Telemetry) {
     while changes.changed().await.is_ok() {
         let now = changes.borrow_and_update().clone();
         let pods = changed_pods(&seen.snapshot, &now.snapshot);
-        let closed = revoke(&telemetry, &now.snapshot, &pods);
+        let closed = revoke(&telemetry, &now, &pods);
         if closed > 0 {
             info!(
                 version = ?now.version,

@@ -13,14 +13,30 @@ use mesh_core::model::NodeSnapshot;
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::l7::PortIndex;
+
 pub use mesh_api::Version;
 
 /// The configuration in force.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Serialize)]
 pub struct Applied {
     /// `None` until the first snapshot arrives.
     pub version: Option<Version>,
     pub snapshot: NodeSnapshot,
+    /// The declared protocols of its ports, indexed once for every connection to ask.
+    #[serde(skip)]
+    pub ports: PortIndex,
+}
+
+impl Applied {
+    /// `snapshot` as version `version`, with its indexes.
+    pub fn new(version: Option<Version>, snapshot: NodeSnapshot) -> Applied {
+        Applied {
+            version,
+            ports: PortIndex::new(&snapshot),
+            snapshot,
+        }
+    }
 }
 
 /// Why an update was refused; the text goes back to the controller in the NACK.
@@ -75,13 +91,13 @@ pub struct StateStore {
 
 impl StateStore {
     pub fn new(node: &str) -> StateStore {
-        let empty = Applied {
-            version: None,
-            snapshot: NodeSnapshot {
+        let empty = Applied::new(
+            None,
+            NodeSnapshot {
                 node: node.to_string(),
                 ..NodeSnapshot::default()
             },
-        };
+        );
         StateStore {
             node: node.to_string(),
             current: watch::Sender::new(Arc::new(empty)),
@@ -150,10 +166,8 @@ impl StateStore {
                 node: self.node.clone(),
             });
         }
-        self.current.send_replace(Arc::new(Applied {
-            version: Some(version),
-            snapshot: next,
-        }));
+        self.current
+            .send_replace(Arc::new(Applied::new(Some(version), next)));
         Ok(version)
     }
 }

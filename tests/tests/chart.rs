@@ -317,6 +317,7 @@ fn the_values_schema_refuses_bad_values_with_the_key_in_the_message() {
         ("controller.trafficPolicy=maybe", "trafficPolicy"),
         ("agent.egress=block", "egress"),
         ("agent.captureCIDRs={10.0.0.0/33}", "captureCIDRs"),
+        ("agent.workerThreads=0", "workerThreads"),
         ("controller.workloadCertTTL=a day", "workloadCertTTL"),
         ("namespace.name=Mesh_System", "name"),
         // A rolling update that could never move.
@@ -385,6 +386,8 @@ fn the_rendered_agent_and_cni_arguments_are_accepted_by_the_real_parsers() {
         let cfg = mesh_agent::cli::run_config(&args[1..])
             .unwrap_or_else(|e| panic!("{values:?}: the agent refuses {args:?}: {e}"));
         let discover = cfg.discover_pods.as_ref().expect("--discover-pods");
+        let threads = values.map(|_| 2);
+        assert_eq!(cfg.worker_threads, threads, "{values:?}: agent.workerThreads");
         let install = strings(&container(ds, "initContainers", "install-cni")["command"]);
         assert_eq!(install[..2], ["mesh-cni", "install"]);
         let setup = mesh_cni::cli::parse_setup(&install[2..], true)

@@ -18,6 +18,7 @@ fn config() -> Config {
         unenroll_on_exit: false,
         uninstall_signal: None,
         handover_socket: None,
+        worker_threads: None,
         enroll_from_config: false,
         discover_pods: None,
         proxy: ProxyConfig::default(),

@@ -68,26 +68,37 @@ fn at(port: u16) -> SocketAddr {
 fn hbone_admission_follows_the_traffic_target() {
     let c = config(TlsMode::Strict, TrafficPolicyMode::DefaultDeny);
     assert_eq!(
-        admit_hbone(&c, &pod(), &id(WEB), at(8080)).expect("web may call api on 8080"),
+        admit_hbone(&applied(&c), &pod(), &id(WEB), at(8080)).expect("web may call api on 8080"),
         SocketAddrV4::new(POD_IP, 8080)
     );
-    let r = admit_hbone(&c, &pod(), &id(ADMIN), at(8080)).expect_err("admin has no target");
+    let r =
+        admit_hbone(&applied(&c), &pod(), &id(ADMIN), at(8080)).expect_err("admin has no target");
     assert_eq!(r.status, DENIED);
     assert_eq!(r.kind, "no_traffic_target");
     assert!(r.reason.contains("no TrafficTarget"), "{}", r.reason);
-    let r = admit_hbone(&c, &pod(), &id(WEB), at(9090)).expect_err("port not covered");
+    let r = admit_hbone(&applied(&c), &pod(), &id(WEB), at(9090)).expect_err("port not covered");
     assert_eq!(r.status, DENIED);
     assert_eq!(r.kind, "port_not_covered");
     assert!(r.reason.contains("9090"), "{}", r.reason);
-    let r = admit_hbone(&c, &pod(), &id(WEB), "10.9.9.9:8080".parse().expect("addr"))
-        .expect_err("another pod's address");
+    let r = admit_hbone(
+        &applied(&c),
+        &pod(),
+        &id(WEB),
+        "10.9.9.9:8080".parse().expect("addr"),
+    )
+    .expect_err("another pod's address");
     assert_eq!((r.status, r.kind), (MISDIRECTED, "misdirected"));
-    let r = admit_hbone(&c, &NamespacedName::new("shop", "gone"), &id(WEB), at(8080))
-        .expect_err("unknown pod");
+    let r = admit_hbone(
+        &applied(&c),
+        &NamespacedName::new("shop", "gone"),
+        &id(WEB),
+        at(8080),
+    )
+    .expect_err("unknown pod");
     assert_eq!((r.status, r.kind), (UNAVAILABLE, "unknown_pod"));
 
     let open = config(TlsMode::Strict, TrafficPolicyMode::Permissive);
-    admit_hbone(&open, &pod(), &id(ADMIN), at(9090)).expect("permissive traffic policy");
+    admit_hbone(&applied(&open), &pod(), &id(ADMIN), at(9090)).expect("permissive traffic policy");
 }
 
 #[test]
@@ -103,7 +114,7 @@ fn http_rules_admit_a_connection_only_where_its_requests_are_checked() {
         headers: vec![],
     }]);
     // No service declares 8080: it is L4, where nothing could check the requests.
-    let refused = admit_hbone(&c, &pod(), &id(WEB), at(8080)).expect_err("L4 port");
+    let refused = admit_hbone(&applied(&c), &pod(), &id(WEB), at(8080)).expect_err("L4 port");
     assert_eq!(refused.kind, "http_rules_on_l4_port");
     assert_eq!(refused.status, DENIED);
     // Declared HTTP by a service port targeting it: admitted, each request checked after.
@@ -125,7 +136,10 @@ fn http_rules_admit_a_connection_only_where_its_requests_are_checked() {
         }],
     };
     c.services = Arc::new([(service.name.clone(), Arc::new(service))].into());
-    assert_eq!(admit_hbone(&c, &pod(), &id(WEB), at(8080)), Ok(at_v4(8080)));
+    assert_eq!(
+        admit_hbone(&applied(&c), &pod(), &id(WEB), at(8080)),
+        Ok(at_v4(8080))
+    );
 }
 
 fn at_v4(port: u16) -> SocketAddrV4 {
@@ -135,17 +149,21 @@ fn at_v4(port: u16) -> SocketAddrV4 {
 #[test]
 fn plaintext_follows_the_tls_mode() {
     let strict = config(TlsMode::Strict, TrafficPolicyMode::Permissive);
-    let r = admit_plaintext(&strict, &pod(), SocketAddrV4::new(POD_IP, 8080))
+    let r = admit_plaintext(&applied(&strict), &pod(), SocketAddrV4::new(POD_IP, 8080))
         .expect_err("STRICT refuses plaintext");
     assert_eq!(r.kind, "plaintext_strict");
     assert!(r.reason.contains("STRICT"), "{}", r.reason);
 
     let permissive = config(TlsMode::Permissive, TrafficPolicyMode::Permissive);
-    admit_plaintext(&permissive, &pod(), SocketAddrV4::new(POD_IP, 8080))
-        .expect("PERMISSIVE pod, permissive traffic policy");
+    admit_plaintext(
+        &applied(&permissive),
+        &pod(),
+        SocketAddrV4::new(POD_IP, 8080),
+    )
+    .expect("PERMISSIVE pod, permissive traffic policy");
 
     let deny = config(TlsMode::Permissive, TrafficPolicyMode::DefaultDeny);
-    let r = admit_plaintext(&deny, &pod(), SocketAddrV4::new(POD_IP, 8080))
+    let r = admit_plaintext(&applied(&deny), &pod(), SocketAddrV4::new(POD_IP, 8080))
         .expect_err("default deny names identities; plaintext has none");
     assert!(r.reason.contains("unauthenticated"), "{}", r.reason);
 }
@@ -692,8 +710,22 @@ async fn the_node_probes_a_strict_pod_s_probe_ports_in_plaintext_and_nothing_els
         requests_checked: false,
         node_probe: true,
     };
-    assert!(recheck(&probed(vec![8080]), &pod(), at(8080), &probe).is_ok());
-    let r = recheck(&probed(vec![9090]), &pod(), at(8080), &probe).expect_err("not a probe port");
+    assert!(
+        recheck(
+            &Applied::new(None, probed(vec![8080])),
+            &pod(),
+            at(8080),
+            &probe
+        )
+        .is_ok()
+    );
+    let r = recheck(
+        &Applied::new(None, probed(vec![9090])),
+        &pod(),
+        at(8080),
+        &probe,
+    )
+    .expect_err("not a probe port");
     assert_eq!(r.kind, "not_a_probe_port");
 }
 
@@ -702,4 +734,9 @@ fn the_node_s_own_addresses_are_read_from_its_network_namespace() {
     let local = NodeAddresses::Local;
     assert!(local.contains(std::net::IpAddr::from(Ipv4Addr::LOCALHOST)));
     assert!(!local.contains(std::net::IpAddr::from(Ipv4Addr::new(192, 0, 2, 77))));
+}
+
+/// `config` as the configuration in force, with its indexes.
+fn applied(config: &NodeSnapshot) -> Applied {
+    Applied::new(None, config.clone())
 }

@@ -264,17 +264,17 @@ fn a_recheck_decides_as_the_admission_did_on_the_recorded_caller_and_port() {
         node_probe: false,
     };
     let kind = |r: Result<(), crate::inbound::Rejection>| r.err().map(|r| r.kind);
-    assert_eq!(kind(recheck(&c, &pod(), at(8080), &web)), None);
+    assert_eq!(kind(recheck(&applied(&c), &pod(), at(8080), &web)), None);
     assert_eq!(
-        kind(recheck(&c, &pod(), at(9090), &web)),
+        kind(recheck(&applied(&c), &pod(), at(9090), &web)),
         Some("port_not_covered")
     );
     assert_eq!(
-        kind(recheck(&c, &pod(), at(8080), &admin)),
+        kind(recheck(&applied(&c), &pod(), at(8080), &admin)),
         Some("no_traffic_target")
     );
     assert_eq!(
-        kind(recheck(&c, &pod(), at(8080), &plaintext)),
+        kind(recheck(&applied(&c), &pod(), at(8080), &plaintext)),
         Some("plaintext_strict")
     );
     let gone = NodeSnapshot {
@@ -282,7 +282,7 @@ fn a_recheck_decides_as_the_admission_did_on_the_recorded_caller_and_port() {
         ..NodeSnapshot::default()
     };
     assert_eq!(
-        kind(recheck(&gone, &pod(), at(8080), &web)),
+        kind(recheck(&applied(&gone), &pod(), at(8080), &web)),
         Some("unknown_pod")
     );
 
@@ -297,14 +297,17 @@ fn a_recheck_decides_as_the_admission_did_on_the_recorded_caller_and_port() {
             headers: vec![],
         }]);
     assert_eq!(
-        kind(recheck(&by_request, &pod(), at(8080), &web)),
+        kind(recheck(&applied(&by_request), &pod(), at(8080), &web)),
         Some("http_rules_on_l4_port")
     );
     let checked = Admission {
         requests_checked: true,
         ..web
     };
-    assert_eq!(kind(recheck(&by_request, &pod(), at(8080), &checked)), None);
+    assert_eq!(
+        kind(recheck(&applied(&by_request), &pod(), at(8080), &checked)),
+        None
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -608,4 +611,9 @@ async fn an_http_connection_is_closed_when_nothing_admits_the_connection_any_mor
         1,
         "{text}"
     );
+}
+
+/// `config` as the configuration in force, with its indexes.
+fn applied(config: &NodeSnapshot) -> Applied {
+    Applied::new(None, config.clone())
 }
