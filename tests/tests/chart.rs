@@ -387,7 +387,10 @@ fn the_rendered_agent_and_cni_arguments_are_accepted_by_the_real_parsers() {
             .unwrap_or_else(|e| panic!("{values:?}: the agent refuses {args:?}: {e}"));
         let discover = cfg.discover_pods.as_ref().expect("--discover-pods");
         let threads = values.map(|_| 2);
-        assert_eq!(cfg.worker_threads, threads, "{values:?}: agent.workerThreads");
+        assert_eq!(
+            cfg.worker_threads, threads,
+            "{values:?}: agent.workerThreads"
+        );
         let install = strings(&container(ds, "initContainers", "install-cni")["command"]);
         assert_eq!(install[..2], ["mesh-cni", "install"]);
         let setup = mesh_cni::cli::parse_setup(&install[2..], true)
