@@ -6,11 +6,16 @@
 //!   is measured;
 //! - [`client`] and [`server`]: the load generator and the server, the same in every step;
 //! - [`env`]: the environment record; [`report`]: JSON, markdown and the comparison of runs;
+//!   [`charts`]: SVG charts of a run;
+//! - [`stock`]: the stock tools (iperf3, wrk, hey against nginx and iperf3) without and
+//!   with the mesh (`--stock`);
 //! - [`wire`]: blocking socket and HTTP/1.1 helpers the client and server share.
+pub mod charts;
 pub mod client;
 pub mod env;
 pub mod ladder;
 pub mod report;
 pub mod restart;
 pub mod server;
+pub mod stock;
 pub mod wire;

@@ -1,10 +1,13 @@
 //! The performance ladder's fast mode as a privileged test: every step produces plausible
 //! figures, and the mesh steps went through the proxy as the agents' counters show. The
-//! figures themselves are not asserted (this is a debug build on a shared machine).
+//! figures themselves are not asserted (this is a debug build on a shared machine). With the
+//! stock tools installed, their runs too: figures from every tool, the mesh's runs counted by
+//! the agents (as bytes on the L4 ports, as requests on the HTTP port), the others not.
 use std::process::Command;
 
 use mesh_tests::bench::report::{Report, StepResult, median};
-use mesh_tests::privileged;
+use mesh_tests::bench::stock::MEASURES;
+use mesh_tests::{installed, privileged};
 
 fn values<'a>(s: &'a StepResult, key: &str) -> &'a [f64] {
     s.values
@@ -17,6 +20,17 @@ fn the_fast_ladder_measures_every_step_and_the_mesh_steps_cross_the_proxy() {
     if !privileged("the_fast_ladder_measures_every_step_and_the_mesh_steps_cross_the_proxy") {
         return;
     }
+    // The stock tools too, when installed (`cargo xtask prereqs`): 3 s per run. With
+    // MESH_REQUIRE_PRIVILEGED=1 a missing program fails the test.
+    let stock = installed(
+        "the_fast_ladder_measures_every_step_and_the_mesh_steps_cross_the_proxy (stock tools)",
+        &[
+            ("iperf3", &["--version"], "iperf3"),
+            ("sh", &["-c", "command -v wrk"], "wrk"),
+            ("sh", &["-c", "command -v hey"], "hey"),
+            ("nginx", &["-v"], "nginx"),
+        ],
+    );
     let dir = tempfile::tempdir().expect("tempdir");
     let json = dir.path().join("ladder.json");
     // One repetition keeps the debug build's run short; the plan is otherwise the fast mode's.
@@ -25,6 +39,7 @@ fn the_fast_ladder_measures_every_step_and_the_mesh_steps_cross_the_proxy() {
         .arg(format!("{}b", mesh_tests::prefix()))
         .arg("--json")
         .arg(&json)
+        .args(stock.then_some("--stock"))
         .output()
         .expect("run mesh-bench");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -112,6 +127,54 @@ fn the_fast_ladder_measures_every_step_and_the_mesh_steps_cross_the_proxy() {
             s.rss_mib.get("idle").is_some_and(|m| *m > 0.0),
             "step {}: RSS",
             s.id
+        );
+    }
+    if stock {
+        let s = report.stock.as_ref().expect("the stock tools' figures");
+        assert!(
+            stdout.contains("## Stock tools"),
+            "no stock table:\n{stdout}"
+        );
+        for m in &MEASURES {
+            for (side, values) in [("no mesh", &s.no_mesh.values), ("mesh", &s.mesh.values)] {
+                let figures = m.figures();
+                let v = |key: &str| {
+                    values
+                        .get(key)
+                        .unwrap_or_else(|| panic!("{} ({side}): no {key}", m.title))
+                };
+                let rate = v(&figures[0].0);
+                assert!(
+                    rate.len() == 1 && rate[0] > 0.0,
+                    "{} ({side}): {rate:?}",
+                    m.title
+                );
+                if let [_, p50, p99] = &figures[..] {
+                    let (p50, p99) = (v(&p50.0)[0], v(&p99.0)[0]);
+                    assert!(
+                        p50 <= p99 && p99 > 0.0,
+                        "{} ({side}): p50 {p50} p99 {p99}",
+                        m.title
+                    );
+                }
+            }
+        }
+        // mesh-bench checked the counters too; these are what a reader of the JSON sees.
+        let (none, mesh) = (&s.no_mesh, &s.mesh);
+        assert_eq!(
+            none.l4.connections + none.http.connections + none.http.requests,
+            0,
+            "the no-mesh stock runs went through an agent: {none:?}"
+        );
+        assert!(
+            mesh.l4.paths.iter().any(|p| p == "hbone") && mesh.l4.requests == 0,
+            "the mesh's stock runs to the L4 ports: {:?}",
+            mesh.l4
+        );
+        assert!(
+            mesh.http.requests >= mesh.http_requests && mesh.http_requests > 0,
+            "the mesh's stock runs to the HTTP port: {:?}",
+            mesh.http
         );
     }
     let iptables = report.step(3).expect("step 3");

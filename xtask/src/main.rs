@@ -96,6 +96,10 @@ enum Task {
         /// Print ratios against an earlier run's JSON.
         #[arg(long)]
         compare: Option<PathBuf>,
+        /// Also run the stock tools (iperf3, wrk, hey against nginx and iperf3) without and
+        /// with the mesh.
+        #[arg(long)]
+        stock: bool,
     },
 }
 
@@ -122,7 +126,8 @@ fn main() -> ExitCode {
             json,
             markdown,
             compare,
-        } => bench(fast, steps, json, markdown, compare),
+            stock,
+        } => bench(fast, steps, json, markdown, compare, stock),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -378,6 +383,7 @@ fn bench(
     json: Option<PathBuf>,
     markdown: Option<PathBuf>,
     compare: Option<PathBuf>,
+    stock: bool,
 ) -> Result<()> {
     if !is_root() {
         bail!(
@@ -399,6 +405,9 @@ fn bench(
     }
     if let Some(s) = steps {
         cmd.arg("--steps").arg(s);
+    }
+    if stock {
+        cmd.arg("--stock");
     }
     for (flag, path) in [
         ("--json", json),

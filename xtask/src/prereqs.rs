@@ -11,7 +11,8 @@
 //!   (`mesh-agent doctor` reads the ruleset), a C++ compiler (g++, for libFuzzer), and the
 //!   stock servers and clients of the compatibility suite (`tests/tests/compat.rs`): nginx,
 //!   Redis (server and tools), iperf3, and Python's grpcio, aiosmtpd and websockets for
-//!   Debian's `/usr/bin/python3`;
+//!   Debian's `/usr/bin/python3`; the load generators of the ladder's stock tools
+//!   (`mesh-bench run --stock`, against nginx and iperf3): wrk and hey;
 //! - for the container runtime test (`tests/tests/runtime.rs`): containerd (with `ctr` and its
 //!   runc shim), runc, the reference CNI plugins (`containernetworking-plugins`: bridge,
 //!   host-local, loopback under /usr/lib/cni), and protoc (`protobuf-compiler`), which the
@@ -55,6 +56,10 @@ const PROGRAMS: &[(&str, &[&str], &str)] = &[
     ("redis-cli", &["--version"], "redis-tools"),
     ("redis-benchmark", &["--version"], "redis-tools"),
     ("iperf3", &["--version"], "iperf3"),
+    // The ladder's stock tools (`mesh-bench run --stock`) also run nginx and iperf3. Neither
+    // load generator has an invocation that exits 0 without a target: found on PATH is enough.
+    ("sh", &["-c", "command -v wrk"], "wrk"),
+    ("sh", &["-c", "command -v hey"], "hey"),
     // Debian's interpreter, which the Debian Python packages are installed for (a python3
     // earlier on PATH, such as pyenv's, would not see them).
     ("/usr/bin/python3", &["-c", "import grpc"], "python3-grpcio"),

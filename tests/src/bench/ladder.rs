@@ -138,7 +138,7 @@ pub const STEPS: [Step; 11] = [
 ];
 
 /// The iperf3 server's port (its default).
-const IPERF3_PORT: u16 = 5201;
+pub(super) const IPERF3_PORT: u16 = 5201;
 
 /// How much each step measures.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -162,6 +162,13 @@ pub struct Plan {
     /// Seconds of each iperf3 run.
     #[serde(default = "default_iperf_secs")]
     pub iperf_secs: u64,
+    /// More flags for every agent of every step (`mesh-bench run --agent-arg`), after the
+    /// step's own: a setting under test, recorded with the figures it produced.
+    #[serde(default)]
+    pub agent_args: Vec<String>,
+    /// Seconds of each run of the stock tools (`mesh-bench run --stock`).
+    #[serde(default = "default_stock_secs")]
+    pub stock_secs: u64,
 }
 
 fn default_duplex_streams() -> usize {
@@ -174,6 +181,10 @@ fn default_duplex_secs() -> u64 {
 
 fn default_iperf_secs() -> u64 {
     60
+}
+
+fn default_stock_secs() -> u64 {
+    10
 }
 
 impl Plan {
@@ -189,6 +200,8 @@ impl Plan {
             duplex_streams: 4,
             duplex_secs: 5,
             iperf_secs: 5,
+            agent_args: Vec::new(),
+            stock_secs: 3,
         }
     }
 
@@ -204,15 +217,23 @@ impl Plan {
             duplex_streams: 4,
             duplex_secs: 60,
             iperf_secs: 60,
+            agent_args: Vec::new(),
+            stock_secs: 10,
         }
     }
 
     pub fn describe(&self) -> String {
+        let agents = if self.agent_args.is_empty() {
+            String::new()
+        } else {
+            format!("; agents also run with `{}`", self.agent_args.join(" "))
+        };
         format!(
             "{} repetitions after a warm-up; {} closed-loop round trips per max-rate run; \
              {}/s for {} ms per fixed-rate run (latency from the intended send time); \
              {} MiB per throughput run; TCP steps: {} streams both ways for {} s per \
-             both-ways run; memory with {} connections held; {} s per iperf3 run",
+             both-ways run; memory with {} connections held; {} s per iperf3 run; {} s per \
+             stock tool run{agents}",
             self.reps,
             self.rr,
             self.fixed_rate,
@@ -221,7 +242,8 @@ impl Plan {
             self.duplex_streams,
             self.duplex_secs,
             self.held,
-            self.iperf_secs
+            self.iperf_secs,
+            self.stock_secs
         )
     }
 }
@@ -252,11 +274,13 @@ spec:
   - {name: tcp-sink, port: 9001, targetPort: 9001}
   - {name: http, port: 80, targetPort: 8080}
   - {name: grpc, port: 9090, targetPort: 9090}
+  - {name: tcp-nginx, port: 8081, targetPort: 8081}
+  - {name: http-nginx, port: 8082, targetPort: 8082}
 ---
 apiVersion: specs.smi-spec.io/v1alpha4
 kind: TCPRoute
 metadata: {name: tcp-ports, namespace: bench}
-spec: {matches: {ports: [9000, 9001, 9090, 5201]}}
+spec: {matches: {ports: [9000, 9001, 9090, 5201, 8081]}}
 ---
 apiVersion: specs.smi-spec.io/v1alpha4
 kind: HTTPRouteGroup
@@ -264,6 +288,7 @@ metadata: {name: echo-routes, namespace: bench}
 spec:
   matches:
   - {name: echo, pathRegex: '/(echo|sink)', methods: [POST]}
+  - {name: nginx, pathRegex: '/', methods: [GET]}
 ---
 apiVersion: access.smi-spec.io/v1alpha3
 kind: TrafficTarget
@@ -278,7 +303,7 @@ kind: TrafficTarget
 metadata: {name: client-to-server-http, namespace: bench}
 spec:
   destination: {kind: ServiceAccount, name: server, namespace: bench}
-  rules: [{kind: HTTPRouteGroup, name: echo-routes, matches: [echo]}]
+  rules: [{kind: HTTPRouteGroup, name: echo-routes, matches: [echo, nginx]}]
   sources: [{kind: ServiceAccount, name: client, namespace: bench}]
 ";
 
@@ -359,7 +384,8 @@ pub(super) fn all_enrolled(cluster: &Cluster) -> bool {
     })
 }
 
-pub(super) fn agent_args(step: &Step) -> Vec<String> {
+/// The agents' flags for `step`, then the plan's own.
+pub(super) fn agent_args(step: &Step, plan: &Plan) -> Vec<String> {
     let mut args = Vec::new();
     if !step.skmsg {
         args.push("--no-skmsg".to_string());
@@ -371,6 +397,7 @@ pub(super) fn agent_args(step: &Step) -> Vec<String> {
     if step.same_node_hbone {
         args.push("--same-node=hbone".into());
     }
+    args.extend(plan.agent_args.iter().cloned());
     args
 }
 
@@ -395,7 +422,7 @@ pub fn run_step(step: &Step, opts: &Options) -> Result<StepResult> {
         &spec(step, &opts.exe),
         resources.path(),
         opts.bins.clone(),
-        &agent_args(step),
+        &agent_args(step, &opts.plan),
         &[],
         &mut |s| eprintln!("[{label}] {s}"),
     )
@@ -550,12 +577,7 @@ impl Bench<'_> {
 
     /// The summed counters of every agent.
     fn counters(&self) -> Result<Counters> {
-        let mut c = Counters::default();
-        for n in &self.cluster.nodes {
-            let text = self.cluster.agent_admin(&n.name, "/metrics")?;
-            c.add(&text);
-        }
-        Ok(c)
+        counters(&self.cluster)
     }
 
     fn measure(&self, step: &Step) -> Result<StepResult> {
@@ -845,9 +867,19 @@ pub fn rss_mib(pid: u32) -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// The summed counters of every agent of `cluster`.
+pub(super) fn counters(cluster: &Cluster) -> Result<Counters> {
+    let mut c = Counters::default();
+    for n in &cluster.nodes {
+        let text = cluster.agent_admin(&n.name, "/metrics")?;
+        c.add(&text);
+    }
+    Ok(c)
+}
+
 /// Sums of the agents' Prometheus counters that show traffic through the proxy.
 #[derive(Debug, Default)]
-struct Counters {
+pub(super) struct Counters {
     connections: f64,
     bytes: f64,
     requests: f64,
@@ -858,7 +890,7 @@ struct Counters {
 }
 
 impl Counters {
-    fn add(&mut self, text: &str) {
+    pub(super) fn add(&mut self, text: &str) {
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let Some((series, value)) = line.rsplit_once(' ') else {
                 continue;
@@ -888,7 +920,7 @@ impl Counters {
         }
     }
 
-    fn since(&self, before: &Counters) -> ProxyCounters {
+    pub(super) fn since(&self, before: &Counters) -> ProxyCounters {
         let grew = |now: &BTreeMap<String, f64>, then: &BTreeMap<String, f64>| {
             now.iter()
                 .filter(|(k, v)| **v > then.get(*k).copied().unwrap_or(0.0))

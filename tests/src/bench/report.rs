@@ -17,6 +17,9 @@ pub struct Report {
     /// The restart scenario, when it ran.
     #[serde(default)]
     pub restarts: Vec<super::restart::RestartResult>,
+    /// The stock tools, when they ran (`--stock`).
+    #[serde(default)]
+    pub stock: Option<super::stock::StockResult>,
 }
 
 /// One step of the ladder.
@@ -158,11 +161,16 @@ fn cell(v: Option<f64>, decimals: usize) -> String {
     v.map_or_else(|| "-".into(), |v| format!("{v:.decimals$}"))
 }
 
-fn ratio(new: Option<f64>, old: Option<f64>) -> String {
+/// `new / old`, where both are known and `old` is positive.
+pub fn ratio_of(new: Option<f64>, old: Option<f64>) -> Option<f64> {
     match (new, old) {
-        (Some(n), Some(o)) if o > 0.0 => format!("{:.2}x", n / o),
-        _ => "-".into(),
+        (Some(n), Some(o)) if o > 0.0 => Some(n / o),
+        _ => None,
     }
+}
+
+fn ratio(new: Option<f64>, old: Option<f64>) -> String {
+    ratio_of(new, old).map_or_else(|| "-".into(), |r| format!("{r:.2}x"))
 }
 
 impl Report {
@@ -258,21 +266,16 @@ impl Report {
         if !self.restarts.is_empty() {
             o.push_str(&super::restart::markdown(&self.restarts));
         }
+        if let Some(stock) = &self.stock {
+            o.push_str(&stock.markdown());
+        }
         o
     }
 
     /// Each mesh step against the no-mesh step of its topology, and the headline pairs.
     pub fn ratios(&self) -> String {
         let mut o = String::new();
-        let keys = [
-            ("bulk_mb_s", "throughput"),
-            ("duplex_mb_s", "both ways"),
-            ("1kb_fixed_p50", "1 KB p50"),
-            ("1kb_fixed_p99", "1 KB p99"),
-            ("1kb_max_per_s", "1 KB max req/s"),
-            ("cpu_s_per_gb", "CPU/GB"),
-            ("cpu_s_per_10k_req", "CPU/10k req"),
-        ];
+        let keys = RATIOS;
         let heads: Vec<&str> = keys.iter().map(|k| k.1).collect();
         let _ = writeln!(o, "\n## Ratios (medians, same run)\n");
         let _ = writeln!(o, "| comparison | {} |", heads.join(" | "));
@@ -300,6 +303,17 @@ impl Report {
         o
     }
 }
+
+/// The measurements of the ratios table: key and heading.
+pub const RATIOS: [(&str, &str); 7] = [
+    ("bulk_mb_s", "throughput"),
+    ("duplex_mb_s", "both ways"),
+    ("1kb_fixed_p50", "1 KB p50"),
+    ("1kb_fixed_p99", "1 KB p99"),
+    ("1kb_max_per_s", "1 KB max req/s"),
+    ("cpu_s_per_gb", "CPU/GB"),
+    ("cpu_s_per_10k_req", "CPU/10k req"),
+];
 
 /// The pairs the README quotes: (step, against step, what).
 pub const HEADLINES: [(u8, u8, &str); 4] = [
@@ -365,6 +379,9 @@ pub fn compare(old: &Report, new: &Report) -> String {
                 ratio(a, b)
             );
         }
+    }
+    if let (Some(before), Some(after)) = (&old.stock, &new.stock) {
+        o.push_str(&super::stock::StockResult::compare_rows(before, after));
     }
     o
 }

@@ -116,7 +116,7 @@ fn run(i: usize, mode: Mode, key: &str, title: &str, opts: &Options) -> Result<R
         .find(|s| s.cross_node && s.proto == Proto::Http)
         .context("the ladder has no cross-node HTTP step")?;
     // A restart in place waits for the open connections this long before the agent exits.
-    let mut agent_args = ladder::agent_args(step);
+    let mut agent_args = ladder::agent_args(step, &opts.plan);
     agent_args.push(format!("--drain-grace={}s", DRAIN_GRACE.as_secs()));
     let resources = tempfile::tempdir().context("resources directory")?;
     std::fs::write(resources.path().join("bench.yaml"), ladder::RESOURCES)?;

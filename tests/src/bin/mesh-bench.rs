@@ -2,21 +2,23 @@
 //!
 //! ```text
 //! mesh-bench run [--fast] [--steps 1,2,...] [--json FILE] [--markdown FILE] [--compare OLD.json]
+//!                [--stock] [--charts DIR]
 //! mesh-bench compare OLD.json NEW.json
+//! mesh-bench charts REPORT.json --out DIR
 //! ```
 //!
 //! `client` and `serve` are the halves that run inside the pods. See `benches/README.md`.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use mesh_tests::bench::{
-    client,
+    charts, client,
     env::Environment,
     ladder::{self, Options, Plan, STEPS},
     report::{self, Report},
-    restart, server,
+    restart, server, stock,
 };
 use mesh_tests::cluster::Binaries;
 
@@ -53,6 +55,9 @@ enum Command {
         /// Print ratios against an earlier run's JSON.
         #[arg(long)]
         compare: Option<PathBuf>,
+        /// Draw the run's charts (SVG) into this directory, made if missing.
+        #[arg(long)]
+        charts: Option<PathBuf>,
         /// Also run the restart scenario with the steps named by --steps (it runs with the
         /// whole ladder anyway).
         #[arg(long)]
@@ -60,9 +65,25 @@ enum Command {
         /// Prefix of the clusters' namespaces, cgroups and pins (each step appends its number).
         #[arg(long, default_value = "mbench")]
         prefix: String,
+        /// One more flag for every agent (repeatable), e.g. `--agent-arg=--worker-threads=1`:
+        /// compares a setting with the default in runs of the same build.
+        #[arg(long = "agent-arg", value_name = "FLAG", allow_hyphen_values = true)]
+        agent_args: Vec<String>,
+        /// Also run the stock tools (iperf3, wrk and hey against nginx and iperf3 in the
+        /// pods) without and with the mesh, across nodes (needs iperf3, wrk, hey and nginx).
+        #[arg(long)]
+        stock: bool,
     },
     /// Print the ratios of a run's medians to an earlier run's.
     Compare { old: PathBuf, new: PathBuf },
+    /// Draw a saved run's charts (SVG): ratios to no mesh, latency, restarts.
+    Charts {
+        /// The run's JSON (`run --json`).
+        report: PathBuf,
+        /// The directory to write them into, made if missing.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// The load generator, inside the client pod.
     #[command(hide = true)]
     Client {
@@ -97,6 +118,7 @@ fn main() -> ExitCode {
         Command::Compare { old, new } => {
             read(&old).and_then(|o| read(&new).map(|n| print!("{}", report::compare(&o, &n))))
         }
+        Command::Charts { report, out } => read(&report).and_then(|r| draw(&r, &out)),
         Command::Run {
             fast,
             steps,
@@ -104,8 +126,11 @@ fn main() -> ExitCode {
             json,
             markdown,
             compare,
+            charts,
             restarts,
             prefix,
+            agent_args,
+            stock,
         } => {
             if !nix::unistd::geteuid().is_root() {
                 eprintln!(
@@ -114,13 +139,19 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::from(77);
             }
+            // Found out now, not after the run.
+            if let Some(dir) = charts.as_ref().filter(|d| d.exists() && !d.is_dir()) {
+                eprintln!("mesh-bench: --charts {} is not a directory", dir.display());
+                return ExitCode::from(64);
+            }
             let mut plan = if fast { Plan::fast() } else { Plan::full() };
             if let Some(r) = reps {
                 plan.reps = r.max(1);
             }
+            plan.agent_args = agent_args;
             // The restart scenario runs with the whole ladder, or when asked for.
             let restarts = restarts || steps.is_empty();
-            run(plan, &steps, restarts, &prefix).and_then(|r| {
+            run(plan, &steps, restarts, stock, &prefix).and_then(|r| {
                 let md = r.markdown();
                 print!("{md}");
                 if let Some(path) = json {
@@ -130,6 +161,9 @@ fn main() -> ExitCode {
                 if let Some(path) = markdown {
                     std::fs::write(&path, &md)
                         .with_context(|| format!("write {}", path.display()))?;
+                }
+                if let Some(dir) = charts {
+                    draw(&r, &dir)?;
                 }
                 if let Some(old) = compare {
                     print!("\n{}", report::compare(&read(&old)?, &r));
@@ -153,7 +187,19 @@ fn read(path: &PathBuf) -> Result<Report> {
         .with_context(|| format!("{} is not a ladder report", path.display()))
 }
 
-fn run(plan: Plan, only: &[u8], restarts: bool, prefix: &str) -> Result<Report> {
+/// Writes the report's charts into `dir` and says which.
+fn draw(report: &Report, dir: &Path) -> Result<()> {
+    let written = charts::write(report, dir)?;
+    if written.is_empty() {
+        eprintln!("mesh-bench: nothing to chart in this run");
+    }
+    for path in written {
+        eprintln!("mesh-bench: wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn run(plan: Plan, only: &[u8], restarts: bool, stock: bool, prefix: &str) -> Result<Report> {
     if let Some(bad) = only.iter().find(|id| !STEPS.iter().any(|s| s.id == **id)) {
         bail!("there is no step {bad} (steps 1 to {})", STEPS.len());
     }
@@ -180,6 +226,8 @@ fn run(plan: Plan, only: &[u8], restarts: bool, prefix: &str) -> Result<Report> 
             );
         }
     }
+    // Before any step: a missing program should not end a long run.
+    let tools = stock.then(stock::Tools::find).transpose()?;
     let mut environment = Environment::record();
     let opts = Options {
         plan,
@@ -196,11 +244,13 @@ fn run(plan: Plan, only: &[u8], restarts: bool, prefix: &str) -> Result<Report> 
     } else {
         Vec::new()
     };
+    let stock = tools.map(|t| stock::run(&opts, &t)).transpose()?;
     environment.finish();
     Ok(Report {
         environment,
         plan: opts.plan,
         steps: results,
         restarts,
+        stock,
     })
 }
