@@ -199,11 +199,16 @@ pub async fn start(cfg: Config) -> anyhow::Result<Agent> {
         }
         let admin = Arc::new(admin);
         let endpoints = admin::start(&cfg.admin, &admin, inherited_endpoints).await?;
+        let serving = match cfg.proxy.threads {
+            0 => proxy::Serving::shared(),
+            n => proxy::Serving::pinned(n).context("start the proxy's threads")?,
+        };
         let node = AgentNode {
             datapath,
             mesh,
             telemetry: telemetry.clone(),
             proxy: cfg.proxy.clone(),
+            serving,
             inherited: inherited_pods,
         };
         // On a real node: pods found through the CNI plugin and the cgroup hierarchy.
@@ -509,6 +514,8 @@ struct AgentNode {
     mesh: Option<proxy::Mesh>,
     telemetry: Telemetry,
     proxy: ProxyConfig,
+    /// Where the pods' connections are served.
+    serving: proxy::Serving,
     /// Listening sockets handed over by the agent this one took over from, by pod, until
     /// the pod is enrolled with them.
     inherited: std::collections::BTreeMap<String, netns::PodSockets>,
@@ -540,6 +547,7 @@ impl Node for AgentNode {
             self.mesh.clone(),
             self.telemetry.clone(),
             &self.proxy,
+            &self.serving,
         )
         .map_err(|source| EnrollError::Proxy {
             pod: pod.name.clone(),

@@ -197,10 +197,15 @@ struct ServeArgs {
     /// reason stays in the access log and metrics. For debugging only.
     #[arg(long)]
     expose_refusal_reasons: bool,
-    /// Threads of the agent's runtime (the proxy's and the control loops'). [default: one per
-    /// CPU the agent may run on]
+    /// Threads of the agent's runtime: the control loops', and the proxy's unless
+    /// --proxy-threads gives it its own. [default: one per CPU the agent may run on]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     worker_threads: Option<u16>,
+    /// Threads of the proxy's own, each serving the connections dealt to it with all their
+    /// tasks (fewer cross-thread wake-ups per request); 0: the agent's runtime serves them.
+    /// [default: one per CPU the agent may run on]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=1024))]
+    proxy_threads: Option<u16>,
 }
 
 /// `--escaped-slashes` (mesh-core's type has no clap derive).
@@ -248,6 +253,9 @@ impl ServeArgs {
             drain_grace: self.drain_grace,
             same_node: self.same_node,
             access_log_every: self.access_log_every,
+            threads: self
+                .proxy_threads
+                .map_or_else(mesh_proxy::serving::default_threads, usize::from),
             http: HttpConfig {
                 paths: PathNormalization {
                     normalize_path: !self.no_normalize_path,
@@ -929,7 +937,23 @@ mod tests {
 
     #[test]
     fn the_runtime_has_as_many_threads_as_asked_else_one_per_cpu() {
-        assert_eq!(run(&[]).expect("defaults").worker_threads, None);
+        let defaults = run(&[]).expect("defaults");
+        assert_eq!(defaults.worker_threads, None);
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        assert_eq!(
+            defaults.proxy.threads, cpus,
+            "the proxy's own threads: one per CPU"
+        );
+        for (arg, threads) in [("0", 0), ("1", 1), ("16", 16)] {
+            let cfg = run(&[&format!("--proxy-threads={arg}")]).expect("proxy threads");
+            assert_eq!(cfg.proxy.threads, threads, "--proxy-threads={arg}");
+        }
+        for bad in ["-1", "many", "1025"] {
+            assert!(
+                run(&[&format!("--proxy-threads={bad}")]).is_err(),
+                "--proxy-threads={bad} accepted"
+            );
+        }
         assert_eq!(
             run(&["--worker-threads=1"]).expect("one").worker_threads,
             Some(1)

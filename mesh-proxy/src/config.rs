@@ -55,6 +55,9 @@ pub struct ProxyConfig {
     pub access_log_every: u64,
     /// On HTTP ports: path normalization, and what refused callers are told.
     pub http: crate::l7::HttpConfig,
+    /// Threads of the proxy's own that serve the pods' connections, each connection on one
+    /// ([`crate::serving`]); 0: the agent's runtime serves them.
+    pub threads: usize,
 }
 
 impl Default for ProxyConfig {
@@ -65,6 +68,7 @@ impl Default for ProxyConfig {
             same_node: SameNode::InProcess,
             access_log_every: 1,
             http: crate::l7::HttpConfig::default(),
+            threads: crate::serving::default_threads(),
         }
     }
 }

@@ -25,6 +25,7 @@ pub mod local;
 pub mod outbound;
 pub mod proxy;
 pub mod revocation;
+pub mod serving;
 pub mod state;
 pub mod telemetry;
 pub mod tls;

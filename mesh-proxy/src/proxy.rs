@@ -44,6 +44,7 @@ use crate::identity::CertManager;
 use crate::inbound::{AppDialer, PlaintextInbound, PodInbound};
 use crate::local::{LocalPod, LocalPods, Registration};
 use crate::outbound::{Egress, OutboundConfig, PodOutbound};
+pub use crate::serving::Serving;
 use crate::state::StateStore;
 use crate::telemetry::{
     ConnMeta, MeshPath, Metered, Peer, Reporter, ResponseFlag, Side, Telemetry,
@@ -261,7 +262,12 @@ impl Drop for PodProxy {
     }
 }
 
-/// Starts the pod's outbound and inbound listeners; with `mesh`, also its HBONE side.
+/// Starts the pod's outbound and inbound listeners; with `mesh`, also its HBONE side. Their
+/// connections are served where `serving` says.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site in the agent; each argument a different part of the pod or the agent"
+)]
 pub fn start(
     pod: &str,
     ip: std::net::Ipv4Addr,
@@ -270,6 +276,7 @@ pub fn start(
     mesh: Option<Mesh>,
     telemetry: Telemetry,
     config: &ProxyConfig,
+    serving: &Serving,
 ) -> Result<PodProxy, ProxyError> {
     let name = match pod.split_once('/') {
         Some((ns, n)) if !ns.is_empty() && !n.is_empty() => NamespacedName::new(ns, n),
@@ -300,6 +307,7 @@ pub fn start(
             name.clone(),
             outbound,
             telemetry.clone(),
+            serving.clone(),
             None,
             move |conn| {
                 let out = out.clone();
@@ -310,6 +318,7 @@ pub fn start(
             name.clone(),
             inbound,
             telemetry,
+            serving.clone(),
             Some(refusing_rx),
             move |conn| {
                 let forward = forward.clone();
@@ -379,6 +388,7 @@ pub fn start(
         mesh,
         handler,
         idle,
+        serving: serving.clone(),
         server: hbone.clone(),
         inherited: sockets.hbone,
         fd: hbone_fd,
@@ -388,6 +398,7 @@ pub fn start(
             name.clone(),
             outbound,
             telemetry.clone(),
+            serving.clone(),
             None,
             move |conn| {
                 let out = out.clone();
@@ -400,6 +411,7 @@ pub fn start(
         name.clone(),
         inbound,
         telemetry,
+        serving.clone(),
         Some(refusing_rx),
         move |conn| {
             let plaintext = plaintext.clone();
@@ -427,10 +439,11 @@ async fn accept_loop<F, Fut>(
     pod: NamespacedName,
     listener: TcpListener,
     telemetry: Telemetry,
+    serving: Serving,
     refusing: Option<watch::Receiver<bool>>,
     serve: F,
 ) where
-    F: Fn(TcpStream) -> Fut,
+    F: Fn(TcpStream) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     loop {
@@ -449,9 +462,9 @@ async fn accept_loop<F, Fut>(
             continue;
         }
         let pending = telemetry.pending();
-        let served = serve(conn);
-        tokio::spawn(async move {
-            served.await;
+        let serve = serve.clone();
+        serving.spawn(conn, move |conn| async move {
+            serve(conn).await;
             drop(pending);
         });
     }
@@ -501,6 +514,7 @@ struct HboneSide {
     mesh: Mesh,
     handler: PodInbound,
     idle: Duration,
+    serving: Serving,
     /// Set once serving, for [`PodProxy::stop_accepting`].
     server: Arc<OnceLock<Arc<HboneServer<PodInbound>>>>,
     /// The listener an earlier agent handed over, used when it is bound to the pod's
@@ -588,7 +602,7 @@ impl HboneSide {
                 Ok((tcp, _)) => {
                     let server = server.clone();
                     // The outcome is logged by serve_tcp.
-                    tokio::spawn(async move {
+                    self.serving.spawn(tcp, move |tcp| async move {
                         let _ = server.serve_tcp(tcp).await;
                     });
                 }

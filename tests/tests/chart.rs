@@ -318,6 +318,7 @@ fn the_values_schema_refuses_bad_values_with_the_key_in_the_message() {
         ("agent.egress=block", "egress"),
         ("agent.captureCIDRs={10.0.0.0/33}", "captureCIDRs"),
         ("agent.workerThreads=0", "workerThreads"),
+        ("agent.proxyThreads=-1", "proxyThreads"),
         ("controller.workloadCertTTL=a day", "workloadCertTTL"),
         ("namespace.name=Mesh_System", "name"),
         // A rolling update that could never move.
@@ -390,6 +391,12 @@ fn the_rendered_agent_and_cni_arguments_are_accepted_by_the_real_parsers() {
         assert_eq!(
             cfg.worker_threads, threads,
             "{values:?}: agent.workerThreads"
+        );
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        let proxy_threads = values.map_or(cpus, |_| 0);
+        assert_eq!(
+            cfg.proxy.threads, proxy_threads,
+            "{values:?}: agent.proxyThreads"
         );
         let install = strings(&container(ds, "initContainers", "install-cni")["command"]);
         assert_eq!(install[..2], ["mesh-cni", "install"]);

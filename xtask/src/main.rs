@@ -100,6 +100,10 @@ enum Task {
         /// with the mesh.
         #[arg(long)]
         stock: bool,
+        /// More `mesh-bench run` flags, after `--` (e.g. `-- --charts DIR
+        /// --agent-arg=--proxy-threads=0`).
+        #[arg(last = true)]
+        more: Vec<String>,
     },
 }
 
@@ -127,7 +131,8 @@ fn main() -> ExitCode {
             markdown,
             compare,
             stock,
-        } => bench(fast, steps, json, markdown, compare, stock),
+            more,
+        } => bench(fast, steps, json, markdown, compare, stock, &more),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -384,6 +389,7 @@ fn bench(
     markdown: Option<PathBuf>,
     compare: Option<PathBuf>,
     stock: bool,
+    more: &[String],
 ) -> Result<()> {
     if !is_root() {
         bail!(
@@ -418,6 +424,7 @@ fn bench(
             cmd.arg(flag).arg(p);
         }
     }
+    cmd.args(more);
     run(&mut cmd, "mesh-bench")
 }
 

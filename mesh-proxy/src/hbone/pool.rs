@@ -147,6 +147,10 @@ struct Key {
     src: SpiffeId,
     addr: SocketAddr,
     dst: SpiffeId,
+    /// The proxy thread asking ([`crate::serving::current`]): each has connections of its
+    /// own, driven on it, so a stream's tasks and its connection's wake each other on one
+    /// thread.
+    thread: Option<usize>,
 }
 
 struct Inner {
@@ -272,6 +276,7 @@ impl HbonePool {
             src: src.clone(),
             addr: dst_addr,
             dst: dst_id.clone(),
+            thread: crate::serving::current(),
         };
         let after = self.inner.config.connect_timeout;
         tokio::time::timeout(after, self.connect_key(&key, authority))

@@ -704,3 +704,61 @@ async fn unresponsive_connections_are_dropped_by_keepalive() {
     assert_eq!(round_trip(new, b"pong").await.expect("echo"), b"pong");
     assert_eq!(pool.stats().snapshot().connections_opened, 2);
 }
+
+/// Tunnels opened from the proxy's own threads: each thread dials and keeps connections of
+/// its own, so a tunnel's tasks and its connection's run on one thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_proxy_thread_keeps_connections_of_its_own() {
+    const TUNNELS: usize = 6;
+    let mesh = Arc::new(Mesh::new().await);
+    let server =
+        Arc::new(Server::start(&mesh, forward(&[CLIENT]).0, ServerConfig::default()).await);
+    let app = echo_app().await;
+    let pool = mesh.pool(PoolConfig::default());
+    let serving = crate::serving::Serving::pinned(2).expect("threads");
+    // `Serving` serves accepted connections: these only carry the tunnels' tasks to a thread.
+    let carrier = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel();
+    let mut callers = Vec::new();
+    for i in 0..TUNNELS {
+        callers.push(
+            TcpStream::connect(carrier.local_addr().expect("addr"))
+                .await
+                .expect("connect"),
+        );
+        let (conn, _) = carrier.accept().await.expect("accept");
+        let (mesh, server, pool, done_tx) =
+            (mesh.clone(), server.clone(), pool.clone(), done_tx.clone());
+        serving.spawn(conn, move |_conn| async move {
+            let data = payload(1024, i as u64);
+            let stream = mesh
+                .connect(&pool, &server, app)
+                .await
+                .expect("tunnel opens");
+            let back = round_trip(stream, &data).await.expect("echoed");
+            let _ = done_tx.send((crate::serving::current(), back == data));
+        });
+    }
+    drop(done_tx);
+    let mut threads = std::collections::BTreeSet::new();
+    let mut intact = 0;
+    timeout(WAIT, async {
+        while let Some((thread, ok)) = done.recv().await {
+            threads.insert(thread);
+            intact += usize::from(ok);
+        }
+    })
+    .await
+    .expect("every tunnel finishes");
+    assert_eq!(intact, TUNNELS, "every tunnel carried its bytes back");
+    assert_eq!(
+        threads,
+        [Some(0), Some(1)].into(),
+        "tunnels on both threads"
+    );
+    assert_eq!(
+        pool.stats().snapshot().connections_opened,
+        2,
+        "one connection per thread, shared by that thread's tunnels"
+    );
+}

@@ -35,16 +35,29 @@ async fn echo_app() -> SocketAddr {
 }
 
 async fn transparent_pod() -> Pod {
+    transparent_pod_serving(Serving::shared()).await
+}
+
+/// A pod without a controller whose connections are served where `serving` says.
+async fn transparent_pod_serving(serving: Serving) -> Pod {
     let listener = || {
         let l = StdListener::bind("127.0.0.1:0").expect("bind");
         l.set_nonblocking(true).expect("nonblocking");
         l
     };
-    transparent_pod_on(listener(), listener()).await
+    transparent_pod_on_serving(listener(), listener(), serving).await
 }
 
 /// A pod without a controller serving on the given listeners.
 async fn transparent_pod_on(outbound: StdListener, inbound: StdListener) -> Pod {
+    transparent_pod_on_serving(outbound, inbound, Serving::shared()).await
+}
+
+async fn transparent_pod_on_serving(
+    outbound: StdListener,
+    inbound: StdListener,
+    serving: Serving,
+) -> Pod {
     let app = echo_app().await;
     let addrs = (
         outbound.local_addr().expect("addr"),
@@ -68,6 +81,7 @@ async fn transparent_pod_on(outbound: StdListener, inbound: StdListener) -> Pod 
         None,
         telemetry.clone(),
         &ProxyConfig::default(),
+        &serving,
     )
     .expect("start");
     Pod {
@@ -104,7 +118,19 @@ async fn refused(addr: SocketAddr) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_refuses_new_connections_and_lets_open_ones_finish() {
-    let pod = transparent_pod().await;
+    drain_refuses_new_connections_and_lets_open_ones_finish(Serving::shared()).await;
+}
+
+/// The same with the connections on the proxy's own threads: carried, counted and drained
+/// there as on the agent's runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_served_on_the_proxys_own_threads_are_carried_and_drained_alike() {
+    drain_refuses_new_connections_and_lets_open_ones_finish(Serving::pinned(2).expect("threads"))
+        .await;
+}
+
+async fn drain_refuses_new_connections_and_lets_open_ones_finish(serving: Serving) {
+    let pod = transparent_pod_serving(serving).await;
     let mut open = TcpStream::connect(pod.inbound).await.expect("connect");
     echo(&mut open, b"before").await;
     assert!(!refused(pod.inbound).await, "accepting before the drain");
@@ -275,6 +301,7 @@ async fn a_meshed_pod_is_in_the_node_registry_while_its_proxy_runs() {
         Some(mesh),
         Telemetry::new(&mut registry),
         &ProxyConfig::default(),
+        &Serving::shared(),
     )
     .expect("start");
     let pod = local.get(ip).expect("registered under its IP");
