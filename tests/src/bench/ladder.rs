@@ -370,8 +370,21 @@ pub(super) fn spec(step: &Step, exe: &PathBuf) -> ClusterSpec {
     }
 }
 
+/// Waits until each agent lists every pod of its node in `/debug/pods` (enrolled, listeners
+/// open); an error naming `label` once `deadline` passed.
+pub(super) fn wait_enrolled(cluster: &Cluster, label: &str, deadline: Instant) -> Result<()> {
+    while !all_enrolled(cluster) {
+        ensure!(
+            Instant::now() < deadline,
+            "{label}: the agents never served every pod"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
 /// Whether each agent lists every pod of its node in `/debug/pods`.
-pub(super) fn all_enrolled(cluster: &Cluster) -> bool {
+fn all_enrolled(cluster: &Cluster) -> bool {
     cluster.nodes.iter().all(|n| {
         let Ok(pods) = cluster.agent_admin(&n.name, "/debug/pods") else {
             return false;
@@ -536,13 +549,8 @@ impl Bench<'_> {
     /// round trips go through (configuration, certificates, server up).
     fn wait_ready(&self, mesh: bool) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
-        while mesh && !self.all_enrolled() {
-            ensure!(
-                Instant::now() < deadline,
-                "{}: the agents never served every pod",
-                self.label
-            );
-            std::thread::sleep(Duration::from_millis(100));
+        if mesh {
+            wait_enrolled(&self.cluster, &self.label, deadline)?;
         }
         loop {
             match self.rr(1, 1) {
@@ -553,10 +561,6 @@ impl Bench<'_> {
                 Err(_) => std::thread::sleep(Duration::from_millis(200)),
             }
         }
-    }
-
-    fn all_enrolled(&self) -> bool {
-        all_enrolled(&self.cluster)
     }
 
     fn agent_pids(&self) -> Vec<u32> {

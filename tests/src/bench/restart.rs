@@ -223,12 +223,7 @@ fn measure(
 fn wait_served(cluster: &Cluster, echo: &str, label: &str, opts: &Options) -> Result<()> {
     let pod = cluster.pod("bench/client")?;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !ladder::all_enrolled(cluster) {
-        if Instant::now() > deadline {
-            bail!("{label}: the agents never served every pod");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    ladder::wait_enrolled(cluster, label, deadline)?;
     loop {
         let out = crate::cluster::command_in(&opts.exe, &pod.cgroup, &pod.netns_path())?
             .args(["client", "tcp", "rr", echo, "1", "1"])

@@ -580,13 +580,8 @@ impl Side {
     /// The runs warm both paths up.
     fn wait_ready(&self, tools: &Tools) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
-        while self.mesh && !ladder::all_enrolled(&self.cluster) {
-            ensure!(
-                Instant::now() < deadline,
-                "{}: the agents never served every pod",
-                self.label
-            );
-            std::thread::sleep(Duration::from_millis(100));
+        if self.mesh {
+            ladder::wait_enrolled(&self.cluster, &self.label, deadline)?;
         }
         loop {
             let attempt = self.iperf3(tools, 1).and_then(|_| {
