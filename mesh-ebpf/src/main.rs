@@ -7,9 +7,10 @@
 //!   IPv6 destinations when egress is denied.
 //! - `mesh_sockops` (sockops, pod and agent cgroups): tracks original destinations by the
 //!   client's address once it has a port, and puts app <-> proxy sockets into a sockhash.
-//! - `mesh_skmsg` (sk_msg on the sockhash): hands each send straight to the peer socket, up
-//!   to a per-direction byte budget; past it (or once any send took the normal path) that
-//!   direction stays on TCP's own path for good, which has flow control (see `mesh_skmsg`).
+//! - `mesh_skmsg` (sk_msg on the sockhash): hands each send of the application straight to
+//!   the proxy's socket, up to a byte budget; past it (or once any send took the normal path)
+//!   the application's sends stay on TCP's own path for good, which has flow control (see
+//!   `mesh_skmsg`). The proxy's sends always take TCP's path (see `Sends::Plain`).
 //! - `mesh_getsockopt` (cgroup/getsockopt, agent cgroup): answers `SO_ORIGINAL_DST`.
 //! - `mesh_sk_lookup` (sk_lookup, pod netns): steers inbound TCP into the proxy's inbound
 //!   listener (every port of a STRICT pod but its exclusions, the declared ports of a
@@ -271,7 +272,7 @@ fn try_sockops(ctx: &SockOpsContext) -> Option<Counter> {
             }
             count(Counter::SockopsOrigDstTracked);
             if remote_port(ctx) == outbound_port && ctx.remote_ip4() == LOOPBACK_BE {
-                return Some(insert_sock(ctx, netns));
+                return Some(insert_sock(ctx, netns, Sends::Redirect));
             }
             None
         }
@@ -283,7 +284,7 @@ fn try_sockops(ctx: &SockOpsContext) -> Option<Counter> {
                 let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
                 // SAFETY: allowed helper for sock_ops.
                 let netns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
-                return Some(insert_sock(ctx, netns));
+                return Some(insert_sock(ctx, netns, Sends::Plain));
             }
             None
         }
@@ -329,13 +330,30 @@ fn sock_key(ctx: &SockOpsContext, netns: u64) -> SockKey {
     }
 }
 
-fn insert_sock(ctx: &SockOpsContext, netns: u64) -> Counter {
+/// Whether a socket's own sends are handed over by sk_msg.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sends {
+    /// Up to its budget (the application's socket).
+    Redirect,
+    /// Never: TCP's path from the first byte (the proxy's socket). It is in the sockhash only
+    /// as the target of the application's sends.
+    ///
+    /// Past the budget a direction moves to TCP, and the reader may then find bytes in both
+    /// queues: a read returns the redirected ones only, short of its buffer, and a reader that
+    /// takes a short read to mean "drained" (edge-triggered: nginx, tokio) waits for a wake-up
+    /// that never comes, the rest unread in its TCP queue. The proxy reads until the socket
+    /// says "would block"; an application is not ours to change, so what it reads only ever
+    /// comes by one path.
+    Plain,
+}
+
+fn insert_sock(ctx: &SockOpsContext, netns: u64, sends: Sends) -> Counter {
     if SKMSG_ENABLED.load() == 0 {
         return Counter::SockopsSockhashDisabled;
     }
     let mut key = sock_key(ctx, netns);
     // The budget first: a socket in the sockhash without one never redirects (safe).
-    if BUDGET.insert(&key, &SKMSG_BUDGET.load(), 0).is_err() {
+    if sends == Sends::Redirect && BUDGET.insert(&key, &SKMSG_BUDGET.load(), 0).is_err() {
         return Counter::SockopsSockhashError;
     }
     // SAFETY: ctx.ops is the live bpf_sock_ops of this program run.
@@ -354,12 +372,13 @@ fn insert_sock(ctx: &SockOpsContext, netns: u64) -> Counter {
 ///
 /// A redirect queues the bytes on the peer's receive side at once, whatever the peer has
 /// read: the kernel applies no flow control to it, so a sender faster than its reader would
-/// grow the queue until socket memory runs out and its `write()` fails with ENOMEM. Each
-/// direction of a connection may therefore redirect at most `SKMSG_BUDGET` bytes in its
-/// lifetime, which bounds what can wait unread. Past the budget, and as soon as any send took
-/// the normal path (peer not in the sockhash yet), the direction stays on TCP's own path for
-/// good, with TCP's backpressure. Bytes never reorder: the reader drains the redirected queue
-/// before it reads what arrived by TCP, and nothing is redirected after the switch.
+/// grow the queue until socket memory runs out and its `write()` fails with ENOMEM. The
+/// application's socket may therefore redirect at most `SKMSG_BUDGET` bytes in its lifetime,
+/// which bounds what can wait unread. Past the budget, and as soon as any send took the
+/// normal path (peer not in the sockhash yet), its sends stay on TCP's own path for good,
+/// with TCP's backpressure. Bytes never reorder: the reader (the proxy) drains the redirected
+/// queue before it reads what arrived by TCP, and nothing is redirected after the switch. The
+/// proxy's socket has no budget: its sends are never redirected (see `Sends::Plain`).
 #[sk_msg]
 pub fn mesh_skmsg(ctx: SkMsgContext) -> u32 {
     // SAFETY: the context pointer is valid for the program's run.

@@ -15,6 +15,7 @@
 //!
 //! What it needs of the node (sockets opened in a pod's namespace, where an accepted connection
 //! was going) comes from `mesh-netns`; it has no eBPF and needs no root to test.
+pub mod app_socket;
 pub mod config;
 pub mod copy;
 pub mod hbone;

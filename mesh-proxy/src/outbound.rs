@@ -27,6 +27,7 @@ use serde::Serialize;
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use crate::app_socket::AppSocket;
 use crate::config::SameNode;
 use crate::copy::{RelayError, relay, relay_watching};
 use crate::hbone::HbonePool;
@@ -255,6 +256,7 @@ impl PodOutbound {
         };
         let mut lease = resolution.lease;
         let _ = conn.set_nodelay(true);
+        let conn = AppSocket::new(conn);
         // An HTTP port: each request is routed and balanced on its own, also when the port's
         // endpoints have no proxy (they get the requests in the port's declared protocol). A
         // meshed service's connection is labelled by the way its first endpoint is reached.
@@ -313,7 +315,7 @@ impl PodOutbound {
     /// done, or the connection sat idle for the idle timeout.
     async fn carry(
         &self,
-        mut conn: Metered<TcpStream>,
+        mut conn: Metered<AppSocket>,
         upstream: Upstream,
     ) -> Result<Carried, OutboundError> {
         let path = upstream.path();

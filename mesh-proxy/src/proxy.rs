@@ -665,6 +665,8 @@ impl Forward {
     }
 
     async fn forward(&self, conn: TcpStream, meta: ConnMeta, dst: SocketAddrV4) {
+        // Either way it may be an application's socket that sk_msg feeds.
+        let conn = crate::app_socket::AppSocket::new(conn);
         let mut conn = Metered::new(conn, self.telemetry.open(meta), Side::Source);
         let mut upstream = match (self.net.connect)(SocketAddr::V4(dst)).await {
             Ok(u) => u,

@@ -156,6 +156,65 @@ fn outbound_capture_with_skmsg() {
     outbound_capture(true);
 }
 
+/// A client that sends a few bytes within the sk_msg budget and then more past it, back to
+/// back, must get its whole echo: the proxy finds the first in the handed-over queue and the
+/// rest in TCP's, and must read both before it waits. The proxy's own sends (the echo) are
+/// never handed over, so the application only ever reads from TCP's queue.
+#[test]
+fn bytes_on_both_sides_of_the_sk_msg_switch_are_all_read() {
+    if !privileged("bytes_on_both_sides_of_the_sk_msg_switch_are_all_read") {
+        return;
+    }
+    const BUDGET: u64 = 64 * 1024;
+    const ROUNDS: u64 = 8;
+    let w = world();
+    let echo = w
+        .remote
+        .run(|| std::net::TcpListener::bind(format!("{REMOTE_IP}:9200")).expect("bind"));
+    std::thread::spawn(move || {
+        while let Ok((conn, _)) = echo.accept() {
+            std::thread::spawn(move || {
+                let _ = conn.set_nodelay(true);
+                let mut reader = conn.try_clone().expect("clone");
+                let mut writer = conn;
+                let _ = std::io::copy(&mut reader, &mut writer);
+            });
+        }
+    });
+    let agent = Agent::start(
+        Path::new(AGENT),
+        &instance("switch"),
+        &agent_args(&w, &[&format!("--skmsg-budget={BUDGET}")]),
+    );
+    let out = mesh_tests::command_in(Path::new(PROBE), &w.pod_cg, &w.pod)
+        .args([
+            &format!("{REMOTE_IP}:9200"),
+            "switch",
+            &BUDGET.to_string(),
+            &ROUNDS.to_string(),
+        ])
+        .output()
+        .expect("run mesh-probe");
+    let line = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{line}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        mesh_tests::field(&line, "stalled").as_deref(),
+        Some("0"),
+        "echoes stalled at the switch: {line}"
+    );
+    assert!(counter(&agent, Counter::SkmsgFallback) >= ROUNDS);
+    // Only the application's sends were handed over, each connection's up to its budget.
+    let redirected = counter(&agent, Counter::SkmsgRedirectedBytes);
+    assert!(
+        redirected > 0 && redirected <= ROUNDS * BUDGET,
+        "sk_msg carried {redirected} bytes in {ROUNDS} connections of budget {BUDGET}"
+    );
+}
+
 #[test]
 fn outbound_capture_without_skmsg() {
     if !privileged("outbound_capture_without_skmsg") {

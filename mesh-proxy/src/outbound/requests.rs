@@ -108,7 +108,7 @@ impl PodOutbound {
     )]
     pub(super) async fn http(
         &self,
-        conn: Metered<tokio::net::TcpStream>,
+        conn: Metered<crate::app_socket::AppSocket>,
         dst: SocketAddrV4,
         protocol: Protocol,
         src: SpiffeId,

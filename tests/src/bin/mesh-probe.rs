@@ -4,7 +4,11 @@
 //! `mesh-probe ADDR BYTES`, or `mesh-probe ADDR hold`: connect, print `local=<addr>`, and keep
 //! the connection open until standard input closes, or `mesh-probe ADDR flood SECONDS`: write
 //! as fast as the socket accepts without blocking, for SECONDS or until 512 MiB are queued,
-//! and print `queued=<bytes> error=<first error other than EAGAIN, or none>`.
+//! and print `queued=<bytes> error=<first error other than EAGAIN, or none>`, or
+//! `mesh-probe ADDR switch BUDGET ROUNDS`: against an echo server, ROUNDS connections each
+//! sending BUDGET - 16 bytes, then 8 and 64 bytes in two writes at once (the second past an
+//! sk_msg budget of BUDGET), each time waiting up to 5 s for the whole echo; print
+//! `rounds=<n> stalled=<rounds whose echo did not come back whole>`.
 use std::{
     io::{BufRead, BufReader, Write},
     net::{Shutdown, TcpStream},
@@ -29,6 +33,20 @@ fn main() -> ExitCode {
         args.get(3).and_then(|s| s.parse::<u64>().ok()),
     ) {
         return match flood(addr, Duration::from_secs(secs)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mesh-probe: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let (Some(addr), Some("switch"), Some(budget), Some(rounds)) = (
+        args.get(1),
+        args.get(2).map(String::as_str),
+        args.get(3).and_then(|s| s.parse::<usize>().ok()),
+        args.get(4).and_then(|s| s.parse::<usize>().ok()),
+    ) {
+        return match switch(addr, budget, rounds) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("mesh-probe: {e}");
@@ -83,6 +101,49 @@ fn flood(addr: &str, time: Duration) -> std::io::Result<()> {
         }
     }
     println!("local={} queued={queued} error={error}", s.local_addr()?);
+    Ok(())
+}
+
+fn switch(addr: &str, budget: usize, rounds: usize) -> std::io::Result<()> {
+    if budget < 64 {
+        return Err(std::io::Error::other("a budget of at least 64 bytes"));
+    }
+    let mut stalled = 0;
+    for _ in 0..rounds {
+        let mut s = TcpStream::connect(addr)?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(Duration::from_millis(500)))?;
+        let within = vec![0x11u8; budget - 16];
+        s.write_all(&within)?;
+        let mut echo = vec![0u8; within.len()];
+        std::io::Read::read_exact(&mut s, &mut echo)?;
+        // 8 bytes still within the budget, then 64 past it: two sends, back to back.
+        s.write_all(&[0x22u8; 8])?;
+        s.write_all(&[0x33u8; 64])?;
+        let mut tail = [0u8; 72];
+        let mut got = 0;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        // A blocking read on a socket in a sockmap may end early with EAGAIN (see the
+        // kernel notes): read again until the deadline.
+        while got < tail.len() && std::time::Instant::now() < deadline {
+            match std::io::Read::read(&mut s, &mut tail[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if got < tail.len() {
+            stalled += 1;
+        } else if tail[..8] != [0x22; 8] || tail[8..] != [0x33; 64] {
+            return Err(std::io::Error::other("the echo came back reordered"));
+        }
+    }
+    println!("rounds={rounds} stalled={stalled}");
     Ok(())
 }
 
