@@ -203,9 +203,9 @@ struct ServeArgs {
     worker_threads: Option<u16>,
     /// Threads of the proxy's own, each serving the connections dealt to it with all their
     /// tasks (fewer cross-thread wake-ups per request); 0: the agent's runtime serves them.
-    /// Experimental: see benches/README.md, "Levers".
-    #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=1024))]
-    proxy_threads: u16,
+    /// [default: one per CPU the agent may run on]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=1024))]
+    proxy_threads: Option<u16>,
 }
 
 /// `--escaped-slashes` (mesh-core's type has no clap derive).
@@ -253,7 +253,9 @@ impl ServeArgs {
             drain_grace: self.drain_grace,
             same_node: self.same_node,
             access_log_every: self.access_log_every,
-            threads: usize::from(self.proxy_threads),
+            threads: self
+                .proxy_threads
+                .map_or_else(mesh_proxy::serving::default_threads, usize::from),
             http: HttpConfig {
                 paths: PathNormalization {
                     normalize_path: !self.no_normalize_path,
@@ -937,9 +939,10 @@ mod tests {
     fn the_runtime_has_as_many_threads_as_asked_else_one_per_cpu() {
         let defaults = run(&[]).expect("defaults");
         assert_eq!(defaults.worker_threads, None);
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
         assert_eq!(
-            defaults.proxy.threads, 0,
-            "no threads of the proxy's own unless asked"
+            defaults.proxy.threads, cpus,
+            "the proxy's own threads: one per CPU"
         );
         for (arg, threads) in [("0", 0), ("1", 1), ("16", 16)] {
             let cfg = run(&[&format!("--proxy-threads={arg}")]).expect("proxy threads");

@@ -68,7 +68,7 @@ impl Default for ProxyConfig {
             same_node: SameNode::InProcess,
             access_log_every: 1,
             http: crate::l7::HttpConfig::default(),
-            threads: 0,
+            threads: crate::serving::default_threads(),
         }
     }
 }

@@ -60,6 +60,12 @@ pub fn current() -> Option<usize> {
     THREAD.with(Cell::get)
 }
 
+/// The proxy's threads when nothing says: one per CPU this process may run on (its
+/// affinity and its cgroup's CPU quota counted), at least one.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
 impl Serving {
     /// On the runtime of the accepting loop.
     pub fn shared() -> Serving {

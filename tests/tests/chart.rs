@@ -392,7 +392,8 @@ fn the_rendered_agent_and_cni_arguments_are_accepted_by_the_real_parsers() {
             cfg.worker_threads, threads,
             "{values:?}: agent.workerThreads"
         );
-        let proxy_threads = values.map_or(0, |_| 2);
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        let proxy_threads = values.map_or(cpus, |_| 0);
         assert_eq!(
             cfg.proxy.threads, proxy_threads,
             "{values:?}: agent.proxyThreads"
