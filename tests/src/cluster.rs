@@ -1496,6 +1496,24 @@ fn unmount_below(dir: &Path) -> usize {
     points.len()
 }
 
+/// The prefixes of the clusters whose state is on this machine and whose prefix starts with
+/// `prefix` (a ladder run's steps: `mbench1`, `mbench2`, ...).
+pub fn prefixes_starting(prefix: &str) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+        return Vec::new();
+    };
+    let mut found: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let own = name.strip_prefix("mesh-sim-")?;
+            own.starts_with(prefix).then(|| own.to_string())
+        })
+        .collect();
+    found.sort();
+    found
+}
+
 /// Removes everything a cluster with `prefix` created: its pods' and agents' processes (by
 /// cgroup), network namespaces, cgroups, pinned datapath state and state directory, and what
 /// a container runtime run for it left there (processes in the cluster's cgroups, mounts in
@@ -1534,8 +1552,12 @@ pub fn cleanup(prefix: &str) -> Result<usize> {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
             if name.starts_with(&own) {
-                run(&["ip", "netns", "del", &name])?;
-                removed += 1;
+                match run(&["ip", "netns", "del", &name]) {
+                    Ok(()) => removed += 1,
+                    // Removed meanwhile by the cluster's own teardown.
+                    Err(_) if !e.path().exists() => {}
+                    Err(e) => return Err(e),
+                }
             }
         }
     }

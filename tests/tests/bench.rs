@@ -184,3 +184,74 @@ fn the_fast_ladder_measures_every_step_and_the_mesh_steps_cross_the_proxy() {
         iptables.proxy
     );
 }
+
+/// Ctrl-C in the middle of a step: the run exits with 130 and leaves no cluster behind (no
+/// state directory, network namespace, cgroup or pinned datapath state of its prefix).
+#[test]
+fn an_interrupted_run_removes_its_clusters() {
+    if !privileged("an_interrupted_run_removes_its_clusters") {
+        return;
+    }
+    let prefix = format!("{}i", mesh_tests::prefix());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("stderr");
+    let mut run = Command::new(env!("CARGO_BIN_EXE_mesh-bench"))
+        .args([
+            "run", "--fast", "--reps", "1", "--steps", "6", "--prefix", &prefix,
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("run mesh-bench");
+    let said = || std::fs::read_to_string(&log).unwrap_or_default();
+    // Interrupted once the step's agents run (its measurements start).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    while !said().contains("warm-up") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the step never started measuring:\n{}",
+            said()
+        );
+        assert!(
+            run.try_wait().expect("wait").is_none(),
+            "mesh-bench ended early:\n{}",
+            said()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(
+        !mesh_tests::cluster::prefixes_starting(&prefix).is_empty(),
+        "no cluster to remove"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(run.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("SIGINT");
+    let status = run.wait().expect("wait");
+    assert_eq!(status.code(), Some(130), "{}", said());
+    assert_eq!(
+        mesh_tests::cluster::prefixes_starting(&prefix),
+        Vec::<String>::new(),
+        "state left: {}",
+        said()
+    );
+    let left = |dir: &std::path::Path, start: &str| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().to_string())
+                    .filter(|n| n.starts_with(start))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let none = Vec::<String>::new();
+    let netns = left("/run/netns".as_ref(), &prefix);
+    assert_eq!(netns, none, "network namespaces left");
+    let pins = left("/sys/fs/bpf/mesh".as_ref(), &prefix);
+    assert_eq!(pins, none, "pins left");
+    let cgroups = mesh_datapath::cgroup::v2_mount().expect("cgroup v2");
+    let cgroups = left(&cgroups, &format!("mesh-sim-{prefix}"));
+    assert_eq!(cgroups, none, "cgroups left");
+}

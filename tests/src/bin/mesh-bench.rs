@@ -10,6 +10,7 @@
 //! `client` and `serve` are the halves that run inside the pods. See `benches/README.md`.
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -100,6 +101,46 @@ enum Command {
     },
 }
 
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// On Ctrl-C or SIGTERM the run stops and removes what its steps left (processes, network
+/// namespaces, cgroups, pinned datapath state of every cluster whose prefix starts with
+/// `prefix`), then exits with 130: an interrupted run leaves the machine as it found it.
+fn tear_down_on_signal(prefix: String) {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
+    std::thread::spawn(move || {
+        while !INTERRUPTED.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        eprintln!("mesh-bench: interrupted: removing the run's clusters");
+        // The step under way may be tearing its cluster down at the same time: try again
+        // until nothing is left.
+        for attempt in 1..=5 {
+            let left = mesh_tests::cluster::prefixes_starting(&prefix);
+            if left.is_empty() {
+                break;
+            }
+            for p in left {
+                match mesh_tests::cluster::cleanup(&p) {
+                    Ok(n) => eprintln!("mesh-bench: removed {n} objects of {p}"),
+                    Err(e) if attempt == 5 => {
+                        eprintln!("mesh-bench: could not remove all of {p}: {e:#}")
+                    }
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(300)),
+                }
+            }
+        }
+        std::process::exit(130);
+    });
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -151,6 +192,7 @@ fn main() -> ExitCode {
             plan.agent_args = agent_args;
             // The restart scenario runs with the whole ladder, or when asked for.
             let restarts = restarts || steps.is_empty();
+            tear_down_on_signal(prefix.clone());
             run(plan, &steps, restarts, stock, &prefix).and_then(|r| {
                 let md = r.markdown();
                 print!("{md}");
@@ -172,6 +214,11 @@ fn main() -> ExitCode {
             })
         }
     };
+    // Interrupted: the step failed because its cluster went away; the run's end (and exit
+    // code) is the teardown's.
+    while INTERRUPTED.load(Ordering::SeqCst) {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
