@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::client::{Proto, Sample};
 use super::report::{Datapath, ProxyCounters, StepResult};
 use super::server::{ECHO_PORT, GRPC_PORT, PORTS, SINK_PORT};
+use super::stock::output::{Iperf3Report, Iperf3Sum};
 use crate::cluster::{Binaries, Cluster, ClusterSpec, NodeSpec, PodSpec};
 
 /// How the client's outbound connections reach the proxy.
@@ -716,7 +717,9 @@ impl Bench<'_> {
             let report = self.iperf3(&["-t", &secs, "-P", "4", "--bidir"])?;
             let cpu = self.cpu_secs() - cpu;
             let end = report.end.context("iperf3's report has no totals")?;
-            let up = end.sum_received;
+            let up = end
+                .sum_received
+                .context("iperf3's report has no totals (end.sum_received)")?;
             let down = end
                 .sum_received_bidir_reverse
                 .context("iperf3's report has no reverse totals (--bidir)")?;
@@ -800,30 +803,6 @@ impl Bench<'_> {
             .and_then(|n| n.parse().ok())
             .context("no REDIRECT rule in the client pod")
     }
-}
-
-/// What the ladder reads of `iperf3 -J`'s report.
-#[derive(Debug, Deserialize)]
-struct Iperf3Report {
-    #[serde(default)]
-    error: Option<String>,
-    #[serde(default)]
-    end: Option<Iperf3End>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Iperf3End {
-    /// Client to server.
-    sum_received: Iperf3Sum,
-    /// Server to client (`--bidir` only).
-    #[serde(default)]
-    sum_received_bidir_reverse: Option<Iperf3Sum>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Iperf3Sum {
-    bytes: u64,
-    seconds: f64,
 }
 
 fn strings(a: &[&str]) -> Vec<String> {

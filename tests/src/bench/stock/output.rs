@@ -177,25 +177,30 @@ fn number(s: &str, what: &str) -> Result<f64> {
     Ok(v)
 }
 
-/// What this reads of `iperf3 -c -J`'s report.
+/// What the stock mode and the ladder read of `iperf3 -c -J`'s report.
 #[derive(Debug, Deserialize)]
-struct Iperf3Report {
+pub(crate) struct Iperf3Report {
     #[serde(default)]
-    error: Option<String>,
+    pub error: Option<String>,
     #[serde(default)]
-    end: Option<Iperf3End>,
+    pub end: Option<Iperf3End>,
 }
 
 #[derive(Debug, Deserialize)]
-struct Iperf3End {
+pub(crate) struct Iperf3End {
+    /// Client to server.
     #[serde(default)]
-    sum_received: Option<Iperf3Sum>,
+    pub sum_received: Option<Iperf3Sum>,
+    /// Server to client (`--bidir` only).
+    #[serde(default)]
+    pub sum_received_bidir_reverse: Option<Iperf3Sum>,
 }
 
 #[derive(Debug, Deserialize)]
-struct Iperf3Sum {
-    bytes: u64,
-    bits_per_second: f64,
+pub(crate) struct Iperf3Sum {
+    pub bytes: u64,
+    pub seconds: f64,
+    pub bits_per_second: f64,
 }
 
 /// `iperf3 -c -J`'s report: what the server received, Gbit/s (10^9 bits). Fails on the
