@@ -21,11 +21,12 @@ try:
 except PermissionError:
     print("denied")
     sys.exit(0)
-s.sendall(json.dumps({"kind": "hello", "protocol": 1, "version": "9.9.9"}).encode())
 s.settimeout(10)
 try:
+    # The agent may close before the hello is even sent (EPIPE) or after (reset, EOF).
+    s.sendall(json.dumps({"kind": "hello", "protocol": 1, "version": "9.9.9"}).encode())
     msg, anc, _, _ = s.recvmsg(65536, socket.CMSG_SPACE(16 * array.array("i").itemsize))
-except (ConnectionResetError, TimeoutError):
+except (BrokenPipeError, ConnectionResetError, TimeoutError):
     msg, anc = b"", []
 fds = sum(len(d) // 4 for (level, kind, d) in anc
           if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS)
