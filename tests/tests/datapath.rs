@@ -47,6 +47,21 @@ fn agent_args(w: &World, extra: &[&str]) -> Vec<String> {
     args
 }
 
+/// Runs mesh-probe with `args` in the client pod; the line it printed (it must succeed).
+fn probe_line(w: &World, args: &[&str]) -> String {
+    let out = mesh_tests::command_in(Path::new(PROBE), &w.pod_cg, &w.pod)
+        .args(args)
+        .output()
+        .expect("run mesh-probe");
+    let line = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{line}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    line
+}
+
 fn counter(agent: &Agent, c: Counter) -> u64 {
     mesh_datapath::ebpf::Maps::open(&agent.pin_dir())
         .expect("open pinned maps")
@@ -186,20 +201,14 @@ fn bytes_on_both_sides_of_the_sk_msg_switch_are_all_read() {
         &instance("switch"),
         &agent_args(&w, &[&format!("--skmsg-budget={BUDGET}")]),
     );
-    let out = mesh_tests::command_in(Path::new(PROBE), &w.pod_cg, &w.pod)
-        .args([
+    let line = probe_line(
+        &w,
+        &[
             &format!("{REMOTE_IP}:9200"),
             "switch",
             &BUDGET.to_string(),
             &ROUNDS.to_string(),
-        ])
-        .output()
-        .expect("run mesh-probe");
-    let line = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{line}{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
     assert_eq!(
         mesh_tests::field(&line, "stalled").as_deref(),
@@ -793,16 +802,7 @@ fn a_sender_faster_than_its_reader_is_held_back_not_failed() {
         .remote
         .run(|| std::net::TcpListener::bind(format!("{REMOTE_IP}:9100")).expect("bind"));
     let held = std::thread::spawn(move || stall.accept().map(|(c, _)| c));
-    let out = mesh_tests::command_in(Path::new(PROBE), &w.pod_cg, &w.pod)
-        .args([&format!("{REMOTE_IP}:9100"), "flood", "3"])
-        .output()
-        .expect("run mesh-probe");
-    let line = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{line}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let line = probe_line(&w, &[&format!("{REMOTE_IP}:9100"), "flood", "3"]);
     let _conn = held.join().expect("accept thread").expect("accept");
     let queued: u64 = mesh_tests::field(&line, "queued")
         .and_then(|q| q.parse().ok())
