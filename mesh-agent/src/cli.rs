@@ -206,6 +206,11 @@ struct ServeArgs {
     /// [default: one per CPU the agent may run on]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=1024))]
     proxy_threads: Option<u16>,
+    /// Send every L7 request to a pod of another node in a CONNECT tunnel (HTTP nested in
+    /// HBONE), never as a stream of the HBONE connection itself, even when the pod's proxy
+    /// takes requests so (the default; docs/proxy.md). For comparisons and for debugging.
+    #[arg(long)]
+    no_request_streams: bool,
 }
 
 /// `--escaped-slashes` (mesh-core's type has no clap derive).
@@ -256,6 +261,7 @@ impl ServeArgs {
             threads: self
                 .proxy_threads
                 .map_or_else(mesh_proxy::serving::default_threads, usize::from),
+            request_streams: !self.no_request_streams,
             http: HttpConfig {
                 paths: PathNormalization {
                     normalize_path: !self.no_normalize_path,
@@ -933,6 +939,13 @@ mod tests {
         assert_eq!(cfg.admin.metrics, None);
         assert_eq!(cfg.proxy.idle_timeout, Duration::from_secs(90));
         assert_eq!(cfg.proxy.drain_grace, Duration::ZERO);
+    }
+
+    #[test]
+    fn requests_go_as_streams_unless_turned_off() {
+        assert!(run(&[]).expect("defaults").proxy.request_streams);
+        let off = run(&["--no-request-streams"]).expect("--no-request-streams");
+        assert!(!off.proxy.request_streams);
     }
 
     #[test]

@@ -58,6 +58,10 @@ pub struct ProxyConfig {
     /// Threads of the proxy's own that serve the pods' connections, each connection on one
     /// ([`crate::serving`]); 0: the agent's runtime serves them.
     pub threads: usize,
+    /// Send L7 requests to meshed pods of other nodes as streams of the pooled HBONE
+    /// connection when their proxy takes them (`crate::hbone::requests`); off, each goes
+    /// in a CONNECT tunnel.
+    pub request_streams: bool,
 }
 
 impl Default for ProxyConfig {
@@ -69,6 +73,7 @@ impl Default for ProxyConfig {
             access_log_every: 1,
             http: crate::l7::HttpConfig::default(),
             threads: crate::serving::default_threads(),
+            request_streams: true,
         }
     }
 }

@@ -26,6 +26,7 @@ use crate::tls::TlsError;
 
 mod authority;
 mod pool;
+pub mod requests;
 mod server;
 mod stream;
 
@@ -171,6 +172,7 @@ pub struct Stats {
     streams_closed: AtomicU64,
     streams_refused: AtomicU64,
     streams_retried: AtomicU64,
+    requests: AtomicU64,
     bytes_sent: AtomicU64,
     bytes_received: AtomicU64,
 }
@@ -194,6 +196,9 @@ pub struct StatsSnapshot {
     pub streams_refused: u64,
     /// CONNECTs retried on a fresh connection after GOAWAY or REFUSED_STREAM (pool).
     pub streams_retried: u64,
+    /// Requests sent (pool) or served (server) as streams of their own
+    /// ([`requests`]).
+    pub requests: u64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
 }
@@ -210,6 +215,7 @@ impl Stats {
             streams_closed: get(&self.streams_closed),
             streams_refused: get(&self.streams_refused),
             streams_retried: get(&self.streams_retried),
+            requests: get(&self.requests),
             bytes_sent: get(&self.bytes_sent),
             bytes_received: get(&self.bytes_received),
         }

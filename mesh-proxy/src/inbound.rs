@@ -20,12 +20,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_core::SpiffeId;
-use mesh_core::model::{NamespacedName, NodeSnapshot};
+use mesh_core::model::{NamespacedName, NodeSnapshot, Protocol};
 use mesh_core::policy::{Conn, Permit, authorize};
 use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::copy::{RelayError, relay};
+use crate::hbone::requests::RequestHandler;
 use crate::hbone::{Carry, ConnectHandler, Refusal};
 use crate::l7::{HttpConfig, is_l7};
 use crate::state::{Applied, StateStore};
@@ -36,6 +37,7 @@ use crate::telemetry::{
 
 pub mod probe;
 mod requests;
+mod streams;
 
 pub use probe::NodeAddresses;
 
@@ -51,6 +53,10 @@ pub const MISDIRECTED: u16 = 421;
 /// The [`Rejection`] kind of a connection allowed only request by request on a port whose
 /// requests the proxy does not parse.
 pub const HTTP_RULES_ON_L4_PORT: &str = "http_rules_on_l4_port";
+
+/// The [`Rejection`] kind of a request sent as a stream ([`crate::hbone::requests`]) for a
+/// port that is not L7.
+pub const NOT_AN_HTTP_PORT: &str = "not_an_http_port";
 
 /// How long an admitted connection waits for the application to accept. Shorter than the
 /// HBONE server's bound on the whole CONNECT, so the refusal is recorded with its reason.
@@ -323,55 +329,17 @@ impl PodInbound {
         caller: Caller,
         authority: SocketAddr,
     ) -> Result<Admitted, Rejection> {
-        let config = self.store.current();
-        let mut meta = ConnMeta::new(
-            self.pod.clone(),
-            Reporter::Destination,
-            caller.path,
-            authority,
-        );
-        meta.src = caller.peer;
-        meta.src_addr = caller.addr;
-        meta.dst = local_peer(&config.snapshot, &self.pod);
-        let target = match admit_hbone(&config, &self.pod, &caller.identity, authority) {
-            Ok(t) => t,
-            Err(rejection) => {
-                self.telemetry
-                    .denied(meta, rejection.kind, &rejection.reason);
-                return Err(rejection);
-            }
-        };
-        let protocol = config.ports.pod_port(&self.pod, target.port());
-        let l7 = is_l7(protocol);
-        let admission = Admission {
-            caller: Some(caller.identity.clone()),
-            requests_checked: l7,
-            node_probe: false,
-        };
-        meta.admission = Some(admission.clone());
-        let mut guard = self.telemetry.open(meta.clone());
-        confirm(
-            &self.store,
-            &config,
-            &mut guard,
-            &self.pod,
-            authority,
-            &admission,
-        )?;
-        if l7 {
-            let http = InboundHttp::new(
-                self.pod.clone(),
-                self.store.clone(),
-                self.dial.clone(),
-                self.telemetry.clone(),
-                Some(caller.identity),
-                target,
-                meta,
-            )
-            .with_protocol(protocol)
-            .with_http(self.http);
-            return Ok(Admitted::Http(Box::new((http, guard, self.idle_timeout))));
+        let decided = self.decide(caller, authority, false)?;
+        if is_l7(decided.protocol) {
+            return Ok(Admitted::Http(Box::new((
+                self.http_handler(&decided),
+                decided.guard,
+                self.idle_timeout,
+            ))));
         }
+        let Decided {
+            target, mut guard, ..
+        } = decided;
         let dialed = tokio::time::timeout(APP_CONNECT_TIMEOUT, (self.dial)(target))
             .await
             .unwrap_or_else(|_| {
@@ -397,6 +365,109 @@ impl PodInbound {
             }
         }
     }
+
+    /// Admits `caller` on `authority` for requests it sends as streams of its HBONE
+    /// connection ([`crate::hbone::requests`]): decided as a tunnel is, and recorded as one
+    /// connection whose requests the returned handler checks one by one. Only on an L7 port:
+    /// on another there are no requests to check.
+    pub(crate) fn admit_requests(
+        &self,
+        caller: Caller,
+        authority: SocketAddr,
+    ) -> Result<(InboundHttp, ConnGuard), Rejection> {
+        let decided = self.decide(caller, authority, true)?;
+        Ok((self.http_handler(&decided), decided.guard))
+    }
+
+    fn http_handler(&self, decided: &Decided) -> InboundHttp {
+        InboundHttp::new(
+            self.pod.clone(),
+            self.store.clone(),
+            self.dial.clone(),
+            self.telemetry.clone(),
+            Some(decided.caller.clone()),
+            decided.target,
+            decided.meta.clone(),
+        )
+        .with_protocol(decided.protocol)
+        .with_http(self.http)
+    }
+
+    /// The admission decision for `caller` on `authority`, recorded in the telemetry either
+    /// way; with `requests_only`, a port that is not L7 is refused.
+    fn decide(
+        &self,
+        caller: Caller,
+        authority: SocketAddr,
+        requests_only: bool,
+    ) -> Result<Decided, Rejection> {
+        let config = self.store.current();
+        let mut meta = ConnMeta::new(
+            self.pod.clone(),
+            Reporter::Destination,
+            caller.path,
+            authority,
+        );
+        meta.src = caller.peer;
+        meta.src_addr = caller.addr;
+        meta.dst = local_peer(&config.snapshot, &self.pod);
+        let target = match admit_hbone(&config, &self.pod, &caller.identity, authority) {
+            Ok(t) => t,
+            Err(rejection) => {
+                self.telemetry
+                    .denied(meta, rejection.kind, &rejection.reason);
+                return Err(rejection);
+            }
+        };
+        let protocol = config.ports.pod_port(&self.pod, target.port());
+        let l7 = is_l7(protocol);
+        if requests_only && !l7 {
+            let rejection = Rejection::new(
+                MISDIRECTED,
+                NOT_AN_HTTP_PORT,
+                format!(
+                    "a request sent as a stream for port {} of {}, which is not declared HTTP, \
+                     HTTP/2 or gRPC",
+                    target.port(),
+                    self.pod
+                ),
+            );
+            self.telemetry
+                .denied(meta, rejection.kind, &rejection.reason);
+            return Err(rejection);
+        }
+        let admission = Admission {
+            caller: Some(caller.identity.clone()),
+            requests_checked: l7,
+            node_probe: false,
+        };
+        meta.admission = Some(admission.clone());
+        let mut guard = self.telemetry.open(meta.clone());
+        confirm(
+            &self.store,
+            &config,
+            &mut guard,
+            &self.pod,
+            authority,
+            &admission,
+        )?;
+        Ok(Decided {
+            caller: caller.identity,
+            target,
+            protocol,
+            meta,
+            guard,
+        })
+    }
+}
+
+/// An admitted connection, recorded, before it is connected or served.
+struct Decided {
+    caller: SpiffeId,
+    target: SocketAddrV4,
+    protocol: Protocol,
+    meta: ConnMeta,
+    guard: ConnGuard,
 }
 
 /// An admitted connection, before it is carried.
@@ -536,6 +607,15 @@ impl ConnectHandler for PodInbound {
         self.admit_carried(Caller::hbone(peer), authority)
             .await
             .map_err(|r| r.refusal(expose))
+    }
+
+    /// Requests sent as streams of the connection are checked and passed on one by one
+    /// ([`streams`]).
+    fn requests(&self, peer: &SpiffeId) -> Option<Arc<dyn RequestHandler>> {
+        Some(Arc::new(streams::PodRequests::new(
+            self.clone(),
+            peer.clone(),
+        )))
     }
 
     /// Requests on an L7 port are read straight off the HBONE stream. Other connections are

@@ -123,8 +123,21 @@ pub mod version;
 
 pub use version::Wire;
 
+/// Any error a body may end with: hyper's (an application's connection), h2's (a request
+/// stream of an HBONE connection).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// A request or response body as the proxy passes it on.
-pub type Body = BoxBody<Bytes, hyper::Error>;
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// `body` as a [`Body`].
+pub fn boxed<B>(body: B) -> Body
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed()
+}
 
 /// Any byte stream a proxied HTTP connection can run on.
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}

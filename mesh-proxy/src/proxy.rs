@@ -344,7 +344,11 @@ pub fn start(
     };
     let pool = HbonePool::with_dialer(
         mesh.certs.clone(),
-        PoolConfig::default().for_connections(outbound_config.max_connections),
+        PoolConfig {
+            requests: config.request_streams,
+            ..PoolConfig::default()
+        }
+        .for_connections(outbound_config.max_connections),
         net.connect.clone(),
     )?;
     let dial = net.app_dialer();

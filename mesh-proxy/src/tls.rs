@@ -1,6 +1,7 @@
 //! rustls configurations that authenticate peers by SPIFFE identity, for HBONE mTLS.
 //!
-//! Both sides speak TLS 1.3 only, offer ALPN `h2`, and read everything from the
+//! Both sides speak TLS 1.3 only, offer ALPN [`ALPN_REQUESTS`] then `h2` (the server picks
+//! the first of its own the client offered), and read everything from the
 //! [`CertManager`] at each handshake: the certificate presented is the identity's current one
 //! (so rotation needs no new configuration), and peers are verified against the current trust
 //! bundle (so a bundle push applies to the next handshake). Session resumption is off, so every
@@ -41,6 +42,10 @@ mod tests;
 
 /// The ALPN protocol HBONE runs over.
 pub const ALPN_H2: &[u8] = b"h2";
+
+/// The ALPN protocol of an HBONE connection that also carries L7 requests as streams of
+/// their own (`crate::hbone::requests`); both sides offer it ahead of [`ALPN_H2`].
+pub const ALPN_REQUESTS: &[u8] = b"mesh-hbone-requests/1";
 
 /// Why a TLS configuration could not be built, or a peer was refused.
 #[derive(Debug, thiserror::Error)]
@@ -156,7 +161,7 @@ pub fn server_config(
         })?
         .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(Arc::new(CurrentCert { mgr, id: local }));
-    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.alpn_protocols = vec![ALPN_REQUESTS.to_vec(), ALPN_H2.to_vec()];
     config.session_storage = Arc::new(NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
@@ -185,7 +190,7 @@ pub fn client_config(
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_cert_resolver(Arc::new(CurrentCert { mgr, id: local }));
-    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.alpn_protocols = vec![ALPN_REQUESTS.to_vec(), ALPN_H2.to_vec()];
     config.resumption = Resumption::disabled();
     config.enable_sni = false;
     Ok(Arc::new(config))

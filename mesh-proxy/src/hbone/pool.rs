@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
@@ -35,6 +35,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tracing::{debug, warn};
 
+use super::requests::{ALPN_REQUESTS, BoxError, RecvBody, send_body};
 use super::{
     DEFAULT_CONNECTION_WINDOW, DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_HEADER_LIST_SIZE,
     DEFAULT_MAX_SEND_BUFFER, DEFAULT_STREAM_WINDOW, DialError, HboneError, HboneStream,
@@ -68,6 +69,9 @@ pub struct PoolConfig {
     pub keepalive_timeout: Duration,
     /// A connection without streams for this long is closed.
     pub idle_timeout: Duration,
+    /// Offer to send L7 requests as streams of the connection ([`super::requests`]); off,
+    /// every request goes in a CONNECT tunnel.
+    pub requests: bool,
 }
 
 impl Default for PoolConfig {
@@ -84,6 +88,7 @@ impl Default for PoolConfig {
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(90),
+            requests: true,
         }
     }
 }
@@ -171,7 +176,8 @@ struct Entry {
 
 enum Phase {
     Connecting,
-    Ready(SendRequest<Bytes>),
+    /// The request handle, and whether the server takes requests as streams.
+    Ready(SendRequest<Bytes>, bool),
     Failed(Arc<DialError>),
 }
 
@@ -287,6 +293,119 @@ impl HbonePool {
             }))
     }
 
+    /// Sends `request` (in HTTP/2's form) for the application at `target` as a stream of the
+    /// pooled connection from `src` to the HBONE port `dst_addr` of a pod that must present
+    /// `dst_id` ([`super::requests`]). `Ok(Err(request))`, untouched, when that connection
+    /// does not take requests as streams (the peer offered only `h2`, or the pool does not
+    /// offer them): the caller sends it in a CONNECT tunnel instead. A request without a body
+    /// refused because the connection was going away is retried once on a fresh connection.
+    pub async fn request<B>(
+        &self,
+        src: &SpiffeId,
+        dst_addr: SocketAddr,
+        dst_id: &SpiffeId,
+        target: SocketAddrV4,
+        request: Request<B>,
+    ) -> Result<Result<Response<RecvBody>, Request<B>>, HboneError>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError> + Send,
+    {
+        if !self.inner.config.requests {
+            return Ok(Err(request));
+        }
+        let key = Key {
+            src: src.clone(),
+            addr: dst_addr,
+            dst: dst_id.clone(),
+            thread: crate::serving::current(),
+        };
+        let tls = self.tls_config(&key)?;
+        let target = http::HeaderValue::from_str(&target.to_string())
+            .map_err(|_| HboneError::Config("the target does not form a header value"))?;
+        let after = self.inner.config.connect_timeout;
+        let (parts, body) = request.into_parts();
+        let end = body.is_end_stream();
+        let mut body = Some(body);
+        let mut retried = false;
+        loop {
+            let lease = self.lease(&key, &tls)?;
+            let (send, requests) = tokio::time::timeout(after, lease.ready())
+                .await
+                .map_err(|_| HboneError::Timeout {
+                    what: "HBONE connect",
+                    after,
+                })?
+                .map_err(|source| HboneError::Dial {
+                    addr: key.addr,
+                    source,
+                })?;
+            if !requests {
+                let body = body
+                    .take()
+                    .expect("the body is sent only on a request stream");
+                return Ok(Err(Request::from_parts(parts, body)));
+            }
+            let mut head = Request::new(());
+            *head.method_mut() = parts.method.clone();
+            *head.uri_mut() = parts.uri.clone();
+            *head.version_mut() = Version::HTTP_2;
+            *head.headers_mut() = parts.headers.clone();
+            head.headers_mut()
+                .insert(super::requests::TARGET_HEADER, target.clone());
+            let sent = match send.ready().await {
+                Ok(mut send) => send.send_request(head, end),
+                Err(e) => Err(e),
+            };
+            let (response, mut stream) = match sent {
+                Ok(sent) => sent,
+                Err(e) if !retried => {
+                    debug!(dst = %key.addr, error = %e, "HBONE connection going away, retrying");
+                    self.inner.retire(&key, &lease.conn);
+                    Stats::inc(&self.inner.stats.streams_retried);
+                    retried = true;
+                    continue;
+                }
+                Err(source) => {
+                    return Err(HboneError::Http2 {
+                        addr: key.addr,
+                        source,
+                    });
+                }
+            };
+            Stats::inc(&self.inner.stats.requests);
+            if !end && let Some(body) = body.take() {
+                tokio::spawn(async move {
+                    if let Err(e) = send_body(body, &mut stream).await {
+                        debug!(error = %e, "request body not sent whole");
+                        stream.send_reset(Reason::CANCEL);
+                    }
+                });
+            }
+            match response.await {
+                Ok(response) => {
+                    return Ok(Ok(response.map(|b| RecvBody::new(b, Some(lease)))));
+                }
+                Err(e)
+                    if end
+                        && !retried
+                        && (is_remote_goaway(&e) || e.reason() == Some(Reason::REFUSED_STREAM)) =>
+                {
+                    debug!(dst = %key.addr, error = %e, "request stream refused, retrying");
+                    self.inner.retire(&key, &lease.conn);
+                    Stats::inc(&self.inner.stats.streams_retried);
+                    retried = true;
+                }
+                Err(source) => {
+                    return Err(HboneError::Http2 {
+                        addr: key.addr,
+                        source,
+                    });
+                }
+            }
+        }
+    }
+
     async fn connect_key(
         &self,
         key: &Key,
@@ -298,7 +417,7 @@ impl HbonePool {
         let mut retried = false;
         loop {
             let lease = self.lease(key, &tls)?;
-            let send = lease.ready().await.map_err(|source| HboneError::Dial {
+            let (send, _) = lease.ready().await.map_err(|source| HboneError::Dial {
                 addr: key.addr,
                 source,
             })?;
@@ -356,7 +475,12 @@ impl HbonePool {
         if let Some(tls) = lock(&self.inner.keys).get(key).and_then(|e| e.tls.clone()) {
             return Ok(tls);
         }
-        let tls = tls::client_config(self.inner.mgr.clone(), key.src.clone(), key.dst.clone())?;
+        let mut tls = tls::client_config(self.inner.mgr.clone(), key.src.clone(), key.dst.clone())?;
+        if !self.inner.config.requests {
+            let mut config = (*tls).clone();
+            config.alpn_protocols = vec![ALPN_H2.to_vec()];
+            tls = Arc::new(config);
+        }
         let mut keys = lock(&self.inner.keys);
         Ok(keys
             .entry(key.clone())
@@ -457,10 +581,10 @@ async fn establish(
         .await
         .unwrap_or(Err(DialError::Timeout(after)));
     match dialed {
-        Ok((send, h2)) => {
+        Ok((send, h2, requests)) => {
             Stats::inc(&inner.stats.connections_opened);
-            debug!(conn = conn.id, dst = %key.addr, dst.id = %key.dst, "HBONE connection open");
-            phase.send_replace(Phase::Ready(send.clone()));
+            debug!(conn = conn.id, dst = %key.addr, dst.id = %key.dst, requests, "HBONE connection open");
+            phase.send_replace(Phase::Ready(send.clone(), requests));
             let driver = Driver {
                 pool: Arc::downgrade(&inner),
                 config: inner.config.clone(),
@@ -487,7 +611,7 @@ async fn dial(
     inner: &Inner,
     key: &Key,
     tls: Arc<ClientConfig>,
-) -> Result<(SendRequest<Bytes>, H2Connection), DialError> {
+) -> Result<(SendRequest<Bytes>, H2Connection, bool), DialError> {
     // The client presents the source's current certificate; make sure there is one.
     inner
         .mgr
@@ -502,9 +626,11 @@ async fn dial(
         .connect(name, BufReader::with_capacity(TLS_READ_BUFFER, tcp))
         .await
         .map_err(DialError::Tls)?;
-    if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
-        return Err(DialError::Alpn);
-    }
+    let requests = match tls.get_ref().1.alpn_protocol() {
+        Some(ALPN_REQUESTS) => true,
+        Some(ALPN_H2) => false,
+        _ => return Err(DialError::Alpn),
+    };
     let config = &inner.config;
     h2::client::Builder::new()
         .initial_window_size(config.stream_window)
@@ -522,6 +648,7 @@ async fn dial(
         .enable_push(false)
         .handshake(tls)
         .await
+        .map(|(send, h2)| (send, h2, requests))
         .map_err(DialError::Http2)
 }
 
@@ -664,15 +791,16 @@ async fn open(
 // === impl Lease ===
 
 impl Lease {
-    /// The connection's request handle, once established.
-    async fn ready(&self) -> Result<SendRequest<Bytes>, Arc<DialError>> {
+    /// The connection's request handle once established, and whether it takes requests as
+    /// streams.
+    async fn ready(&self) -> Result<(SendRequest<Bytes>, bool), Arc<DialError>> {
         let mut phase = self.conn.phase.clone();
         let phase = phase
             .wait_for(|p| !matches!(p, Phase::Connecting))
             .await
             .map_err(|_| Arc::new(DialError::Abandoned))?;
         match &*phase {
-            Phase::Ready(send) => Ok(send.clone()),
+            Phase::Ready(send, requests) => Ok((send.clone(), *requests)),
             Phase::Failed(e) => Err(e.clone()),
             Phase::Connecting => Err(Arc::new(DialError::Abandoned)),
         }

@@ -26,6 +26,7 @@ use tokio_rustls::server::TlsStream;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::pool::MAX_WINDOW;
+use super::requests::{ALPN_REQUESTS, RecvBody, RequestHandler, TARGET_HEADER, send_body};
 use super::stream::{RecvHalf, SendHalf, TunnelStream, splice};
 use super::{
     AuthorityError, DEFAULT_CONNECTION_WINDOW, DEFAULT_MAX_FRAME_SIZE,
@@ -33,6 +34,7 @@ use super::{
     REASON_HEADER, Stats, TLS_READ_BUFFER, parse_authority,
 };
 use crate::tls;
+use futures::future::poll_fn;
 
 /// Why the handler refused a tunnel: the response status (403 for policy, 502/503 when the
 /// application is unreachable) and a short reason for the caller (empty: none is sent).
@@ -72,6 +74,13 @@ pub trait ConnectHandler: Send + Sync + 'static {
     /// the stream).
     fn carry(io: Self::Io) -> Carry<Self::Io> {
         Carry::Splice(io)
+    }
+
+    /// What serves the request streams of a connection from `peer` that negotiated them
+    /// ([`super::requests`]); `None` (the default): they are refused with 405.
+    fn requests(&self, peer: &SpiffeId) -> Option<Arc<dyn RequestHandler>> {
+        let _ = peer;
+        None
     }
 }
 
@@ -351,6 +360,7 @@ impl<H: ConnectHandler> HboneServer<H> {
     where
         IO: AsyncRead + AsyncWrite + Send + Unpin,
     {
+        let requests_negotiated = tls.get_ref().1.alpn_protocol() == Some(ALPN_REQUESTS);
         let certs = tls.get_ref().1.peer_certificates().unwrap_or_default();
         let peer = match tls::peer_identity(certs) {
             Ok(peer) => peer,
@@ -373,7 +383,12 @@ impl<H: ConnectHandler> HboneServer<H> {
             }
         };
         Stats::inc(&self.stats.connections_opened);
-        debug!(peer = %peer, "HBONE connection open");
+        debug!(peer = %peer, requests = requests_negotiated, "HBONE connection open");
+        let requests = if requests_negotiated {
+            self.handler.requests(&peer)
+        } else {
+            None
+        };
 
         let mut generation = self.generation.subscribe();
         let born = *generation.borrow_and_update();
@@ -396,6 +411,7 @@ impl<H: ConnectHandler> HboneServer<H> {
                             config: config.clone(),
                             stats: self.stats.clone(),
                             active: active.clone(),
+                            requests: requests.clone(),
                         };
                         streams.spawn(task.run(request, respond).in_current_span());
                     }
@@ -436,10 +452,17 @@ struct Tunnel<H> {
     config: ServerConfig,
     stats: Arc<Stats>,
     active: Arc<AtomicUsize>,
+    /// The connection's request streams' handler, when it negotiated them.
+    requests: Option<Arc<dyn RequestHandler>>,
 }
 
 impl<H: ConnectHandler> Tunnel<H> {
     async fn run(self, request: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+        if request.method() != Method::CONNECT
+            && let Some(handler) = self.requests.clone()
+        {
+            return self.serve_request(handler, request, respond).await;
+        }
         let peer = &self.peer;
         let authority = match connect_target(&request) {
             Ok(a) => a,
@@ -511,6 +534,54 @@ impl<H: ConnectHandler> Tunnel<H> {
         match copied {
             Ok(()) => debug!(src.id = %peer, dst = %authority, "HBONE tunnel closed"),
             Err(e) => debug!(src.id = %peer, dst = %authority, error = %e, "HBONE tunnel ended"),
+        }
+    }
+
+    /// Serves one request stream: the handler's answer is the stream's response.
+    async fn serve_request(
+        &self,
+        handler: Arc<dyn RequestHandler>,
+        request: Request<RecvStream>,
+        mut respond: SendResponse<Bytes>,
+    ) {
+        let peer = &self.peer;
+        let target = match request.headers().get(TARGET_HEADER) {
+            Some(v) => parse_authority(v.as_bytes()).map_err(|e| e.reason()),
+            None => Err("no x-mesh-target"),
+        };
+        let target = match target {
+            Ok(t) => t,
+            Err(reason) => {
+                warn!(src.id = %peer, method = %request.method(), reason, "HBONE request stream refused");
+                self.refuse(&mut respond, StatusCode::BAD_REQUEST, reason);
+                return;
+            }
+        };
+        Stats::inc(&self.stats.requests);
+        let (mut parts, body) = request.into_parts();
+        parts.headers.remove(TARGET_HEADER);
+        let request = Request::from_parts(parts, RecvBody::new(body, None));
+        let answered = handler.handle(target, request);
+        let response = tokio::select! {
+            response = answered => response,
+            _ = poll_fn(|cx| respond.poll_reset(cx)) => {
+                debug!(src.id = %peer, dst = %target, "request stream reset by the caller");
+                return;
+            }
+        };
+        let (head, body) = response.into_parts();
+        let end = hyper::body::Body::is_end_stream(&body);
+        let mut send = match respond.send_response(Response::from_parts(head, ()), end) {
+            Ok(send) => send,
+            Err(e) => {
+                debug!(src.id = %peer, dst = %target, error = %e, "response head not sent");
+                respond.send_reset(h2::Reason::INTERNAL_ERROR);
+                return;
+            }
+        };
+        if !end && let Err(e) = send_body(body, &mut send).await {
+            debug!(src.id = %peer, dst = %target, error = %e, "response body not sent whole");
+            send.send_reset(h2::Reason::CANCEL);
         }
     }
 

@@ -18,8 +18,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderValue, Request, Response, StatusCode};
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper::service::service_fn;
 use mesh_core::SpiffeId;
 use mesh_core::model::{NamespacedName, Protocol};
@@ -119,7 +117,12 @@ impl InboundHttp {
         }
     }
 
-    async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+    /// Checks `request` and passes it on to the application: the answer, or the refusal.
+    pub(crate) async fn handle<B>(&self, request: Request<B>) -> Response<Body>
+    where
+        B: hyper::body::Body<Data = bytes::Bytes> + Send + Sync + 'static,
+        B::Error: Into<crate::l7::BoxError>,
+    {
         let started = Instant::now();
         let grpc = is_grpc(request.headers());
         let (mut parts, body) = request.into_parts();
@@ -246,7 +249,7 @@ impl InboundHttp {
         }
         // The caller's connection stays here: it is held while a copy of its watch lives.
         parts.extensions.remove::<crate::l7::ConnWatch>();
-        let upstream = Request::from_parts(parts, body.boxed());
+        let upstream = Request::from_parts(parts, crate::l7::boxed(body));
         let dial = self.dial.clone();
         let target = self.target;
         let sent = self
@@ -294,8 +297,8 @@ impl InboundHttp {
                     None,
                 );
                 let body = match call_deadline {
-                    Some(at) => deadline::bounded(body.boxed(), at),
-                    None => body.boxed(),
+                    Some(at) => deadline::bounded(crate::l7::boxed(body), at),
+                    None => crate::l7::boxed(body),
                 };
                 Response::from_parts(parts, body)
             }

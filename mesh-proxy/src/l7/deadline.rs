@@ -73,12 +73,12 @@ struct Bounded {
 
 impl hyper::body::Body for Bounded {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = super::BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, super::BoxError>>> {
         let this = &mut *self;
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);

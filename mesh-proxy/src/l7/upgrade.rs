@@ -15,7 +15,6 @@
 
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode, Version, request};
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tracing::debug;
@@ -96,12 +95,14 @@ impl Requested {
 
     /// Takes the answer's side of the upgrade when `response` (still with its own headers)
     /// switched protocols, and keeps its upgrade headers; [`Switch::splice`] carries the bytes.
-    pub fn accepted(self, response: &mut Response<Incoming>) -> Option<Switch> {
+    /// Only a response of an HTTP/1.1 connection switches (hyper leaves the upgraded
+    /// connection in its extensions); an HTTP/2 stream never answers 101.
+    pub fn accepted<B>(self, response: &mut Response<B>) -> Option<Switch> {
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
             return None;
         }
         let protocols = response.headers().get(header::UPGRADE).cloned();
-        let upstream = hyper::upgrade::on(response);
+        let upstream = response.extensions_mut().remove::<OnUpgrade>()?;
         Some(Switch {
             requested: self,
             upstream,

@@ -139,6 +139,17 @@ impl Connector {
         self.local.as_ref()?.get(ip)
     }
 
+    /// The HBONE port and identity of `target` when it is a meshed pod reached through the
+    /// pool (one of another node, or of this one when same-node connections take HBONE).
+    pub(super) fn remote_mesh<'t>(&self, target: &'t Target) -> Option<(SocketAddr, &'t SpiffeId)> {
+        match target {
+            Target::Mesh { addr, identity, .. } if self.local_pod(*addr.ip()).is_none() => {
+                Some((SocketAddr::from((*addr.ip(), HBONE_PORT)), identity))
+            }
+            _ => None,
+        }
+    }
+
     /// The way a connection to `target` goes, for the telemetry.
     pub(super) fn path_to(&self, target: &Target) -> MeshPath {
         match target {

@@ -31,7 +31,6 @@ use std::time::Duration;
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
 use mesh_core::SpiffeId;
@@ -46,7 +45,7 @@ use super::connect::{ConnectError, Connector, Upstream, describe};
 use crate::l7::deadline;
 use crate::l7::retry::{MAX_RETRIES, RetryBudget, idempotent, retriable_status};
 use crate::l7::upstream::{UpstreamError, Upstreams};
-use crate::l7::version::response_for;
+use crate::l7::version::{request_for, response_for};
 use crate::l7::{
     Body, BoxIo, Headers, HttpConfig, IDENTITY_HEADER, Wire, empty, grpc_status, is_grpc,
     normalize_path, refusal, strip_hop_by_hop, upgrade,
@@ -92,7 +91,7 @@ pub(super) struct HttpConn {
 
 /// How one attempt ended.
 enum Attempt {
-    Response(Response<Incoming>),
+    Response(Response<Body>),
     Failed(UpstreamError<ConnectError>),
     TimedOut(Duration),
     /// The gRPC call's deadline passed first.
@@ -221,7 +220,7 @@ impl HttpConn {
 
         let retriable = idempotent(&method) && body.is_end_stream();
         self.shared.budget.request();
-        let mut body = Some(body.boxed());
+        let mut body = Some(crate::l7::boxed(body));
         let mut attempts = 0;
         loop {
             attempts += 1;
@@ -286,17 +285,16 @@ impl HttpConn {
             let left = call_deadline.map(|d| d.saturating_duration_since(Instant::now()));
             let by_deadline = left.is_some_and(|l| route.timeout.is_none_or(|t| l <= t));
             let limit = if by_deadline { left } else { route.timeout };
+            // An upgrade needs a connection of its own: it goes in a tunnel.
+            let as_stream = requested_upgrade.is_none();
+            let sent = self.send(&target, wire, &meta, request, as_stream);
             let attempt = match limit {
-                Some(limit) => {
-                    match tokio::time::timeout(limit, self.send(&target, wire, &meta, request))
-                        .await
-                    {
-                        Ok(r) => r,
-                        Err(_) if by_deadline => Attempt::DeadlineExceeded,
-                        Err(_) => Attempt::TimedOut(limit),
-                    }
-                }
-                None => self.send(&target, wire, &meta, request).await,
+                Some(limit) => match tokio::time::timeout(limit, sent).await {
+                    Ok(r) => r,
+                    Err(_) if by_deadline => Attempt::DeadlineExceeded,
+                    Err(_) => Attempt::TimedOut(limit),
+                },
+                None => sent.await,
             };
             let again = retriable
                 && attempts <= MAX_RETRIES
@@ -347,8 +345,8 @@ impl HttpConn {
                         None,
                     );
                     let body = match call_deadline {
-                        Some(at) => deadline::bounded(body.boxed(), at),
-                        None => body.boxed(),
+                        Some(at) => deadline::bounded(body, at),
+                        None => body,
                     };
                     Response::from_parts(head, body)
                 }
@@ -418,22 +416,49 @@ impl HttpConn {
         }
     }
 
-    /// One attempt: the request on a kept or new connection to the target.
+    /// One attempt: the request as a stream of the pooled HBONE connection to a meshed pod
+    /// of another node when `as_stream` and that pod's proxy takes requests so
+    /// ([`crate::hbone::requests`]), else on a kept or new connection to the target.
     async fn send(
         &self,
         target: &Target,
         wire: Wire,
         meta: &ConnMeta,
-        request: Request<Body>,
+        mut request: Request<Body>,
+        as_stream: bool,
     ) -> Attempt {
         let addr = target.addr();
+        if as_stream && let Some((hbone, identity)) = self.connector.remote_mesh(target) {
+            let version = request.version();
+            request_for(&mut request, Wire::Http2, self.dst);
+            let sent = self
+                .connector
+                .pool
+                .request(&self.src, hbone, identity, addr, request)
+                .await;
+            match sent {
+                Ok(Ok(response)) => return Attempt::Response(response.map(crate::l7::boxed)),
+                // The pod's proxy takes only tunnels: the request goes in one, in its own
+                // version again.
+                Ok(Err(back)) => {
+                    request = back;
+                    *request.version_mut() = version;
+                }
+                Err(source) => {
+                    return Attempt::Failed(UpstreamError::Connect(ConnectError::Tunnel {
+                        dst: addr,
+                        source,
+                    }));
+                }
+            }
+        }
         let result = self
             .shared
             .upstreams
             .send(addr, wire, self.dst, request, || self.connect(target, meta))
             .await;
         match result {
-            Ok(r) => Attempt::Response(r),
+            Ok(r) => Attempt::Response(r.map(crate::l7::boxed)),
             Err(e) => Attempt::Failed(e),
         }
     }

@@ -617,3 +617,132 @@ async fn an_http_connection_is_closed_when_nothing_admits_the_connection_any_mor
 fn applied(config: &NodeSnapshot) -> Applied {
     Applied::new(None, config.clone())
 }
+
+/// An HTTP/1.1 application that reads requests and never answers; `heard` gets a message per
+/// request head.
+async fn silent_http_app(heard: tokio::sync::mpsc::UnboundedSender<()>) -> SocketAddrV4 {
+    let app = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+    let SocketAddr::V4(addr) = app.local_addr().expect("app address") else {
+        unreachable!("bound to IPv4")
+    };
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = app.accept().await {
+            let heard = heard.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0; 1024];
+                while let Ok(n @ 1..) = s.read(&mut buf).await {
+                    head.extend_from_slice(&buf[..n]);
+                    while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                        head.drain(..end + 4);
+                        let _ = heard.send(());
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A GET for `app` as a stream of web's HBONE connection.
+async fn request_stream(
+    t: &Tunnels,
+    app: SocketAddrV4,
+) -> http::Response<crate::hbone::requests::RecvBody> {
+    let request = http::Request::get("http://api.shop/x")
+        .version(http::Version::HTTP_2)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+    t.web
+        .request(&id(WEB), t.hbone, &id(API), app, request)
+        .await
+        .expect("sent")
+        .expect("the destination takes requests as streams")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_sent_as_streams_end_when_the_caller_is_no_longer_admitted() {
+    use mesh_core::model::{Protocol, Service, ServicePort};
+    let (heard_tx, mut heard) = tokio::sync::mpsc::unbounded_channel();
+    let silent = silent_http_app(heard_tx).await;
+    let answering = http_app().await;
+    let deny = TrafficPolicyMode::DefaultDeny;
+    let declared = |mut c: NodeSnapshot| {
+        let port = |name: &str, app: SocketAddrV4| ServicePort {
+            name: name.into(),
+            port: app.port(),
+            target_port: app.port(),
+            protocol: Protocol::Http,
+        };
+        let service = Service {
+            name: NamespacedName::new("shop", "api"),
+            vip: Some(Ipv4Addr::new(10, 96, 0, 1)),
+            ports: vec![port("http", answering), port("http-slow", silent)],
+            endpoints: vec![mesh_core::model::Endpoint {
+                ip: POD_IP,
+                workload: Some(pod()),
+                identity: Some(id(API)),
+                node: None,
+                ready: true,
+            }],
+        };
+        c.services = Arc::new([(service.name.clone(), Arc::new(service))].into());
+        c
+    };
+    let allowed = declared(config(
+        TlsMode::Strict,
+        deny,
+        vec![
+            rule("web-to-api", WEB, answering.port()),
+            rule("web-to-slow", WEB, silent.port()),
+        ],
+    ));
+    let t = Tunnels::start(&allowed).await;
+    let answered = request_stream(&t, answering).await;
+    assert_eq!(answered.status(), http::StatusCode::OK);
+    let stats = t.web.stats().snapshot();
+    assert_eq!(
+        (stats.requests, stats.streams_opened),
+        (1, 0),
+        "the request went as a stream of its own, not in a tunnel"
+    );
+
+    // A request the application has not answered yet when the policy changes.
+    let t = Arc::new(t);
+    let in_flight = tokio::spawn({
+        let t = t.clone();
+        async move { request_stream(&t, silent).await.status() }
+    });
+    tokio::time::timeout(PROMPTLY, heard.recv())
+        .await
+        .expect("the application got the request")
+        .expect("the application is up");
+    let revoked = declared(config(
+        TlsMode::Strict,
+        deny,
+        vec![rule("web-to-api", WEB, answering.port())],
+    ));
+    swap(&t.store, &allowed, &revoked, 2);
+    let status = tokio::time::timeout(PROMPTLY, in_flight)
+        .await
+        .expect("the request in flight ended promptly")
+        .expect("request task");
+    assert_eq!(status, http::StatusCode::FORBIDDEN);
+    let event = ended(&t.telemetry, "destination", Some(WEB)).await;
+    assert_revoked(&event, "port_not_covered");
+
+    // The next request on that port is decided afresh and refused; the other port still
+    // answers.
+    assert_eq!(
+        request_stream(&t, silent).await.status(),
+        http::StatusCode::FORBIDDEN
+    );
+    assert!(
+        heard.try_recv().is_err(),
+        "a refused request reached the application"
+    );
+    assert_eq!(
+        request_stream(&t, answering).await.status(),
+        http::StatusCode::OK
+    );
+}

@@ -72,6 +72,20 @@ impl Activity {
         }
     }
 
+    /// Whether the connection was cut (by the drain or a revocation).
+    pub fn is_cut(&self) -> bool {
+        self.0.cut.get().is_some()
+    }
+
+    /// Counts `n` bytes carried by something other than a [`Metered`] stream (a request
+    /// stream's body), from the source to the destination when `to_dst`.
+    pub fn count(&self, to_dst: bool, n: usize) {
+        if n > 0 {
+            self.0
+                .add(if to_dst { Flow::ToDst } else { Flow::ToSrc }, n);
+        }
+    }
+
     /// Why a revoked connection was revoked.
     pub fn revoked(&self) -> Option<&str> {
         match self.0.cut.get() {

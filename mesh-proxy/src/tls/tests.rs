@@ -165,7 +165,11 @@ async fn mutual_tls_carries_identities_and_data() {
     let (_tls, at_client) = connect(echo.addr, cc).await.expect("handshake and echo");
     assert_eq!(at_client.peer, server);
     assert_eq!(at_client.serial, serial(&server_key.cert[0]));
-    assert_eq!(at_client.alpn.as_deref(), Some(ALPN_H2));
+    assert_eq!(
+        at_client.alpn.as_deref(),
+        Some(ALPN_REQUESTS),
+        "both sides prefer request streams"
+    );
     let at_server = echo.accepted(0).await.expect("server accepted");
     assert_eq!(
         at_server.peer, client,

@@ -135,7 +135,20 @@ struct Mesh {
     /// web-0's telemetry.
     source: Telemetry,
     destination_metrics: Registry,
+    /// web-0's HBONE pool.
+    pool: HbonePool,
     _registrations: Vec<crate::local::Registration>,
+}
+
+/// How requests travel between the two proxies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    /// As streams of the HBONE connection (both sides offer them: the default).
+    Streams,
+    /// In CONNECT tunnels: web-0's pool does not offer request streams.
+    SourceTunnels,
+    /// In CONNECT tunnels: node-b's proxy offers only `h2`, as before request streams.
+    OldDestination,
 }
 
 /// The two-node mesh; `routes` are node-a's Gateway API routes (none: the 90/10 split applies).
@@ -146,7 +159,7 @@ async fn mesh(routes: Vec<Route>) -> Mesh {
 /// `same_node`: the api pods are pods of web-0's agent, reached in process.
 async fn mesh_with(routes: Vec<Route>, same_node: bool) -> Mesh {
     let http = crate::l7::HttpConfig::default();
-    mesh_configured(routes, same_node, http, http).await
+    mesh_configured(routes, same_node, http, http, Form::Streams).await
 }
 
 /// With the L7 settings of the source (web-0) and of the destination (the api pods).
@@ -155,6 +168,7 @@ async fn mesh_configured(
     same_node: bool,
     source_http: crate::l7::HttpConfig,
     destination_http: crate::l7::HttpConfig,
+    form: Form,
 ) -> Mesh {
     let ca = TestCa::new("l7-test-ca");
     let hour = Duration::from_secs(3600);
@@ -282,7 +296,12 @@ async fn mesh_configured(
                 inbound: inbound.clone(),
             }));
         }
-        let tls = tls::server_config(b_mgr.clone(), id(API)).expect("server TLS");
+        let mut tls = tls::server_config(b_mgr.clone(), id(API)).expect("server TLS");
+        if form == Form::OldDestination {
+            let mut old = (*tls).clone();
+            old.alpn_protocols = vec![tls::ALPN_H2.to_vec()];
+            tls = Arc::new(old);
+        }
         let server =
             Arc::new(HboneServer::new(tls, inbound, ServerConfig::default()).expect("server"));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 15008");
@@ -298,14 +317,18 @@ async fn mesh_configured(
         let to = hbone[v4.ip()];
         Box::pin(TcpStream::connect(to))
     });
-    let pool = HbonePool::with_dialer(a_mgr, PoolConfig::default(), dialer).expect("pool");
+    let config = PoolConfig {
+        requests: form != Form::SourceTunnels,
+        ..PoolConfig::default()
+    };
+    let pool = HbonePool::with_dialer(a_mgr, config, dialer).expect("pool");
     let mut source_metrics = Registry::default();
     let source = Telemetry::new(&mut source_metrics);
     let outbound = Arc::new(
         PodOutbound::new(
             web0.name.clone(),
             crate::state::holding(&node_a),
-            pool,
+            pool.clone(),
             Arc::new(|addr| Box::pin(TcpStream::connect(addr))),
             OutboundConfig {
                 http: source_http,
@@ -334,6 +357,7 @@ async fn mesh_configured(
         source_metrics,
         source,
         destination_metrics,
+        pool,
         _registrations: registrations,
     }
 }
@@ -455,6 +479,35 @@ async fn each_request_is_authorized_on_its_own_and_the_app_sees_the_verified_cal
         1,
         "{source}"
     );
+    let pool = mesh.pool.stats().snapshot();
+    assert_eq!(
+        (pool.requests, pool.streams_opened),
+        (3, 0),
+        "each request went as a stream of the HBONE connection, none in a tunnel"
+    );
+}
+
+#[tokio::test]
+async fn requests_go_in_tunnels_to_a_proxy_without_request_streams_or_from_one() {
+    for form in [Form::OldDestination, Form::SourceTunnels] {
+        let http = crate::l7::HttpConfig::default();
+        let mesh = mesh_configured(vec![], false, http, http, form).await;
+        let mut c = client(mesh.http).await;
+        let (status, body) = call(&mut c, Method::GET, "/api/items", &[]).await;
+        assert_eq!(status, StatusCode::OK, "{form:?}: {body}");
+        assert!(
+            body.contains(&format!("xfcc=By={API};URI={WEB}")),
+            "{form:?}: {body}"
+        );
+        let (status, body) = call(&mut c, Method::GET, "/admin", &[]).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{form:?}: {body}");
+        assert_eq!(hits_of(&mesh, "GET /admin"), 0, "{form:?}");
+        let (status, _) = call(&mut c, Method::GET, "/api/again", &[]).await;
+        assert_eq!(status, StatusCode::OK, "{form:?}");
+        let pool = mesh.pool.stats().snapshot();
+        assert_eq!(pool.requests, 0, "{form:?}: no request went as a stream");
+        assert!(pool.streams_opened >= 1, "{form:?}: {pool:?}");
+    }
 }
 
 #[tokio::test]
@@ -875,7 +928,14 @@ async fn the_destination_normalizes_whatever_the_source_sends() {
         },
         expose_refusal_reasons: false,
     };
-    let mesh = mesh_configured(vec![], false, loose, crate::l7::HttpConfig::default()).await;
+    let mesh = mesh_configured(
+        vec![],
+        false,
+        loose,
+        crate::l7::HttpConfig::default(),
+        Form::Streams,
+    )
+    .await;
     let mut c = client(mesh.http).await;
     let (status, body) = call(&mut c, Method::GET, "/api/%2e%2e/admin", &[]).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
@@ -912,7 +972,7 @@ async fn refusal_reasons_reach_the_caller_only_when_exposed() {
         expose_refusal_reasons: true,
         ..crate::l7::HttpConfig::default()
     };
-    let mesh = mesh_configured(vec![], false, exposed, exposed).await;
+    let mesh = mesh_configured(vec![], false, exposed, exposed, Form::Streams).await;
     let mut c = client(mesh.http).await;
     let (status, body) = call(&mut c, Method::GET, "/admin", &[]).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
