@@ -374,15 +374,31 @@ impl HbonePool {
                 }
             };
             Stats::inc(&self.inner.stats.requests);
-            if !end && let Some(body) = body.take() {
-                tokio::spawn(async move {
+            // This task sends the body while it waits for the answer; what is left of the body
+            // when the answer's head arrives (a call whose answer streams while its request
+            // still does) is sent by a task of its own.
+            let mut pump = (!end).then(|| body.take()).flatten().map(|body| {
+                Box::pin(async move {
                     if let Err(e) = send_body(body, &mut stream).await {
                         debug!(error = %e, "request body not sent whole");
                         stream.send_reset(Reason::CANCEL);
                     }
-                });
+                })
+            });
+            let mut response = response;
+            let answered = loop {
+                match pump.as_mut() {
+                    None => break response.await,
+                    Some(sending) => tokio::select! {
+                        answered = &mut response => break answered,
+                        () = sending => pump = None,
+                    },
+                }
+            };
+            if let Some(rest) = pump {
+                tokio::spawn(rest);
             }
-            match response.await {
+            match answered {
                 Ok(response) => {
                     return Ok(Ok(response.map(|b| RecvBody::new(b, Some(lease)))));
                 }
