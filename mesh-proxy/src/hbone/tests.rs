@@ -6,8 +6,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use h2::Reason;
 use http::Method;
+use http_body_util::BodyExt;
+use mesh_core::SpiffeId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
@@ -761,4 +764,186 @@ async fn each_proxy_thread_keeps_connections_of_its_own() {
         2,
         "one connection per thread, shared by that thread's tunnels"
     );
+}
+
+/// A handler whose request streams are answered by the server itself: 200, with the caller,
+/// the target, the request's path and body in the answer's body.
+struct Answering;
+
+struct Answers {
+    peer: SpiffeId,
+}
+
+impl ConnectHandler for Answering {
+    type Io = TcpStream;
+
+    async fn connect(&self, _peer: SpiffeId, authority: SocketAddr) -> Result<TcpStream, Refusal> {
+        TcpStream::connect(authority)
+            .await
+            .map_err(|e| Refusal::new(503, e.to_string()))
+    }
+
+    fn requests(&self, peer: &SpiffeId) -> Option<Arc<dyn requests::RequestHandler>> {
+        Some(Arc::new(Answers { peer: peer.clone() }))
+    }
+}
+
+impl requests::RequestHandler for Answers {
+    fn handle(
+        self: Arc<Self>,
+        target: SocketAddr,
+        request: http::Request<requests::RecvBody>,
+    ) -> futures::future::BoxFuture<'static, http::Response<requests::ResponseBody>> {
+        Box::pin(async move {
+            let path = request.uri().path().to_owned();
+            let leaked = request.headers().contains_key(requests::TARGET_HEADER);
+            let body = request.into_body().collect().await.expect("request body");
+            let text = format!(
+                "{} {target} {path} leaked={leaked} {}",
+                self.peer,
+                String::from_utf8_lossy(&body.to_bytes())
+            );
+            http::Response::new(
+                http_body_util::Full::new(Bytes::from(text))
+                    .map_err(|never| match never {})
+                    .boxed(),
+            )
+        })
+    }
+}
+
+/// Sends a request stream with `target` (or none) as its target header on `send`: the
+/// status, and the body.
+async fn raw_request_stream(
+    send: &h2::client::SendRequest<Bytes>,
+    target: Option<&str>,
+) -> (u16, String) {
+    let mut request = http::Request::post("http://api.shop/things");
+    if let Some(t) = target {
+        request = request.header(requests::TARGET_HEADER, t);
+    }
+    let request = request.body(()).expect("request");
+    let mut send = send.clone().ready().await.expect("connection ready");
+    let (response, mut body) = send.send_request(request, false).expect("send request");
+    body.send_data(Bytes::from_static(b"hello"), true)
+        .expect("send the body");
+    let response = timeout(WAIT, response)
+        .await
+        .expect("response in time")
+        .expect("a response, not a reset");
+    let status = response.status().as_u16();
+    let mut received = response.into_body();
+    let mut text = Vec::new();
+    while let Some(chunk) = received.data().await {
+        let chunk = chunk.expect("response body");
+        let _ = received.flow_control().release_capacity(chunk.len());
+        text.extend_from_slice(&chunk);
+    }
+    (status, String::from_utf8_lossy(&text).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_streams_need_the_negotiation_and_a_canonical_target() {
+    let mesh = Mesh::new().await;
+    let server = Server::start(&mesh, Answering, ServerConfig::default()).await;
+
+    // tls::client_config offers request streams: the server picks them.
+    let send = raw_h2(&mesh, server.addr).await;
+    let (status, body) = raw_request_stream(&send, Some("10.1.2.3:8080")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        format!("{CLIENT} 10.1.2.3:8080 /things leaked=false hello"),
+        "the handler sees the proven caller and the target, never the target header"
+    );
+    for bad in [
+        None,
+        Some("example.com:80"),
+        Some("10.1.2.3:0"),
+        Some("010.1.2.3:80"),
+    ] {
+        let (status, body) = raw_request_stream(&send, bad).await;
+        assert_eq!(status, 400, "{bad:?}: {body}");
+    }
+
+    // A client that offers only h2 (a proxy without request streams) gets tunnels only.
+    let mut config = (*tls::client_config(
+        mesh.client.clone(),
+        mesh.client_id.clone(),
+        mesh.server_id.clone(),
+    )
+    .expect("client TLS configuration"))
+    .clone();
+    config.alpn_protocols = vec![tls::ALPN_H2.to_vec()];
+    let tcp = TcpStream::connect(server.addr).await.expect("connect");
+    let tls = TlsConnector::from(Arc::new(config))
+        .connect(rustls::pki_types::ServerName::from(server.addr.ip()), tcp)
+        .await
+        .expect("TLS handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(tls::ALPN_H2));
+    let (h2_only, conn) = h2::client::handshake(tls).await.expect("HTTP/2 handshake");
+    tokio::spawn(conn);
+    let (status, _) = raw_request_stream(&h2_only, Some("10.1.2.3:8080")).await;
+    assert_eq!(
+        status, 405,
+        "a request stream on a connection that did not negotiate them"
+    );
+
+    let stats = server.hbone.stats().snapshot();
+    assert_eq!(stats.requests, 1, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_sends_requests_as_streams_only_where_they_were_negotiated() {
+    let mesh = Mesh::new().await;
+    let server = Server::start(&mesh, Answering, ServerConfig::default()).await;
+    let request = || {
+        http::Request::post("http://api.shop/things")
+            .version(http::Version::HTTP_2)
+            .body(http_body_util::Full::new(Bytes::from_static(b"hello")))
+            .expect("request")
+    };
+    let target: std::net::SocketAddrV4 = "10.1.2.3:8080".parse().expect("address");
+    let pool = mesh.pool(PoolConfig::default());
+    let response = pool
+        .request(
+            &mesh.client_id,
+            server.addr,
+            &mesh.server_id,
+            target,
+            request(),
+        )
+        .await
+        .expect("sent")
+        .expect("negotiated");
+    assert_eq!(response.status(), 200);
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        format!("{CLIENT} 10.1.2.3:8080 /things leaked=false hello")
+    );
+
+    // A pool that does not offer them hands the request back untouched.
+    let tunnels = mesh.pool(PoolConfig {
+        requests: false,
+        ..PoolConfig::default()
+    });
+    let back = tunnels
+        .request(
+            &mesh.client_id,
+            server.addr,
+            &mesh.server_id,
+            target,
+            request(),
+        )
+        .await
+        .expect("no error")
+        .expect_err("not sent as a stream");
+    assert_eq!(back.uri().path(), "/things");
+    assert_eq!(server.hbone.stats().snapshot().requests, 1);
 }

@@ -746,3 +746,64 @@ async fn requests_sent_as_streams_end_when_the_caller_is_no_longer_admitted() {
         http::StatusCode::OK
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_stream_for_another_address_or_an_l4_port_is_refused() {
+    use mesh_core::model::{Protocol, Service, ServicePort};
+    let http = http_app().await;
+    let tcp = echo_app().await;
+    let mut allowed = config(
+        TlsMode::Strict,
+        TrafficPolicyMode::DefaultDeny,
+        vec![
+            rule("web-to-api", WEB, http.port()),
+            rule("web-to-echo", WEB, tcp.port()),
+        ],
+    );
+    let service = Service {
+        name: NamespacedName::new("shop", "api"),
+        vip: Some(Ipv4Addr::new(10, 96, 0, 1)),
+        ports: vec![ServicePort {
+            name: "http".into(),
+            port: 80,
+            target_port: http.port(),
+            protocol: Protocol::Http,
+        }],
+        endpoints: vec![mesh_core::model::Endpoint {
+            ip: POD_IP,
+            workload: Some(pod()),
+            identity: Some(id(API)),
+            node: None,
+            ready: true,
+        }],
+    };
+    allowed.services = Arc::new([(service.name.clone(), Arc::new(service))].into());
+    let t = Tunnels::start(&allowed).await;
+    assert_eq!(
+        request_stream(&t, http).await.status(),
+        http::StatusCode::OK
+    );
+    let elsewhere = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 9), http.port());
+    assert_eq!(
+        request_stream(&t, elsewhere).await.status(),
+        http::StatusCode::MISDIRECTED_REQUEST,
+        "an address that is not the pod's"
+    );
+    assert_eq!(
+        request_stream(&t, tcp).await.status(),
+        http::StatusCode::MISDIRECTED_REQUEST,
+        "a port whose requests nothing declares HTTP: no request is checked there"
+    );
+    let text = encode(&t.registry);
+    for reason in ["misdirected", "not_an_http_port"] {
+        assert_eq!(
+            sample(
+                &text,
+                "mesh_tcp_connections_denied_total",
+                &[("source_principal", WEB), ("reason", reason)]
+            ),
+            1,
+            "{reason}: {text}"
+        );
+    }
+}
