@@ -644,6 +644,35 @@ async fn silent_http_app(heard: tokio::sync::mpsc::UnboundedSender<()>) -> Socke
     addr
 }
 
+/// `config` with a service whose ports `http` (the application on each) are declared HTTP
+/// and whose one endpoint is api-0: the ports its requests are checked on one by one.
+fn http_ports(mut config: NodeSnapshot, http: &[SocketAddrV4]) -> NodeSnapshot {
+    use mesh_core::model::{Endpoint, Protocol, Service, ServicePort};
+    let service = Service {
+        name: NamespacedName::new("shop", "api"),
+        vip: Some(Ipv4Addr::new(10, 96, 0, 1)),
+        ports: http
+            .iter()
+            .enumerate()
+            .map(|(i, app)| ServicePort {
+                name: format!("http-{i}"),
+                port: app.port(),
+                target_port: app.port(),
+                protocol: Protocol::Http,
+            })
+            .collect(),
+        endpoints: vec![Endpoint {
+            ip: POD_IP,
+            workload: Some(pod()),
+            identity: Some(id(API)),
+            node: None,
+            ready: true,
+        }],
+    };
+    config.services = Arc::new([(service.name.clone(), Arc::new(service))].into());
+    config
+}
+
 /// A GET for `app` as a stream of web's HBONE connection.
 async fn request_stream(
     t: &Tunnels,
@@ -662,33 +691,11 @@ async fn request_stream(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_sent_as_streams_end_when_the_caller_is_no_longer_admitted() {
-    use mesh_core::model::{Protocol, Service, ServicePort};
     let (heard_tx, mut heard) = tokio::sync::mpsc::unbounded_channel();
     let silent = silent_http_app(heard_tx).await;
     let answering = http_app().await;
     let deny = TrafficPolicyMode::DefaultDeny;
-    let declared = |mut c: NodeSnapshot| {
-        let port = |name: &str, app: SocketAddrV4| ServicePort {
-            name: name.into(),
-            port: app.port(),
-            target_port: app.port(),
-            protocol: Protocol::Http,
-        };
-        let service = Service {
-            name: NamespacedName::new("shop", "api"),
-            vip: Some(Ipv4Addr::new(10, 96, 0, 1)),
-            ports: vec![port("http", answering), port("http-slow", silent)],
-            endpoints: vec![mesh_core::model::Endpoint {
-                ip: POD_IP,
-                workload: Some(pod()),
-                identity: Some(id(API)),
-                node: None,
-                ready: true,
-            }],
-        };
-        c.services = Arc::new([(service.name.clone(), Arc::new(service))].into());
-        c
-    };
+    let declared = |c: NodeSnapshot| http_ports(c, &[answering, silent]);
     let allowed = declared(config(
         TlsMode::Strict,
         deny,
@@ -749,35 +756,19 @@ async fn requests_sent_as_streams_end_when_the_caller_is_no_longer_admitted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_stream_for_another_address_or_an_l4_port_is_refused() {
-    use mesh_core::model::{Protocol, Service, ServicePort};
     let http = http_app().await;
     let tcp = echo_app().await;
-    let mut allowed = config(
-        TlsMode::Strict,
-        TrafficPolicyMode::DefaultDeny,
-        vec![
-            rule("web-to-api", WEB, http.port()),
-            rule("web-to-echo", WEB, tcp.port()),
-        ],
+    let allowed = http_ports(
+        config(
+            TlsMode::Strict,
+            TrafficPolicyMode::DefaultDeny,
+            vec![
+                rule("web-to-api", WEB, http.port()),
+                rule("web-to-echo", WEB, tcp.port()),
+            ],
+        ),
+        &[http],
     );
-    let service = Service {
-        name: NamespacedName::new("shop", "api"),
-        vip: Some(Ipv4Addr::new(10, 96, 0, 1)),
-        ports: vec![ServicePort {
-            name: "http".into(),
-            port: 80,
-            target_port: http.port(),
-            protocol: Protocol::Http,
-        }],
-        endpoints: vec![mesh_core::model::Endpoint {
-            ip: POD_IP,
-            workload: Some(pod()),
-            identity: Some(id(API)),
-            node: None,
-            ready: true,
-        }],
-    };
-    allowed.services = Arc::new([(service.name.clone(), Arc::new(service))].into());
     let t = Tunnels::start(&allowed).await;
     assert_eq!(
         request_stream(&t, http).await.status(),
