@@ -521,12 +521,23 @@ async fn a_same_node_connection_closes_on_both_sides_when_the_destination_revoke
 /// An HTTP/1.1 application: answers every request of a connection with `200 ok`, keeping
 /// the connection open.
 async fn http_app() -> SocketAddrV4 {
+    let (heard, _) = tokio::sync::mpsc::unbounded_channel();
+    hearing_http_app(heard, true).await
+}
+
+/// An HTTP/1.1 application that tells `heard` of each request head it reads and, when
+/// `answer`, answers it with `200 ok`; otherwise it never answers.
+async fn hearing_http_app(
+    heard: tokio::sync::mpsc::UnboundedSender<()>,
+    answer: bool,
+) -> SocketAddrV4 {
     let app = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
     let SocketAddr::V4(addr) = app.local_addr().expect("app address") else {
         unreachable!("bound to IPv4")
     };
     tokio::spawn(async move {
         while let Ok((mut s, _)) = app.accept().await {
+            let heard = heard.clone();
             tokio::spawn(async move {
                 let mut head = Vec::new();
                 let mut buf = [0; 1024];
@@ -534,8 +545,9 @@ async fn http_app() -> SocketAddrV4 {
                     head.extend_from_slice(&buf[..n]);
                     while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
                         head.drain(..end + 4);
+                        let _ = heard.send(());
                         let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                        if s.write_all(reply).await.is_err() {
+                        if answer && s.write_all(reply).await.is_err() {
                             return;
                         }
                     }
@@ -618,32 +630,6 @@ fn applied(config: &NodeSnapshot) -> Applied {
     Applied::new(None, config.clone())
 }
 
-/// An HTTP/1.1 application that reads requests and never answers; `heard` gets a message per
-/// request head.
-async fn silent_http_app(heard: tokio::sync::mpsc::UnboundedSender<()>) -> SocketAddrV4 {
-    let app = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
-    let SocketAddr::V4(addr) = app.local_addr().expect("app address") else {
-        unreachable!("bound to IPv4")
-    };
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = app.accept().await {
-            let heard = heard.clone();
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0; 1024];
-                while let Ok(n @ 1..) = s.read(&mut buf).await {
-                    head.extend_from_slice(&buf[..n]);
-                    while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
-                        head.drain(..end + 4);
-                        let _ = heard.send(());
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 /// `config` with a service whose ports `http` (the application on each) are declared HTTP
 /// and whose one endpoint is api-0: the ports its requests are checked on one by one.
 fn http_ports(mut config: NodeSnapshot, http: &[SocketAddrV4]) -> NodeSnapshot {
@@ -692,7 +678,7 @@ async fn request_stream(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_sent_as_streams_end_when_the_caller_is_no_longer_admitted() {
     let (heard_tx, mut heard) = tokio::sync::mpsc::unbounded_channel();
-    let silent = silent_http_app(heard_tx).await;
+    let silent = hearing_http_app(heard_tx, false).await;
     let answering = http_app().await;
     let deny = TrafficPolicyMode::DefaultDeny;
     let declared = |c: NodeSnapshot| http_ports(c, &[answering, silent]);
